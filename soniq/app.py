@@ -1,0 +1,308 @@
+"""The public facade: :class:`Soniq` (async) and its blocking twin :class:`SyncSoniq`
+(``eq.sync``).
+
+Both are shells: every rule (resolving the job, validating arguments and options,
+building SQL, reading rows back) is in ``soniq.core``; the drivers do the I/O. Each
+method here is a few lines that pick where a statement runs: Soniq's own pool, or the
+caller's connection, whose type decides the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, overload
+
+from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
+from soniq.core.errors import ConfigurationError
+from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job
+from soniq.core.sql.postgres import Query, ids_in_input_order, job_from_row, quote_ident
+from soniq.drivers import connections
+from soniq.drivers._common import split_postgres_url
+from soniq.drivers.asyncpg import AsyncpgDriver
+from soniq.drivers.base import AsyncDriver, SyncDriver
+from soniq.drivers.psycopg2_compat import Psycopg2Runner
+from soniq.drivers.psycopg_async import PsycopgAsyncDriver
+from soniq.drivers.psycopg_sync import PsycopgSyncDriver
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ASYNC_DRIVERS: dict[str, type[AsyncpgDriver] | type[PsycopgAsyncDriver]] = {
+    "asyncpg": AsyncpgDriver,
+    "psycopg": PsycopgAsyncDriver,
+}
+
+
+class _Config:
+    """What both colours share: where the database is, the schema, the jobs."""
+
+    def __init__(
+        self, database_url: str | None, driver: str | None, schema: str, pool_size: int
+    ) -> None:
+        url = database_url if database_url is not None else os.environ.get("SONIQ_DATABASE_URL")
+        if url is None:
+            raise ConfigurationError(
+                "database_url: no URL given and SONIQ_DATABASE_URL is unset; pass "
+                "Soniq(database_url='postgresql://user@host/dbname')"
+            )
+        if url.startswith(("sqlite:", "memory:")):
+            raise ConfigurationError(
+                f"database_url {url!r}: the embedded SQLite and memory backends are not "
+                "part of this release yet; use a postgresql:// URL"
+            )
+        self.dsn, url_driver = split_postgres_url(url)
+        if driver is not None and driver not in _ASYNC_DRIVERS:
+            raise ConfigurationError(
+                f"driver must be 'asyncpg' or 'psycopg', got {driver!r}"
+            )
+        if driver and url_driver and url_driver not in (driver, "psycopg2"):
+            raise ConfigurationError(
+                f"driver={driver!r} contradicts the URL scheme (+{url_driver}); pass one"
+            )
+        self.driver = driver or (url_driver if url_driver in _ASYNC_DRIVERS else "asyncpg")
+        quote_ident(schema)  # validates
+        self.schema = schema
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigurationError(f"pool_size must be an int >= 1, got {pool_size!r}")
+        self.pool_size = pool_size
+        self.registry = Registry()
+
+
+class Soniq:
+    """A PostgreSQL job queue.
+
+    ``Soniq(database_url, driver=None, schema="public", pool_size=10)`` does no I/O:
+    the pool opens on first use, bound to the running event loop (and re-created on
+    another loop or after a fork). ``driver`` is ``"asyncpg"`` (default) or
+    ``"psycopg"``; the URL scheme ``postgresql+asyncpg://`` / ``postgresql+psycopg://``
+    says the same. ``Soniq()`` reads ``SONIQ_DATABASE_URL``.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        driver: str | None = None,
+        schema: str = "public",
+        pool_size: int = 10,
+    ) -> None:
+        self._config = _Config(database_url, driver, schema, pool_size)
+        self.registry = self._config.registry
+        #: The async driver of Soniq's own pool; ``eq.backend.acquire()`` borrows from it.
+        self.backend: AsyncDriver = self._driver(self._config.driver)
+        self._others: dict[str, AsyncDriver] = {self.backend.name: self.backend}
+        self._sync: SyncSoniq | None = None
+        self._initialized = False
+
+    def _driver(self, kind: str) -> AsyncDriver:
+        cfg = self._config
+        return _ASYNC_DRIVERS[kind](cfg.dsn, schema=cfg.schema, max_size=cfg.pool_size)
+
+    @property
+    def sync(self) -> SyncSoniq:
+        """The blocking twin: same jobs, same names, no ``await`` (psycopg 3 pool)."""
+        if self._sync is None:
+            self._sync = SyncSoniq(self._config)
+        return self._sync
+
+    @overload
+    def job(self, func: F, /) -> F: ...
+    @overload
+    def job(
+        self,
+        *,
+        name: str | None = ...,
+        queue: str = ...,
+        max_retries: int = ...,
+        priority: int = ...,
+        timeout: float | None = ...,
+    ) -> Callable[[F], F]: ...
+    def job(
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register a job function: ``@eq.job`` or ``@eq.job(queue=..., ...)``.
+
+        ``async def`` jobs run on the worker's event loop, plain functions in threads.
+        The function is returned unchanged. Its name defaults to ``module.qualname``.
+        ``max_retries=N`` allows N+1 runs; ``priority`` (higher first) and ``timeout``
+        (seconds) are defaults that enqueue options override.
+        """
+
+        def register(f: F) -> F:
+            self.registry.register(
+                f, name=name, queue=queue, max_retries=max_retries, priority=priority,
+                timeout=timeout,
+            )
+            return f
+
+        return register(func) if func is not None else register
+
+    async def ensure_initialized(self, *, migrate: bool = True) -> None:
+        """Open the pool and apply pending migrations under an advisory lock.
+
+        With ``migrate=False`` only check that the schema is current (for roles that
+        may not run DDL). Cheap after the first success, so it can run per request.
+        """
+        if not self._initialized:
+            await self.backend.migrate(apply=migrate)
+            self._initialized = True
+
+    async def enqueue(self, job: JobRef, /, *, connection: Any = None, **kwargs: Any) -> int:
+        """Enqueue one job and return its id.
+
+        ``job`` is a function registered with :meth:`job` or a job's name. Keyword
+        options (``queue``, ``priority``, ``run_at``, ``delay``, ``max_retries``,
+        ``dedupe_key``, ``timeout``) are read out; every other keyword is an argument.
+        With ``connection=`` the job is inserted on that connection, inside its
+        transaction: it exists if and only if that transaction commits.
+        """
+        options = split_options(kwargs)
+        spec = build_spec(self.registry, job, [kwargs], options)
+        rows = await self._fetch(connection, lambda q: q.insert_jobs(spec))
+        return ids_in_input_order(rows)[0]
+
+    async def enqueue_many(
+        self,
+        job: JobRef,
+        args: Iterable[Mapping[str, Any]],
+        /,
+        *,
+        connection: Any = None,
+        **options: Any,
+    ) -> list[int]:
+        """Enqueue one job per mapping of ``args`` in one statement; ids in input order.
+
+        Keyword ``options`` apply to every job (``connection`` as for :meth:`enqueue`).
+        """
+        batch = _as_batch(args)
+        if not batch:
+            return []
+        spec = build_spec(self.registry, job, batch, _only_options(options))
+        return ids_in_input_order(await self._fetch(connection, lambda q: q.insert_jobs(spec)))
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """The job with this id, or None."""
+        rows = await self.backend.fetch(self.backend.queries.get_job(job_id))
+        return job_from_row(rows[0]) if rows else None
+
+    async def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job (True), or request that a running one stop (True; its
+        status turns ``cancelled`` when its worker acknowledges). False otherwise."""
+        return bool(await self.backend.fetch(self.backend.queries.cancel_job(job_id)))
+
+    async def close(self) -> None:
+        """Close Soniq's pools (the async one, and the sync twin's if it was used)."""
+        for driver in self._others.values():
+            await driver.close()
+        if self._sync is not None:
+            self._sync.close()
+
+    async def _fetch(self, connection: Any, build: Callable[[Any], Query]) -> Any:
+        if connection is None:
+            return await self.backend.fetch(build(self.backend.queries))
+        kind, raw = await connections.resolve_async(connection)
+        driver = self._others.get(kind)
+        if driver is None:
+            driver = self._others[kind] = self._driver(kind)
+        return await driver.fetch_on(raw, build(driver.queries))
+
+
+class SyncSoniq:
+    """The blocking twin of :class:`Soniq`, reached as ``eq.sync``: same jobs, same
+    method names, for Django, Flask and scripts. Uses psycopg 3 and its own pool;
+    ``connection=`` also takes psycopg2 connections, SQLAlchemy ``Session`` and
+    Django's connection."""
+
+    def __init__(self, config: _Config) -> None:
+        self._config = config
+        self.registry = config.registry
+        #: The sync driver of the twin's own pool; ``eq.sync.backend.acquire()``.
+        self.backend: SyncDriver = PsycopgSyncDriver(
+            config.dsn, schema=config.schema, max_size=config.pool_size
+        )
+        self._psycopg2 = Psycopg2Runner(self.backend.queries)
+        self._initialized = False
+
+    def ensure_initialized(self, *, migrate: bool = True) -> None:
+        """Blocking :meth:`Soniq.ensure_initialized`."""
+        if not self._initialized:
+            self.backend.migrate(apply=migrate)
+            self._initialized = True
+
+    def enqueue(self, job: JobRef, /, *, connection: Any = None, **kwargs: Any) -> int:
+        """Blocking :meth:`Soniq.enqueue`."""
+        options = split_options(kwargs)
+        spec = build_spec(self.registry, job, [kwargs], options)
+        return ids_in_input_order(self._fetch(connection, lambda q: q.insert_jobs(spec)))[0]
+
+    def enqueue_many(
+        self,
+        job: JobRef,
+        args: Iterable[Mapping[str, Any]],
+        /,
+        *,
+        connection: Any = None,
+        **options: Any,
+    ) -> list[int]:
+        """Blocking :meth:`Soniq.enqueue_many`."""
+        batch = _as_batch(args)
+        if not batch:
+            return []
+        spec = build_spec(self.registry, job, batch, _only_options(options))
+        return ids_in_input_order(self._fetch(connection, lambda q: q.insert_jobs(spec)))
+
+    def get_job(self, job_id: int) -> Job | None:
+        """Blocking :meth:`Soniq.get_job`."""
+        rows = self.backend.fetch(self.backend.queries.get_job(job_id))
+        return job_from_row(rows[0]) if rows else None
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Blocking :meth:`Soniq.cancel_job`."""
+        return bool(self.backend.fetch(self.backend.queries.cancel_job(job_id)))
+
+    def close(self) -> None:
+        """Close the twin's pool."""
+        self.backend.close()
+
+    def _fetch(self, connection: Any, build: Callable[[Any], Query]) -> Any:
+        if connection is None:
+            return self.backend.fetch(build(self.backend.queries))
+        kind, raw = connections.resolve_sync(connection)
+        runner = self.backend if kind == "psycopg" else self._psycopg2
+        return runner.fetch_on(raw, build(runner.queries))
+
+
+def _as_batch(args: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(args, Mapping) or isinstance(args, (str, bytes)):
+        raise TypeError(
+            "enqueue_many takes a list of argument mappings, one per job, e.g. "
+            "[{'order_id': 1}, {'order_id': 2}]"
+        )
+    batch = []
+    for index, item in enumerate(args):
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"enqueue_many: the job at index {index} is {type(item).__name__}, "
+                "expected a mapping of argument names to values"
+            )
+        batch.append(item if type(item) is dict else dict(item))
+    return batch
+
+
+def _only_options(options: dict[str, Any]) -> dict[str, Any]:
+    rest = dict(options)
+    found = split_options(rest)
+    if rest:
+        raise TypeError(
+            f"enqueue_many: {', '.join(sorted(rest))} is not an option; job arguments go "
+            "in the list of mappings"
+        )
+    return found

@@ -1,0 +1,284 @@
+"""Turning an enqueue call into a :class:`JobSpec`: resolve the job, split options from
+arguments, validate both. Every error is raised here, before any SQL exists, so a bad
+call can never reach (and abort) the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from soniq.core import serialize
+from soniq.core.errors import JobArgumentsError, JobDefinitionError, UnknownJobError
+from soniq.core.jobs import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_QUEUE,
+    PRIORITY_RANGE,
+    RESERVED_OPTIONS,
+    JobDefinition,
+    JobSpec,
+)
+
+JobRef = Callable[..., Any] | str
+
+
+class Registry:
+    """The job functions known to one Soniq instance, by name and by function."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, JobDefinition] = {}
+        self._by_func: dict[Callable[..., Any], JobDefinition] = {}
+
+    def register(
+        self,
+        func: Callable[..., Any],
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> JobDefinition:
+        """Register ``func`` as a job and return its definition."""
+        definition = define_job(
+            func, name=name, queue=queue, max_retries=max_retries, priority=priority,
+            timeout=timeout,
+        )
+        existing = self._by_name.get(definition.name)
+        if existing is not None and existing.func is not func:
+            raise JobDefinitionError(
+                f"a job named {definition.name!r} is already registered "
+                f"({existing.func!r}); give one of them another name with @eq.job(name=...)"
+            )
+        self._by_name[definition.name] = definition
+        self._by_func[func] = definition
+        return definition
+
+    def get(self, name: str) -> JobDefinition | None:
+        """The definition registered under ``name``, if any."""
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Any:
+        return iter(self._by_name.values())
+
+    def resolve(self, job: JobRef) -> tuple[str, JobDefinition | None]:
+        """The name of ``job`` and its definition (None for an unregistered name)."""
+        if isinstance(job, str):
+            if not job:
+                raise ValueError("job name must not be empty")
+            return job, self._by_name.get(job)
+        definition = self._by_func.get(job)
+        if definition is None:
+            if not callable(job):
+                raise TypeError(
+                    f"job must be a function decorated with @eq.job or a job name (str), "
+                    f"got {type(job).__name__}"
+                )
+            raise UnknownJobError(
+                f"{getattr(job, '__qualname__', job)!r} is not registered with this Soniq; "
+                "decorate it with @eq.job() on the same Soniq instance, or enqueue it by "
+                "its name as a string"
+            )
+        return definition.name, definition
+
+
+def define_job(
+    func: Callable[..., Any],
+    *,
+    name: str | None,
+    queue: str,
+    max_retries: int,
+    priority: int,
+    timeout: float | None,
+) -> JobDefinition:
+    """Check that ``func`` can be a job and describe it."""
+    if not callable(func):
+        raise JobDefinitionError(f"@eq.job decorates a function, got {type(func).__name__}")
+    if name is None:
+        module = getattr(func, "__module__", None)
+        if module == "__main__":
+            raise JobDefinitionError(
+                f"job {func.__qualname__!r} is defined in __main__, so workers that import "
+                "your module would know it under another name; give it one with "
+                "@eq.job(name='...')"
+            )
+        name = f"{module}.{func.__qualname__}"
+    _check_text("name", name)
+    _check_text("queue", queue)
+    max_retries = _check_max_retries(max_retries)
+    priority = _check_priority(priority)
+    timeout = _check_timeout(timeout)
+    required, accepted, any_keyword = _describe_signature(func, name)
+    return JobDefinition(
+        name=name,
+        func=func,
+        queue=queue,
+        max_retries=max_retries,
+        priority=priority,
+        timeout=timeout,
+        is_async=inspect.iscoroutinefunction(func),
+        required=required,
+        accepted=accepted,
+        takes_any_keyword=any_keyword,
+    )
+
+
+def _describe_signature(
+    func: Callable[..., Any], name: str
+) -> tuple[frozenset[str], frozenset[str], bool]:
+    required: set[str] = set()
+    accepted: set[str] = set()
+    any_keyword = False
+    for param in inspect.signature(func).parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            any_keyword = True
+            continue
+        if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL):
+            raise JobDefinitionError(
+                f"job {name!r}: parameter {param.name!r} is positional-only; jobs are "
+                "called with keyword arguments, so make it a normal parameter"
+            )
+        if param.name in RESERVED_OPTIONS:
+            raise JobDefinitionError(
+                f"job {name!r}: parameter {param.name!r} collides with the enqueue option "
+                f"of the same name (reserved: {', '.join(sorted(RESERVED_OPTIONS))}); "
+                "rename the parameter"
+            )
+        accepted.add(param.name)
+        if param.default is param.empty:
+            required.add(param.name)
+    return frozenset(required), frozenset(accepted), any_keyword
+
+
+def split_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the reserved options from ``kwargs`` (in place) and return them."""
+    if not kwargs.keys() & RESERVED_OPTIONS:
+        return {}
+    return {key: kwargs.pop(key) for key in RESERVED_OPTIONS & kwargs.keys()}
+
+
+def build_spec(
+    registry: Registry,
+    job: JobRef,
+    batch: list[dict[str, Any]],
+    options: Mapping[str, Any],
+) -> JobSpec:
+    """Validate a call and return what to insert. ``batch`` holds each job's arguments;
+    ``options`` the reserved keywords (without ``connection``)."""
+    name, definition = registry.resolve(job)
+    if definition is not None:
+        _check_batch_names(definition, batch)
+    serialize.check_batch(batch, job=name) if len(batch) > 1 else serialize.check_arguments(
+        batch[0], job=name
+    )
+    return _spec_with_options(name, definition, tuple(batch), options)
+
+
+def _check_batch_names(definition: JobDefinition, batch: Iterable[Mapping[str, Any]]) -> None:
+    for index, args in enumerate(batch):
+        problem = definition.check_names(frozenset(args))
+        if problem is not None:
+            where = f" (in the job at index {index})" if index else ""
+            raise JobArgumentsError(f"job {definition.name!r}: {problem}{where}")
+
+
+def _spec_with_options(
+    name: str, definition: JobDefinition | None, args: tuple[Mapping[str, Any], ...],
+    options: Mapping[str, Any],
+) -> JobSpec:
+    queue = definition.queue if definition else DEFAULT_QUEUE
+    priority = definition.priority if definition else 0
+    max_retries = definition.max_retries if definition else DEFAULT_MAX_RETRIES
+    timeout = definition.timeout if definition else None
+    if not options:
+        return JobSpec(name, queue, args, priority, None, 0.0, max_retries, None, timeout)
+    unknown = options.keys() - RESERVED_OPTIONS
+    if unknown:  # only reachable through a direct call with a wrong mapping
+        raise TypeError(f"unknown enqueue option(s): {', '.join(sorted(unknown))}")
+    run_at, delay = _check_when(options.get("run_at"), options.get("delay"))
+    dedupe_key = options.get("dedupe_key")
+    if dedupe_key is not None:
+        _check_text("dedupe_key", dedupe_key)
+        if len(args) > 1:
+            raise ValueError(
+                "dedupe_key: every job of one enqueue_many call would get the same key, "
+                "and a key may appear once per batch; enqueue keyed jobs one by one"
+            )
+    if "queue" in options:
+        queue = options["queue"]
+        _check_text("queue", queue)
+    if "priority" in options:
+        priority = _check_priority(options["priority"])
+    if "max_retries" in options:
+        max_retries = _check_max_retries(options["max_retries"])
+    if "timeout" in options:
+        timeout = _check_timeout(options["timeout"])
+    return JobSpec(name, queue, args, priority, run_at, delay, max_retries, dedupe_key, timeout)
+
+
+def _check_text(option: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{option} must be a non-empty str, got {value!r}")
+    if "\x00" in value:
+        raise ValueError(f"{option} must not contain a NUL character (\\u0000)")
+
+
+def _check_priority(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"priority must be an int (higher runs first), got {value!r}")
+    low, high = PRIORITY_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"priority must be between {low} and {high}, got {value}")
+    return value
+
+
+def _check_max_retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"max_retries must be an int >= 0 (N allows N+1 runs), got {value!r}"
+        )
+    if value > PRIORITY_RANGE[1]:
+        raise ValueError(f"max_retries must be at most {PRIORITY_RANGE[1]}, got {value}")
+    return value
+
+
+def _check_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timeout must be seconds (a number or timedelta) or None, got {value!r}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, float]:
+    if run_at is not None and delay is not None:
+        raise TypeError("pass run_at or delay, not both")
+    if run_at is not None:
+        if not isinstance(run_at, dt.datetime):
+            raise TypeError(f"run_at must be a datetime, got {type(run_at).__name__}")
+        if run_at.tzinfo is None or run_at.utcoffset() is None:
+            raise ValueError(
+                "run_at must be timezone-aware (a naive datetime is ambiguous); pass e.g. "
+                "datetime.now(timezone.utc) + timedelta(minutes=5), or use delay="
+            )
+        return run_at, 0.0
+    if delay is None:
+        return None, 0.0
+    if isinstance(delay, dt.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+        seconds = float(delay)
+    else:
+        raise TypeError(f"delay must be seconds (a number) or a timedelta, got {delay!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"delay must be >= 0 seconds, got {delay!r}; use run_at for a time")
+    return None, seconds

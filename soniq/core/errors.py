@@ -1,0 +1,40 @@
+"""Exceptions that Soniq raises. All derive from :class:`SoniqError`."""
+
+from __future__ import annotations
+
+
+class SoniqError(Exception):
+    """Base class of every error Soniq raises on purpose."""
+
+
+class InvalidTransition(SoniqError):
+    """A job was asked to move between two statuses that the transition table forbids."""
+
+
+class SerializationError(SoniqError, ValueError):
+    """A job argument cannot be stored as JSON; the message names the argument."""
+
+
+class JobArgumentsError(SoniqError, TypeError):
+    """The arguments of an enqueue do not match the job function's signature."""
+
+
+class UnknownJobError(SoniqError, LookupError):
+    """A job function is not registered with this Soniq instance."""
+
+
+class JobDefinitionError(SoniqError, TypeError):
+    """``@eq.job`` was applied to a function that cannot be a job as written."""
+
+
+class ConfigurationError(SoniqError, ValueError):
+    """A constructor argument (URL, driver, schema) is invalid."""
+
+
+class SchemaNotReadyError(SoniqError):
+    """Soniq's tables are missing or older than this version: run ``soniq migrate``."""
+
+
+class ConnectionStateError(SoniqError):
+    """A caller's connection cannot take an enqueue as it is (closed, or its
+    transaction has already failed)."""

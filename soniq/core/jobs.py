@@ -1,0 +1,111 @@
+"""The values Soniq passes around: what to insert (:class:`JobSpec`), a stored job
+(:class:`Job`), and a registered job function (:class:`JobDefinition`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from soniq.core.states import JobStatus
+
+#: Keyword names that ``enqueue`` reads as options; a job may not use them as parameters.
+RESERVED_OPTIONS: frozenset[str] = frozenset(
+    {"connection", "queue", "priority", "run_at", "delay", "max_retries", "dedupe_key", "timeout"}
+)
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_RETRIES = 3
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+
+@attrs.frozen
+class JobSpec:
+    """What one enqueue call inserts: the options shared by its jobs, and each job's
+    arguments (one mapping for ``enqueue``, several for ``enqueue_many``).
+
+    ``run_at`` is an explicit aware time; when it is None the job is due ``delay``
+    seconds after the database's statement time (so client clock skew cannot delay it).
+    """
+
+    name: str
+    queue: str
+    args: tuple[Mapping[str, Any], ...]
+    priority: int = 0
+    run_at: dt.datetime | None = None
+    delay: float = 0.0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    dedupe_key: str | None = None
+    timeout: float | None = None
+
+    def due_at(self, now: dt.datetime) -> dt.datetime:
+        """When the jobs become ready, for backends that keep time themselves."""
+        if self.run_at is not None:
+            return self.run_at
+        return now + dt.timedelta(seconds=self.delay)
+
+
+@attrs.frozen
+class Job:
+    """A job as stored. Returned by ``get_job``."""
+
+    id: int
+    name: str
+    queue: str
+    args: Mapping[str, Any]
+    status: JobStatus
+    priority: int
+    run_at: dt.datetime
+    attempts: int
+    max_retries: int
+    timeout: float | None
+    dedupe_key: str | None
+    worker_id: str | None
+    last_error: str | None
+    result: Any
+    cancel_requested: bool
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the job is done, failed or cancelled."""
+        return self.status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@attrs.frozen(eq=False)
+class JobDefinition:
+    """A function registered with ``@eq.job``, with its defaults and the facts about
+    its signature that enqueue-time validation needs."""
+
+    name: str
+    func: Callable[..., Any]
+    queue: str
+    max_retries: int
+    priority: int
+    timeout: float | None
+    is_async: bool
+    required: frozenset[str]
+    accepted: frozenset[str]
+    takes_any_keyword: bool
+    # Argument-name sets already checked, so a batch is validated once per shape.
+    _checked: set[frozenset[str]] = attrs.field(factory=set, init=False, repr=False)
+
+    def check_names(self, names: frozenset[str]) -> str | None:
+        """None if a call with exactly these keyword names is valid, else the problem."""
+        if names in self._checked:
+            return None
+        missing = self.required - names
+        if missing:
+            return f"missing required argument(s) {', '.join(sorted(missing))}"
+        if not self.takes_any_keyword:
+            unexpected = names - self.accepted
+            if unexpected:
+                return (
+                    f"unexpected argument(s) {', '.join(sorted(unexpected))}; "
+                    f"it accepts {', '.join(sorted(self.accepted)) or 'no arguments'}"
+                )
+        self._checked.add(names)
+        return None

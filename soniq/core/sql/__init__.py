@@ -1,0 +1,1 @@
+"""SQL text and builders, per dialect, and the versioned migrations."""

@@ -1,0 +1,1 @@
+"""Versioned schema migrations shipped as SQL files (``NNNN_name.sql``)."""

@@ -1,0 +1,89 @@
+"""Job statuses and the transition table.
+
+Rule 1: everything that decides whether a job may move from one status to another
+lives here, in ``TRANSITIONS``. SQL builders and backends ask this module which
+statuses an event applies to; they never spell a status list themselves.
+
+A job is ``queued`` (this includes a future ``run_at`` and a retry waiting for its
+back-off), ``running`` (claimed by a worker), or finished: ``done``, ``failed``
+(retries exhausted or not retryable) or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from soniq.core.errors import InvalidTransition
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Event(str, enum.Enum):
+    """What can happen to a job."""
+
+    CLAIM = "claim"  # a worker takes a ready job
+    SUCCEED = "succeed"  # the job returned
+    RETRY = "retry"  # the job raised and has attempts left
+    FAIL = "fail"  # the job raised with no attempts left, or must not retry
+    CANCEL = "cancel"  # a user asked to cancel a job that has not started
+    ACK_CANCEL = "ack_cancel"  # a worker stopped a running job whose cancel was requested
+    RESCUE = "rescue"  # its worker died: put back, attempt counted
+    RELEASE = "release"  # graceful shutdown: put back, attempt not counted
+
+
+Q, R = JobStatus.QUEUED, JobStatus.RUNNING
+D, F, C = JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED
+
+#: {current status: {event: next status}}. A missing entry is an illegal move.
+TRANSITIONS: dict[JobStatus, dict[Event, JobStatus]] = {
+    Q: {Event.CLAIM: R, Event.CANCEL: C},
+    R: {
+        Event.SUCCEED: D,
+        Event.RETRY: Q,
+        Event.FAIL: F,
+        Event.ACK_CANCEL: C,
+        Event.RESCUE: Q,
+        Event.RELEASE: Q,
+    },
+    D: {},
+    F: {},
+    C: {},
+}
+
+FINISHED: frozenset[JobStatus] = frozenset(s for s, moves in TRANSITIONS.items() if not moves)
+#: Statuses in which a job still holds its ``dedupe_key``.
+ACTIVE: frozenset[JobStatus] = frozenset(JobStatus) - FINISHED
+#: Statuses a cancel request applies to: queued jobs are cancelled at once, running
+#: jobs get the request recorded and stop when their worker acknowledges it.
+CANCELLABLE: frozenset[JobStatus] = frozenset({Q, R})
+
+
+def next_status(status: JobStatus, event: Event) -> JobStatus:
+    """The status after ``event``, or :class:`InvalidTransition` if the move is illegal."""
+    try:
+        return TRANSITIONS[status][event]
+    except KeyError:
+        raise InvalidTransition(
+            f"can't apply event {event.value!r} to a job whose status is {status.value!r}"
+        ) from None
+
+
+def sources(event: Event) -> frozenset[JobStatus]:
+    """Every status from which ``event`` is a legal move."""
+    return frozenset(s for s, moves in TRANSITIONS.items() if event in moves)
+
+
+def sql_status_list(statuses: frozenset[JobStatus]) -> str:
+    """A SQL list literal of statuses, in a stable order, for builders."""
+    return "(" + ", ".join(f"'{s.value}'" for s in JobStatus if s in statuses) + ")"

@@ -1,0 +1,100 @@
+"""The asyncpg driver: Soniq's default for ``postgresql://`` URLs.
+
+Owns a lazily created ``asyncpg.Pool``, bound to the running event loop and replaced
+after a fork or on another loop; runs core statements on it or on a caller's
+connection. ``$n`` placeholders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from soniq.core.errors import ConnectionStateError
+from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
+from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.drivers._common import async_owner, schema_missing
+
+#: What a caller may hand to ``enqueue(connection=...)`` for this driver.
+CONNECTION_TYPES = (asyncpg.Connection, PoolConnectionProxy)
+
+
+class AsyncpgDriver:
+    """asyncpg with Soniq's own pool."""
+
+    name = "asyncpg"
+
+    def __init__(self, dsn: str, *, schema: str, min_size: int = 1, max_size: int = 10) -> None:
+        self.dsn = dsn
+        self.queries = PostgresQueries(schema, "numeric")
+        self.migrations = MigrationPlan(schema)
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._owner: object = None
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        owner = async_owner()
+        if self._pool is not None and self._owner == owner:
+            return self._pool
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=self._min_size, max_size=self._max_size
+        )
+        if self._pool is not None and self._owner == owner:  # another task won the race
+            await pool.close()
+            return self._pool
+        self._pool, self._owner = pool, owner
+        return pool
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        """Borrow a raw ``asyncpg`` connection from Soniq's pool."""
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            yield conn
+
+    async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
+        pool = await self._get_pool()
+        try:
+            return await pool.fetch(query.sql, *query.params)  # type: ignore[no-any-return]
+        except asyncpg.UndefinedTableError as exc:
+            raise schema_missing(self.queries.schema, exc) from exc
+
+    async def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        if conn.is_closed():
+            raise ConnectionStateError("connection: the asyncpg connection is closed")
+        try:
+            return await conn.fetch(query.sql, *query.params)  # type: ignore[no-any-return]
+        except asyncpg.UndefinedTableError as exc:
+            raise schema_missing(self.queries.schema, exc) from exc
+        except asyncpg.InFailedSQLTransactionError as exc:
+            raise ConnectionStateError(
+                "connection: its transaction has already failed; roll it back first"
+            ) from exc
+
+    async def migrate(self, *, apply: bool) -> int:
+        async with self.acquire() as conn, conn.transaction():
+            return await _run(conn, migration_steps(self.migrations, apply=apply))
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+
+async def _run(conn: Any, steps: MigrationSteps) -> int:
+    try:
+        statement = next(steps)
+        while True:
+            if statement.returns_rows:
+                rows = await conn.fetch(statement.sql)
+            else:
+                await conn.execute(statement.sql)
+                rows = []
+            statement = steps.send(rows)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]

@@ -1,0 +1,136 @@
+"""Recognise the connection a caller hands to ``enqueue(connection=...)``.
+
+Raw driver connections are used as they are. Connections wrapped by an ORM are
+unwrapped here: SQLAlchemy ``Session``/``AsyncSession``/``Connection``/
+``AsyncConnection``, Django's connection, Tortoise's transaction wrapper. Optional
+libraries are recognised by the module of the object's class, so none of them is
+imported unless the caller already uses it.
+
+The result names the driver that must run the statement: the driver follows the
+connection, not Soniq's own pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import psycopg
+
+from soniq.drivers import asyncpg as asyncpg_driver
+from soniq.drivers.psycopg2_compat import is_psycopg2_connection
+
+AsyncKind = Literal["asyncpg", "psycopg"]
+SyncKind = Literal["psycopg", "psycopg2"]
+
+_ASYNC_ACCEPTS = (
+    "asyncpg.Connection (or a pool-acquired one), psycopg.AsyncConnection, SQLAlchemy "
+    "AsyncSession/AsyncConnection, or a Tortoise transaction"
+)
+_SYNC_ACCEPTS = (
+    "psycopg.Connection, a psycopg2 connection, SQLAlchemy Session/Connection, or "
+    "django.db.connection"
+)
+
+
+def _module(obj: object) -> str:
+    return type(obj).__module__ or ""
+
+
+async def resolve_async(conn: Any) -> tuple[AsyncKind, Any]:
+    """The driver kind and raw connection behind ``conn``, for ``await eq.enqueue``."""
+    if isinstance(conn, asyncpg_driver.CONNECTION_TYPES):
+        return "asyncpg", conn
+    if isinstance(conn, psycopg.AsyncConnection):
+        return "psycopg", conn
+    module = _module(conn)
+    if module.startswith("sqlalchemy."):
+        return await _resolve_sqlalchemy_async(conn)
+    if module.startswith("tortoise."):
+        inner = getattr(conn, "_connection", None)
+        if inner is None:
+            raise TypeError(
+                f"connection: {type(conn).__name__} holds no database connection; pass the "
+                "object that `async with in_transaction() as conn` gives you"
+            )
+        return await resolve_async(inner)
+    if _looks_sync(conn):
+        raise TypeError(
+            f"connection: {type(conn).__module__}.{type(conn).__name__} is a synchronous "
+            "connection; enqueue on it with eq.sync.enqueue(..., connection=conn), or "
+            f"pass an async one to await eq.enqueue: {_ASYNC_ACCEPTS}"
+        )
+    raise TypeError(f"connection: expected {_ASYNC_ACCEPTS}; got {type(conn).__name__}")
+
+
+def resolve_sync(conn: Any) -> tuple[SyncKind, Any]:
+    """The driver kind and raw connection behind ``conn``, for ``eq.sync.enqueue``."""
+    if isinstance(conn, psycopg.Connection):
+        return "psycopg", conn
+    if is_psycopg2_connection(conn):
+        return "psycopg2", conn
+    module = _module(conn)
+    if module.startswith("sqlalchemy."):
+        return resolve_sync(_unwrap_sqlalchemy_sync(conn))
+    if module.startswith("django.") and hasattr(conn, "ensure_connection"):
+        # Django connects lazily; inside atomic() it has already turned autocommit off.
+        conn.ensure_connection()
+        return resolve_sync(conn.connection)
+    if _looks_async(conn):
+        raise TypeError(
+            f"connection: {type(conn).__module__}.{type(conn).__name__} is an async "
+            "connection; enqueue on it with `await eq.enqueue(..., connection=conn)`, or "
+            f"pass a synchronous one to eq.sync.enqueue: {_SYNC_ACCEPTS}"
+        )
+    raise TypeError(f"connection: expected {_SYNC_ACCEPTS}; got {type(conn).__name__}")
+
+
+async def _resolve_sqlalchemy_async(conn: Any) -> tuple[AsyncKind, Any]:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+
+    if isinstance(conn, (AsyncSession, async_scoped_session)):
+        conn = await conn.connection()
+    if not isinstance(conn, AsyncConnection):
+        raise TypeError(
+            f"connection: {type(conn).__name__} is a synchronous SQLAlchemy object; use "
+            "eq.sync.enqueue(..., connection=session), or pass an AsyncSession"
+        )
+    raw = (await conn.get_raw_connection()).driver_connection
+    kind, raw = await resolve_async(raw)
+    if kind == "asyncpg" and not raw.is_in_transaction() and conn.in_transaction():
+        # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement. Had nothing
+        # run yet, our INSERT would autocommit and survive a rollback: make it begin.
+        await conn.exec_driver_sql("SELECT 1")
+    return kind, raw
+
+
+def _unwrap_sqlalchemy_sync(conn: Any) -> Any:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session, scoped_session
+
+    if isinstance(conn, (Session, scoped_session)):
+        conn = conn.connection()
+    if not isinstance(conn, Connection):
+        raise TypeError(
+            f"connection: {type(conn).__name__} is not a SQLAlchemy Session or Connection; "
+            "for AsyncSession use `await eq.enqueue(..., connection=session)`"
+        )
+    # psycopg and psycopg2 begin implicitly on our statement; SQLAlchemy ends it.
+    return conn.connection.driver_connection
+
+
+def _looks_sync(conn: Any) -> bool:
+    module = _module(conn)
+    if isinstance(conn, psycopg.Connection) or is_psycopg2_connection(conn):
+        return True
+    if module.startswith("django."):
+        return True
+    return module.startswith("sqlalchemy.") and "asyncio" not in module
+
+
+def _looks_async(conn: Any) -> bool:
+    module = _module(conn)
+    return (
+        isinstance(conn, (psycopg.AsyncConnection, *asyncpg_driver.CONNECTION_TYPES))
+        or module.startswith("tortoise.")
+        or (module.startswith("sqlalchemy.") and "asyncio" in module)
+    )
