@@ -1,0 +1,52 @@
+"""Developer tasks: `nox -s tests lint types imports` is what CI runs."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint", "types", "imports"]
+nox.options.reuse_existing_virtualenvs = True
+
+# Everything the suite exercises: the package with psycopg's binary wheels, and the
+# frameworks whose connections transactional enqueue must accept.
+TEST_DEPS = [
+    "-e",
+    ".[binary,sqlalchemy,django,tortoise,psycopg2]",
+    "pytest>=8",
+    "pytest-asyncio>=0.24",
+    "pytest-timeout>=2.3",
+    "pytest-postgresql>=6",
+    "hypothesis>=6.100",
+]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite, against the PostgreSQL of SONIQ_TEST_DATABASE_URL (or a
+    throwaway cluster when none answers)."""
+    session.install(*TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check, ruff format --check, and the generated sync files are current."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("python", "tools/unasync.py", "--check")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[binary]", "mypy>=1.11")
+    session.run("mypy", "--strict", "soniq")
+
+
+@nox.session
+def imports(session: nox.Session) -> None:
+    """Layering contracts (pyproject.toml [tool.importlinter])."""
+    session.install("-e", ".[binary]", "import-linter>=2.0")
+    session.run("lint-imports")
