@@ -52,9 +52,7 @@ class _Config:
             )
         self.dsn, url_driver = split_postgres_url(url)
         if driver is not None and driver not in _ASYNC_DRIVERS:
-            raise ConfigurationError(
-                f"driver must be 'asyncpg' or 'psycopg', got {driver!r}"
-            )
+            raise ConfigurationError(f"driver must be 'asyncpg' or 'psycopg', got {driver!r}")
         if driver and url_driver and url_driver not in (driver, "psycopg2"):
             raise ConfigurationError(
                 f"driver={driver!r} contradicts the URL scheme (+{url_driver}); pass one"
@@ -110,6 +108,8 @@ class Soniq:
     @overload
     def job(
         self,
+        func: None = ...,
+        /,
         *,
         name: str | None = ...,
         queue: str = ...,
@@ -119,7 +119,7 @@ class Soniq:
     ) -> Callable[[F], F]: ...
     def job(
         self,
-        func: F | None = None,
+        func: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,
@@ -127,7 +127,7 @@ class Soniq:
         max_retries: int = DEFAULT_MAX_RETRIES,
         priority: int = 0,
         timeout: float | None = None,
-    ) -> F | Callable[[F], F]:
+    ) -> Any:
         """Register a job function: ``@eq.job`` or ``@eq.job(queue=..., ...)``.
 
         ``async def`` jobs run on the worker's event loop, plain functions in threads.
@@ -138,7 +138,11 @@ class Soniq:
 
         def register(f: F) -> F:
             self.registry.register(
-                f, name=name, queue=queue, max_retries=max_retries, priority=priority,
+                f,
+                name=name,
+                queue=queue,
+                max_retries=max_retries,
+                priority=priority,
                 timeout=timeout,
             )
             return f
@@ -281,7 +285,7 @@ class SyncSoniq:
 
 
 def _as_batch(args: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    if isinstance(args, Mapping) or isinstance(args, (str, bytes)):
+    if isinstance(args, (Mapping, str, bytes)):
         raise TypeError(
             "enqueue_many takes a list of argument mappings, one per job, e.g. "
             "[{'order_id': 1}, {'order_id': 2}]"

@@ -80,7 +80,9 @@ def schema(database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(params=["asyncpg", "psycopg"])
-async def eq(request: pytest.FixtureRequest, database_url: str, schema: str) -> AsyncIterator[Soniq]:
+async def eq(
+    request: pytest.FixtureRequest, database_url: str, schema: str
+) -> AsyncIterator[Soniq]:
     """A migrated Soniq on each async driver, in its own schema."""
     app = Soniq(database_url, driver=request.param, schema=schema)
     await app.ensure_initialized()

@@ -1,17 +1,298 @@
-"""The public API of DESIGN.md for enqueue and inspection, on every driver."""
+"""The public API for enqueue and inspection, identical on every driver and on the
+sync twin: one suite, parametrized, so the colours cannot drift apart."""
 
 from __future__ import annotations
 
-from soniq import JobStatus, Soniq
+import datetime as dt
+import math
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from soniq import (
+    ConfigurationError,
+    JobArgumentsError,
+    JobStatus,
+    SchemaNotReadyError,
+    SerializationError,
+    Soniq,
+)
+
+UTC = dt.timezone.utc
 
 
-async def test_enqueue_then_get_job(eq: Soniq) -> None:
-    @eq.job(name="billing.send_invoice", queue="invoices", max_retries=5)
-    async def send_invoice(order_id: int) -> None: ...
+class Api:
+    """Soniq's async API or its sync twin behind one awaitable interface."""
 
-    job_id = await eq.enqueue(send_invoice, order_id=1)
-    job = await eq.get_job(job_id)
-    assert job is not None
-    assert (job.name, job.queue, job.args, job.status, job.max_retries, job.attempts) == (
-        "billing.send_invoice", "invoices", {"order_id": 1}, JobStatus.QUEUED, 5, 0,
+    def __init__(self, eq: Soniq, colour: str) -> None:
+        self.eq, self.colour = eq, colour
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.colour == "sync":
+            return getattr(self.eq.sync, method)(*args, **kwargs)
+        return await getattr(self.eq, method)(*args, **kwargs)
+
+
+@pytest.fixture(params=["asyncpg", "psycopg", "sync"])
+async def api(request: pytest.FixtureRequest, database_url: str, schema: str) -> AsyncIterator[Api]:
+    driver = "psycopg" if request.param == "sync" else request.param
+    eq = Soniq(database_url, driver=driver, schema=schema)
+    api = Api(eq, request.param)
+    await api.call("ensure_initialized")
+    yield api
+    await eq.close()
+
+
+def register(eq: Soniq) -> Any:
+    @eq.job(queue="invoices", max_retries=5, priority=1)
+    async def send_invoice(order_id: int, note: str = "") -> None: ...
+
+    return send_invoice
+
+
+def rows(pg: psycopg.Connection, schema: str, where: str = "true") -> list[tuple[Any, ...]]:
+    return pg.execute(
+        f'SELECT id, name, queue, args, priority, status FROM "{schema}".soniq_jobs '
+        f"WHERE {where} ORDER BY id"
+    ).fetchall()
+
+
+async def test_enqueue_stores_the_job(api: Api) -> None:
+    job = register(api.eq)
+    job_id = await api.call("enqueue", job, order_id=7, note="hi")
+    stored = await api.call("get_job", job_id)
+    assert stored.id == job_id
+    assert stored.name == f"{__name__}.register.<locals>.send_invoice"
+    assert (stored.queue, stored.args, stored.status) == (
+        "invoices",
+        {"order_id": 7, "note": "hi"},
+        JobStatus.QUEUED,
     )
+    assert (stored.priority, stored.max_retries, stored.attempts) == (1, 5, 0)
+    assert stored.created_at.tzinfo is not None and stored.run_at <= dt.datetime.now(UTC)
+    assert await api.call("get_job", job_id + 1000) is None
+
+
+async def test_options_are_stored_on_the_row(api: Api) -> None:
+    job = register(api.eq)
+    when = dt.datetime(2031, 5, 1, 12, 0, tzinfo=UTC)
+    scheduled = await api.call(
+        "enqueue",
+        job,
+        order_id=1,
+        queue="other",
+        priority=-3,
+        run_at=when,
+        max_retries=0,
+        timeout=2.5,
+    )
+    stored = await api.call("get_job", scheduled)
+    assert (stored.queue, stored.priority, stored.run_at, stored.max_retries, stored.timeout) == (
+        "other",
+        -3,
+        when,
+        0,
+        2.5,
+    )
+    before = dt.datetime.now(UTC)
+    delayed = await api.call("get_job", await api.call("enqueue", job, order_id=2, delay=3600))
+    assert before + dt.timedelta(minutes=59) < delayed.run_at < before + dt.timedelta(minutes=61)
+
+
+async def test_enqueue_many_returns_ids_in_input_order(api: Api, pg: psycopg.Connection) -> None:
+    job = register(api.eq)
+    ids = await api.call("enqueue_many", job, [{"order_id": n} for n in range(500)], priority=9)
+    assert len(ids) == 500 and len(set(ids)) == 500
+    by_id = {r[0]: r for r in rows(pg, api.eq.backend.queries.schema)}
+    assert [by_id[i][3]["order_id"] for i in ids] == list(range(500))
+    assert {by_id[i][4] for i in ids} == {9}
+    assert await api.call("enqueue_many", job, []) == []
+
+
+async def test_enqueue_by_name(api: Api) -> None:
+    register(api.eq)
+    name = f"{__name__}.register.<locals>.send_invoice"
+    job = await api.call("get_job", await api.call("enqueue", name, order_id=3))
+    assert job.queue == "invoices"  # the registered defaults apply
+    with pytest.raises(JobArgumentsError, match="order_id"):
+        await api.call("enqueue", name, wrong=1)
+    # A name this process does not know: stored as given, validated by the worker.
+    unknown = await api.call("get_job", await api.call("enqueue", "other.app.job", x=1))
+    assert (unknown.name, unknown.queue, unknown.args) == ("other.app.job", "default", {"x": 1})
+
+
+async def test_dedupe_key_returns_the_existing_job(api: Api, pg: psycopg.Connection) -> None:
+    job = register(api.eq)
+    first = await api.call("enqueue", job, order_id=1, dedupe_key="order-1")
+    again = await api.call("enqueue", job, order_id=99, dedupe_key="order-1")
+    assert again == first
+    assert len(rows(pg, api.eq.backend.queries.schema)) == 1
+    # Once the job is finished (here: cancelled) the key is free again.
+    assert await api.call("cancel_job", first) is True
+    third = await api.call("enqueue", job, order_id=1, dedupe_key="order-1")
+    assert third != first
+
+
+async def test_cancel_job(api: Api, pg: psycopg.Connection) -> None:
+    job = register(api.eq)
+    queued = await api.call("enqueue", job, order_id=1)
+    assert await api.call("cancel_job", queued) is True
+    cancelled = await api.call("get_job", queued)
+    assert cancelled.status == JobStatus.CANCELLED and cancelled.finished_at is not None
+    assert await api.call("cancel_job", queued) is False  # already finished
+    assert await api.call("cancel_job", 10**12) is False  # unknown
+    # A running job: the request is recorded, the status waits for its worker.
+    running = await api.call("enqueue", job, order_id=2)
+    schema = api.eq.backend.queries.schema
+    pg.execute(f'UPDATE "{schema}".soniq_jobs SET status = %s WHERE id = %s', ("running", running))
+    assert await api.call("cancel_job", running) is True
+    requested = await api.call("get_job", running)
+    assert requested.status == JobStatus.RUNNING and requested.cancel_requested is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"order_id": math.nan}, SerializationError),
+        ({"order_id": 1, "note": "nul\x00"}, SerializationError),
+        ({"order_id": 1, "run_at": dt.datetime(2030, 1, 1)}, ValueError),
+        ({"order_id": 1, "delay": -5}, ValueError),
+        ({"note": "no order id"}, JobArgumentsError),
+        ({"order_id": 1, "surprise": True}, JobArgumentsError),
+    ],
+)
+async def test_bad_input_writes_nothing(
+    api: Api, pg: psycopg.Connection, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    job = register(api.eq)
+    with pytest.raises(error):
+        await api.call("enqueue", job, **kwargs)
+    options = {k: v for k, v in kwargs.items() if k in ("run_at", "delay")}
+    arguments = {k: v for k, v in kwargs.items() if k not in options}
+    with pytest.raises(error):
+        await api.call("enqueue_many", job, [{"order_id": 1}, arguments], **options)
+    assert rows(pg, api.eq.backend.queries.schema) == []
+
+
+async def test_enqueue_many_input_shape(api: Api) -> None:
+    job = register(api.eq)
+    with pytest.raises(TypeError, match="list of argument mappings"):
+        await api.call("enqueue_many", job, {"order_id": 1})
+    with pytest.raises(TypeError, match="index 1"):
+        await api.call("enqueue_many", job, [{"order_id": 1}, 2])
+    with pytest.raises(TypeError, match="order_id is not an option"):
+        await api.call("enqueue_many", job, [{}], order_id=1)
+
+
+async def test_a_function_of_another_soniq_is_refused(api: Api, database_url: str) -> None:
+    other = Soniq(database_url)
+
+    @other.job
+    def elsewhere() -> None: ...
+
+    with pytest.raises(Exception, match="not registered with this Soniq"):
+        await api.call("enqueue", elsewhere)
+
+
+async def test_missing_schema_says_to_migrate(database_url: str) -> None:
+    eq = Soniq(database_url, schema="never_migrated")
+
+    @eq.job
+    def job() -> None: ...
+
+    try:
+        with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+            await eq.enqueue(job)
+        with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+            await eq.ensure_initialized(migrate=False)
+        with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+            eq.sync.enqueue(job)
+    finally:
+        await eq.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"database_url": "mysql://localhost/db"}, "scheme 'mysql'"),
+        ({"database_url": "localhost/db"}, "must look like postgresql://"),
+        ({"database_url": "postgresql://h:notaport/db"}, "malformed"),
+        ({"database_url": "postgresql://h/db", "driver": "pg8000"}, "driver must be"),
+        ({"database_url": "postgresql+asyncpg://h/db", "driver": "psycopg"}, "contradicts"),
+        ({"database_url": "postgresql://h/db", "schema": ""}, "schema"),
+        ({"database_url": "postgresql://h/db", "pool_size": 0}, "pool_size"),
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises((ConfigurationError, ValueError), match=match):
+        Soniq(**kwargs)
+
+
+def test_no_url_at_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SONIQ_DATABASE_URL", raising=False)
+    with pytest.raises(ConfigurationError, match="database_url"):
+        Soniq()
+
+
+async def test_constructor_does_no_io_and_driver_follows_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nothing listens on port 1: construction must still succeed.
+    assert Soniq("postgresql://nobody@127.0.0.1:1/none").backend.name == "asyncpg"
+    assert Soniq("postgresql+psycopg://127.0.0.1:1/none").backend.name == "psycopg"
+    monkeypatch.setenv("SONIQ_DATABASE_URL", "postgresql+psycopg://127.0.0.1:1/none")
+    assert Soniq().backend.name == "psycopg"
+
+
+async def test_pool_is_bound_to_the_loop(database_url: str, schema: str) -> None:
+    """A second event loop gets a new pool instead of the first loop's dead one."""
+    import asyncio
+    import threading
+
+    eq = Soniq(database_url, schema=schema)
+    await eq.ensure_initialized()
+    register(eq)
+    first_pool = eq.backend._pool  # type: ignore[attr-defined]
+    result: list[int] = []
+
+    def other_loop() -> None:
+        async def go() -> None:
+            result.append(
+                await eq.enqueue(f"{__name__}.register.<locals>.send_invoice", order_id=1)
+            )
+            await eq.backend.close()
+
+        asyncio.run(go())
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    thread.join(30)
+    assert result and (await eq.get_job(result[0])) is not None
+    assert eq.backend._pool is not first_pool  # type: ignore[attr-defined]
+    await eq.close()
+
+
+@pytest.mark.timeout(60)
+def test_pool_is_recreated_after_fork(sync_eq: Soniq) -> None:
+    register(sync_eq)
+    name = f"{__name__}.register.<locals>.send_invoice"
+    parent_id = sync_eq.sync.enqueue(name, order_id=1)  # the parent's pool is open now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must not reuse the parent's sockets
+        try:
+            child_id = sync_eq.sync.enqueue(name, order_id=2)
+            os.write(write, str(child_id).encode())
+            sync_eq.sync.close()
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_id = int(os.read(read, 64).decode())
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    # The parent's pool survived the child's exit and both jobs exist.
+    assert sync_eq.sync.get_job(parent_id) is not None
+    assert sync_eq.sync.get_job(child_id) is not None

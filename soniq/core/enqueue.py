@@ -45,7 +45,11 @@ class Registry:
     ) -> JobDefinition:
         """Register ``func`` as a job and return its definition."""
         definition = define_job(
-            func, name=name, queue=queue, max_retries=max_retries, priority=priority,
+            func,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            priority=priority,
             timeout=timeout,
         )
         existing = self._by_name.get(definition.name)
@@ -187,7 +191,9 @@ def _check_batch_names(definition: JobDefinition, batch: Iterable[Mapping[str, A
 
 
 def _spec_with_options(
-    name: str, definition: JobDefinition | None, args: tuple[Mapping[str, Any], ...],
+    name: str,
+    definition: JobDefinition | None,
+    args: tuple[Mapping[str, Any], ...],
     options: Mapping[str, Any],
 ) -> JobSpec:
     queue = definition.queue if definition else DEFAULT_QUEUE
@@ -238,9 +244,7 @@ def _check_priority(value: object) -> int:
 
 def _check_max_retries(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(
-            f"max_retries must be an int >= 0 (N allows N+1 runs), got {value!r}"
-        )
+        raise ValueError(f"max_retries must be an int >= 0 (N allows N+1 runs), got {value!r}")
     if value > PRIORITY_RANGE[1]:
         raise ValueError(f"max_retries must be at most {PRIORITY_RANGE[1]}, got {value}")
     return value

@@ -1,0 +1,112 @@
+"""Schema migrations: concurrent starts, the DDL for other tools, version checks,
+and the claim's index proven with EXPLAIN."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from soniq import SchemaNotReadyError, Soniq
+from soniq.core.sql.migrate import LATEST_VERSION
+from soniq.core.sql.postgres import PostgresQueries
+
+
+def soniq_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "soniq", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.timeout(90)
+def test_ten_processes_migrating_at_once(
+    database_url: str, schema: str, pg: psycopg.Connection
+) -> None:
+    procs = [
+        soniq_cli("migrate", "--database-url", database_url, "--schema", schema) for _ in range(10)
+    ]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    assert [code for code, _, _ in results] == [0] * 10, results
+    versions = pg.execute(f'SELECT version FROM "{schema}".soniq_migrations').fetchall()
+    assert versions == [(v,) for v in range(1, LATEST_VERSION + 1)]
+    tables = pg.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
+        (schema,),
+    ).fetchall()
+    assert tables == [("soniq_jobs",), ("soniq_migrations",), ("soniq_workers",)]
+
+
+def test_printed_sql_creates_a_usable_schema(
+    database_url: str, schema: str, pg: psycopg.Connection
+) -> None:
+    proc = soniq_cli("migrate", "--sql", "--schema", schema)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "CREATE TABLE" in out and f'"{schema}".soniq_jobs' in out
+    pg.execute(out)  # what a user would paste into an Alembic or Django migration
+    eq = Soniq(database_url, schema=schema)
+    eq.sync.ensure_initialized(migrate=False)  # only checks: passes
+    eq.sync.close()
+
+
+async def test_ensure_initialized_is_idempotent_and_checks(database_url: str, schema: str) -> None:
+    eq = Soniq(database_url, schema=schema)
+    with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+        await eq.ensure_initialized(migrate=False)
+    await eq.ensure_initialized()
+    second = Soniq(database_url, schema=schema)
+    await second.ensure_initialized()  # already current: no DDL, no error
+    await second.ensure_initialized(migrate=False)
+    await eq.close()
+    await second.close()
+
+
+def test_migrate_without_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SONIQ_DATABASE_URL", raising=False)
+    proc = soniq_cli("migrate")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "--database-url" in err
+
+
+def test_claim_uses_its_index_with_finished_history(
+    database_url: str, schema: str, pg: psycopg.Connection
+) -> None:
+    """100k finished rows and a few queued ones: the claim reads the partial index,
+    never the heap of history."""
+    eq = Soniq(database_url, schema=schema)
+    eq.sync.ensure_initialized()
+    eq.sync.close()
+    jobs = f'"{schema}".soniq_jobs'
+    pg.execute(
+        f"INSERT INTO {jobs} (name, queue, args, status, finished_at) "
+        "SELECT 'j', 'default', '{}', 'done', now() FROM generate_series(1, 100000)"
+    )
+    pg.execute(
+        f"INSERT INTO {jobs} (name, queue, args) SELECT 'j', q, '{{}}' "
+        "FROM generate_series(1, 50), unnest(ARRAY['default', 'mail']) AS q"
+    )
+    pg.execute(f"ANALYZE {jobs}")
+    queries = PostgresQueries(schema, "format")
+    for claim in (queries.claim_jobs(10, "w1", ["mail"]), queries.claim_jobs(10, "w1", None)):
+        plan = pg.execute(f"EXPLAIN (FORMAT JSON) {claim.sql}", claim.params).fetchone()
+        assert plan is not None
+        text = json.dumps(plan[0])
+        assert "soniq_jobs_claim_idx" in text, text
+        assert '"Seq Scan"' not in text, text
+    # And the claim does what it says: highest priority first, only the asked queue.
+    pg.execute(
+        f"UPDATE {jobs} SET priority = 5 "
+        f"WHERE id = (SELECT max(id) FROM {jobs} WHERE queue = 'mail')"
+    )
+    claim = queries.claim_jobs(3, "w1", ["mail"])
+    claimed = pg.execute(claim.sql, claim.params).fetchall()
+    assert len(claimed) == 3
+    assert {row[2] for row in claimed} == {"mail"}
+    assert max(row[5] for row in claimed) == 5
+    assert {row[4] for row in claimed} == {"running"}
