@@ -44,7 +44,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def types(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[binary]", "mypy==1.20.2")
+    session.install("-e", ".[binary]", "mypy==2.4.1")
     session.run("mypy", "--strict", "soniq")
 
 
