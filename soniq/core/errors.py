@@ -38,3 +38,11 @@ class SchemaNotReadyError(SoniqError):
 class ConnectionStateError(SoniqError):
     """A caller's connection cannot take an enqueue as it is (closed, or its
     transaction has already failed)."""
+
+
+class PermanentError(SoniqError):
+    """Raise it (or a subclass) from a job to fail it now, without retrying."""
+
+
+class JobTimeout(SoniqError, TimeoutError):
+    """A job ran past its ``timeout``; handled like any failure (retried if it may)."""

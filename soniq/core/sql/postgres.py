@@ -20,6 +20,7 @@ import attrs
 
 from soniq.core import serialize, states
 from soniq.core.jobs import Job, JobSpec
+from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
 
 ParamStyle = Literal["numeric", "format"]
@@ -34,11 +35,20 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def check_placeholders(sql: str) -> str:
+    """Return ``sql`` if its ``$n`` placeholders are ``$1..$N``, each once, in order
+    (what makes the ``%s`` rendering correct); raise otherwise."""
+    numbers = [int(m[1:]) for m in _NUMERIC.findall(sql)]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise ValueError(f"placeholders must be $1..$N once each, in order: {numbers}")
+    return sql
+
+
 def to_format_style(sql: str) -> str:
     """Turn ``$1, $2, ...`` placeholders into ``%s`` (each is used once, in order)."""
     if "%" in sql:
         raise ValueError("statement holds a literal '%'; it would break %s placeholders")
-    return _NUMERIC.sub("%s", sql)
+    return _NUMERIC.sub("%s", check_placeholders(sql))
 
 
 @attrs.frozen
@@ -53,6 +63,12 @@ JOB_COLUMNS = (
     "id, name, queue, args::text, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result::text, cancel_requested, created_at, "
     "started_at, finished_at"
+)
+
+
+#: What a worker needs of a claimed job, in this order (see ``soniq.worker``).
+CLAIM_COLUMNS = (
+    "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority"
 )
 
 
@@ -89,7 +105,7 @@ class PostgresQueries:
         self.channel = f"soniq:{schema}"[:63]
         channel_literal = self.channel.replace("'", "''")
         jobs = f"{quote_ident(schema)}.soniq_jobs"
-        render = to_format_style if paramstyle == "format" else (lambda sql: sql)
+        render = to_format_style if paramstyle == "format" else check_placeholders
         active = states.sql_status_list(states.ACTIVE)
         ready = JobStatus.QUEUED.value
         # One statement per enqueue call: the rows, and one NOTIFY when any of them is
@@ -142,12 +158,103 @@ UPDATE {jobs} AS j
 SET status = '{claim_to}', attempts = j.attempts + 1, worker_id = @worker@::text,
     started_at = now()
 FROM picked WHERE j.id = picked.id
-RETURNING {", ".join("j." + c for c in JOB_COLUMNS.split(", "))}"""
+RETURNING {CLAIM_COLUMNS}"""
         queue_filter = "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))"
         self._claim_all = render(_fill(claim_body, queue_filter="", limit="$1", worker="$2"))
         self._claim_queues = render(
             _fill(claim_body, queue_filter=queue_filter, limit="$2", worker="$3")
         )
+
+        self._worker_sql(jobs, render)
+
+    def _worker_sql(self, jobs: str, render: Any) -> None:
+        """Statements of the worker runtime; they run on Soniq's own pools only."""
+        workers = f"{quote_ident(self.schema)}.soniq_workers"
+        running = JobStatus.RUNNING.value
+        finished = states.sql_status_list(states.FINISHED)
+        requeued = states.next_status(JobStatus.RUNNING, Event.RESCUE).value
+        gave_up = states.next_status(JobStatus.RUNNING, Event.FAIL).value
+        outcomes = """
+WITH u AS (
+    SELECT x.*, $1::text AS me
+    FROM jsonb_to_recordset($2::text::jsonb) AS x(id bigint, attempts int, status text,
+        retry_in float8, error text, traceback text, result text, release boolean)
+)"""
+        # Fenced by worker and attempt: a rescued job's late finish matches no row.
+        fence = (
+            f"j.id = u.id AND j.status = '{running}' AND j.worker_id = u.me "
+            "AND j.attempts = u.attempts"
+        )
+        update = f"""
+UPDATE {jobs} AS j SET
+    status = u.status,
+    attempts = j.attempts - CASE WHEN u.release THEN 1 ELSE 0 END,
+    run_at = CASE WHEN u.retry_in IS NULL THEN j.run_at
+                  ELSE now() + u.retry_in * interval '1 second' END,
+    worker_id = CASE WHEN u.status IN {finished} THEN j.worker_id END,
+    finished_at = CASE WHEN u.status IN {finished} THEN now() END,
+    cancel_requested = j.cancel_requested AND u.status IN {finished},
+    last_error = coalesce(u.error, j.last_error),
+    last_traceback = coalesce(u.traceback, j.last_traceback),
+    result = u.result::jsonb
+FROM u
+WHERE {fence}"""
+        self._finish = render(f"{outcomes}{update}\nRETURNING j.id")
+        # With no retention, finished rows are deleted instead of kept.
+        self._finish_delete = render(f"""{outcomes},
+gone AS (
+    DELETE FROM {jobs} AS j USING u
+    WHERE {fence} AND u.status IN {finished}
+    RETURNING j.id
+),
+kept AS ({update}
+    AND u.status NOT IN {finished}
+    RETURNING j.id
+)
+SELECT id FROM gone UNION ALL SELECT id FROM kept""")
+        self._register = render(f"""
+INSERT INTO {workers} (id, hostname, pid, queues, concurrency)
+VALUES ($1::text, $2::text, $3::text::int,
+        ARRAY(SELECT jsonb_array_elements_text($4::text::jsonb)), $5::text::int)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()""")
+        self._heartbeat = render(
+            f"UPDATE {workers} SET heartbeat_at = now() WHERE id = $1::text RETURNING id"
+        )
+        self._unregister = render(f"DELETE FROM {workers} WHERE id = $1::text")
+        self._cancel_requests = render(
+            f"SELECT id FROM {jobs} WHERE worker_id = $1::text AND status = '{running}' "
+            "AND cancel_requested"
+        )
+        # Jobs of workers whose heartbeat is stale, or who are not registered at all,
+        # go back to the queue with the attempt counted (or fail if none is left).
+        self._rescue = render(f"""
+WITH dead AS (
+    DELETE FROM {workers} WHERE heartbeat_at < now() - $1::text::float8 * interval '1 second'
+    RETURNING id
+)
+UPDATE {jobs} AS j SET
+    status = CASE WHEN j.attempts > j.max_retries THEN '{gave_up}' ELSE '{requeued}' END,
+    finished_at = CASE WHEN j.attempts > j.max_retries THEN now() END,
+    worker_id = CASE WHEN j.attempts > j.max_retries THEN j.worker_id END,
+    last_error = 'WorkerLost: worker ' || j.worker_id || ' stopped heartbeating'
+WHERE j.status = '{running}'
+  AND (j.worker_id IN (SELECT id FROM dead)
+       OR NOT EXISTS (SELECT 1 FROM {workers} AS w WHERE w.id = j.worker_id))
+RETURNING j.id, j.status""")
+        # After a lost connection: running rows of ours that we do not hold were claimed
+        # but never received; put them back, the attempt not counted.
+        self._reconcile = render(f"""
+UPDATE {jobs} SET status = '{requeued}', attempts = attempts - 1, worker_id = NULL
+WHERE worker_id = $1::text AND status = '{running}'
+  AND NOT (id = ANY(ARRAY(SELECT jsonb_array_elements_text($2::text::jsonb)::bigint)))
+RETURNING id""")
+        self._prune = render(f"""
+DELETE FROM {jobs} WHERE id IN (
+    SELECT id FROM {jobs}
+    WHERE status IN {finished}
+      AND finished_at < now() - $1::text::float8 * interval '1 second'
+    LIMIT $2::text::int
+)""")
 
     def insert_jobs(self, spec: JobSpec) -> Query:
         """Insert the jobs of one enqueue call; rows hold each new (or deduplicated) id."""
@@ -177,6 +284,61 @@ RETURNING {", ".join("j." + c for c in JOB_COLUMNS.split(", "))}"""
         if queues is None:
             return Query(self._claim_all, (str(limit), worker_id))
         return Query(self._claim_queues, (serialize.dumps(list(queues)), str(limit), worker_id))
+
+    def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> Query:
+        """Write a batch of outcomes in one statement, fenced by worker and attempt;
+        rows hold the ids written. With ``keep=False`` finished jobs are deleted."""
+        doc = [
+            {
+                "id": o.job_id,
+                "attempts": o.attempts,
+                "status": o.status.value,
+                "retry_in": o.retry_in,
+                "error": o.error,
+                "traceback": o.traceback,
+                "result": o.result,
+                "release": o.release,
+            }
+            for o in outcomes
+        ]
+        sql = self._finish if keep else self._finish_delete
+        return Query(sql, (worker_id, serialize.dumps(doc)))
+
+    def register_worker(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str] | None,
+        concurrency: int,
+    ) -> Query:
+        """Record a worker (its heartbeat starts now)."""
+        queue_list = serialize.dumps(list(queues) if queues is not None else [])
+        return Query(self._register, (worker_id, hostname, str(pid), queue_list, str(concurrency)))
+
+    def heartbeat(self, worker_id: str) -> Query:
+        """Refresh a worker's heartbeat; no row means it was declared dead."""
+        return Query(self._heartbeat, (worker_id,))
+
+    def unregister_worker(self, worker_id: str) -> Query:
+        """Forget a worker that stopped cleanly."""
+        return Query(self._unregister, (worker_id,))
+
+    def cancel_requests(self, worker_id: str) -> Query:
+        """Ids of this worker's running jobs whose cancellation was requested."""
+        return Query(self._cancel_requests, (worker_id,))
+
+    def rescue_stale(self, stale_after: float) -> Query:
+        """Put back the running jobs of dead workers; rows are (id, new status)."""
+        return Query(self._rescue, (repr(float(stale_after)),))
+
+    def reconcile(self, worker_id: str, held: Sequence[int]) -> Query:
+        """Put back this worker's running rows that it does not hold."""
+        return Query(self._reconcile, (worker_id, serialize.dumps([str(i) for i in held])))
+
+    def prune_finished(self, older_than: float, limit: int) -> Query:
+        """Delete up to ``limit`` jobs finished more than ``older_than`` seconds ago."""
+        return Query(self._prune, (repr(float(older_than)), str(limit)))
 
 
 def ids_in_input_order(rows: Sequence[Sequence[Any]]) -> list[int]:
