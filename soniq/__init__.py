@@ -9,6 +9,8 @@ from soniq.core.errors import (
     InvalidTransition,
     JobArgumentsError,
     JobDefinitionError,
+    JobTimeout,
+    PermanentError,
     SchemaNotReadyError,
     SerializationError,
     SoniqError,
@@ -17,6 +19,7 @@ from soniq.core.errors import (
 from soniq.core.jobs import Job, JobDefinition
 from soniq.core.retry import Backoff
 from soniq.core.states import JobStatus
+from soniq.worker import JobContext, WorkerConfig, current_job
 
 __all__ = [
     "Backoff",
@@ -25,14 +28,19 @@ __all__ = [
     "InvalidTransition",
     "Job",
     "JobArgumentsError",
+    "JobContext",
     "JobDefinition",
     "JobDefinitionError",
     "JobStatus",
+    "JobTimeout",
+    "PermanentError",
     "SchemaNotReadyError",
     "SerializationError",
     "Soniq",
     "SoniqError",
     "SyncSoniq",
     "UnknownJobError",
+    "WorkerConfig",
     "__version__",
+    "current_job",
 ]

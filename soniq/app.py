@@ -9,14 +9,22 @@ caller's connection, whose type decides the driver.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
 from soniq.core.errors import ConfigurationError
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job
-from soniq.core.sql.postgres import Query, ids_in_input_order, job_from_row, quote_ident
+from soniq.core.retry import DEFAULT_BACKOFF, Backoff
+from soniq.core.sql.postgres import (
+    PostgresQueries,
+    Query,
+    ids_in_input_order,
+    job_from_row,
+    quote_ident,
+)
 from soniq.drivers import connections
 from soniq.drivers._common import split_postgres_url
 from soniq.drivers.asyncpg import AsyncpgDriver
@@ -24,6 +32,7 @@ from soniq.drivers.base import AsyncDriver, SyncDriver
 from soniq.drivers.psycopg2_compat import Psycopg2Runner
 from soniq.drivers.psycopg_async import PsycopgAsyncDriver
 from soniq.drivers.psycopg_sync import PsycopgSyncDriver
+from soniq.worker import Worker, WorkerConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,8 +93,11 @@ class Soniq:
         schema: str = "public",
         pool_size: int = 10,
     ) -> None:
-        self._config = _Config(database_url, driver, schema, pool_size)
-        self.registry = self._config.registry
+        self._adopt(_Config(database_url, driver, schema, pool_size))
+
+    def _adopt(self, config: _Config) -> None:
+        self._config = config
+        self.registry = config.registry
         #: The async driver of Soniq's own pool; ``eq.backend.acquire()`` borrows from it.
         self.backend: AsyncDriver = self._driver(self._config.driver)
         self._others: dict[str, AsyncDriver] = {self.backend.name: self.backend}
@@ -116,6 +128,7 @@ class Soniq:
         max_retries: int = ...,
         priority: int = ...,
         timeout: float | None = ...,
+        backoff: Backoff = ...,
     ) -> Callable[[F], F]: ...
     def job(
         self,
@@ -127,13 +140,15 @@ class Soniq:
         max_retries: int = DEFAULT_MAX_RETRIES,
         priority: int = 0,
         timeout: float | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> Any:
         """Register a job function: ``@eq.job`` or ``@eq.job(queue=..., ...)``.
 
         ``async def`` jobs run on the worker's event loop, plain functions in threads.
         The function is returned unchanged. Its name defaults to ``module.qualname``.
         ``max_retries=N`` allows N+1 runs; ``priority`` (higher first) and ``timeout``
-        (seconds) are defaults that enqueue options override.
+        (seconds) are defaults that enqueue options override. ``backoff`` spaces
+        retries (exponential with jitter; see :class:`soniq.Backoff`).
         """
 
         def register(f: F) -> F:
@@ -144,6 +159,7 @@ class Soniq:
                 max_retries=max_retries,
                 priority=priority,
                 timeout=timeout,
+                backoff=backoff,
             )
             return f
 
@@ -201,6 +217,32 @@ class Soniq:
         """Cancel a queued job (True), or request that a running one stop (True; its
         status turns ``cancelled`` when its worker acknowledges). False otherwise."""
         return bool(await self.backend.fetch(self.backend.queries.cancel_job(job_id)))
+
+    async def run_worker(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        burst: bool = False,
+        **settings: Any,
+    ) -> None:
+        """Run a worker in this event loop until the task is cancelled (or, with
+        ``burst=True``, until no job is ready), then shut down gracefully and re-raise
+        the cancellation. ``queues=None`` means every queue. Other ``settings`` are
+        :class:`soniq.WorkerConfig` fields (``poll_interval``, ``listen``,
+        ``stale_after``, ``shutdown_timeout``, ``retention``, ...). Installs no signal
+        handler: the CLI does that.
+        """
+        config = WorkerConfig(queues=queues, concurrency=concurrency, burst=burst, **settings)
+        await self.ensure_initialized()
+        worker = Worker(
+            backend=self.backend,
+            registry=self.registry,
+            dsn=self._config.dsn,
+            heartbeat_queries=PostgresQueries(self._config.schema, "format"),
+            config=config,
+        )
+        await worker.run()
 
     async def close(self) -> None:
         """Close Soniq's pools (the async one, and the sync twin's if it was used)."""
@@ -271,6 +313,29 @@ class SyncSoniq:
     def cancel_job(self, job_id: int) -> bool:
         """Blocking :meth:`Soniq.cancel_job`."""
         return bool(self.backend.fetch(self.backend.queries.cancel_job(job_id)))
+
+    def run_worker(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        burst: bool = False,
+        **settings: Any,
+    ) -> None:
+        """Blocking :meth:`Soniq.run_worker`: runs the same asyncio worker with
+        ``asyncio.run`` (async jobs on its loop, sync jobs in threads)."""
+        app = Soniq.__new__(Soniq)
+        app._adopt(self._config)
+
+        async def run() -> None:
+            try:
+                await app.run_worker(
+                    queues=queues, concurrency=concurrency, burst=burst, **settings
+                )
+            finally:
+                await app.close()
+
+        asyncio.run(run())
 
     def close(self) -> None:
         """Close the twin's pool."""

@@ -1,5 +1,10 @@
 """The ``soniq`` command.
 
+``soniq worker module:eq [--queues a,b] [--concurrency N] [--burst]`` runs a worker
+for the Soniq instance ``eq`` of ``module``. SIGTERM or SIGINT stops it gracefully
+(running jobs get ``--shutdown-timeout`` seconds, then are put back) and it exits 0;
+a second signal exits at once with status 1.
+
 ``soniq migrate --database-url URL [--schema S]`` applies pending migrations;
 ``soniq migrate --sql [--schema S]`` prints the DDL instead, for projects that migrate
 with Alembic, Django or plain psql.
@@ -8,9 +13,14 @@ with Alembic, Django or plain psql.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
+import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from soniq.core.errors import SoniqError
 from soniq.core.sql.migrate import LATEST_VERSION, MigrationPlan
@@ -27,6 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--schema", default="public", help="schema of Soniq's tables")
     migrate.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
+    worker = commands.add_parser("worker", help="run a worker")
+    worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
+    worker.add_argument("--queues", default=None, help="comma-separated queues (default: all)")
+    worker.add_argument("--concurrency", type=int, default=10, help="slots for jobs (default 10)")
+    worker.add_argument("--burst", action="store_true", help="exit 0 when no job is ready")
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running jobs get to finish on SIGTERM (default 30)",
+    )
+    worker.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="poll only (for PgBouncer in transaction pooling mode)",
+    )
+    worker.add_argument("--log-level", default="INFO", help="DEBUG shows a line per job")
     return parser
 
 
@@ -35,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "worker":
+        return _worker(args)
     return 2  # pragma: no cover  (argparse rejects unknown commands)
 
 
@@ -57,6 +86,72 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"soniq migrate: {exc}", file=sys.stderr)
         return 1
     print(f"soniq migrate: schema {args.schema!r} is at version {LATEST_VERSION}")
+    return 0
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` (the working directory is importable, as with
+    ``python -m``) and return the attribute."""
+    from soniq.app import Soniq
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(
+            f"soniq worker: expected module:attribute (e.g. myapp.jobs:eq), got {spec!r}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    app = getattr(module, attribute, None)
+    if not isinstance(app, Soniq):
+        raise SystemExit(f"soniq worker: {spec} is {type(app).__name__}, not a Soniq instance")
+    return app
+
+
+def _worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = load_app(args.app)
+    queues = [q for q in args.queues.split(",") if q] if args.queues else None
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                logging.getLogger("soniq.worker").error("second signal: exiting now")
+                os._exit(1)
+            logging.getLogger("soniq.worker").info(
+                "%s: stopping (send it again to exit at once)", signal.Signals(signum).name
+            )
+            task.cancel()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await app.run_worker(
+                queues=queues,
+                concurrency=args.concurrency,
+                burst=args.burst,
+                shutdown_timeout=args.shutdown_timeout,
+                listen=not args.no_listen,
+            )
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await app.close()
+
+    try:
+        asyncio.run(run())
+    except (SoniqError, ValueError) as exc:
+        print(f"soniq worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

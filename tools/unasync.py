@@ -36,6 +36,7 @@ RULES = [
     (r"\basync_owner\b", "sync_owner"),
     (r"\basync def ", "def "),
     (r"\basync with ", "with "),
+    (r"\basync for ", "for "),
     (r"\bawait ", ""),
 ]
 

@@ -22,6 +22,7 @@ from soniq.core.jobs import (
     JobDefinition,
     JobSpec,
 )
+from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 
 JobRef = Callable[..., Any] | str
 
@@ -42,6 +43,7 @@ class Registry:
         max_retries: int = DEFAULT_MAX_RETRIES,
         priority: int = 0,
         timeout: float | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> JobDefinition:
         """Register ``func`` as a job and return its definition."""
         definition = define_job(
@@ -51,6 +53,7 @@ class Registry:
             max_retries=max_retries,
             priority=priority,
             timeout=timeout,
+            backoff=backoff,
         )
         existing = self._by_name.get(definition.name)
         if existing is not None and existing.func is not func:
@@ -98,8 +101,11 @@ def define_job(
     max_retries: int,
     priority: int,
     timeout: float | None,
+    backoff: Backoff = DEFAULT_BACKOFF,
 ) -> JobDefinition:
     """Check that ``func`` can be a job and describe it."""
+    if not isinstance(backoff, Backoff):
+        raise JobDefinitionError(f"backoff must be a soniq.Backoff, got {backoff!r}")
     if not callable(func):
         raise JobDefinitionError(f"@eq.job decorates a function, got {type(func).__name__}")
     if name is None:
@@ -128,6 +134,7 @@ def define_job(
         required=required,
         accepted=accepted,
         takes_any_keyword=any_keyword,
+        backoff=backoff,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.states import JobStatus
 
 #: Keyword names that ``enqueue`` reads as options; a job may not use them as parameters.
@@ -90,6 +91,7 @@ class JobDefinition:
     required: frozenset[str]
     accepted: frozenset[str]
     takes_any_keyword: bool
+    backoff: Backoff = DEFAULT_BACKOFF
     # Argument-name sets already checked, so a batch is validated once per shape.
     _checked: set[frozenset[str]] = attrs.field(factory=set, init=False, repr=False)
 

@@ -39,11 +39,13 @@ class Outcome:
 
 def succeeded(job_id: int, attempts: int, value: Any) -> Outcome:
     """The job returned ``value``; kept when it is JSON, dropped (None) otherwise."""
-    try:
-        serialize.check_arguments({"result": value}, job="")
-        result = serialize.dumps(value)
-    except (SerializationError, ValueError, TypeError):
-        result = None
+    result = None
+    if value is not None:
+        try:
+            serialize.check_arguments({"result": value}, job="")
+            result = serialize.dumps(value)
+        except (SerializationError, ValueError, TypeError):
+            result = None
     return Outcome(
         job_id, attempts, states.next_status(JobStatus.RUNNING, Event.SUCCEED), result=result
     )

@@ -65,3 +65,24 @@ def schema_missing(schema: str, exc: BaseException) -> SchemaNotReadyError:
         f"Soniq's tables are missing in schema {schema!r} ({exc}); create them with "
         "`soniq migrate --database-url URL` or `await eq.ensure_initialized()`"
     )
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors after which the same statement can succeed on a new connection
+    (a dropped or terminated connection, a server restarting, a pool timeout)."""
+    import asyncpg
+    import psycopg
+
+    return isinstance(
+        exc,
+        (
+            OSError,
+            ConnectionError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.AdminShutdownError,
+            asyncpg.CannotConnectNowError,
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+        ),
+    )

@@ -7,7 +7,8 @@ connection. ``$n`` placeholders.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -73,6 +74,22 @@ class AsyncpgDriver:
             raise ConnectionStateError(
                 "connection: its transaction has already failed; roll it back first"
             ) from exc
+
+    async def listen(
+        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
+        raises when the connection is lost (the caller reconnects)."""
+        conn = await asyncpg.connect(self.dsn)
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+            on_ready()
+            await lost.wait()
+            raise ConnectionError("the LISTEN connection was closed by the server")
+        finally:
+            conn.terminate()
 
     async def migrate(self, *, apply: bool) -> int:
         async with self.acquire() as conn, conn.transaction():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
@@ -26,6 +26,11 @@ class AsyncDriver(Protocol):
 
     async def migrate(self, *, apply: bool) -> int:
         """Apply pending migrations (or, with ``apply=False``, only read the version)."""
+
+    async def listen(
+        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """LISTEN on a dedicated connection until it is lost (then raise)."""
 
     async def close(self) -> None:
         """Close the pool; a later call opens a new one."""

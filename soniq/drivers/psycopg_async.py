@@ -7,11 +7,12 @@ plain renames in that tool turn into correct blocking code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
@@ -89,6 +90,17 @@ class PsycopgAsyncDriver:
             except psycopg.errors.UndefinedTable as exc:
                 raise schema_missing(self.queries.schema, exc) from exc
             return await cur.fetchall()
+
+    async def listen(
+        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
+        raises when the connection is lost (the caller reconnects)."""
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+            on_ready()
+            async for notify in conn.notifies():
+                on_notify(notify.payload)
 
     async def migrate(self, *, apply: bool) -> int:
         async with self.acquire() as conn, conn.transaction():

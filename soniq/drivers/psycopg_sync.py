@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool
@@ -87,6 +88,17 @@ class PsycopgSyncDriver:
             except psycopg.errors.UndefinedTable as exc:
                 raise schema_missing(self.queries.schema, exc) from exc
             return cur.fetchall()
+
+    def listen(
+        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
+    ) -> None:
+        """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
+        raises when the connection is lost (the caller reconnects)."""
+        with psycopg.Connection.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+            on_ready()
+            for notify in conn.notifies():
+                on_notify(notify.payload)
 
     def migrate(self, *, apply: bool) -> int:
         with self.acquire() as conn, conn.transaction():

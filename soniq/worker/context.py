@@ -1,0 +1,59 @@
+"""What a running job can learn about itself: ``soniq.current_job()``."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+
+import attrs
+
+_current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("soniq_current_job")
+
+
+@attrs.define(eq=False)
+class JobContext:
+    """The running job: its id, name, queue, attempt (1 for the first run) and
+    whether its cancellation was requested.
+
+    Async jobs are cancelled with ``CancelledError``; a sync job cannot be interrupted,
+    so a long one should check :attr:`cancelled` now and then and return early.
+    """
+
+    id: int
+    name: str
+    queue: str
+    attempt: int
+    max_retries: int
+    timeout: float | None
+    worker_id: str
+    _cancel: threading.Event = attrs.field(factory=threading.Event, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once ``cancel_job`` was called for this job and the worker saw it."""
+        return self._cancel.is_set()
+
+    def request_cancel(self) -> None:
+        """Mark the job cancelled (the worker calls this)."""
+        self._cancel.set()
+
+
+def current_job() -> JobContext:
+    """The context of the job running in this task or thread.
+
+    Raises ``LookupError`` outside a job.
+    """
+    try:
+        return _current.get()
+    except LookupError:
+        raise LookupError("soniq.current_job() is only available inside a running job") from None
+
+
+def enter(context: JobContext) -> contextvars.Token[JobContext]:
+    """Make ``context`` current (the worker calls this around a job)."""
+    return _current.set(context)
+
+
+def leave(token: contextvars.Token[JobContext]) -> None:
+    """Undo :func:`enter`."""
+    _current.reset(token)

@@ -1,0 +1,543 @@
+"""The worker: one asyncio runtime for async and sync jobs.
+
+Theory of operation:
+
+- **Fetch.** One task claims up to the number of free slots in one statement
+  (``FOR UPDATE SKIP LOCKED`` behind a CTE fence), and claims again at once after a
+  full batch. Otherwise it waits for a NOTIFY, a freed slot, or the poll interval.
+- **Run.** Async jobs run as tasks on the loop; sync jobs on daemon threads.
+  ``concurrency`` is one pool of slots for both.
+- **Complete.** Outcomes are queued in memory and written by one task, one statement
+  per flush, on another pooled connection than the claims, so the two overlap. Each
+  write is fenced by worker id and attempt.
+- **Heartbeat.** A thread with its own connection (see ``heartbeat.py``) keeps this
+  worker alive in the database, relays cancellation requests and rescues the jobs
+  of dead workers.
+- **Shutdown.** Stop fetching; give running jobs ``shutdown_timeout`` seconds; put
+  back what did not finish, without counting the attempt; flush; unregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from soniq.core import outcomes, serialize
+from soniq.core.enqueue import Registry
+from soniq.core.errors import ConfigurationError, JobTimeout
+from soniq.core.jobs import JobDefinition
+from soniq.core.outcomes import Outcome
+from soniq.drivers._common import is_connection_error
+from soniq.drivers.base import AsyncDriver
+from soniq.worker import context
+from soniq.worker.context import JobContext
+from soniq.worker.heartbeat import Heartbeat
+from soniq.worker.threads import DaemonThreadPool
+
+log = logging.getLogger("soniq.worker")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _queues(value: Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [q for q in value.split(",") if q]
+    queues = tuple(value)
+    if not queues or not all(isinstance(q, str) and q for q in queues):
+        raise ConfigurationError(f"queues must be None (all) or non-empty names, got {value!r}")
+    return queues
+
+
+@attrs.frozen
+class WorkerConfig:
+    """How a worker behaves. Every duration is in seconds."""
+
+    queues: tuple[str, ...] | None = attrs.field(default=None, converter=_queues)
+    concurrency: int = attrs.field(default=10, validator=_positive)
+    burst: bool = False
+    #: Poll this often when no NOTIFY arrives (and always, with ``listen=False``).
+    poll_interval: float = attrs.field(default=1.0, validator=_positive)
+    #: LISTEN for new jobs; turn off behind PgBouncer in transaction pooling mode.
+    listen: bool = True
+    heartbeat_interval: float = attrs.field(default=2.0, validator=_positive)
+    #: A worker silent for this long is dead: live workers put its jobs back.
+    stale_after: float = attrs.field(default=30.0, validator=_positive)
+    #: On SIGTERM/cancel, running jobs get this long to finish before being put back.
+    shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: Keep finished jobs this long (None: forever; 0: delete them at completion).
+    retention: float | None = 7 * 24 * 3600.0
+    #: Log a summary line at INFO this often.
+    summary_interval: float = attrs.field(default=60.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
+            raise ConfigurationError(f"concurrency must be an int, got {self.concurrency!r}")
+        if self.retention is not None and self.retention < 0:
+            raise ConfigurationError(f"retention must be >= 0 or None, got {self.retention!r}")
+        if self.stale_after <= 2 * self.heartbeat_interval:
+            raise ConfigurationError(
+                "stale_after must exceed two heartbeat intervals, or live workers would "
+                f"be declared dead (stale_after={self.stale_after}, "
+                f"heartbeat_interval={self.heartbeat_interval})"
+            )
+
+
+@attrs.define(eq=False)
+class _Running:
+    """A claimed job while it holds a slot."""
+
+    context: JobContext
+    definition: JobDefinition
+    task: asyncio.Task[None] | None = None
+    settled: bool = False  # its outcome is recorded (a later one is ignored)
+    cancel_delivered: bool = False
+
+
+class Worker:
+    """Runs jobs of one Soniq app. Use ``await eq.run_worker(...)`` or the CLI."""
+
+    def __init__(
+        self,
+        *,
+        backend: AsyncDriver,
+        registry: Registry,
+        dsn: str,
+        heartbeat_queries: Any,
+        config: WorkerConfig,
+    ) -> None:
+        self.config = config
+        self.id = uuid.uuid4().hex
+        self._backend = backend
+        self._queries = backend.queries
+        self._registry = registry
+        self._dsn = dsn
+        self._heartbeat_queries = heartbeat_queries
+        self._running: dict[int, _Running] = {}
+        self._pending: list[Outcome] = []
+        self._stopping = False
+        self._stopping_completer = False
+        self._random = random.Random().random
+        self._counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled (or, with ``burst``, until no job is ready)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._flush_needed = asyncio.Event()
+        self._threads = DaemonThreadPool(self.config.concurrency)
+        register = self._queries.register_worker(
+            self.id,
+            socket.gethostname(),
+            os.getpid(),
+            self.config.queues,
+            self.config.concurrency,
+        )
+        await self._backend.fetch(register)
+        heartbeat = Heartbeat(
+            dsn=self._dsn,
+            queries=self._heartbeat_queries,
+            worker_id=self.id,
+            register=self._heartbeat_queries.register_worker(
+                self.id,
+                socket.gethostname(),
+                os.getpid(),
+                self.config.queues,
+                self.config.concurrency,
+            ),
+            interval=self.config.heartbeat_interval,
+            stale_after=self.config.stale_after,
+            retention=self.config.retention,
+            on_cancel=lambda ids: loop.call_soon_threadsafe(self._cancel_requested, ids),
+        )
+        heartbeat.start()
+        helpers = [loop.create_task(self._complete_forever(), name="soniq-completer")]
+        if self.config.listen:
+            helpers.append(loop.create_task(self._listen_forever(), name="soniq-listener"))
+        helpers.append(loop.create_task(self._summarise_forever(), name="soniq-summary"))
+        log.info(
+            "worker %s started: queues=%s concurrency=%d",
+            self.id,
+            ",".join(self.config.queues or ["*"]),
+            self.config.concurrency,
+        )
+        cancelled = False
+        try:
+            await self._fetch_forever()
+        except asyncio.CancelledError:
+            cancelled = True
+        finally:
+            await self._shutdown(helpers, heartbeat)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _shutdown(self, helpers: list[asyncio.Task[None]], heartbeat: Heartbeat) -> None:
+        self._stopping = True
+        if self._running:
+            log.info(
+                "stopping: waiting up to %ss for %d job(s)",
+                self.config.shutdown_timeout,
+                len(self._running),
+            )
+            deadline = time.monotonic() + self.config.shutdown_timeout
+            while self._running and time.monotonic() < deadline:
+                self._slot_freed.clear()
+                await _wait(self._slot_freed, deadline - time.monotonic())
+        for running in list(self._running.values()):
+            self._release(running)
+        # Let cancelled async jobs unwind (bounded: a job may swallow cancellation).
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        for task in helpers:
+            if task.get_name() != "soniq-completer":
+                task.cancel()
+        self._flush_needed.set()
+        self._stopping_completer = True
+        await asyncio.wait(helpers, timeout=10)
+        self._threads.shutdown()
+        await asyncio.to_thread(heartbeat.stop)
+        try:
+            await self._backend.fetch(self._queries.unregister_worker(self.id))
+        except Exception as exc:  # the rows are rescued by others in time anyway
+            log.warning("could not unregister worker %s: %s", self.id, exc)
+        log.info("worker %s stopped", self.id)
+
+    # -- fetching --------------------------------------------------------------
+
+    async def _fetch_forever(self) -> None:
+        failures = 0
+        reconcile = False
+        while not self._stopping:
+            free = self.config.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
+            try:
+                if reconcile:
+                    await self._reconcile()
+                    reconcile = False
+                rows = await self._backend.fetch(
+                    self._queries.claim_jobs(free, self.id, self.config.queues)
+                )
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                failures, reconcile = failures + 1, True
+                log.warning("claim failed (%s); retrying", exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            failures = 0
+            for row in rows:
+                self._start(row)
+            if len(rows) == free:
+                continue
+            if self.config.burst and not rows and not self._running:
+                return
+            waits = [self._wake, self._slot_freed] if self._running else [self._wake]
+            self._slot_freed.clear()
+            await _wait_any(waits, self.config.poll_interval)
+
+    async def _reconcile(self) -> None:
+        held = list(self._running) + [o.job_id for o in self._pending]
+        rows = await self._backend.fetch(self._queries.reconcile(self.id, held))
+        if rows:
+            log.warning("put back %d job(s) claimed while the connection was lost", len(rows))
+
+    def _start(self, row: Sequence[Any]) -> None:
+        job_id, name, queue, args_text, attempts, max_retries, timeout, _priority = row
+        definition = self._registry.get(name)
+        if definition is None:
+            log.error("job %s: no job named %r is registered; failing it", job_id, name)
+            self._record(outcomes.unknown_job(job_id, attempts, name))
+            return
+        ctx = JobContext(job_id, name, queue, attempts, max_retries, timeout, self.id)
+        running = _Running(ctx, definition)
+        self._running[job_id] = running
+        args = serialize.loads(args_text)
+        log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
+        if definition.is_async:
+            running.task = self._loop.create_task(self._run_async(running, args))
+        else:
+            self._threads.submit(lambda: self._run_sync(running, args))
+            if timeout is not None:
+                self._loop.call_later(timeout, self._sync_timed_out, running)
+
+    # -- running -----------------------------------------------------------------
+
+    async def _run_async(self, running: _Running, args: dict[str, Any]) -> None:
+        ctx = running.context
+        started = time.monotonic()
+        token = context.enter(ctx)
+        try:
+            outcome = await self._outcome_of_async(running, args, started)
+            self._settle(running, outcome, time.monotonic() - started)
+        finally:
+            context.leave(token)
+            self._free(running)
+
+    async def _outcome_of_async(
+        self, running: _Running, args: dict[str, Any], started: float
+    ) -> Outcome:
+        ctx = running.context
+        try:
+            call = running.definition.func(**args)
+            value = await (asyncio.wait_for(call, ctx.timeout) if ctx.timeout else call)
+        except asyncio.CancelledError:
+            if running.cancel_delivered:
+                return outcomes.cancelled(ctx.id, ctx.attempt)
+            if self._stopping:
+                return outcomes.released(ctx.id, ctx.attempt)
+            raise
+        except Exception as exc:
+            if (
+                ctx.timeout
+                and isinstance(exc, TimeoutError)
+                and (time.monotonic() - started >= ctx.timeout)
+            ):
+                exc = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
+            return self._failure(running, exc)
+        if running.cancel_delivered:  # it swallowed the cancellation
+            return outcomes.cancelled(ctx.id, ctx.attempt)
+        return outcomes.succeeded(ctx.id, ctx.attempt, value)
+
+    def _run_sync(self, running: _Running, args: dict[str, Any]) -> None:
+        """On a pool thread. Hands the outcome back to the loop."""
+        ctx = running.context
+        started = time.monotonic()
+        token = context.enter(ctx)
+        _close_old_django_connections()
+        try:
+            value = running.definition.func(**args)
+        except BaseException as exc:
+            outcome = (
+                outcomes.cancelled(ctx.id, ctx.attempt)
+                if ctx.cancelled
+                else self._failure(running, exc)
+            )
+        else:
+            outcome = (
+                outcomes.cancelled(ctx.id, ctx.attempt)
+                if ctx.cancelled
+                else outcomes.succeeded(ctx.id, ctx.attempt, value)
+            )
+        finally:
+            _close_old_django_connections()
+            context.leave(token)
+        elapsed = time.monotonic() - started
+        # The loop is gone if the worker exited while this job was stuck: nothing to do.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._finish_sync, running, outcome, elapsed)
+
+    def _finish_sync(self, running: _Running, outcome: Outcome, elapsed: float) -> None:
+        self._settle(running, outcome, elapsed)
+        self._free(running)
+
+    def _sync_timed_out(self, running: _Running) -> None:
+        if running.settled:
+            return
+        ctx = running.context
+        log.warning(
+            "job %s %s: sync job ran past its timeout of %ss; recorded as timed out, its "
+            "thread keeps its slot until it returns",
+            ctx.id,
+            ctx.name,
+            ctx.timeout,
+        )
+        timed_out = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
+        self._settle(running, self._failure(running, timed_out), None)
+
+    def _failure(self, running: _Running, exc: BaseException) -> Outcome:
+        ctx = running.context
+        return outcomes.failed(
+            ctx.id, ctx.attempt, ctx.max_retries, exc, self._random, running.definition.backoff
+        )
+
+    def _settle(self, running: _Running, outcome: Outcome, elapsed: float | None) -> None:
+        if running.settled:
+            return
+        running.settled = True
+        ctx = running.context
+        status = outcome.status.value
+        if outcome.release:
+            log.info("job %s %s: put back (shutdown)", ctx.id, ctx.name)
+        elif outcome.retry_in is not None:
+            self._counts["retried"] += 1
+            log.warning(
+                "job %s %s: attempt %d failed (%s); retry in %.1fs",
+                ctx.id,
+                ctx.name,
+                ctx.attempt,
+                outcome.error,
+                outcome.retry_in,
+            )
+        elif status == "failed":
+            self._counts["failed"] += 1
+            log.error(
+                "job %s %s: failed after %d attempt(s): %s",
+                ctx.id,
+                ctx.name,
+                ctx.attempt,
+                outcome.error,
+            )
+        else:
+            self._counts[status] = self._counts.get(status, 0) + 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("job %s %s: %s in %.3fs", ctx.id, ctx.name, status, elapsed or 0.0)
+        self._record(outcome)
+
+    def _free(self, running: _Running) -> None:
+        if self._running.pop(running.context.id, None) is not None:
+            self._slot_freed.set()
+
+    def _release(self, running: _Running) -> None:
+        """Shutdown: put the job back; an async job is cancelled too."""
+        ctx = running.context
+        self._settle(running, outcomes.released(ctx.id, ctx.attempt), None)
+        if running.task is not None and not running.task.done():
+            running.task.cancel()
+        else:  # a stuck sync thread: give its slot up; its late outcome is ignored
+            self._running.pop(ctx.id, None)
+
+    def _cancel_requested(self, job_ids: Sequence[int]) -> None:
+        for job_id in job_ids:
+            running = self._running.get(job_id)
+            if running is None or running.cancel_delivered:
+                continue
+            running.cancel_delivered = True
+            running.context.request_cancel()
+            log.info("job %s %s: cancellation requested", job_id, running.context.name)
+            if running.task is not None:
+                running.task.cancel()
+
+    # -- completing --------------------------------------------------------------
+
+    def _record(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)
+        self._flush_needed.set()
+
+    async def _complete_forever(self) -> None:
+        failures = 0
+        keep = self.config.retention != 0
+        while True:
+            await self._flush_needed.wait()
+            self._flush_needed.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    await self._backend.fetch(self._queries.finish_jobs(batch, self.id, keep=keep))
+                    failures = 0
+                except Exception as exc:
+                    if not is_connection_error(exc):
+                        log.exception("writing %d outcome(s) failed", len(batch))
+                    else:
+                        log.warning("writing %d outcome(s) failed (%s); retrying", len(batch), exc)
+                    self._pending[:0] = batch
+                    failures += 1
+                    self._flush_needed.set()
+                    if self._stopping_completer and failures > 3:
+                        log.error("giving up on %d outcome(s); they will be rescued", len(batch))
+                        return
+                    await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+                    continue
+            if self._stopping_completer and not self._pending:
+                return
+
+    # -- waking --------------------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        failures = 0
+        channel = self._queries.channel
+
+        def ready() -> None:
+            nonlocal failures
+            if failures:
+                log.info("LISTEN connection restored; back to notifications")
+            failures = 0
+            self._wake.set()  # jobs may have arrived while we were deaf
+
+        while True:
+            try:
+                await self._backend.listen(channel, self._on_notify, ready)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = min(30.0, 0.2 * 2**failures)
+                log.warning(
+                    "LISTEN connection lost (%s); polling every %ss, reconnecting in %.1fs",
+                    exc,
+                    self.config.poll_interval,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    def _on_notify(self, payload: str) -> None:
+        queues = self.config.queues
+        if queues is None or any(q in queues for q in payload.split(",")):
+            self._wake.set()
+
+    async def _summarise_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.summary_interval)
+            counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+            if any(counts.values()):
+                log.info(
+                    "last %ss: %s; running %d",
+                    self.config.summary_interval,
+                    ", ".join(f"{k} {v}" for k, v in counts.items()),
+                    len(self._running),
+                )
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+
+async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
+    if any(e.is_set() for e in events):
+        return
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _close_old_django_connections() -> None:
+    """In a Django project, drop connections that are stale (procrastinate #1134)."""
+    django = sys.modules.get("django")
+    if django is None:
+        return
+    try:
+        from django.conf import settings
+
+        if not settings.configured:
+            return
+        from django.db import close_old_connections
+    except Exception:
+        return
+    close_old_connections()
