@@ -53,6 +53,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="poll only (for PgBouncer in transaction pooling mode)",
     )
+    worker.add_argument(
+        "--stale-after",
+        type=float,
+        default=30.0,
+        help="seconds without heartbeat after which a worker is dead (default 30)",
+    )
+    worker.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds (default 2)")
+    worker.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between polls when no NOTIFY arrives (default 1)",
+    )
     worker.add_argument("--log-level", default="INFO", help="DEBUG shows a line per job")
     return parser
 
@@ -141,6 +154,9 @@ def _worker(args: argparse.Namespace) -> int:
                 burst=args.burst,
                 shutdown_timeout=args.shutdown_timeout,
                 listen=not args.no_listen,
+                stale_after=args.stale_after,
+                heartbeat_interval=args.heartbeat_interval,
+                poll_interval=args.poll_interval,
             )
         except asyncio.CancelledError:
             pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 from urllib.parse import urlsplit
 
 from soniq.core.errors import ConfigurationError, SchemaNotReadyError
@@ -82,7 +83,17 @@ def is_connection_error(exc: BaseException) -> bool:
             asyncpg.InterfaceError,
             asyncpg.AdminShutdownError,
             asyncpg.CannotConnectNowError,
+            # asyncpg can report a connection killed under a running query this way.
+            asyncpg.exceptions._base.InternalClientError,
             psycopg.OperationalError,
             psycopg.InterfaceError,
         ),
     )
+
+
+def has_unread_input(fileno: int) -> bool:
+    """True if an idle connection's socket has something to read: on a pooled
+    connection nobody is reading, that is almost always the server's goodbye
+    (terminated backend, restart), which a pool must find before handing it out."""
+    readable, _, _ = select.select([fileno], [], [], 0)
+    return bool(readable)

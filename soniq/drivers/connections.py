@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import asyncpg
 import psycopg
 
+from soniq.core.errors import ConnectionStateError
 from soniq.drivers import asyncpg as asyncpg_driver
 from soniq.drivers.psycopg2_compat import is_psycopg2_connection
 
@@ -39,6 +41,7 @@ def _module(obj: object) -> str:
 async def resolve_async(conn: Any) -> tuple[AsyncKind, Any]:
     """The driver kind and raw connection behind ``conn``, for ``await eq.enqueue``."""
     if isinstance(conn, asyncpg_driver.CONNECTION_TYPES):
+        _check_not_released(conn)
         return "asyncpg", conn
     if isinstance(conn, psycopg.AsyncConnection):
         return "psycopg", conn
@@ -94,9 +97,15 @@ async def _resolve_sqlalchemy_async(conn: Any) -> tuple[AsyncKind, Any]:
             f"connection: {type(conn).__name__} is a synchronous SQLAlchemy object; use "
             "eq.sync.enqueue(..., connection=session), or pass an AsyncSession"
         )
+    if not conn.in_transaction():
+        # Outside begin() SQLAlchemy autobegins on the first statement; ours bypasses it,
+        # so begin as that statement would have. Otherwise conn.commit() would find no
+        # transaction to commit and the pool's reset would roll our INSERT back (psycopg),
+        # or the INSERT would autocommit (asyncpg).
+        await conn.begin()
     raw = (await conn.get_raw_connection()).driver_connection
     kind, raw = await resolve_async(raw)
-    if kind == "asyncpg" and not raw.is_in_transaction() and conn.in_transaction():
+    if kind == "asyncpg" and not raw.is_in_transaction():
         # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement. Had nothing
         # run yet, our INSERT would autocommit and survive a rollback: make it begin.
         await conn.exec_driver_sql("SELECT 1")
@@ -114,8 +123,23 @@ def _unwrap_sqlalchemy_sync(conn: Any) -> Any:
             f"connection: {type(conn).__name__} is not a SQLAlchemy Session or Connection; "
             "for AsyncSession use `await eq.enqueue(..., connection=session)`"
         )
+    if not conn.in_transaction():
+        # As in the async case: make SQLAlchemy autobegin, or its commit() would be a
+        # no-op and the pool's reset-on-return would roll our INSERT back.
+        conn.begin()
     # psycopg and psycopg2 begin implicitly on our statement; SQLAlchemy ends it.
     return conn.connection.driver_connection
+
+
+def _check_not_released(conn: Any) -> None:
+    """A pool-acquired asyncpg proxy refuses every call once released; say why."""
+    try:
+        conn.is_closed()
+    except asyncpg.InterfaceError as exc:
+        raise ConnectionStateError(
+            "connection: the asyncpg connection was released back to its pool; enqueue "
+            "inside the `async with pool.acquire() as conn:` block"
+        ) from exc
 
 
 def _looks_sync(conn: Any) -> bool:

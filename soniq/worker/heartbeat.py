@@ -67,9 +67,12 @@ class Heartbeat(threading.Thread):
                         log.info("heartbeat connection restored")
                 self.beat(conn)
                 failures = 0
-            except psycopg.Error as exc:
+            except Exception as exc:  # the thread must not die: that would look like death
                 failures += 1
-                log.warning("heartbeat failed (%s); retrying", exc)
+                if isinstance(exc, psycopg.Error):
+                    log.warning("heartbeat failed (%s); retrying", exc)
+                else:
+                    log.exception("heartbeat failed; retrying")
                 if conn is not None:
                     conn.close()
                 conn = None

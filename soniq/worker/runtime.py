@@ -242,10 +242,13 @@ class Worker:
                     self._queries.claim_jobs(free, self.id, self.config.queues)
                 )
             except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
+                # A worker must outlive a bad moment of its database: log, back off,
+                # reconcile what a lost reply may have claimed, and go on.
                 failures, reconcile = failures + 1, True
-                log.warning("claim failed (%s); retrying", exc)
+                if is_connection_error(exc):
+                    log.warning("claim failed (%s); retrying", exc)
+                else:
+                    log.exception("claim failed; retrying")
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))
                 continue
             failures = 0
