@@ -102,7 +102,7 @@ async def test_commit_enqueues_the_job_with_the_order(
 async def test_failed_commit_takes_the_job_with_it(
     example: Any, orders_db: psycopg.Connection
 ) -> None:
-    with pytest.raises(Exception, match="foreign key|ForeignKey|violates"):
+    with pytest.raises(Exception, match=r"foreign key|ForeignKey|violates"):
         await post_order(example, product_id=404)  # fails at COMMIT, after the enqueue
     assert orders_db.execute("SELECT count(*) FROM orders").fetchone() == (0,)
     assert jobs(orders_db) == []

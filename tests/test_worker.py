@@ -294,7 +294,8 @@ async def test_cancelling_a_running_job(
         return app.eq.sync.get_job(job_id).status == JobStatus.CANCELLED
 
     async def cancel_when_started() -> None:
-        while not await asyncio.to_thread(started):
+        # Polls the database (another process's view), bounded by the test's timeout.
+        while not await asyncio.to_thread(started):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         assert await eq.cancel_job(job_id) is True
 
