@@ -77,8 +77,8 @@ def test_migrate_without_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
 def test_claim_uses_its_index_with_finished_history(
     database_url: str, schema: str, pg: psycopg.Connection
 ) -> None:
-    """100k finished rows and a few queued ones: the claim reads the partial index,
-    never the heap of history."""
+    """100k finished rows and some queued ones: each shape of claim reads its partial
+    index, never the heap of history."""
     eq = Soniq(database_url, schema=schema)
     eq.sync.ensure_initialized()
     eq.sync.close()
@@ -93,11 +93,19 @@ def test_claim_uses_its_index_with_finished_history(
     )
     pg.execute(f"ANALYZE {jobs}")
     queries = PostgresQueries(schema, "format")
-    for claim in (queries.claim_jobs(10, "w1", ["mail"]), queries.claim_jobs(10, "w1", None)):
+    for claim, indexes in [
+        (queries.claim_jobs(10, "w1", None), {"soniq_jobs_claim_idx"}),
+        (queries.claim_jobs(10, "w1", ["mail"]), {"soniq_jobs_claim_queue_idx"}),
+        # Several queues: either index serves (in claim order, or per queue).
+        (
+            queries.claim_jobs(10, "w1", ["mail", "default"]),
+            {"soniq_jobs_claim_idx", "soniq_jobs_claim_queue_idx"},
+        ),
+    ]:
         plan = pg.execute(f"EXPLAIN (FORMAT JSON) {claim.sql}", claim.params).fetchone()
         assert plan is not None
         text = json.dumps(plan[0])
-        assert "soniq_jobs_claim_idx" in text, text
+        assert any(f'"Index Name": "{index}"' in text for index in indexes), text
         assert '"Seq Scan"' not in text, text
     # And the claim does what it says: highest priority first, only the asked queue.
     pg.execute(

@@ -19,7 +19,9 @@ from typing import Any
 
 from soniq.core.errors import SerializationError
 
-_encoder = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+# ensure_ascii: the text parameter must survive any client_encoding of a caller's
+# connection (a LATIN1 one cannot encode "☕"); jsonb stores the same value either way.
+_encoder = json.JSONEncoder(allow_nan=False, ensure_ascii=True, separators=(",", ":"))
 _dumps = _encoder.encode
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import threading
 
 import attrs
 
@@ -26,16 +25,17 @@ class JobContext:
     max_retries: int
     timeout: float | None
     worker_id: str
-    _cancel: threading.Event = attrs.field(factory=threading.Event, repr=False)
+    # A plain flag: set once by the loop thread, read by the job's thread.
+    _cancelled: bool = attrs.field(default=False, repr=False)
 
     @property
     def cancelled(self) -> bool:
         """True once ``cancel_job`` was called for this job and the worker saw it."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def request_cancel(self) -> None:
         """Mark the job cancelled (the worker calls this)."""
-        self._cancel.set()
+        self._cancelled = True
 
 
 def current_job() -> JobContext:

@@ -232,6 +232,9 @@ class Worker:
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
+                # Jobs tend to finish together: let the others of this turn of the loop
+                # free their slots too, so one claim fills them all.
+                await asyncio.sleep(0)
                 continue
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
             try:

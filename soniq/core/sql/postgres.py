@@ -159,12 +159,15 @@ SET status = '{claim_to}', attempts = j.attempts + 1, worker_id = @worker@::text
     started_at = now()
 FROM picked WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS}"""
-        queue_filter = "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))"
+        many_queues = "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))"
         self._claim_all = render(_fill(claim_body, queue_filter="", limit="$1", worker="$2"))
-        self._claim_queues = render(
-            _fill(claim_body, queue_filter=queue_filter, limit="$2", worker="$3")
+        # One queue is the common case: an equality lets the index give claim order.
+        self._claim_queue = render(
+            _fill(claim_body, queue_filter="AND queue = $1::text", limit="$2", worker="$3")
         )
-
+        self._claim_queues = render(
+            _fill(claim_body, queue_filter=many_queues, limit="$2", worker="$3")
+        )
         self._worker_sql(jobs, render)
 
     def _worker_sql(self, jobs: str, render: Any) -> None:
@@ -283,6 +286,8 @@ DELETE FROM {jobs} WHERE id IN (
         """Claim up to ``limit`` ready jobs, by priority, then run_at, then id."""
         if queues is None:
             return Query(self._claim_all, (str(limit), worker_id))
+        if len(queues) == 1:
+            return Query(self._claim_queue, (queues[0], str(limit), worker_id))
         return Query(self._claim_queues, (serialize.dumps(list(queues)), str(limit), worker_id))
 
     def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> Query:

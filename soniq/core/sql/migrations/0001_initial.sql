@@ -32,8 +32,13 @@ CREATE TABLE {schema}.soniq_jobs (
     autovacuum_vacuum_cost_delay = 0
 );
 
--- The claim: only queued rows are indexed, so finished history never slows it.
+-- The claim reads queued rows in claim order and stops after LIMIT: one index for
+-- workers of every queue, one for workers of named queues. Only queued rows are
+-- indexed, so finished history never slows a claim.
 CREATE INDEX soniq_jobs_claim_idx
+    ON {schema}.soniq_jobs (priority DESC, run_at, id)
+    WHERE status = 'queued';
+CREATE INDEX soniq_jobs_claim_queue_idx
     ON {schema}.soniq_jobs (queue, priority DESC, run_at, id)
     WHERE status = 'queued';
 
