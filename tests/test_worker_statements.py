@@ -1,0 +1,159 @@
+"""The worker's statements against the real database, one by one: fencing, rescue,
+reconcile, prune. (The runtime that uses them is tested in test_worker.py.)"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from soniq import Soniq
+from soniq.core import outcomes
+from soniq.core.sql.postgres import PostgresQueries
+
+
+@pytest.fixture
+def db(database_url: str, schema: str) -> Iterator[tuple[Soniq, PostgresQueries]]:
+    eq = Soniq(database_url, schema=schema)
+    eq.sync.ensure_initialized()
+    yield eq, PostgresQueries(schema, "format")
+    eq.sync.close()
+
+
+def run(pg: psycopg.Connection, query: Any) -> list[tuple[Any, ...]]:
+    cur = pg.execute(query.sql, query.params)
+    return cur.fetchall() if cur.description else []
+
+
+def register(pg: psycopg.Connection, q: PostgresQueries, worker: str) -> None:
+    run(pg, q.register_worker(worker, "host", 1, None, 10))
+
+
+def test_a_rescued_jobs_late_finish_changes_nothing(db: Any, pg: psycopg.Connection) -> None:
+    eq, q = db
+    job_id = eq.sync.enqueue("some.job")
+    register(pg, q, "A")
+    assert [r[0] for r in run(pg, q.claim_jobs(10, "A", None))] == [job_id]
+    # A stops heartbeating; B rescues its job and claims it (attempt 2).
+    pg.execute(f"UPDATE \"{q.schema}\".soniq_workers SET heartbeat_at = now() - interval '1 hour'")
+    assert run(pg, q.rescue_stale(30)) == [(job_id, "queued")]
+    register(pg, q, "B")
+    assert [r[0] for r in run(pg, q.claim_jobs(10, "B", None))] == [job_id]
+    # A wakes up and reports its (attempt 1) success: fenced off.
+    late = outcomes.succeeded(job_id, 1, "late")
+    assert run(pg, q.finish_jobs([late], "A", keep=True)) == []
+    job = eq.sync.get_job(job_id)
+    assert (job.status.value, job.worker_id, job.attempts, job.result) == ("running", "B", 2, None)
+    # B's own finish goes through.
+    assert run(pg, q.finish_jobs([outcomes.succeeded(job_id, 2, 7)], "B", keep=True)) == [(job_id,)]
+    assert eq.sync.get_job(job_id).result == 7
+
+
+def test_rescue_counts_the_attempt_and_fails_when_none_is_left(
+    db: Any, pg: psycopg.Connection
+) -> None:
+    eq, q = db
+    retryable = eq.sync.enqueue("some.job", max_retries=1)
+    exhausted = eq.sync.enqueue("some.job", max_retries=0)
+    # A job claimed by a worker that never registered is rescued too.
+    run(pg, q.claim_jobs(10, "ghost", None))
+    rescued = dict(run(pg, q.rescue_stale(30)))
+    assert rescued == {retryable: "queued", exhausted: "failed"}
+    job = eq.sync.get_job(retryable)
+    assert job.attempts == 1 and "stopped heartbeating" in job.last_error
+    assert eq.sync.get_job(exhausted).finished_at is not None
+
+
+def test_live_workers_keep_their_jobs(db: Any, pg: psycopg.Connection) -> None:
+    eq, q = db
+    eq.sync.enqueue("some.job")
+    register(pg, q, "alive")
+    run(pg, q.claim_jobs(10, "alive", None))
+    assert run(pg, q.rescue_stale(30)) == []
+    assert run(pg, q.heartbeat("alive")) == [("alive",)]
+    assert run(pg, q.heartbeat("unknown")) == []
+
+
+def test_reconcile_puts_back_what_the_worker_does_not_hold(db: Any, pg: psycopg.Connection) -> None:
+    eq, q = db
+    ids = eq.sync.enqueue_many("some.job", [{}, {}, {}])
+    register(pg, q, "W")
+    run(pg, q.claim_jobs(10, "W", None))
+    put_back = [r[0] for r in run(pg, q.reconcile("W", held=[ids[0]]))]
+    assert sorted(put_back) == ids[1:]
+    states = [(j.status.value, j.attempts) for j in map(eq.sync.get_job, ids)]
+    assert states == [("running", 1), ("queued", 0), ("queued", 0)]
+
+
+def test_release_does_not_count_the_attempt(db: Any, pg: psycopg.Connection) -> None:
+    eq, q = db
+    job_id = eq.sync.enqueue("some.job")
+    register(pg, q, "W")
+    run(pg, q.claim_jobs(1, "W", None))
+    run(pg, q.finish_jobs([outcomes.released(job_id, 1)], "W", keep=True))
+    job = eq.sync.get_job(job_id)
+    assert (job.status.value, job.attempts, job.worker_id) == ("queued", 0, None)
+
+
+def test_retry_schedules_the_next_run(db: Any, pg: psycopg.Connection) -> None:
+    eq, q = db
+    job_id = eq.sync.enqueue("some.job", max_retries=2)
+    register(pg, q, "W")
+    run(pg, q.claim_jobs(1, "W", None))
+    outcome = outcomes.failed(job_id, 1, 2, ValueError("bad"), lambda: 0.5)
+    assert outcome.retry_in == 1.0
+    before = dt.datetime.now(dt.timezone.utc)
+    run(pg, q.finish_jobs([outcome], "W", keep=True))
+    job = eq.sync.get_job(job_id)
+    assert job.status.value == "queued" and job.last_error == "ValueError: bad"
+    assert before < job.run_at < before + dt.timedelta(seconds=5)
+    assert run(pg, q.claim_jobs(1, "W", None)) == []  # not due yet
+
+
+def test_prune_deletes_old_finished_jobs_in_batches(db: Any, pg: psycopg.Connection) -> None:
+    eq, q = db
+    ids = eq.sync.enqueue_many("some.job", [{} for _ in range(30)])
+    jobs = f'"{q.schema}".soniq_jobs'
+    pg.execute(
+        f"UPDATE {jobs} SET status = 'done', finished_at = now() - interval '2 days' "
+        "WHERE id = ANY(%s)",
+        (ids[:20],),
+    )
+    pg.execute(f"UPDATE {jobs} SET status = 'done', finished_at = now() WHERE id = %s", (ids[20],))
+    assert (
+        pg.execute(q.prune_finished(86400, 15).sql, q.prune_finished(86400, 15).params).rowcount
+        == 15
+    )
+    query = q.prune_finished(86400, 15)
+    assert pg.execute(query.sql, query.params).rowcount == 5
+    remaining = pg.execute(f"SELECT count(*) FROM {jobs}").fetchone()
+    assert remaining == (10,)  # the recent one and the 9 queued ones
+
+
+@pytest.mark.timeout(60)
+async def test_poll_only_mode_finds_jobs(database_url: str, schema: str) -> None:
+    """listen=False (PgBouncer transaction pooling): jobs are found by polling. The job
+    is due half a second after enqueue, so no NOTIFY is sent for it at all: only a
+    poll can find it."""
+    import asyncio
+
+    eq = Soniq(database_url, schema=schema)
+    ran = asyncio.Event()
+
+    @eq.job
+    async def ping() -> None:
+        ran.set()
+
+    await eq.ensure_initialized()
+    worker = asyncio.create_task(eq.run_worker(listen=False, poll_interval=0.1))
+    try:
+        await eq.enqueue(ping, delay=0.5)
+        await asyncio.wait_for(ran.wait(), timeout=10)
+    finally:
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        await eq.close()
