@@ -350,40 +350,6 @@ def test_sqlalchemy_connection_commit_as_you_go(env: Env, engine: Engine) -> Non
 # --- Django ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def django_connection(database_url: str) -> Iterator[Any]:
-    """``django.db.connection`` on the psycopg 3 backend, configured once per process
-    for the run's database; closed after each test so the next one connects lazily."""
-    import django
-    from django.conf import settings
-
-    if not settings.configured:
-        info = psycopg.conninfo.conninfo_to_dict(database_url)
-        settings.configure(
-            DATABASES={
-                "default": {
-                    "ENGINE": "django.db.backends.postgresql",
-                    "NAME": info["dbname"],
-                    "USER": info.get("user", ""),
-                    "PASSWORD": info.get("password", ""),
-                    "HOST": info.get("host", ""),
-                    "PORT": info.get("port", ""),
-                }
-            },
-            USE_TZ=True,
-        )
-        django.setup()
-    from django.db import connection
-
-    assert (
-        connection.settings_dict["NAME"]
-        == psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    ), "Django was configured for another database earlier in this process"
-    connection.close()
-    yield connection
-    connection.close()
-
-
 @pytest.mark.parametrize("wrapper", ["proxy", "connections['default']"])
 def test_django_atomic(env: Env, django_connection: Any, wrapper: str) -> None:
     from django.db import connections, transaction

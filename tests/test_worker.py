@@ -382,3 +382,29 @@ def test_bad_worker_settings_are_named(app: Any) -> None:
     ]:
         with pytest.raises(ConfigurationError, match=match):
             app.eq.sync.run_worker(**kwargs)
+
+
+@pytest.mark.timeout(60)
+async def test_sync_jobs_close_stale_django_connections(
+    django_connection: Any, database_url: str, schema: str
+) -> None:
+    """In a Django project, a sync job's thread starts and ends with Django's
+    close_old_connections(), so connections past CONN_MAX_AGE (0 here) do not linger
+    or go stale between jobs (procrastinate #1134/#1335)."""
+    from django.db import connection
+
+    eq = Soniq(database_url, schema=schema)
+    seen: list[Any] = []
+
+    @eq.job
+    def uses_django() -> None:
+        with connection.cursor() as cur:  # this thread's own Django connection
+            cur.execute("SELECT 1")
+        seen.append(connection)
+
+    await eq.ensure_initialized()
+    await eq.enqueue_many(uses_django, [{}, {}, {}])
+    await eq.run_worker(burst=True, concurrency=1)
+    await eq.close()
+    assert len(seen) == 3
+    assert all(wrapper.connection is None for wrapper in seen)  # closed after each job
