@@ -391,16 +391,17 @@ async def test_sync_jobs_close_stale_django_connections(
     """In a Django project, a sync job's thread starts and ends with Django's
     close_old_connections(), so connections past CONN_MAX_AGE (0 here) do not linger
     or go stale between jobs (procrastinate #1134/#1335)."""
-    from django.db import connection
+    from django.db import connections
 
     eq = Soniq(database_url, schema=schema)
     seen: list[Any] = []
 
     @eq.job
     def uses_django() -> None:
-        with connection.cursor() as cur:  # this thread's own Django connection
+        wrapper = connections["default"]  # this thread's own wrapper, not the proxy
+        with wrapper.cursor() as cur:
             cur.execute("SELECT 1")
-        seen.append(connection)
+        seen.append(wrapper)
 
     await eq.ensure_initialized()
     await eq.enqueue_many(uses_django, [{}, {}, {}])
