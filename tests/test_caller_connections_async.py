@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -28,24 +27,15 @@ from tortoise.models import Model
 from tortoise.transactions import in_transaction
 
 from soniq import ConnectionStateError, SchemaNotReadyError, Soniq
+from tests.caller_env import Env, Rollback, rollback_if
 
 pytestmark = pytest.mark.timeout(30)
 
-SENTINEL = "sentinel: every earlier notification has been delivered"
 LINES = [{"sku": "caf\u00e9 \u2615", "qty": 2, "price": 3.5, "gift": None, "ok": True}]
 
 
 async def send_invoice(order_id: int, lines: list[Any] | None = None) -> None:
     """The job every test enqueues (registered per test with the seed's options)."""
-
-
-class Rollback(Exception):
-    """Raised inside a transaction block so that its owner rolls it back."""
-
-
-def rollback_if(fail: bool) -> None:
-    if fail:
-        raise Rollback
 
 
 class Base(DeclarativeBase):
@@ -71,44 +61,6 @@ class TortoiseOrder(Model):
 
     class Meta:
         table = "orders"
-
-
-@dataclass
-class Env:
-    """A migrated schema with an ``orders`` table, a Soniq whose own pool is not open,
-    an autocommit connection for assertions and one that LISTENs for wake-ups."""
-
-    url: str
-    schema: str
-    eq: Soniq
-    pg: psycopg.Connection
-    listener: psycopg.Connection
-
-    @property
-    def orders(self) -> str:
-        return f'"{self.schema}".orders'
-
-    def order_ids(self) -> list[int]:
-        return [r[0] for r in self.pg.execute(f"SELECT id FROM {self.orders} ORDER BY id")]
-
-    def jobs(self) -> list[dict[str, Any]]:
-        """The arguments of every stored job, oldest first."""
-        sql = f'SELECT args FROM "{self.schema}".soniq_jobs ORDER BY id'
-        return [r[0] for r in self.pg.execute(sql)]
-
-    def wakeups(self) -> list[str]:
-        """Payloads of the notifications committed so far and not yet read.
-
-        Notifications arrive in commit order, so reading up to a sentinel sent now sees
-        every earlier one: no waiting in the hope that nothing else comes.
-        """
-        self.pg.execute("SELECT pg_notify(%s, %s)", (f"soniq:{self.schema}", SENTINEL))
-        payloads = []
-        for note in self.listener.notifies(timeout=10):
-            if note.payload == SENTINEL:
-                return payloads
-            payloads.append(note.payload)
-        raise AssertionError(f"the sentinel notification never arrived (got {payloads})")
 
 
 @pytest.fixture

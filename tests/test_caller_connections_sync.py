@@ -9,7 +9,6 @@ exist; rolled back, none of them. Then the traps.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -29,23 +28,14 @@ from sqlalchemy.orm import (
 )
 
 from soniq import ConnectionStateError, SchemaNotReadyError, Soniq
+from tests.caller_env import Env as BaseEnv
+from tests.caller_env import Rollback, rollback_if
 
 pytestmark = pytest.mark.timeout(30)
-
-SENTINEL = "sentinel: every earlier notification has been delivered"
 
 
 def send_invoice(order_id: int, note: str = "") -> None:
     """The job every test enqueues (registered per test with the seed's options)."""
-
-
-class Rollback(Exception):
-    """Raised inside a transaction block so that its owner rolls it back."""
-
-
-def rollback_if(fail: bool) -> None:
-    if fail:
-        raise Rollback
 
 
 class Base(DeclarativeBase):
@@ -61,42 +51,9 @@ class Order(Base):
     quantity: Mapped[int] = mapped_column(Integer)
 
 
-@dataclass
-class Env:
-    """A migrated schema with an ``orders`` table, a Soniq whose own pools are not open,
-    an autocommit connection for assertions and one that LISTENs for wake-ups."""
-
-    url: str
-    schema: str
-    eq: Soniq
-    pg: psycopg.Connection
-    listener: psycopg.Connection
-
-    @property
-    def orders(self) -> str:
-        return f'"{self.schema}".orders'
-
+class Env(BaseEnv):
     def enqueue(self, connection: Any, order_id: int) -> int:
         return self.eq.sync.enqueue(send_invoice, connection=connection, order_id=order_id)
-
-    def order_ids(self) -> list[int]:
-        return [r[0] for r in self.pg.execute(f"SELECT id FROM {self.orders} ORDER BY id")]
-
-    def jobs(self) -> list[dict[str, Any]]:
-        """The arguments of every stored job, oldest first."""
-        sql = f'SELECT args FROM "{self.schema}".soniq_jobs ORDER BY id'
-        return [r[0] for r in self.pg.execute(sql)]
-
-    def wakeups(self) -> list[str]:
-        """Payloads of the notifications committed so far and not yet read (up to a
-        sentinel sent now: notifications arrive in commit order, so no guessed delay)."""
-        self.pg.execute("SELECT pg_notify(%s, %s)", (f"soniq:{self.schema}", SENTINEL))
-        payloads = []
-        for note in self.listener.notifies(timeout=10):
-            if note.payload == SENTINEL:
-                return payloads
-            payloads.append(note.payload)
-        raise AssertionError(f"the sentinel notification never arrived (got {payloads})")
 
 
 @pytest.fixture
