@@ -109,18 +109,19 @@ class PostgresQueries:
         active = states.sql_status_list(states.ACTIVE)
         ready = JobStatus.QUEUED.value
         # One statement per enqueue call: the rows, and one NOTIFY when any of them is
-        # due now, fused so an autocommit connection cannot split them. A dedupe hit
-        # "updates" the existing row to itself so RETURNING yields its id.
+        # due now, fused so an autocommit connection cannot split them. Options shared
+        # by the call are parameters of their own (evaluated once); only the argument
+        # array is expanded per row. A dedupe hit "updates" the existing row to itself
+        # so that RETURNING yields its id.
         self._insert = render(f"""
-WITH doc AS (SELECT $1::text::jsonb AS d),
-ins AS (
+WITH ins AS (
     INSERT INTO {jobs} AS j
         (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
-    SELECT d->>'name', d->>'queue', a.args, (d->>'priority')::int,
-           coalesce((d->>'run_at')::timestamptz,
-                    statement_timestamp() + (d->>'delay')::float8 * interval '1 second'),
-           (d->>'max_retries')::int, d->>'dedupe_key', (d->>'timeout')::float8
-    FROM doc, jsonb_array_elements(d->'args') WITH ORDINALITY AS a(args, ord)
+    SELECT $1::text, $2::text, a.args, $3::text::int,
+           coalesce($4::text::timestamptz,
+                    statement_timestamp() + $5::text::float8 * interval '1 second'),
+           $6::text::int, $7::text, $8::text::float8
+    FROM jsonb_array_elements($9::text::jsonb) WITH ORDINALITY AS a(args, ord)
     ORDER BY a.ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
     DO UPDATE SET dedupe_key = excluded.dedupe_key
@@ -261,18 +262,18 @@ DELETE FROM {jobs} WHERE id IN (
 
     def insert_jobs(self, spec: JobSpec) -> Query:
         """Insert the jobs of one enqueue call; rows hold each new (or deduplicated) id."""
-        doc = {
-            "name": spec.name,
-            "queue": spec.queue,
-            "priority": spec.priority,
-            "run_at": _iso(spec.run_at),
-            "delay": spec.delay,
-            "max_retries": spec.max_retries,
-            "dedupe_key": spec.dedupe_key,
-            "timeout": spec.timeout,
-            "args": spec.args,
-        }
-        return Query(self._insert, (serialize.dumps(doc),))
+        params = (
+            spec.name,
+            spec.queue,
+            str(spec.priority),
+            _iso(spec.run_at),
+            repr(spec.delay),
+            str(spec.max_retries),
+            spec.dedupe_key,
+            None if spec.timeout is None else repr(spec.timeout),
+            serialize.dumps(spec.args),
+        )
+        return Query(self._insert, params)
 
     def get_job(self, job_id: int) -> Query:
         """Select one job by id (no row when it does not exist)."""
