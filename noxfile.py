@@ -53,3 +53,12 @@ def imports(session: nox.Session) -> None:
     """Layering contracts (pyproject.toml [tool.importlinter])."""
     session.install("-e", ".[binary]", "import-linter>=2.0")
     session.run("lint-imports")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Enqueue throughput beside the raw drivers, on fresh databases of
+    SONIQ_BENCH_DATABASE_URL; `nox -s bench -- --quick` is a smoke run of seconds.
+    Not in the default sessions."""
+    session.install("-e", ".[binary]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

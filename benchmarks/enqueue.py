@@ -1,0 +1,740 @@
+"""Enqueue throughput: Soniq against the raw driver doing the same by hand.
+
+For each driver (asyncpg, psycopg async, psycopg sync), in one run:
+
+* ``single``: N jobs enqueued one by one on the library's own pool. Raw baselines: a
+  plain ``INSERT ... RETURNING id``, and the same fused with ``pg_notify`` in one CTE
+  (the statement shape Soniq uses, so the wake-up costs the same on both sides).
+* ``tx``: per job, borrow a connection, ``BEGIN``, insert a business row into
+  ``orders``, enqueue the job on that connection, ``COMMIT``. Raw baseline: the same
+  with a plain ``INSERT`` for the job row.
+* ``many``: one call that enqueues a batch (20,000 by default). Raw baseline:
+  ``INSERT ... SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[])``.
+
+Soniq and the raw driver each get a fresh database per driver, dropped at the end. The
+raw databases get Soniq's schema through ``ensure_initialized``, so raw inserts hit the
+same table, defaults and indexes. Before every measurement both tables are truncated
+and the server checkpoints (untimed), so no measurement pays for another's dirty
+pages; after it the rows are counted. Each repeat runs every measurement of a case
+back to back, in an order rotated from one repeat to the next, so drift of the machine
+hits all of them alike; ratios are taken per repeat (both sides measured moments
+apart) and summarised by their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import psycopg
+import psycopg_pool
+
+from benchmarks._common import (
+    Series,
+    admin_url,
+    describe_machine,
+    fresh_databases,
+    machine_info,
+    paired_ratios,
+    render_table,
+    write_results,
+)
+from soniq import Soniq
+
+DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")
+CASES = ("single", "tx", "many")
+JOB_NAME = "benchmarks.noop"
+QUEUE = "default"
+CHANNEL = "soniq:public"  # Soniq's channel for schema "public"; nobody listens here
+
+TARGET_SINGLE_RATIO = 0.85  # asyncpg: soniq single enqueue / raw plain INSERT
+TARGET_MANY_RATE = 100_000.0  # asyncpg: enqueue_many, jobs/s
+
+# The raw statements, with asyncpg's $n placeholders; psycopg gets them as %s.
+ORDERS_DDL = """
+CREATE TABLE public.orders (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    customer    text NOT NULL,
+    total_cents integer NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+)"""
+ORDER_SQL = "INSERT INTO public.orders (customer, total_cents) VALUES ($1, $2) RETURNING id"
+INSERT_SQL = (
+    "INSERT INTO public.soniq_jobs (name, queue, args) VALUES ($1, $2, $3::jsonb) RETURNING id"
+)
+NOTIFY_SQL = (
+    "WITH ins AS (INSERT INTO public.soniq_jobs (name, queue, args) "
+    "VALUES ($1, $2, $3::jsonb) RETURNING id, queue) "
+    f"SELECT id, pg_notify('{CHANNEL}', queue) FROM ins"
+)
+BATCH_SQL = (
+    "INSERT INTO public.soniq_jobs (name, queue, args) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) RETURNING id"
+)
+
+
+def _fmt(statement: str) -> str:
+    return re.sub(r"\$\d+", "%s", statement)
+
+
+ORDER_SQL_F, INSERT_SQL_F, NOTIFY_SQL_F, BATCH_SQL_F = map(
+    _fmt, (ORDER_SQL, INSERT_SQL, NOTIFY_SQL, BATCH_SQL)
+)
+_dumps = json.dumps
+
+
+def noop(n: int) -> None:
+    """The job: one int argument, does nothing (it never runs here)."""
+
+
+def _batch_args(n: int) -> list[dict[str, Any]]:
+    return [{"n": i} for i in range(n)]
+
+
+# --- the systems under test ---------------------------------------------------------
+#
+# Each method builds its inputs, starts the clock, does the work for ``n`` jobs and
+# returns the elapsed seconds. Async methods return a coroutine.
+
+
+class RawAsyncpg:
+    is_async = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        await _soniq_schema(self.url, "asyncpg")
+        self.pool = await asyncpg.create_pool(self.url, min_size=1, max_size=10)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def single(self, n: int) -> float:
+        return await self._single(n, INSERT_SQL)
+
+    async def single_notify(self, n: int) -> float:
+        return await self._single(n, NOTIFY_SQL)
+
+    async def _single(self, n: int, statement: str) -> float:
+        # pool.fetchval = acquire, run, release; asyncpg's release sends its reset query
+        # (one more round trip), exactly as for Soniq's own pool.
+        fetchval = self.pool.fetchval  # type: ignore[union-attr]
+        start = time.perf_counter()
+        for i in range(n):
+            await fetchval(statement, JOB_NAME, QUEUE, _dumps({"n": i}))
+        return time.perf_counter() - start
+
+    async def tx(self, n: int) -> float:
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        for _ in range(n):
+            async with pool.acquire() as conn, conn.transaction():
+                order_id = await conn.fetchval(ORDER_SQL, "acme", 1999)
+                await conn.fetchval(INSERT_SQL, JOB_NAME, QUEUE, _dumps({"n": order_id}))
+        return time.perf_counter() - start
+
+    async def many(self, n: int) -> float:
+        args = _batch_args(n)
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        ids = await pool.fetch(BATCH_SQL, [JOB_NAME] * n, [QUEUE] * n, [_dumps(a) for a in args])
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+class RawPsycopgAsync:
+    is_async = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
+
+    async def open(self) -> None:
+        await _soniq_schema(self.url, "psycopg")
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            self.url, min_size=1, max_size=10, kwargs={"autocommit": True}, open=False
+        )
+        await self.pool.open(wait=True)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def single(self, n: int) -> float:
+        return await self._single(n, INSERT_SQL_F)
+
+    async def single_notify(self, n: int) -> float:
+        return await self._single(n, NOTIFY_SQL_F)
+
+    async def _single(self, n: int, statement: str) -> float:
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        for i in range(n):
+            async with pool.connection() as conn:
+                cur = await conn.execute(statement, (JOB_NAME, QUEUE, _dumps({"n": i})))
+                await cur.fetchone()
+        return time.perf_counter() - start
+
+    async def tx(self, n: int) -> float:
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        for _ in range(n):
+            async with pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(ORDER_SQL_F, ("acme", 1999))
+                (order_id,) = await cur.fetchone()  # type: ignore[misc]
+                cur = await conn.execute(INSERT_SQL_F, (JOB_NAME, QUEUE, _dumps({"n": order_id})))
+                await cur.fetchone()
+        return time.perf_counter() - start
+
+    async def many(self, n: int) -> float:
+        args = _batch_args(n)
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                BATCH_SQL_F, ([JOB_NAME] * n, [QUEUE] * n, [_dumps(a) for a in args])
+            )
+            ids = await cur.fetchall()
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+class RawPsycopgSync:
+    is_async = False
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool: psycopg_pool.ConnectionPool[Any] | None = None
+
+    def open(self) -> None:
+        eq = Soniq(self.url)
+        eq.sync.ensure_initialized()
+        eq.sync.close()
+        self.pool = psycopg_pool.ConnectionPool(
+            self.url, min_size=1, max_size=10, kwargs={"autocommit": True}, open=False
+        )
+        self.pool.open(wait=True)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def single(self, n: int) -> float:
+        return self._single(n, INSERT_SQL_F)
+
+    def single_notify(self, n: int) -> float:
+        return self._single(n, NOTIFY_SQL_F)
+
+    def _single(self, n: int, statement: str) -> float:
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        for i in range(n):
+            with pool.connection() as conn:
+                conn.execute(statement, (JOB_NAME, QUEUE, _dumps({"n": i}))).fetchone()
+        return time.perf_counter() - start
+
+    def tx(self, n: int) -> float:
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        for _ in range(n):
+            with pool.connection() as conn, conn.transaction():
+                (order_id,) = conn.execute(ORDER_SQL_F, ("acme", 1999)).fetchone()  # type: ignore[misc]
+                conn.execute(INSERT_SQL_F, (JOB_NAME, QUEUE, _dumps({"n": order_id}))).fetchone()
+        return time.perf_counter() - start
+
+    def many(self, n: int) -> float:
+        args = _batch_args(n)
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        with pool.connection() as conn:
+            ids = conn.execute(
+                BATCH_SQL_F, ([JOB_NAME] * n, [QUEUE] * n, [_dumps(a) for a in args])
+            ).fetchall()
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+class SoniqAsync:
+    is_async = True
+
+    def __init__(self, url: str, driver: str) -> None:
+        self.driver = driver
+        self.eq = Soniq(url, driver=driver)
+        self.eq.job(name=JOB_NAME)(noop)
+
+    async def open(self) -> None:
+        await self.eq.ensure_initialized()
+
+    async def close(self) -> None:
+        await self.eq.close()
+
+    async def single(self, n: int) -> float:
+        enqueue = self.eq.enqueue
+        start = time.perf_counter()
+        for i in range(n):
+            await enqueue(noop, n=i)
+        return time.perf_counter() - start
+
+    async def tx(self, n: int) -> float:
+        eq = self.eq
+        start = time.perf_counter()
+        if self.driver == "asyncpg":
+            for _ in range(n):
+                async with eq.backend.acquire() as conn, conn.transaction():
+                    order_id = await conn.fetchval(ORDER_SQL, "acme", 1999)
+                    await eq.enqueue(noop, connection=conn, n=order_id)
+        else:
+            for _ in range(n):
+                async with eq.backend.acquire() as conn, conn.transaction():
+                    cur = await conn.execute(ORDER_SQL_F, ("acme", 1999))
+                    (order_id,) = await cur.fetchone()
+                    await eq.enqueue(noop, connection=conn, n=order_id)
+        return time.perf_counter() - start
+
+    async def many(self, n: int) -> float:
+        args = _batch_args(n)
+        start = time.perf_counter()
+        ids = await self.eq.enqueue_many(noop, args)
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+class SoniqSync:
+    is_async = False
+
+    def __init__(self, url: str) -> None:
+        self.eq = Soniq(url)
+        self.eq.job(name=JOB_NAME)(noop)
+        self.sync = self.eq.sync
+
+    def open(self) -> None:
+        self.sync.ensure_initialized()
+
+    def close(self) -> None:
+        self.sync.close()
+
+    def single(self, n: int) -> float:
+        enqueue = self.sync.enqueue
+        start = time.perf_counter()
+        for i in range(n):
+            enqueue(noop, n=i)
+        return time.perf_counter() - start
+
+    def tx(self, n: int) -> float:
+        sync = self.sync
+        start = time.perf_counter()
+        for _ in range(n):
+            with sync.backend.acquire() as conn, conn.transaction():
+                (order_id,) = conn.execute(ORDER_SQL_F, ("acme", 1999)).fetchone()
+                sync.enqueue(noop, connection=conn, n=order_id)
+        return time.perf_counter() - start
+
+    def many(self, n: int) -> float:
+        args = _batch_args(n)
+        start = time.perf_counter()
+        ids = self.sync.enqueue_many(noop, args)
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+async def _soniq_schema(url: str, driver: str) -> None:
+    eq = Soniq(url, driver=driver)
+    try:
+        await eq.ensure_initialized()
+    finally:
+        await eq.close()
+
+
+System = RawAsyncpg | RawPsycopgAsync | RawPsycopgSync | SoniqAsync | SoniqSync
+
+
+def make_system(driver: str, kind: str, url: str) -> System:
+    if kind == "raw":
+        if driver == "asyncpg":
+            return RawAsyncpg(url)
+        return RawPsycopgAsync(url) if driver == "psycopg" else RawPsycopgSync(url)
+    if driver == "psycopg-sync":
+        return SoniqSync(url)
+    return SoniqAsync(url, driver)
+
+
+# --- what is measured ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measure:
+    driver: str
+    case: str
+    key: str  # unique within (driver, case)
+    label: str
+    database: str  # label of the database it runs on
+    method: str  # method of the system
+
+    @property
+    def id(self) -> str:
+        return f"{self.driver}/{self.case}/{self.key}"
+
+
+def measures(drivers: list[str], cases: list[str]) -> list[Measure]:
+    out = []
+    for driver in drivers:
+        raw, soniq = f"{driver}-raw", f"{driver}-soniq"
+        plan = {
+            "single": [
+                ("raw", "raw INSERT ... RETURNING id", raw, "single"),
+                ("raw_notify", "raw INSERT + pg_notify (one CTE)", raw, "single_notify"),
+                ("soniq", "soniq enqueue (own pool)", soniq, "single"),
+            ],
+            "tx": [
+                ("raw", "raw BEGIN; order; INSERT job; COMMIT", raw, "tx"),
+                ("soniq", "soniq BEGIN; order; enqueue(connection=); COMMIT", soniq, "tx"),
+            ],
+            "many": [
+                ("raw", "raw INSERT ... SELECT unnest(...)", raw, "many"),
+                ("soniq", "soniq enqueue_many", soniq, "many"),
+            ],
+        }
+        for case in cases:
+            for key, label, database, method in plan[case]:
+                out.append(Measure(driver, case, key, label, database, method))
+    return out
+
+
+# Ratios shown: (driver-less) numerator key -> denominator key, per case.
+RATIOS = {
+    "single": [("raw_notify", "raw"), ("soniq", "raw"), ("soniq", "raw_notify")],
+    "tx": [("soniq", "raw")],
+    "many": [("soniq", "raw")],
+}
+
+
+class Control:
+    """A plain autocommit connection per database, for the untimed chores."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.can_checkpoint = True
+
+    def reset(self) -> None:
+        self.conn.execute("TRUNCATE public.soniq_jobs, public.orders")
+        if self.can_checkpoint:
+            try:
+                self.conn.execute("CHECKPOINT")
+            except psycopg.errors.InsufficientPrivilege:
+                self.can_checkpoint = False
+
+    def count(self) -> tuple[int, int]:
+        row = self.conn.execute(
+            "SELECT (SELECT count(*) FROM public.soniq_jobs), (SELECT count(*) FROM public.orders)"
+        ).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_TIMEOUTS = (asyncpg.QueryCanceledError, psycopg.errors.QueryCanceled)
+
+
+class MeasureFailed(Exception):
+    """A measurement that could not finish (its statement hit the timeout)."""
+
+
+@dataclass
+class Bench:
+    systems: dict[str, System]
+    controls: dict[str, Control]
+    loop: asyncio.AbstractEventLoop
+
+    def run(self, m: Measure, n: int) -> float:
+        """Reset the database, time ``n`` jobs of ``m``, check the rows; jobs/s."""
+        control = self.controls[m.database]
+        control.reset()
+        gc.collect()
+        fn: Callable[[int], Any] = getattr(self.systems[m.database], m.method)
+        started = time.perf_counter()
+        try:
+            result = fn(n)
+            elapsed: float = (
+                self.loop.run_until_complete(result) if isinstance(result, Awaitable) else result
+            )
+        except _TIMEOUTS as exc:
+            waited = time.perf_counter() - started
+            raise MeasureFailed(
+                f"{n} jobs: cancelled by statement_timeout after {waited:.1f} s ({exc})"
+            ) from exc
+        jobs, orders = control.count()
+        want_orders = n if m.case == "tx" else 0
+        if (jobs, orders) != (n, want_orders):
+            raise RuntimeError(
+                f"{m.id}: expected {n} jobs and {want_orders} orders, found {jobs} and {orders}"
+            )
+        return n / elapsed
+
+
+def _size(m: Measure, n_single: int, n_batch: int) -> int:
+    return n_batch if m.case == "many" else n_single
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    admin = admin_url()
+    info = machine_info(admin)
+    print(describe_machine(info), flush=True)
+    print(
+        f"single/tx: N={args.n} jobs per measurement; many: {args.batch} jobs in one call; "
+        f"{args.repeats} repeat(s) after a warm-up; drivers: {', '.join(args.drivers)}",
+        flush=True,
+    )
+    plan = measures(args.drivers, args.cases)
+    labels = sorted({m.database for m in plan})
+    series: dict[str, Series] = {m.id: Series() for m in plan}
+    loop = asyncio.new_event_loop()
+    with fresh_databases(admin, labels, statement_timeout=args.statement_timeout) as urls:
+        systems: dict[str, System] = {}
+        controls: dict[str, Control] = {}
+        try:
+            for label in labels:
+                driver, kind = label.rsplit("-", 1)
+                system = systems[label] = make_system(driver, kind, urls[label])
+                opened = system.open()
+                if opened is not None:
+                    loop.run_until_complete(opened)
+                controls[label] = Control(urls[label])
+                controls[label].conn.execute(ORDERS_DDL)
+            bench = Bench(systems, controls, loop)
+
+            def attempt(m: Measure, n: int, *, record: bool) -> None:
+                s = series[m.id]
+                if s.failure:  # failed once: not tried again, so the run still ends
+                    return
+                try:
+                    rate = bench.run(m, n)
+                except MeasureFailed as exc:
+                    s.failure = f"{'warm-up' if not record else 'measure'}: {exc}"
+                    print(f"  {m.id} FAILED: {s.failure}", file=sys.stderr, flush=True)
+                    return
+                if record:
+                    s.rates.append(rate)
+
+            started = time.perf_counter()
+            # Warm-up: connections, prepared statements, caches. Each single/tx
+            # statement runs more than 5 times on a connection, so PostgreSQL's plan
+            # cache has made its generic-or-custom choice, as in a long-running app
+            # (a generic plan is what made enqueue_many quadratic once).
+            for m in plan:
+                attempt(m, min(_size(m, args.n, args.batch), args.warmup), record=False)
+            for r in range(args.repeats):
+                for case in args.cases:
+                    batch = [m for m in plan if m.case == case]
+                    shift = r % len(batch)
+                    for m in batch[shift:] + batch[:shift]:
+                        attempt(m, _size(m, args.n, args.batch), record=True)
+                print(
+                    f"  repeat {r + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            for system in systems.values():
+                closed = system.close()
+                if closed is not None:
+                    loop.run_until_complete(closed)
+            for control in controls.values():
+                control.close()
+            loop.close()
+        checkpointed = all(c.can_checkpoint for c in controls.values())
+    return {
+        "benchmark": "enqueue",
+        "machine": info,
+        "parameters": {
+            "n": args.n,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "statement_timeout_s": args.statement_timeout,
+            "quick": args.quick,
+            "drivers": args.drivers,
+            "cases": args.cases,
+            "checkpoint_before_each": checkpointed,
+        },
+        "measures": [
+            {"id": m.id, "driver": m.driver, "case": m.case, "label": m.label}
+            | series[m.id].as_dict()
+            for m in plan
+        ],
+        "ratios": _ratios(plan, series),
+        "targets": _targets(plan, series),
+    }
+
+
+def _ratios(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, Any]]:
+    out = []
+    have = {m.id for m in plan}
+    for driver in dict.fromkeys(m.driver for m in plan):
+        for case, pairs in RATIOS.items():
+            for num, den in pairs:
+                a, b = f"{driver}/{case}/{num}", f"{driver}/{case}/{den}"
+                if a in have and b in have:
+                    per_repeat = Series(paired_ratios(series[a], series[b]))
+                    if per_repeat.rates:
+                        out.append(
+                            {
+                                "of": a,
+                                "to": b,
+                                "median": round(per_repeat.median, 3),
+                                "min": round(per_repeat.low, 3),
+                                "max": round(per_repeat.high, 3),
+                                "per_repeat": [round(r, 3) for r in per_repeat.rates],
+                            }
+                        )
+    return out
+
+
+def _targets(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, Any]]:
+    have = {m.id for m in plan}
+    out = []
+    if {"asyncpg/single/soniq", "asyncpg/single/raw"} <= have:
+        ratios = paired_ratios(series["asyncpg/single/soniq"], series["asyncpg/single/raw"])
+        ratio = Series(ratios).median if ratios else None
+        out.append(
+            {
+                "what": "asyncpg single enqueue / raw INSERT",
+                "value": None if ratio is None else round(ratio, 3),
+                "target": f">= {TARGET_SINGLE_RATIO}",
+                "met": ratio is not None and ratio >= TARGET_SINGLE_RATIO,
+            }
+        )
+    if "asyncpg/many/soniq" in have:
+        many = series["asyncpg/many/soniq"]
+        rate = many.median if many.rates and not many.failure else None
+        out.append(
+            {
+                "what": "asyncpg enqueue_many, jobs/s",
+                "value": None if rate is None else round(rate),
+                "target": f">= {TARGET_MANY_RATE:,.0f}",
+                "met": rate is not None and rate >= TARGET_MANY_RATE,
+            }
+        )
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    rows: list[list[str]] = []
+    previous: tuple[str, str] | None = None
+    for m in result["measures"]:
+        group = (m["driver"], m["case"])
+        if previous is not None and group != previous:
+            rows.append([])
+        previous = group
+        # The first ratio listed for a measure is to its case's plain raw baseline.
+        r = next((x for x in result["ratios"] if x["of"] == m["id"]), None)
+        ratio = (
+            f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) of {r['to'].rsplit('/', 1)[1]}"
+            if r
+            else ""
+        )
+        if m["failure"]:
+            rate, spread, ratio = "FAILED", "-", "(see below)"
+        else:
+            rate, spread = f"{m['median']:,.0f}", f"{m['min']:,.0f}-{m['max']:,.0f}"
+        rows.append([m["driver"], m["case"], m["label"], rate, spread, ratio])
+    table = render_table(
+        ["driver", "case", "what", "jobs/s", "min-max", "ratio (min-max) of"],
+        rows,
+        right={3, 4},
+    )
+    lines = [table, ""]
+    extra = [r for r in result["ratios"] if r["to"].endswith("/raw_notify")]
+    for r in extra:
+        lines.append(f"{r['of']} / {r['to']}: {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+    for m in result["measures"]:
+        if m["failure"]:
+            lines.append(f"FAILED {m['id']}: {m['failure']}")
+    for t in result["targets"]:
+        if t["value"] is None:
+            value = "n/a"
+        else:
+            value = f"{t['value']:,}" if isinstance(t["value"], int) else f"{t['value']:.2f}"
+        verdict = "met" if t["met"] else "MISSED"
+        lines.append(f"target: {t['what']} = {value} (want {t['target']}): {verdict}")
+    if result["parameters"]["quick"]:
+        lines.append("(--quick: small N, one repeat; a smoke test, not figures to quote)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Enqueue throughput of Soniq beside the raw driver, on fresh databases "
+        "(admin URL from SONIQ_BENCH_DATABASE_URL).",
+    )
+    parser.add_argument("--quick", action="store_true", help="N=300, one repeat (for CI)")
+    parser.add_argument("-n", type=int, default=None, help="jobs per single/tx measurement")
+    parser.add_argument("--batch", type=int, default=20_000, help="jobs in one enqueue_many")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (default 5)")
+    parser.add_argument("--warmup", type=int, default=200, help="jobs per warm-up measurement")
+    parser.add_argument(
+        "--drivers", nargs="+", choices=DRIVERS, default=list(DRIVERS), metavar="DRIVER"
+    )
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), metavar="CASE")
+    parser.add_argument(
+        "--statement-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="cancel any statement running longer (default 60, --quick 10); the "
+        "measurement then fails and is not tried again",
+    )
+    parser.add_argument("--output", help="JSON file (default benchmarks/results/enqueue-*.json)")
+    args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = 300 if args.quick else 5000
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.statement_timeout is None:
+        args.statement_timeout = 10.0 if args.quick else 60.0
+    if min(args.n, args.batch, args.repeats, args.warmup) < 1:
+        parser.error("-n, --batch, --repeats and --warmup must be >= 1")
+    args.drivers = list(dict.fromkeys(args.drivers))
+    args.cases = [c for c in CASES if c in args.cases]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("soniq", "asyncpg", "psycopg", "psycopg.pool"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    result = run_benchmark(args)
+    print("\n" + render(result), flush=True)
+    path = write_results("enqueue", result, args.output)
+    print(f"\nresults: {path}")
+    # A failed measurement fails the run (so CI notices); a missed target does not.
+    return 1 if any(m["failure"] for m in result["measures"]) else 0
