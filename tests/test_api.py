@@ -296,3 +296,18 @@ def test_pool_is_recreated_after_fork(sync_eq: Soniq) -> None:
     # The parent's pool survived the child's exit and both jobs exist.
     assert sync_eq.sync.get_job(parent_id) is not None
     assert sync_eq.sync.get_job(child_id) is not None
+
+
+async def test_a_lent_connection_comes_back_reset(database_url: str, schema: str) -> None:
+    """eq.backend.acquire() lends a raw connection; whatever the caller changed in its
+    session (settings, LISTEN) is undone before the pool hands it out again."""
+    eq = Soniq(database_url, schema=schema, pool_size=1)
+    async with eq.backend.acquire() as conn:
+        await conn.execute("SET application_name = 'changed by the app'")
+        await conn.execute("LISTEN some_channel")
+        backend_pid = await conn.fetchval("SELECT pg_backend_pid()")
+    async with eq.backend.acquire() as conn:
+        assert await conn.fetchval("SELECT pg_backend_pid()") == backend_pid  # same one
+        assert await conn.fetchval("SHOW application_name") != "changed by the app"
+        assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+    await eq.close()

@@ -167,7 +167,7 @@ def test_definitions_that_cannot_be_jobs() -> None:
 
 def test_statements_bind_text_only_and_are_rendered_for_both_styles() -> None:
     spec = JobSpec("n", "q", ({"a": 1},), max_retries=DEFAULT_MAX_RETRIES)
-    for style, marker in (("numeric", "$9::text::jsonb"), ("format", "%s::text::jsonb")):
+    for style, marker in (("numeric", "$3::text::jsonb"), ("format", "%s::text::jsonb")):
         query = PostgresQueries("app schema", style).insert_jobs(spec)  # type: ignore[arg-type]
         assert marker in query.sql and '"app schema".soniq_jobs' in query.sql
         assert all(isinstance(p, (str, type(None))) for p in query.params)
