@@ -16,19 +16,13 @@ from typing import Any, TypeVar, overload
 
 from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
 from soniq.core.errors import ConfigurationError
-from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job
+from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
-from soniq.core.sql.postgres import (
-    PostgresQueries,
-    Query,
-    ids_in_input_order,
-    job_from_row,
-    quote_ident,
-)
+from soniq.core.sql.postgres import quote_ident
 from soniq.drivers import connections
 from soniq.drivers._common import split_postgres_url
 from soniq.drivers.asyncpg import AsyncpgDriver
-from soniq.drivers.base import AsyncDriver, SyncDriver
+from soniq.drivers.base import AsyncBackend, SyncBackend
 from soniq.drivers.psycopg2_compat import Psycopg2Runner
 from soniq.drivers.psycopg_async import PsycopgAsyncDriver
 from soniq.drivers.psycopg_sync import PsycopgSyncDriver
@@ -99,12 +93,12 @@ class Soniq:
         self._config = config
         self.registry = config.registry
         #: The async driver of Soniq's own pool; ``eq.backend.acquire()`` borrows from it.
-        self.backend: AsyncDriver = self._driver(self._config.driver)
-        self._others: dict[str, AsyncDriver] = {self.backend.name: self.backend}
+        self.backend: AsyncBackend = self._driver(self._config.driver)
+        self._others: dict[str, AsyncBackend] = {self.backend.name: self.backend}
         self._sync: SyncSoniq | None = None
         self._initialized = False
 
-    def _driver(self, kind: str) -> AsyncDriver:
+    def _driver(self, kind: str) -> AsyncBackend:
         cfg = self._config
         return _ASYNC_DRIVERS[kind](cfg.dsn, schema=cfg.schema, max_size=cfg.pool_size)
 
@@ -186,8 +180,7 @@ class Soniq:
         """
         options = split_options(kwargs)
         spec = build_spec(self.registry, job, [kwargs], options)
-        rows = await self._fetch(connection, lambda q: q.insert_jobs(spec))
-        return ids_in_input_order(rows)[0]
+        return (await self._insert(spec, connection))[0]
 
     async def enqueue_many(
         self,
@@ -206,17 +199,16 @@ class Soniq:
         if not batch:
             return []
         spec = build_spec(self.registry, job, batch, _only_options(options))
-        return ids_in_input_order(await self._fetch(connection, lambda q: q.insert_jobs(spec)))
+        return await self._insert(spec, connection)
 
     async def get_job(self, job_id: int) -> Job | None:
         """The job with this id, or None."""
-        rows = await self.backend.fetch(self.backend.queries.get_job(job_id))
-        return job_from_row(rows[0]) if rows else None
+        return await self.backend.get_job(job_id)
 
     async def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job (True), or request that a running one stop (True; its
         status turns ``cancelled`` when its worker acknowledges). False otherwise."""
-        return bool(await self.backend.fetch(self.backend.queries.cancel_job(job_id)))
+        return await self.backend.cancel_job(job_id)
 
     async def run_worker(
         self,
@@ -235,13 +227,7 @@ class Soniq:
         """
         config = WorkerConfig(queues=queues, concurrency=concurrency, burst=burst, **settings)
         await self.ensure_initialized()
-        worker = Worker(
-            backend=self.backend,
-            registry=self.registry,
-            dsn=self._config.dsn,
-            heartbeat_queries=PostgresQueries(self._config.schema, "format"),
-            config=config,
-        )
+        worker = Worker(backend=self.backend, registry=self.registry, config=config)
         await worker.run()
 
     async def close(self) -> None:
@@ -251,14 +237,15 @@ class Soniq:
         if self._sync is not None:
             self._sync.close()
 
-    async def _fetch(self, connection: Any, build: Callable[[Any], Query]) -> Any:
+    async def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
-            return await self.backend.fetch(build(self.backend.queries))
+            return await self.backend.insert_jobs(spec)
+        _check_accepts_connections(self.backend)
         kind, raw = await connections.resolve_async(connection)
         driver = self._others.get(kind)
         if driver is None:
             driver = self._others[kind] = self._driver(kind)
-        return await driver.fetch_on(raw, build(driver.queries))
+        return await driver.insert_jobs(spec, raw)
 
 
 class SyncSoniq:
@@ -271,7 +258,7 @@ class SyncSoniq:
         self._config = config
         self.registry = config.registry
         #: The sync driver of the twin's own pool; ``eq.sync.backend.acquire()``.
-        self.backend: SyncDriver = PsycopgSyncDriver(
+        self.backend: SyncBackend = PsycopgSyncDriver(
             config.dsn, schema=config.schema, max_size=config.pool_size
         )
         self._psycopg2 = Psycopg2Runner(self.backend.queries)
@@ -287,7 +274,7 @@ class SyncSoniq:
         """Blocking :meth:`Soniq.enqueue`."""
         options = split_options(kwargs)
         spec = build_spec(self.registry, job, [kwargs], options)
-        return ids_in_input_order(self._fetch(connection, lambda q: q.insert_jobs(spec)))[0]
+        return self._insert(spec, connection)[0]
 
     def enqueue_many(
         self,
@@ -303,16 +290,15 @@ class SyncSoniq:
         if not batch:
             return []
         spec = build_spec(self.registry, job, batch, _only_options(options))
-        return ids_in_input_order(self._fetch(connection, lambda q: q.insert_jobs(spec)))
+        return self._insert(spec, connection)
 
     def get_job(self, job_id: int) -> Job | None:
         """Blocking :meth:`Soniq.get_job`."""
-        rows = self.backend.fetch(self.backend.queries.get_job(job_id))
-        return job_from_row(rows[0]) if rows else None
+        return self.backend.get_job(job_id)
 
     def cancel_job(self, job_id: int) -> bool:
         """Blocking :meth:`Soniq.cancel_job`."""
-        return bool(self.backend.fetch(self.backend.queries.cancel_job(job_id)))
+        return self.backend.cancel_job(job_id)
 
     def run_worker(
         self,
@@ -341,12 +327,22 @@ class SyncSoniq:
         """Close the twin's pool."""
         self.backend.close()
 
-    def _fetch(self, connection: Any, build: Callable[[Any], Query]) -> Any:
+    def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
-            return self.backend.fetch(build(self.backend.queries))
+            return self.backend.insert_jobs(spec)
+        _check_accepts_connections(self.backend)
         kind, raw = connections.resolve_sync(connection)
         runner = self.backend if kind == "psycopg" else self._psycopg2
-        return runner.fetch_on(raw, build(runner.queries))
+        return runner.insert_jobs(spec, raw)
+
+
+def _check_accepts_connections(backend: Any) -> None:
+    if not backend.accepts_connections:
+        raise ValueError(
+            f"connection=: transactional enqueue needs PostgreSQL; the {backend.name} "
+            "backend has no caller's transaction to join. Enqueue without connection=, "
+            "or use a postgresql:// database_url"
+        )
 
 
 def _as_batch(args: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

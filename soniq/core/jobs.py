@@ -76,6 +76,19 @@ class Job:
         return self.status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+@attrs.frozen
+class Claimed:
+    """A job a worker has just claimed: what it needs to run it."""
+
+    id: int
+    name: str
+    queue: str
+    args: dict[str, Any]
+    attempts: int
+    max_retries: int
+    timeout: float | None
+
+
 @attrs.frozen(eq=False)
 class JobDefinition:
     """A function registered with ``@eq.job``, with its defaults and the facts about

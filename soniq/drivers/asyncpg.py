@@ -19,12 +19,14 @@ from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import async_owner, schema_missing
+from soniq.drivers.postgres_async import PostgresAsyncOps
+from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (asyncpg.Connection, PoolConnectionProxy)
 
 
-class AsyncpgDriver:
+class AsyncpgDriver(PostgresAsyncOps):
     """asyncpg with Soniq's own pool."""
 
     name = "asyncpg"
@@ -80,16 +82,16 @@ class AsyncpgDriver:
                 "connection: its transaction has already failed; roll it back first"
             ) from exc
 
-    async def listen(
-        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
-    ) -> None:
+    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
         conn = await asyncpg.connect(self.dsn)
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
-            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+            await conn.add_listener(
+                self.queries.channel, lambda _c, _pid, _ch, payload: on_notify(payload)
+            )
             on_ready()
             await lost.wait()
             raise ConnectionError("the LISTEN connection was closed by the server")
@@ -99,6 +101,10 @@ class AsyncpgDriver:
     async def migrate(self, *, apply: bool) -> int:
         async with self.acquire() as conn, conn.transaction():
             return await _run(conn, migration_steps(self.migrations, apply=apply))
+
+    def maintenance(self) -> PostgresMaintenance:
+        """A blocking session of its own for the worker's heartbeat thread."""
+        return PostgresMaintenance(self.dsn, self.queries.schema)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -1,4 +1,11 @@
-"""The protocols every driver implements, so the facade is written once per colour."""
+"""What every backend implements: job operations, async (:class:`AsyncBackend`) and
+blocking (:class:`SyncBackend`), and the maintenance session a worker's heartbeat
+thread uses (:class:`MaintenanceSession`).
+
+The PostgreSQL drivers implement the operations with statements built by
+``soniq.core`` (``postgres_async.py``); an embedded backend implements them its own way
+and is held to the same behaviour by the shared test suite.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +13,119 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
-from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.outcomes import Outcome
 
 
-class AsyncDriver(Protocol):
-    """An async PostgreSQL driver with a lazily opened pool of its own."""
+class MaintenanceSession(Protocol):
+    """Blocking operations of a worker's heartbeat thread, on a connection of its own.
+    Any method may raise on a lost connection; the caller opens a new session."""
 
-    name: str
-    queries: PostgresQueries
+    def heartbeat(self, worker_id: str) -> bool:
+        """Refresh the heartbeat; False if the worker was declared dead meanwhile."""
 
-    def acquire(self) -> AbstractAsyncContextManager[Any]:
-        """A raw connection of the driver's own pool."""
-
-    async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
-        """Run ``query`` on a pooled connection (autocommit) and return its rows."""
-
-    async def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
-        """Run ``query`` on a caller's raw connection, inside whatever transaction it has."""
-
-    async def migrate(self, *, apply: bool) -> int:
-        """Apply pending migrations (or, with ``apply=False``, only read the version)."""
-
-    async def listen(
-        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
+    def register_worker(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str] | None,
+        concurrency: int,
     ) -> None:
-        """LISTEN on a dedicated connection until it is lost (then raise)."""
+        """Record the worker (again)."""
 
-    async def close(self) -> None:
-        """Close the pool; a later call opens a new one."""
+    def cancel_requests(self, worker_id: str) -> list[int]:
+        """Ids of the worker's running jobs whose cancellation was requested."""
 
+    def rescue_stale(self, stale_after: float) -> list[tuple[int, str]]:
+        """Put back the running jobs of dead workers: (id, new status) pairs."""
 
-class SyncDriver(Protocol):
-    """The blocking twin of :class:`AsyncDriver`."""
-
-    name: str
-    queries: PostgresQueries
-
-    def acquire(self) -> AbstractContextManager[Any]:
-        """A raw connection of the driver's own pool."""
-
-    def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
-        """Run ``query`` on a pooled connection (autocommit) and return its rows."""
-
-    def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
-        """Run ``query`` on a caller's raw connection, inside whatever transaction it has."""
-
-    def migrate(self, *, apply: bool) -> int:
-        """Apply pending migrations (or, with ``apply=False``, only read the version)."""
+    def prune_finished(self, older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
 
     def close(self) -> None:
-        """Close the pool; a later call opens a new one."""
+        """Close the session's connection."""
+
+
+class AsyncBackend(Protocol):
+    """Where jobs live, seen from async code."""
+
+    name: str
+    #: Whether enqueue accepts ``connection=`` (only PostgreSQL has a caller's
+    #: transaction to join).
+    accepts_connections: bool
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        """A raw connection of the backend's own pool."""
+
+    async def migrate(self, *, apply: bool) -> int:
+        """Apply pending migrations (or, with ``apply=False``, only check them)."""
+
+    async def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
+        """Insert the jobs of one enqueue call (on a caller's ``conn``); ids in order."""
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """The job, or None."""
+
+    async def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job, or request cancellation of a running one."""
+
+    async def claim_jobs(
+        self, limit: int, worker_id: str, queues: Sequence[str] | None
+    ) -> list[Claimed]:
+        """Claim up to ``limit`` ready jobs for ``worker_id``."""
+
+    async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
+        """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
+        finished ones)."""
+
+    async def register_worker(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str] | None,
+        concurrency: int,
+    ) -> None:
+        """Record a worker; its heartbeat starts now."""
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped cleanly."""
+
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        """Put back the worker's running jobs that it does not hold; how many."""
+
+    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
+        """Call ``on_notify(queues)`` when jobs are enqueued, until the connection is
+        lost (then raise). ``on_ready`` once listening."""
+
+    def maintenance(self) -> MaintenanceSession:
+        """A blocking session of its own, for the heartbeat thread."""
+
+    async def close(self) -> None:
+        """Release the backend's resources; a later call opens them again."""
+
+
+class SyncBackend(Protocol):
+    """Where jobs live, seen from blocking code (``eq.sync``)."""
+
+    name: str
+    accepts_connections: bool
+
+    def acquire(self) -> AbstractContextManager[Any]:
+        """A raw connection of the backend's own pool."""
+
+    def migrate(self, *, apply: bool) -> int:
+        """Apply pending migrations (or, with ``apply=False``, only check them)."""
+
+    def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
+        """Insert the jobs of one enqueue call (on a caller's ``conn``); ids in order."""
+
+    def get_job(self, job_id: int) -> Job | None:
+        """The job, or None."""
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job, or request cancellation of a running one."""
+
+    def close(self) -> None:
+        """Release the backend's resources."""

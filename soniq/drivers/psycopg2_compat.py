@@ -12,6 +12,7 @@ from typing import Any
 from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import schema_missing
+from soniq.drivers.postgres_sync import PostgresSyncOps
 
 _IN_ERROR = 3  # psycopg2.extensions.TRANSACTION_STATUS_INERROR
 
@@ -23,8 +24,9 @@ def is_psycopg2_connection(conn: object) -> bool:
     )
 
 
-class Psycopg2Runner:
-    """Executes on psycopg2 connections it is handed; it has no pool of its own."""
+class Psycopg2Runner(PostgresSyncOps):
+    """Executes on psycopg2 connections it is handed; it has no pool of its own, so
+    only ``insert_jobs(spec, conn)`` is meaningful."""
 
     name = "psycopg2"
 

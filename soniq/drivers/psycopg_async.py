@@ -21,12 +21,14 @@ from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import async_owner, has_unread_input, schema_missing
+from soniq.drivers.postgres_async import PostgresAsyncOps
+from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (psycopg.AsyncConnection,)
 
 
-class PsycopgAsyncDriver:
+class PsycopgAsyncDriver(PostgresAsyncOps):
     """psycopg 3 with Soniq's own pool (autocommit connections)."""
 
     name = "psycopg"
@@ -92,13 +94,13 @@ class PsycopgAsyncDriver:
                 raise schema_missing(self.queries.schema, exc) from exc
             return await cur.fetchall()
 
-    async def listen(
-        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
-    ) -> None:
+    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+            await conn.execute(
+                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.queries.channel))
+            )
             on_ready()
             async for notify in conn.notifies():
                 on_notify(notify.payload)
@@ -106,6 +108,10 @@ class PsycopgAsyncDriver:
     async def migrate(self, *, apply: bool) -> int:
         async with self.acquire() as conn, conn.transaction():
             return await _run(conn, migration_steps(self.migrations, apply=apply))
+
+    def maintenance(self) -> PostgresMaintenance:
+        """A blocking session of its own for the worker's heartbeat thread."""
+        return PostgresMaintenance(self.dsn, self.queries.schema)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

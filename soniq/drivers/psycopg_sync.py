@@ -19,12 +19,14 @@ from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import sync_owner, has_unread_input, schema_missing
+from soniq.drivers.postgres_sync import PostgresSyncOps
+from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (psycopg.Connection,)
 
 
-class PsycopgSyncDriver:
+class PsycopgSyncDriver(PostgresSyncOps):
     """psycopg 3 with Soniq's own pool (autocommit connections)."""
 
     name = "psycopg"
@@ -90,13 +92,13 @@ class PsycopgSyncDriver:
                 raise schema_missing(self.queries.schema, exc) from exc
             return cur.fetchall()
 
-    def listen(
-        self, channel: str, on_notify: Callable[[str], None], on_ready: Callable[[], None]
-    ) -> None:
+    def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
         with psycopg.Connection.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+            conn.execute(
+                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.queries.channel))
+            )
             on_ready()
             for notify in conn.notifies():
                 on_notify(notify.payload)
@@ -104,6 +106,10 @@ class PsycopgSyncDriver:
     def migrate(self, *, apply: bool) -> int:
         with self.acquire() as conn, conn.transaction():
             return _run(conn, migration_steps(self.migrations, apply=apply))
+
+    def maintenance(self) -> PostgresMaintenance:
+        """A blocking session of its own for the worker's heartbeat thread."""
+        return PostgresMaintenance(self.dsn, self.queries.schema)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -8,15 +8,14 @@ jobs. Losing the connection is logged and retried with back-off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import psycopg
-
-from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.drivers._common import is_connection_error
+from soniq.drivers.base import MaintenanceSession
 
 log = logging.getLogger("soniq.worker")
 
@@ -24,25 +23,23 @@ PRUNE_BATCH = 5000
 
 
 class Heartbeat(threading.Thread):
-    """Beats every ``interval`` seconds until :meth:`stop`."""
+    """Beats every ``interval`` seconds until :meth:`stop`, on a maintenance session
+    of its own (``open_session()``), opened again after an error."""
 
     def __init__(
         self,
         *,
-        dsn: str,
-        queries: PostgresQueries,
-        worker_id: str,
-        register: Query,
+        open_session: Callable[[], MaintenanceSession],
+        identity: tuple[str, str, int, Sequence[str] | None, int],
         interval: float,
         stale_after: float,
         retention: float | None,
         on_cancel: Callable[[Sequence[int]], object],
     ) -> None:
-        super().__init__(name=f"soniq-heartbeat-{worker_id[:8]}", daemon=True)
-        self._dsn = dsn
-        self._queries = queries
-        self._worker_id = worker_id
-        self._register = register
+        super().__init__(name=f"soniq-heartbeat-{identity[0][:8]}", daemon=True)
+        self._open_session = open_session
+        self._identity = identity
+        self._worker_id = identity[0]
         self._interval = interval
         self._stale_after = stale_after
         self._retention = retention
@@ -57,41 +54,42 @@ class Heartbeat(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
-        conn: psycopg.Connection[Any] | None = None
+        session: MaintenanceSession | None = None
         failures = 0
         while not self._stopped.is_set():
             try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+                if session is None:
+                    session = self._open_session()
                     if failures:
                         log.info("heartbeat connection restored")
-                self.beat(conn)
+                self.beat(session)
                 failures = 0
             except Exception as exc:  # the thread must not die: that would look like death
                 failures += 1
-                if isinstance(exc, psycopg.Error):
+                if is_connection_error(exc):
                     log.warning("heartbeat failed (%s); retrying", exc)
                 else:
                     log.exception("heartbeat failed; retrying")
-                if conn is not None:
-                    conn.close()
-                conn = None
+                if session is not None:
+                    with contextlib.suppress(Exception):
+                        session.close()
+                session = None
             wait = self._interval if not failures else min(self._interval, 0.5 * failures)
             self._stopped.wait(wait)
-        if conn is not None:
-            conn.close()
+        if session is not None:
+            session.close()
 
-    def beat(self, conn: psycopg.Connection[Any]) -> None:
+    def beat(self, session: MaintenanceSession) -> None:
         """One pass: heartbeat, cancellation requests, rescue, prune."""
-        if not self._fetch(conn, self._queries.heartbeat(self._worker_id)):
+        if not session.heartbeat(self._worker_id):
             # Declared dead (a pause longer than the stale timeout): our jobs were put
             # back and their late finishes will be fenced off. Register again.
             log.warning("worker %s was declared dead; registering again", self._worker_id)
-            self._fetch(conn, self._register)
-        requested = self._fetch(conn, self._queries.cancel_requests(self._worker_id))
+            session.register_worker(*self._identity)
+        requested = session.cancel_requests(self._worker_id)
         if requested:
-            self._on_cancel([row[0] for row in requested])
-        rescued = self._fetch(conn, self._queries.rescue_stale(self._stale_after))
+            self._on_cancel(requested)
+        rescued = session.rescue_stale(self._stale_after)
         if rescued:
             log.warning(
                 "rescued %d job(s) of dead workers: %s",
@@ -100,18 +98,9 @@ class Heartbeat(threading.Thread):
             )
         if self._retention and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + max(60.0, self._interval)
-            self._prune(conn, self._retention)
-
-    def _prune(self, conn: psycopg.Connection[Any], retention: float) -> None:
-        for _ in range(20):  # bounded per beat; the next beat goes on
-            query = self._queries.prune_finished(retention, PRUNE_BATCH)
-            deleted = conn.execute(query.sql, query.params).rowcount
-            if deleted:
-                log.debug("pruned %d finished job(s)", deleted)
-            if deleted < PRUNE_BATCH:
-                return
-
-    @staticmethod
-    def _fetch(conn: psycopg.Connection[Any], query: Query) -> list[Any]:
-        cur = conn.execute(query.sql, query.params)
-        return cur.fetchall() if cur.description else []
+            for _ in range(20):  # bounded per beat; the next beat goes on
+                deleted = session.prune_finished(self._retention, PRUNE_BATCH)
+                if deleted:
+                    log.debug("pruned %d finished job(s)", deleted)
+                if deleted < PRUNE_BATCH:
+                    break

@@ -33,13 +33,13 @@ from typing import Any
 
 import attrs
 
-from soniq.core import outcomes, serialize
+from soniq.core import outcomes
 from soniq.core.enqueue import Registry
 from soniq.core.errors import ConfigurationError, JobTimeout
-from soniq.core.jobs import JobDefinition
+from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
-from soniq.drivers.base import AsyncDriver
+from soniq.drivers.base import AsyncBackend
 from soniq.worker import context
 from soniq.worker.context import JobContext
 from soniq.worker.heartbeat import Heartbeat
@@ -112,22 +112,11 @@ class _Running:
 class Worker:
     """Runs jobs of one Soniq app. Use ``await eq.run_worker(...)`` or the CLI."""
 
-    def __init__(
-        self,
-        *,
-        backend: AsyncDriver,
-        registry: Registry,
-        dsn: str,
-        heartbeat_queries: Any,
-        config: WorkerConfig,
-    ) -> None:
+    def __init__(self, *, backend: AsyncBackend, registry: Registry, config: WorkerConfig) -> None:
         self.config = config
         self.id = uuid.uuid4().hex
         self._backend = backend
-        self._queries = backend.queries
         self._registry = registry
-        self._dsn = dsn
-        self._heartbeat_queries = heartbeat_queries
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._stopping = False
@@ -145,25 +134,17 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._flush_needed = asyncio.Event()
         self._threads = DaemonThreadPool(self.config.concurrency)
-        register = self._queries.register_worker(
+        identity = (
             self.id,
             socket.gethostname(),
             os.getpid(),
             self.config.queues,
             self.config.concurrency,
         )
-        await self._backend.fetch(register)
+        await self._backend.register_worker(*identity)
         heartbeat = Heartbeat(
-            dsn=self._dsn,
-            queries=self._heartbeat_queries,
-            worker_id=self.id,
-            register=self._heartbeat_queries.register_worker(
-                self.id,
-                socket.gethostname(),
-                os.getpid(),
-                self.config.queues,
-                self.config.concurrency,
-            ),
+            open_session=self._backend.maintenance,
+            identity=identity,
             interval=self.config.heartbeat_interval,
             stale_after=self.config.stale_after,
             retention=self.config.retention,
@@ -217,7 +198,7 @@ class Worker:
         self._threads.shutdown()
         await asyncio.to_thread(heartbeat.stop)
         try:
-            await self._backend.fetch(self._queries.unregister_worker(self.id))
+            await self._backend.unregister_worker(self.id)
         except Exception as exc:  # the rows are rescued by others in time anyway
             log.warning("could not unregister worker %s: %s", self.id, exc)
         log.info("worker %s stopped", self.id)
@@ -241,9 +222,7 @@ class Worker:
                 if reconcile:
                     await self._reconcile()
                     reconcile = False
-                rows = await self._backend.fetch(
-                    self._queries.claim_jobs(free, self.id, self.config.queues)
-                )
+                rows = await self._backend.claim_jobs(free, self.id, self.config.queues)
             except Exception as exc:
                 # A worker must outlive a bad moment of its database: log, back off,
                 # reconcile what a lost reply may have claimed, and go on.
@@ -267,21 +246,28 @@ class Worker:
 
     async def _reconcile(self) -> None:
         held = list(self._running) + [o.job_id for o in self._pending]
-        rows = await self._backend.fetch(self._queries.reconcile(self.id, held))
-        if rows:
-            log.warning("put back %d job(s) claimed while the connection was lost", len(rows))
+        put_back = await self._backend.reconcile(self.id, held)
+        if put_back:
+            log.warning("put back %d job(s) claimed while the connection was lost", put_back)
 
-    def _start(self, row: Sequence[Any]) -> None:
-        job_id, name, queue, args_text, attempts, max_retries, timeout, _priority = row
+    def _start(self, claimed: Claimed) -> None:
+        job_id, name, attempts, timeout = (
+            claimed.id,
+            claimed.name,
+            claimed.attempts,
+            claimed.timeout,
+        )
         definition = self._registry.get(name)
         if definition is None:
             log.error("job %s: no job named %r is registered; failing it", job_id, name)
             self._record(outcomes.unknown_job(job_id, attempts, name))
             return
-        ctx = JobContext(job_id, name, queue, attempts, max_retries, timeout, self.id)
+        ctx = JobContext(
+            job_id, name, claimed.queue, attempts, claimed.max_retries, timeout, self.id
+        )
         running = _Running(ctx, definition)
         self._running[job_id] = running
-        args = serialize.loads(args_text)
+        args = claimed.args
         log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
         if definition.is_async:
             running.task = self._loop.create_task(self._run_async(running, args))
@@ -452,7 +438,7 @@ class Worker:
             batch, self._pending = self._pending, []
             if batch:
                 try:
-                    await self._backend.fetch(self._queries.finish_jobs(batch, self.id, keep=keep))
+                    await self._backend.finish_jobs(batch, self.id, keep=keep)
                     failures = 0
                 except Exception as exc:
                     if not is_connection_error(exc):
@@ -474,7 +460,6 @@ class Worker:
 
     async def _listen_forever(self) -> None:
         failures = 0
-        channel = self._queries.channel
 
         def ready() -> None:
             nonlocal failures
@@ -485,7 +470,7 @@ class Worker:
 
         while True:
             try:
-                await self._backend.listen(channel, self._on_notify, ready)
+                await self._backend.listen(self._on_notify, ready)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -1,0 +1,70 @@
+"""The job operations on PostgreSQL, shared by the asyncpg and psycopg drivers.
+
+Each operation renders its statement with ``soniq.core`` and runs it with the
+driver's ``fetch`` (Soniq's pool) or ``fetch_on`` (a caller's connection). This file
+is the source of ``postgres_sync.py`` (``tools/unasync.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from soniq.core import serialize
+from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.outcomes import Outcome
+from soniq.core.sql.postgres import PostgresQueries, Query, ids_in_input_order, job_from_row
+
+
+class PostgresAsyncOps:
+    """Mixed into a driver that provides ``queries``, ``fetch`` and ``fetch_on``."""
+
+    queries: PostgresQueries
+    #: Enqueue accepts ``connection=`` (transactional enqueue).
+    accepts_connections = True
+
+    async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
+        """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order."""
+        query = self.queries.insert_jobs(spec)
+        rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
+        return ids_in_input_order(rows)
+
+    async def get_job(self, job_id: int) -> Job | None:
+        rows = await self.fetch(self.queries.get_job(job_id))
+        return job_from_row(rows[0]) if rows else None
+
+    async def cancel_job(self, job_id: int) -> bool:
+        return bool(await self.fetch(self.queries.cancel_job(job_id)))
+
+    async def claim_jobs(
+        self, limit: int, worker_id: str, queues: Sequence[str] | None
+    ) -> list[Claimed]:
+        rows = await self.fetch(self.queries.claim_jobs(limit, worker_id, queues))
+        return [Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
+        await self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
+
+    async def register_worker(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str] | None,
+        concurrency: int,
+    ) -> None:
+        await self.fetch(
+            self.queries.register_worker(worker_id, hostname, pid, queues, concurrency)
+        )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self.fetch(self.queries.unregister_worker(worker_id))
+
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        return len(await self.fetch(self.queries.reconcile(worker_id, held)))
