@@ -92,7 +92,8 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
                 await cur.execute(query.sql, query.params)
             except psycopg.errors.UndefinedTable as exc:
                 raise schema_missing(self.queries.schema, exc) from exc
-            return await cur.fetchall()
+            # Statements without RETURNING (register, unregister) produce no rows.
+            return await cur.fetchall() if cur.description is not None else []
 
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;

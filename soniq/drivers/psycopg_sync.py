@@ -90,7 +90,8 @@ class PsycopgSyncDriver(PostgresSyncOps):
                 cur.execute(query.sql, query.params)
             except psycopg.errors.UndefinedTable as exc:
                 raise schema_missing(self.queries.schema, exc) from exc
-            return cur.fetchall()
+            # Statements without RETURNING (register, unregister) produce no rows.
+            return cur.fetchall() if cur.description is not None else []
 
     def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;

@@ -1,0 +1,296 @@
+"""One behaviour suite for every backend: the worker's semantics, run in-process on
+PostgreSQL (asyncpg and psycopg), SQLite and memory, so they cannot drift apart.
+
+Crash and signal tests with real processes live in test_worker.py (PostgreSQL) and
+test_sqlite.py; here each job records its runs in a list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from soniq import Backoff, JobStatus, PermanentError, Soniq, current_job
+
+BACKENDS = ["asyncpg", "psycopg"]  # + sqlite, memory as they land
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=BACKENDS)
+async def eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
+    if request.param == "sqlite":
+        app = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    elif request.param == "memory":
+        app = Soniq("memory://")
+    else:
+        database_url = request.getfixturevalue("database_url")
+        app = Soniq(database_url, driver=request.param, schema=request.getfixturevalue("schema"))
+    await app.ensure_initialized()
+    yield app
+    await app.close()
+
+
+class Runs:
+    """What ran: (job id, attempt, note) per run, from any thread."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, int, str]] = []
+
+    def record(self, note: str = "") -> None:
+        ctx = current_job()
+        self.log.append((ctx.id, ctx.attempt, note))
+
+    def per_job(self) -> collections.Counter[int]:
+        return collections.Counter(job_id for job_id, _, _ in self.log)
+
+
+async def run_until(
+    eq: Soniq, condition: Callable[[], Any], timeout: float = 30, **kw: Any
+) -> None:
+    """Run a worker until ``await condition()`` is true, then cancel it."""
+    task = asyncio.create_task(eq.run_worker(poll_interval=0.05, **kw))
+    try:
+        deadline = time.monotonic() + timeout
+        while not await condition():
+            if task.done():
+                task.result()
+            assert time.monotonic() < deadline, "condition not reached in time"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def status_of(eq: Soniq, job_id: int) -> JobStatus | None:
+    job = await eq.get_job(job_id)
+    return None if job is None else job.status
+
+
+async def test_burst_runs_every_job_exactly_once(eq: Soniq) -> None:
+    runs = Runs()
+
+    @eq.job
+    async def async_job(n: int) -> int:
+        runs.record()
+        return n * 2
+
+    @eq.job
+    def sync_job(n: int) -> int:
+        runs.record()
+        return n * 3
+
+    ids = await eq.enqueue_many(async_job, [{"n": n} for n in range(50)])
+    ids += await eq.enqueue_many(sync_job, [{"n": n} for n in range(50)])
+    await eq.run_worker(burst=True, concurrency=8)
+    assert runs.per_job() == {job_id: 1 for job_id in ids}
+    first, last = await eq.get_job(ids[1]), await eq.get_job(ids[-1])
+    assert (first.status, first.result, first.attempts) == (JobStatus.DONE, 2, 1)
+    assert (last.status, last.result) == (JobStatus.DONE, 147)
+
+
+async def test_claim_order_is_priority_then_run_at_then_id(eq: Soniq) -> None:
+    order: list[int] = []
+
+    @eq.job
+    async def job(n: int) -> None:
+        order.append(n)
+
+    await eq.enqueue(job, n=1, priority=-1)
+    await eq.enqueue(job, n=2, priority=10)
+    await eq.enqueue(job, n=3)
+    await eq.enqueue(job, n=4)
+    later = await eq.enqueue(job, n=5, priority=100, delay=3600)
+    await eq.run_worker(burst=True, concurrency=1)
+    assert order == [2, 3, 4, 1]
+    assert await status_of(eq, later) == JobStatus.QUEUED  # not due: not run
+
+
+async def test_queues_are_honoured(eq: Soniq) -> None:
+    seen: list[str] = []
+
+    @eq.job(queue="mail")
+    async def mail() -> None:
+        seen.append("mail")
+
+    @eq.job
+    async def other() -> None:
+        seen.append("other")
+
+    await eq.enqueue(mail)
+    other_id = await eq.enqueue(other)
+    await eq.run_worker(burst=True, queues=["mail"])
+    assert seen == ["mail"]
+    assert await status_of(eq, other_id) == JobStatus.QUEUED
+
+
+async def test_a_scheduled_job_runs_once_due(eq: Soniq) -> None:
+    runs = Runs()
+
+    @eq.job
+    async def later() -> None:
+        runs.record()
+
+    job_id = await eq.enqueue(later, delay=0.3)
+    started = time.monotonic()
+
+    async def done() -> bool:
+        return await status_of(eq, job_id) == JobStatus.DONE
+
+    await run_until(eq, done)
+    assert time.monotonic() - started >= 0.25
+    assert runs.per_job() == {job_id: 1}
+
+
+async def test_retries_then_failed_with_the_error_kept(eq: Soniq) -> None:
+    runs = Runs()
+
+    @eq.job(max_retries=2, backoff=Backoff(base=0.01, jitter=0))
+    async def flaky() -> None:
+        runs.record()
+        raise RuntimeError("broken on purpose")
+
+    @eq.job(max_retries=5)
+    def refuses() -> None:
+        runs.record()
+        raise PermanentError("no point retrying")
+
+    ids = [await eq.enqueue(flaky), await eq.enqueue(refuses)]
+
+    async def both_failed() -> bool:
+        return all([await status_of(eq, i) == JobStatus.FAILED for i in ids])
+
+    await run_until(eq, both_failed)
+    flaky_job, refused_job = await eq.get_job(ids[0]), await eq.get_job(ids[1])
+    assert runs.per_job() == {ids[0]: 3, ids[1]: 1}  # max_retries=2 allows 3 runs
+    assert (flaky_job.attempts, flaky_job.last_error) == (3, "RuntimeError: broken on purpose")
+    assert refused_job.attempts == 1 and "no point retrying" in refused_job.last_error
+
+
+async def test_a_job_that_fails_once_then_succeeds(eq: Soniq) -> None:
+    @eq.job(backoff=Backoff(base=0.01, jitter=0))
+    async def once() -> str:
+        if current_job().attempt == 1:
+            raise ValueError("first time")
+        return "second time"
+
+    job_id = await eq.enqueue(once)
+
+    async def done() -> bool:
+        return await status_of(eq, job_id) == JobStatus.DONE
+
+    await run_until(eq, done)
+    job = await eq.get_job(job_id)
+    assert (job.attempts, job.result, job.last_error) == (
+        2,
+        "second time",
+        "ValueError: first time",
+    )
+
+
+async def test_timeouts_fail_async_and_sync_jobs(eq: Soniq) -> None:
+    @eq.job(timeout=0.2, max_retries=0)
+    async def slow_async() -> None:
+        await asyncio.sleep(10)
+
+    @eq.job(timeout=0.2, max_retries=0)
+    def slow_sync() -> None:
+        time.sleep(0.6)
+
+    ids = [await eq.enqueue(slow_async), await eq.enqueue(slow_sync)]
+
+    async def both_failed() -> bool:
+        return all([await status_of(eq, i) == JobStatus.FAILED for i in ids])
+
+    await run_until(eq, both_failed)
+    for job_id in ids:
+        assert "JobTimeout" in (await eq.get_job(job_id)).last_error
+
+
+async def test_cancel_queued_and_running_jobs(eq: Soniq) -> None:
+    runs = Runs()
+    started = asyncio.Event()
+
+    @eq.job
+    async def forever() -> None:
+        runs.record("started")
+        started.set()
+        await asyncio.sleep(3600)
+
+    @eq.job
+    def sync_forever() -> None:
+        runs.record("started")
+        deadline = time.monotonic() + 30
+        while not current_job().cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        runs.record("saw cancel" if current_job().cancelled else "timed out")
+
+    never = await eq.enqueue(forever, delay=3600)
+    assert await eq.cancel_job(never) is True
+    assert await status_of(eq, never) == JobStatus.CANCELLED
+    ids = [await eq.enqueue(forever), await eq.enqueue(sync_forever)]
+
+    async def cancel_when_running() -> bool:
+        if len(runs.log) >= 2:
+            for job_id in ids:
+                await eq.cancel_job(job_id)
+        return all([await status_of(eq, i) == JobStatus.CANCELLED for i in ids])
+
+    await run_until(eq, cancel_when_running, heartbeat_interval=0.1, stale_after=5)
+    assert (ids[1], 1, "saw cancel") in runs.log
+    assert never not in runs.per_job()
+
+
+async def test_unknown_job_name_fails_without_retry(eq: Soniq) -> None:
+    job_id = await eq.enqueue("nobody.knows.this", x=1, max_retries=5)
+    await eq.run_worker(burst=True)
+    job = await eq.get_job(job_id)
+    assert (job.status, job.attempts) == (JobStatus.FAILED, 1)
+    assert "no job named 'nobody.knows.this'" in job.last_error
+
+
+async def test_retention_zero_deletes_finished_jobs(eq: Soniq) -> None:
+    @eq.job
+    async def quick() -> None: ...
+
+    ids = await eq.enqueue_many(quick, [{} for _ in range(10)])
+    await eq.run_worker(burst=True, retention=0)
+    assert [await eq.get_job(i) for i in ids] == [None] * 10
+
+
+async def test_dedupe_key_is_free_again_once_the_job_is_done(eq: Soniq) -> None:
+    @eq.job
+    async def once(n: int) -> None: ...
+
+    first = await eq.enqueue(once, n=1, dedupe_key="k")
+    assert await eq.enqueue(once, n=2, dedupe_key="k") == first
+    await eq.run_worker(burst=True)
+    again = await eq.enqueue(once, n=3, dedupe_key="k")
+    assert again != first and (await eq.get_job(again)).args == {"n": 3}
+
+
+async def test_a_dead_workers_job_is_rescued(eq: Soniq) -> None:
+    """A worker that claimed a job and stopped heartbeating: a live worker puts the
+    job back (attempt counted) and runs it."""
+    runs = Runs()
+
+    @eq.job
+    async def work() -> None:
+        runs.record()
+
+    job_id = await eq.enqueue(work)
+    backend = eq.backend
+    await backend.register_worker("dead-worker", "host", 1, None, 1)
+    assert [c.id for c in await backend.claim_jobs(1, "dead-worker", None)] == [job_id]
+
+    async def done() -> bool:
+        return await status_of(eq, job_id) == JobStatus.DONE
+
+    await run_until(eq, done, heartbeat_interval=0.1, stale_after=0.5)
+    assert runs.log == [(job_id, 2, "")]  # the dead worker's claim was attempt 1
