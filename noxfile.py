@@ -25,6 +25,14 @@ TEST_DEPS = [
 
 
 @nox.session
+def demo(session: nox.Session) -> None:
+    """Soniq with no server at all: the embedded SQLite default, a worker with a
+    progress bar, a retried job, a summary."""
+    session.install("-e", ".[binary]")
+    session.run("python", "examples/demo.py")
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, against the PostgreSQL of SONIQ_TEST_DATABASE_URL (or a
     throwaway cluster when none answers)."""

@@ -10,6 +10,7 @@ caller's connection, whose type decides the driver.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, overload
@@ -18,17 +19,25 @@ from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
 from soniq.core.errors import ConfigurationError
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
-from soniq.core.sql.postgres import quote_ident
+from soniq.core.sql.postgres import PostgresQueries, quote_ident
 from soniq.drivers import connections
 from soniq.drivers._common import split_postgres_url
 from soniq.drivers.asyncpg import AsyncpgDriver
 from soniq.drivers.base import AsyncBackend, SyncBackend
+from soniq.drivers.embedded import (
+    DEFAULT_SQLITE_URL,
+    EMBEDDED,
+    embedded_backend,
+    embedded_location,
+    embedded_sync_backend,
+)
 from soniq.drivers.psycopg2_compat import Psycopg2Runner
 from soniq.drivers.psycopg_async import PsycopgAsyncDriver
 from soniq.drivers.psycopg_sync import PsycopgSyncDriver
 from soniq.worker import Worker, WorkerConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("soniq")
 
 _ASYNC_DRIVERS: dict[str, type[AsyncpgDriver] | type[PsycopgAsyncDriver]] = {
     "asyncpg": AsyncpgDriver,
@@ -44,15 +53,22 @@ class _Config:
     ) -> None:
         url = database_url if database_url is not None else os.environ.get("SONIQ_DATABASE_URL")
         if url is None:
-            raise ConfigurationError(
-                "database_url: no URL given and SONIQ_DATABASE_URL is unset; pass "
-                "Soniq(database_url='postgresql://user@host/dbname')"
-            )
-        if url.startswith(("sqlite:", "memory:")):
-            raise ConfigurationError(
-                f"database_url {url!r}: the embedded SQLite and memory backends are not "
-                "part of this release yet; use a postgresql:// URL"
-            )
+            url = DEFAULT_SQLITE_URL
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigurationError(f"pool_size must be an int >= 1, got {pool_size!r}")
+        self.pool_size = pool_size
+        self.registry = Registry()
+        self.kind, self.location = embedded_location(url)
+        if self.kind != "postgres":
+            if driver is not None:
+                raise ConfigurationError(
+                    f"driver={driver!r} applies to PostgreSQL; {url!r} is {self.kind}"
+                )
+            if self.kind == "sqlite" and database_url is None:
+                log.info("Soniq uses the SQLite database %s", self.location)
+            self.schema = schema
+            self.driver = self.kind
+            return
         self.dsn, url_driver = split_postgres_url(url)
         if driver is not None and driver not in _ASYNC_DRIVERS:
             raise ConfigurationError(f"driver must be 'asyncpg' or 'psycopg', got {driver!r}")
@@ -63,20 +79,18 @@ class _Config:
         self.driver = driver or (url_driver if url_driver in _ASYNC_DRIVERS else "asyncpg")
         quote_ident(schema)  # validates
         self.schema = schema
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ConfigurationError(f"pool_size must be an int >= 1, got {pool_size!r}")
-        self.pool_size = pool_size
-        self.registry = Registry()
 
 
 class Soniq:
-    """A PostgreSQL job queue.
+    """A job queue on PostgreSQL, or on an embedded SQLite file or in memory.
 
     ``Soniq(database_url, driver=None, schema="public", pool_size=10)`` does no I/O:
     the pool opens on first use, bound to the running event loop (and re-created on
     another loop or after a fork). ``driver`` is ``"asyncpg"`` (default) or
     ``"psycopg"``; the URL scheme ``postgresql+asyncpg://`` / ``postgresql+psycopg://``
-    says the same. ``Soniq()`` reads ``SONIQ_DATABASE_URL``.
+    says the same. ``sqlite:///path.db`` and ``memory://`` choose the embedded
+    backends. ``Soniq()`` reads ``SONIQ_DATABASE_URL``, and without it uses the SQLite
+    file ``soniq.db`` in the working directory (its absolute path is logged).
     """
 
     def __init__(
@@ -100,6 +114,8 @@ class Soniq:
 
     def _driver(self, kind: str) -> AsyncBackend:
         cfg = self._config
+        if kind in EMBEDDED:
+            return embedded_backend(kind, cfg.location)
         return _ASYNC_DRIVERS[kind](cfg.dsn, schema=cfg.schema, max_size=cfg.pool_size)
 
     @property
@@ -258,10 +274,12 @@ class SyncSoniq:
         self._config = config
         self.registry = config.registry
         #: The sync driver of the twin's own pool; ``eq.sync.backend.acquire()``.
-        self.backend: SyncBackend = PsycopgSyncDriver(
-            config.dsn, schema=config.schema, max_size=config.pool_size
+        self.backend: SyncBackend = (
+            embedded_sync_backend(config.kind, config.location)
+            if config.kind in EMBEDDED
+            else PsycopgSyncDriver(config.dsn, schema=config.schema, max_size=config.pool_size)
         )
-        self._psycopg2 = Psycopg2Runner(self.backend.queries)
+        self._psycopg2 = Psycopg2Runner(PostgresQueries(config.schema, "format"))
         self._initialized = False
 
     def ensure_initialized(self, *, migrate: bool = True) -> None:

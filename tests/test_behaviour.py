@@ -18,7 +18,7 @@ import pytest
 
 from soniq import Backoff, JobStatus, PermanentError, Soniq, current_job
 
-BACKENDS = ["asyncpg", "psycopg"]  # + sqlite, memory as they land
+BACKENDS = ["asyncpg", "psycopg", "sqlite", "memory"]
 pytestmark = pytest.mark.timeout(60)
 
 

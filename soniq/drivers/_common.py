@@ -71,6 +71,8 @@ def schema_missing(schema: str, exc: BaseException) -> SchemaNotReadyError:
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors after which the same statement can succeed on a new connection
     (a dropped or terminated connection, a server restarting, a pool timeout)."""
+    import sqlite3
+
     import asyncpg
     import psycopg
 
@@ -87,6 +89,8 @@ def is_connection_error(exc: BaseException) -> bool:
             asyncpg.exceptions._base.InternalClientError,
             psycopg.OperationalError,
             psycopg.InterfaceError,
+            # SQLite: "database is locked" past the busy timeout; the next try may pass.
+            sqlite3.OperationalError,
         ),
     )
 

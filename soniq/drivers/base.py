@@ -67,6 +67,10 @@ class AsyncBackend(Protocol):
     async def get_job(self, job_id: int) -> Job | None:
         """The job, or None."""
 
+    async def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
+        """Queued jobs, optionally of one name or queue, oldest first (on ``conn``,
+        a caller's connection, when given: it sees the caller's own transaction)."""
+
     async def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
 
@@ -123,6 +127,9 @@ class SyncBackend(Protocol):
 
     def get_job(self, job_id: int) -> Job | None:
         """The job, or None."""
+
+    def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
+        """Blocking :meth:`AsyncBackend.list_jobs`."""
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""

@@ -36,6 +36,13 @@ class PostgresSyncOps:
         rows = self.fetch(self.queries.get_job(job_id))
         return job_from_row(rows[0]) if rows else None
 
+    def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
+        """Queued jobs, optionally of one name and/or queue, by id; on ``conn`` if given
+        (it then sees the jobs of that connection's uncommitted transaction)."""
+        query = self.queries.list_jobs(name, queue)
+        rows = (self.fetch(query) if conn is None else self.fetch_on(conn, query))
+        return [job_from_row(row) for row in rows]
+
     def cancel_job(self, job_id: int) -> bool:
         return bool(self.fetch(self.queries.cancel_job(job_id)))
 

@@ -151,6 +151,12 @@ SELECT id, CASE WHEN inserted AND run_at <= statement_timestamp()
                 THEN pg_notify('{channel_literal}', queue) END
 FROM ins""")
         self._get_job = render(f"SELECT {JOB_COLUMNS} FROM {jobs} WHERE id = $1::text::bigint")
+        # For test assertions (soniq.testing), also on a caller's connection: a NULL
+        # filter matches every row, so each parameter appears once.
+        self._list_jobs = render(f"""
+SELECT {JOB_COLUMNS} FROM {jobs}
+WHERE status = '{ready}' AND name = coalesce($1::text, name) AND queue = coalesce($2::text, queue)
+ORDER BY id""")
         queued_to = states.next_status(JobStatus.QUEUED, Event.CANCEL).value
         running = JobStatus.RUNNING.value
         cancellable = states.sql_status_list(states.CANCELLABLE)
@@ -296,6 +302,10 @@ DELETE FROM {jobs} WHERE id IN (
     def get_job(self, job_id: int) -> Query:
         """Select one job by id (no row when it does not exist)."""
         return Query(self._get_job, (str(_job_id(job_id)),))
+
+    def list_jobs(self, name: str | None, queue: str | None) -> Query:
+        """Select queued jobs (due or not), optionally of one name and/or queue, by id."""
+        return Query(self._list_jobs, (name, queue))
 
     def cancel_job(self, job_id: int) -> Query:
         """Cancel a queued job or request cancellation of a running one (a row if so)."""

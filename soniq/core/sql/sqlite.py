@@ -1,0 +1,599 @@
+"""SQLite statements and the operations built from them (sans-IO).
+
+Each operation is a generator of :class:`Step` objects: a driver executes each step on
+its connection and sends back a :class:`Result` (rows and row count); the generator's
+return value is the operation's result. :class:`Operation` says whether the steps must
+run inside ``BEGIN IMMEDIATE`` (every operation that writes: it takes SQLite's single
+write lock up front, so a read-modify-write such as a claim can neither interleave with
+another writer nor fail half-way on a lock upgrade). The driver is a loop; which
+statements run, in what order and what they mean is decided here.
+
+Portability. The SQLite that Python links varies by platform: 3.40 here, but RHEL 9
+and derivatives ship 3.34, which has no ``RETURNING`` (3.35) and no
+``UPDATE ... FROM`` before 3.33. Every operation already runs in one transaction that
+holds the write lock, where ``SELECT`` then ``UPDATE`` is as atomic as
+``UPDATE ... RETURNING`` and costs no network round trip, so the statements use only
+partial indexes (3.8) and ``INSERT OR IGNORE``. Neither ``ON CONFLICT`` upserts, nor
+``RETURNING``, nor the JSON functions are needed.
+
+Times are epoch seconds (``REAL``), read from the clock by the driver and passed in as
+``now``: this module never reads a clock. Rows come back as :class:`soniq.core.jobs.Job`
+with aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Generator, Sequence
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from soniq.core import serialize, states
+from soniq.core.errors import SchemaNotReadyError
+from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.outcomes import Outcome
+from soniq.core.states import Event, JobStatus
+
+T = TypeVar("T")
+UTC = dt.timezone.utc
+
+#: SQLite integers are signed 64-bit: no job can have an id outside this range.
+_MAX_ID = 2**63 - 1
+
+
+@attrs.frozen
+class Step:
+    """One statement. With ``many``, ``params`` is a list of parameter tuples for
+    ``executemany``."""
+
+    sql: str
+    params: Any = ()
+    many: bool = False
+
+
+@attrs.frozen
+class Result:
+    """What a step gave back: its rows (empty for DML) and the rows it changed."""
+
+    rows: list[tuple[Any, ...]]
+    rowcount: int = -1
+
+
+Steps = Generator[Step, Result, T]
+
+
+@attrs.frozen
+class Operation(Generic[T]):
+    """An operation's steps, and whether they run under ``BEGIN IMMEDIATE``."""
+
+    steps: Steps[T]
+    write: bool
+
+
+@attrs.frozen
+class Inserted:
+    """The ids of one enqueue call, in input order, and the queue to wake (None when
+    nothing new is due now: a dedupe hit or a job scheduled for later)."""
+
+    ids: list[int]
+    wake: str | None
+
+
+# -- schema --------------------------------------------------------------------
+
+_QUEUED = JobStatus.QUEUED.value
+_RUNNING = JobStatus.RUNNING.value
+_ALL = states.sql_status_list(frozenset(JobStatus))
+_ACTIVE = states.sql_status_list(states.ACTIVE)
+_FINISHED = states.sql_status_list(states.FINISHED)
+_CANCELLABLE = states.sql_status_list(states.CANCELLABLE)
+
+JOBS = "soniq_jobs"
+WORKERS = "soniq_workers"
+
+
+@attrs.frozen
+class Migration:
+    """One schema version: its DDL, one statement per item (a driver must not use
+    ``executescript``, which would commit the migration's transaction)."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial",
+        (
+            # AUTOINCREMENT: ids are never reused, even after finished jobs are deleted
+            # (as PostgreSQL's identity), and the rows of one insert get consecutive ids.
+            f"""CREATE TABLE {JOBS} (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    name             TEXT NOT NULL,
+    queue            TEXT NOT NULL,
+    args             TEXT NOT NULL,
+    status           TEXT NOT NULL DEFAULT '{_QUEUED}' CHECK (status IN {_ALL}),
+    priority         INTEGER NOT NULL DEFAULT 0,
+    run_at           REAL NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    max_retries      INTEGER NOT NULL DEFAULT 3 CHECK (max_retries >= 0),
+    timeout          REAL CHECK (timeout > 0),
+    dedupe_key       TEXT,
+    worker_id        TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    last_traceback   TEXT,
+    result           TEXT,
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL
+)""",
+            # The claim reads queued rows in claim order and stops after its LIMIT: one
+            # index for workers of every queue, one for workers of one queue. Only
+            # queued rows are indexed, so finished history never slows a claim.
+            f"CREATE INDEX soniq_jobs_claim_idx ON {JOBS} (priority DESC, run_at, id) "
+            f"WHERE status = '{_QUEUED}'",
+            f"CREATE INDEX soniq_jobs_claim_queue_idx ON {JOBS} "
+            f"(queue, priority DESC, run_at, id) WHERE status = '{_QUEUED}'",
+            # dedupe_key is unique among jobs that are still queued or running.
+            f"CREATE UNIQUE INDEX soniq_jobs_dedupe_idx ON {JOBS} (dedupe_key) "
+            f"WHERE dedupe_key IS NOT NULL AND status IN {_ACTIVE}",
+            # Recovery of dead workers' jobs, reconciliation, cancellation requests.
+            f"CREATE INDEX soniq_jobs_running_idx ON {JOBS} (worker_id) "
+            f"WHERE status = '{_RUNNING}'",
+            # Pruning finished jobs by age.
+            f"CREATE INDEX soniq_jobs_finished_idx ON {JOBS} (finished_at) "
+            f"WHERE status IN {_FINISHED}",
+            f"""CREATE TABLE {WORKERS} (
+    id           TEXT PRIMARY KEY,
+    hostname     TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    queues       TEXT,
+    concurrency  INTEGER NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+)""",
+        ),
+    ),
+)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+_BOOTSTRAP = """CREATE TABLE IF NOT EXISTS soniq_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)"""
+
+
+def schema_version() -> Operation[int]:
+    """The applied schema version (0 when Soniq's tables do not exist); no DDL."""
+
+    def steps() -> Steps[int]:
+        found = yield Step(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+            ("soniq_migrations",),
+        )
+        if not found.rows[0][0]:
+            return 0
+        version = yield Step("SELECT coalesce(max(version), 0) FROM soniq_migrations")
+        return int(version.rows[0][0])
+
+    return Operation(steps(), write=False)
+
+
+def check_version(version: int, *, apply: bool) -> bool:
+    """True when ``version`` is current; False when :func:`migrate` must run; raises
+    :class:`SchemaNotReadyError` when the file is newer than this Soniq, or older and
+    ``apply`` is False."""
+    if version == LATEST_VERSION:
+        return True
+    if version > LATEST_VERSION:
+        raise SchemaNotReadyError(
+            f"the SQLite database is at schema version {version}, newer than this Soniq "
+            f"({LATEST_VERSION}); upgrade the soniq package"
+        )
+    if not apply:
+        raise SchemaNotReadyError(
+            f"the SQLite database is at schema version {version}, this Soniq needs "
+            f"{LATEST_VERSION}; run `soniq migrate --database-url sqlite:///PATH` or "
+            "ensure_initialized()"
+        )
+    return False
+
+
+def migrate(now: float) -> Operation[int]:
+    """Apply pending migrations under the write lock (so processes starting at once
+    serialise: the first applies, the others find nothing left). Returns the version."""
+
+    def steps() -> Steps[int]:
+        yield Step(_BOOTSTRAP)
+        applied = {row[0] for row in (yield Step("SELECT version FROM soniq_migrations")).rows}
+        for migration in MIGRATIONS:
+            if migration.version in applied:
+                continue
+            for statement in migration.statements:
+                yield Step(statement)
+            yield Step(
+                "INSERT INTO soniq_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, now),
+            )
+        return LATEST_VERSION
+
+    return Operation(steps(), write=True)
+
+
+def script() -> str:
+    """The whole DDL as one script (for reading; drivers apply :func:`migrate`)."""
+    parts = [_BOOTSTRAP]
+    for migration in MIGRATIONS:
+        parts += migration.statements
+    return ";\n\n".join(parts) + ";\n"
+
+
+# -- rows ----------------------------------------------------------------------
+
+JOB_COLUMNS = (
+    "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
+    "dedupe_key, worker_id, last_error, result, cancel_requested, created_at, "
+    "started_at, finished_at"
+)
+
+
+def to_datetime(epoch: float | None) -> dt.datetime | None:
+    """Epoch seconds as stored -> an aware UTC datetime."""
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, UTC)
+
+
+def job_from_row(row: Sequence[Any]) -> Job:
+    """Map a row selected with :data:`JOB_COLUMNS` to a :class:`Job`."""
+    run_at, created_at = to_datetime(row[6]), to_datetime(row[15])
+    assert run_at is not None and created_at is not None  # NOT NULL columns
+    return Job(
+        id=row[0],
+        name=row[1],
+        queue=row[2],
+        args=serialize.loads(row[3]),
+        status=JobStatus(row[4]),
+        priority=row[5],
+        run_at=run_at,
+        attempts=row[7],
+        max_retries=row[8],
+        timeout=row[9],
+        dedupe_key=row[10],
+        worker_id=row[11],
+        last_error=row[12],
+        result=serialize.loads(row[13]),
+        cancel_requested=bool(row[14]),
+        created_at=created_at,
+        started_at=to_datetime(row[16]),
+        finished_at=to_datetime(row[17]),
+    )
+
+
+def _known_id(job_id: object) -> bool:
+    """Validate a job id; False when no row can have it (outside SQLite's integers)."""
+    if isinstance(job_id, bool) or not isinstance(job_id, int):
+        raise TypeError(f"job_id must be an int, got {job_id!r}")
+    return 0 < job_id <= _MAX_ID
+
+
+# -- enqueue and inspect -----------------------------------------------------------
+
+_INSERT = (
+    f"INSERT INTO {JOBS} (name, queue, args, priority, run_at, max_retries, dedupe_key, "
+    "timeout, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
+    """Insert the jobs of one enqueue call; ids in input order. A ``dedupe_key`` held by
+    a queued or running job returns that job's id and inserts nothing."""
+    run_at = spec.run_at.timestamp() if spec.run_at is not None else now + spec.delay
+    shared = (spec.priority, run_at, spec.max_retries, spec.dedupe_key, spec.timeout, now)
+    values = [(spec.name, spec.queue, serialize.dumps(args), *shared) for args in spec.args]
+
+    def steps() -> Steps[Inserted]:
+        if spec.dedupe_key is not None:
+            # Under the write lock: nobody can insert the key between this and the insert
+            # (and the partial unique index would refuse it anyway).
+            held = yield Step(
+                f"SELECT id FROM {JOBS} WHERE dedupe_key = ? AND status IN {_ACTIVE}",
+                (spec.dedupe_key,),
+            )
+            if held.rows:
+                return Inserted([held.rows[0][0]], None)
+        yield Step(_INSERT, values, many=True)
+        last = (yield Step("SELECT last_insert_rowid()")).rows[0][0]
+        # With AUTOINCREMENT each new row gets max(ever used) + 1, and the write lock is
+        # held, so the rows of this call have consecutive ids, in input order.
+        ids = list(range(last - len(values) + 1, last + 1))
+        return Inserted(ids, spec.queue if run_at <= now else None)
+
+    return Operation(steps(), write=True)
+
+
+def get_job(job_id: int) -> Operation[Job | None]:
+    """The job, or None."""
+    known = _known_id(job_id)
+
+    def steps() -> Steps[Job | None]:
+        if not known:
+            return None
+        found = yield Step(f"SELECT {JOB_COLUMNS} FROM {JOBS} WHERE id = ?", (job_id,))
+        return job_from_row(found.rows[0]) if found.rows else None
+
+    return Operation(steps(), write=False)
+
+
+def list_jobs(name: str | None, queue: str | None) -> Operation[list[Job]]:
+    """Queued jobs (due or not), optionally of one name and/or queue, by id."""
+    where, params = [f"status = '{_QUEUED}'"], []
+    if name is not None:
+        where.append("name = ?")
+        params.append(name)
+    if queue is not None:
+        where.append("queue = ?")
+        params.append(queue)
+    sql = f"SELECT {JOB_COLUMNS} FROM {JOBS} WHERE {' AND '.join(where)} ORDER BY id"
+
+    def steps() -> Steps[list[Job]]:
+        found = yield Step(sql, tuple(params))
+        return [job_from_row(row) for row in found.rows]
+
+    return Operation(steps(), write=False)
+
+
+_CANCEL_TO = states.next_status(JobStatus.QUEUED, Event.CANCEL).value
+_CANCEL = f"""UPDATE {JOBS}
+SET status = CASE WHEN status = '{_QUEUED}' THEN '{_CANCEL_TO}' ELSE status END,
+    finished_at = CASE WHEN status = '{_QUEUED}' THEN ? ELSE finished_at END,
+    cancel_requested = (cancel_requested OR status = '{_RUNNING}')
+WHERE id = ? AND status IN {_CANCELLABLE}"""
+
+
+def cancel_job(job_id: int, now: float) -> Operation[bool]:
+    """Cancel a queued job at once, or record the request for a running one (its
+    worker acknowledges it); False when the job is unknown or finished."""
+    known = _known_id(job_id)
+
+    def steps() -> Steps[bool]:
+        if not known:
+            return False
+        changed = yield Step(_CANCEL, (now, job_id))
+        return changed.rowcount > 0
+
+    return Operation(steps(), write=True)
+
+
+# -- the worker ----------------------------------------------------------------------
+
+_CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
+_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout
+FROM {JOBS}
+WHERE status = '{_QUEUED}' @queue_filter@ AND run_at <= ?
+ORDER BY priority DESC, run_at, id
+LIMIT ?"""
+_CLAIM_UPDATE = (
+    f"UPDATE {JOBS} SET status = '{_CLAIM_TO}', attempts = attempts + 1, worker_id = ?, "
+    f"started_at = ? WHERE id = ? AND status = '{_QUEUED}'"
+)
+
+
+def claim_jobs(
+    limit: int, worker_id: str, queues: Sequence[str] | None, now: float
+) -> Operation[list[Claimed]]:
+    """Claim up to ``limit`` due jobs, by priority DESC, then run_at, then id. Under
+    the write lock, so no other worker (thread or process) can claim the same rows."""
+    params: tuple[Any, ...]
+    if queues is None:
+        sql, params = _CLAIM_SELECT.replace("@queue_filter@", ""), (now, limit)
+    elif len(queues) == 1:
+        # One queue is the common case: an equality lets the index give claim order.
+        sql = _CLAIM_SELECT.replace("@queue_filter@", "AND queue = ?")
+        params = (queues[0], now, limit)
+    else:
+        marks = ", ".join("?" * len(queues))
+        sql = _CLAIM_SELECT.replace("@queue_filter@", f"AND queue IN ({marks})")
+        params = (*queues, now, limit)
+
+    def steps() -> Steps[list[Claimed]]:
+        found = (yield Step(sql, params)).rows
+        if not found:
+            return []
+        yield Step(_CLAIM_UPDATE, [(worker_id, now, row[0]) for row in found], many=True)
+        return [
+            Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6]) for r in found
+        ]
+
+    return Operation(steps(), write=True)
+
+
+# Fenced by worker and attempt: a rescued job's late finish matches no row.
+_FENCE = f"id = ? AND status = '{_RUNNING}' AND worker_id = ? AND attempts = ?"
+_FINISH_UPDATE = f"""UPDATE {JOBS} SET
+    status = ?,
+    attempts = attempts - ?,
+    run_at = coalesce(?, run_at),
+    worker_id = CASE WHEN ? THEN worker_id END,
+    finished_at = ?,
+    cancel_requested = (cancel_requested AND ?),
+    last_error = coalesce(?, last_error),
+    last_traceback = coalesce(?, last_traceback),
+    result = ?
+WHERE {_FENCE}"""
+_FINISH_DELETE = f"DELETE FROM {JOBS} WHERE {_FENCE}"
+
+
+def finish_jobs(
+    outcomes: Sequence[Outcome], worker_id: str, *, keep: bool, now: float
+) -> Operation[int]:
+    """Write a batch of outcomes in one transaction, each fenced by worker and attempt;
+    with ``keep=False`` finished jobs are deleted. Returns how many rows were written."""
+    updates, deletes = [], []
+    for o in outcomes:
+        finished = o.status in states.FINISHED
+        if finished and not keep:
+            deletes.append((o.job_id, worker_id, o.attempts))
+            continue
+        updates.append(
+            (
+                o.status.value,
+                1 if o.release else 0,
+                None if o.retry_in is None else now + o.retry_in,
+                finished,
+                now if finished else None,
+                finished,
+                o.error,
+                o.traceback,
+                o.result,
+                o.job_id,
+                worker_id,
+                o.attempts,
+            )
+        )
+
+    def steps() -> Steps[int]:
+        written = 0
+        if updates:
+            written += (yield Step(_FINISH_UPDATE, updates, many=True)).rowcount
+        if deletes:
+            written += (yield Step(_FINISH_DELETE, deletes, many=True)).rowcount
+        return written
+
+    return Operation(steps(), write=True)
+
+
+def register_worker(
+    worker_id: str,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str] | None,
+    concurrency: int,
+    now: float,
+) -> Operation[None]:
+    """Record a worker (again); its heartbeat is now."""
+    queue_list = None if queues is None else serialize.dumps(list(queues))
+
+    def steps() -> Steps[None]:
+        yield Step(
+            f"INSERT OR IGNORE INTO {WORKERS} "
+            "(id, hostname, pid, queues, concurrency, started_at, heartbeat_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (worker_id, hostname, pid, queue_list, concurrency, now, now),
+        )
+        yield Step(f"UPDATE {WORKERS} SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
+
+    return Operation(steps(), write=True)
+
+
+def unregister_worker(worker_id: str) -> Operation[None]:
+    """Forget a worker that stopped cleanly."""
+
+    def steps() -> Steps[None]:
+        yield Step(f"DELETE FROM {WORKERS} WHERE id = ?", (worker_id,))
+
+    return Operation(steps(), write=True)
+
+
+def heartbeat(worker_id: str, now: float) -> Operation[bool]:
+    """Refresh a worker's heartbeat; False if it was declared dead meanwhile."""
+
+    def steps() -> Steps[bool]:
+        changed = yield Step(
+            f"UPDATE {WORKERS} SET heartbeat_at = ? WHERE id = ?", (now, worker_id)
+        )
+        return changed.rowcount > 0
+
+    return Operation(steps(), write=True)
+
+
+def cancel_requests(worker_id: str) -> Operation[list[int]]:
+    """Ids of the worker's running jobs whose cancellation was requested."""
+
+    def steps() -> Steps[list[int]]:
+        found = yield Step(
+            f"SELECT id FROM {JOBS} WHERE worker_id = ? AND status = '{_RUNNING}' "
+            "AND cancel_requested",
+            (worker_id,),
+        )
+        return [row[0] for row in found.rows]
+
+    return Operation(steps(), write=False)
+
+
+_REQUEUED = states.next_status(JobStatus.RUNNING, Event.RESCUE).value
+_GAVE_UP = states.next_status(JobStatus.RUNNING, Event.FAIL).value
+# Running jobs of workers that are not registered (dead ones were just deleted).
+_ORPHANED = (
+    f"status = '{_RUNNING}' AND NOT EXISTS "
+    f"(SELECT 1 FROM {WORKERS} AS w WHERE w.id = {JOBS}.worker_id)"
+)
+_RESCUE_STATUS = f"CASE WHEN attempts > max_retries THEN '{_GAVE_UP}' ELSE '{_REQUEUED}' END"
+
+
+def rescue_stale(stale_after: float, now: float) -> Operation[list[tuple[int, str]]]:
+    """Forget workers whose heartbeat is older than ``stale_after`` seconds, and put
+    back the running jobs of unregistered workers with the attempt counted (a job with
+    no attempt left fails). Returns (id, new status) pairs."""
+
+    def steps() -> Steps[list[tuple[int, str]]]:
+        yield Step(f"DELETE FROM {WORKERS} WHERE heartbeat_at < ?", (now - stale_after,))
+        found = yield Step(f"SELECT id, {_RESCUE_STATUS} FROM {JOBS} WHERE {_ORPHANED}")
+        if not found.rows:
+            return []
+        yield Step(
+            f"""UPDATE {JOBS} SET
+    status = {_RESCUE_STATUS},
+    finished_at = CASE WHEN attempts > max_retries THEN ? END,
+    worker_id = CASE WHEN attempts > max_retries THEN worker_id END,
+    last_error = 'WorkerLost: worker ' || coalesce(worker_id, '?') || ' stopped heartbeating'
+WHERE {_ORPHANED}""",
+            (now,),
+        )
+        return [(row[0], row[1]) for row in found.rows]
+
+    return Operation(steps(), write=True)
+
+
+_RELEASED = states.next_status(JobStatus.RUNNING, Event.RELEASE).value
+
+
+def reconcile(worker_id: str, held: Sequence[int]) -> Operation[int]:
+    """Put back the worker's running jobs that it does not hold (claimed, but the reply
+    was lost), the attempt not counted; how many."""
+    keep = set(held)
+
+    def steps() -> Steps[int]:
+        found = yield Step(
+            f"SELECT id FROM {JOBS} WHERE worker_id = ? AND status = '{_RUNNING}'",
+            (worker_id,),
+        )
+        lost = [(row[0], worker_id) for row in found.rows if row[0] not in keep]
+        if not lost:
+            return 0
+        changed = yield Step(
+            f"UPDATE {JOBS} SET status = '{_RELEASED}', attempts = attempts - 1, "
+            f"worker_id = NULL WHERE id = ? AND worker_id = ? AND status = '{_RUNNING}'",
+            lost,
+            many=True,
+        )
+        return changed.rowcount
+
+    return Operation(steps(), write=True)
+
+
+def prune_finished(older_than: float, limit: int, now: float) -> Operation[int]:
+    """Delete up to ``limit`` jobs finished more than ``older_than`` seconds ago."""
+
+    def steps() -> Steps[int]:
+        deleted = yield Step(
+            f"DELETE FROM {JOBS} WHERE id IN (SELECT id FROM {JOBS} "
+            f"WHERE status IN {_FINISHED} AND finished_at < ? LIMIT ?)",
+            (now - older_than, limit),
+        )
+        return deleted.rowcount
+
+    return Operation(steps(), write=True)

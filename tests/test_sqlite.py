@@ -1,0 +1,562 @@
+"""What only the SQLite backend has: its file (the default one, URLs), its connection
+settings, its schema and indexes, an event loop it must not block, real worker
+processes sharing one file, and a SIGKILLed worker's job rescued by another process.
+
+The API and worker semantics shared with every backend are in test_api.py and
+test_behaviour.py. Waits poll a condition with a deadline; none sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from soniq import ConfigurationError, JobStatus, SchemaNotReadyError, Soniq
+from soniq.core import outcomes
+from soniq.core.jobs import JobSpec
+from soniq.core.sql import sqlite as sq
+from soniq.drivers import sqlite as driver
+from tests.sqlite_app import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def eq(tmp_path: Path) -> AsyncIterator[Soniq]:
+    app = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    await app.ensure_initialized()
+    yield app
+    await app.close()
+
+
+def db_path(eq: Soniq) -> str:
+    return str(eq.backend.path)  # type: ignore[attr-defined]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- the file --------------------------------------------------------------------
+
+
+async def test_no_url_means_soniq_db_in_the_working_directory_and_logs_its_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("SONIQ_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="soniq")
+    eq = Soniq()
+    expected = os.path.join(os.getcwd(), "soniq.db")
+    assert eq.backend.name == "sqlite"
+    assert [r for r in caplog.records if r.name == "soniq" and expected in r.getMessage()]
+    assert all(r.levelno == logging.INFO for r in caplog.records if expected in r.getMessage())
+    # The path is fixed when Soniq is made: a later chdir cannot split the database.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    try:
+        await eq.ensure_initialized()
+        job_id = await eq.enqueue("some.job", x=1)
+        assert eq.sync.get_job(job_id) is not None
+    finally:
+        await eq.close()
+    assert (tmp_path / "soniq.db").is_file()
+    assert not (elsewhere / "soniq.db").exists()
+
+
+def test_soniq_database_url_wins_over_the_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SONIQ_DATABASE_URL", f"sqlite:///{tmp_path}/from-env.db")
+    eq = Soniq()
+    try:
+        eq.sync.ensure_initialized()
+    finally:
+        eq.sync.close()
+    assert (tmp_path / "from-env.db").is_file()
+    assert not (tmp_path / "soniq.db").exists()
+
+
+def test_relative_and_absolute_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    absolute = f"sqlite:///{tmp_path}/abs.db"
+    assert absolute.startswith("sqlite:////")
+    for url, made in [
+        ("sqlite:///sub/rel.db", tmp_path / "sub" / "rel.db"),
+        (absolute, tmp_path / "abs.db"),
+    ]:
+        eq = Soniq(url)
+        assert eq.backend.path == str(made)  # type: ignore[attr-defined]
+        try:
+            eq.sync.ensure_initialized()
+            eq.sync.enqueue("some.job")
+        finally:
+            eq.sync.close()
+        assert made.is_file()
+
+
+async def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    eq = Soniq(f"sqlite:///{tmp_path}/no/such/dir/jobs.db")
+    try:
+        with pytest.raises(ConfigurationError, match=r"no/such/dir/jobs\.db"):
+            await eq.ensure_initialized()
+        with pytest.raises(ConfigurationError, match="directory"):
+            eq.sync.ensure_initialized()
+    finally:
+        await eq.close()
+
+
+def test_connections_use_wal_busy_timeout_and_full_sync(tmp_path: Path) -> None:
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    try:
+        eq.sync.ensure_initialized()
+    finally:
+        eq.sync.close()
+    with sqlite3.connect(tmp_path / "jobs.db") as raw:  # WAL is a property of the file
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn = driver.connect(str(tmp_path / "jobs.db"))
+    try:
+        assert conn.isolation_level is None
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == driver.BUSY_TIMEOUT_MS
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        conn.close()
+
+
+async def test_connection_argument_raises_value_error(eq: Soniq) -> None:
+    @eq.job(name="job")
+    def job(n: int) -> None: ...
+
+    class SomeConnection:
+        pass
+
+    with pytest.raises(ValueError, match="sqlite backend"):
+        await eq.enqueue(job, connection=SomeConnection(), n=1)
+    with pytest.raises(ValueError, match="sqlite backend"):
+        await eq.enqueue_many(job, [{"n": 1}], connection=SomeConnection())
+    with pytest.raises(ValueError, match="sqlite backend"):
+        eq.sync.enqueue(job, connection=SomeConnection(), n=1)
+    with pytest.raises(ValueError, match="sqlite backend"):
+        eq.sync.enqueue_many(job, [{"n": 1}], connection=SomeConnection())
+    assert await eq.get_job(1) is None  # nothing was written
+
+
+async def test_there_is_no_pool_to_lend(eq: Soniq) -> None:
+    with pytest.raises(ConfigurationError, match="sqlite backend has no connection pool"):
+        eq.backend.acquire()
+    with pytest.raises(ConfigurationError, match="sqlite backend has no connection pool"):
+        eq.sync.backend.acquire()
+
+
+# -- schema ------------------------------------------------------------------------
+
+
+async def test_schema_is_versioned_and_checked(tmp_path: Path) -> None:
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    try:
+        with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+            await eq.ensure_initialized(migrate=False)
+        with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+            await eq.enqueue("some.job")
+        with pytest.raises(SchemaNotReadyError, match="soniq migrate"):
+            eq.sync.enqueue("some.job")
+        assert await eq.backend.migrate(apply=True) == sq.LATEST_VERSION
+        assert await eq.backend.migrate(apply=True) == sq.LATEST_VERSION  # idempotent
+        assert eq.sync.backend.migrate(apply=False) == sq.LATEST_VERSION
+    finally:
+        await eq.close()
+    with sqlite3.connect(tmp_path / "jobs.db") as raw:
+        versions = raw.execute("SELECT version, name FROM soniq_migrations").fetchall()
+        names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
+        raw.execute("INSERT INTO soniq_migrations VALUES (99, 'future', 0)")
+    assert versions == [(1, "initial")]
+    assert {
+        "soniq_jobs",
+        "soniq_workers",
+        "soniq_jobs_claim_idx",
+        "soniq_jobs_claim_queue_idx",
+        "soniq_jobs_dedupe_idx",
+        "soniq_jobs_running_idx",
+        "soniq_jobs_finished_idx",
+    } <= names
+    newer = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    try:
+        with pytest.raises(SchemaNotReadyError, match="upgrade the soniq package"):
+            newer.sync.ensure_initialized()
+    finally:
+        newer.sync.close()
+
+
+def test_processes_migrating_one_new_file_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "soniq", "migrate", "--database-url", url],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8, outputs
+    with sqlite3.connect(tmp_path / "jobs.db") as raw:
+        assert raw.execute("SELECT version FROM soniq_migrations").fetchall() == [(1,)]
+
+
+def explain(conn: sqlite3.Connection, op: sq.Operation[Any], skip: int = 0) -> str:
+    """The query plan of the (``skip``+1)-th statement of an operation."""
+    steps = op.steps
+    step = next(steps)
+    for _ in range(skip):
+        step = steps.send(sq.Result([(0,)], 0))
+    steps.close()
+    params = step.params[0] if step.many else step.params
+    rows = conn.execute(f"EXPLAIN QUERY PLAN {step.sql}", params).fetchall()
+    return "\n".join(str(row[-1]) for row in rows)
+
+
+async def test_hot_statements_use_their_indexes(eq: Soniq) -> None:
+    """Plans as a user's file has them: no ANALYZE statistics, finished history beside
+    the queued jobs of several queues."""
+    for queue in ("a", "b", "c", "d"):
+        await eq.enqueue_many("some.job", [{"n": n} for n in range(500)], queue=queue)
+    claimed = await eq.backend.claim_jobs(1000, "w", None)
+    done = [outcomes.succeeded(c.id, c.attempts, None) for c in claimed]
+    await eq.backend.finish_jobs(done, "w", keep=True)
+    await eq.backend.claim_jobs(10, "w", None)
+    now = time.time()
+    conn = driver.connect(db_path(eq))
+    try:
+        # The claim reads queued rows in claim order and stops at its LIMIT: no sort.
+        plan = explain(conn, sq.claim_jobs(10, "w", None, now))
+        assert "soniq_jobs_claim_idx" in plan and "TEMP B-TREE" not in plan, plan
+        plan = explain(conn, sq.claim_jobs(10, "w", ["b"], now))
+        assert "soniq_jobs_claim_queue_idx" in plan and "TEMP B-TREE" not in plan, plan
+        plan = explain(conn, sq.claim_jobs(10, "w", ["b", "c"], now))
+        assert "soniq_jobs_claim_queue_idx" in plan, plan
+        plan = explain(conn, sq.prune_finished(60, 100, now))
+        assert "soniq_jobs_finished_idx" in plan, plan
+        plan = explain(conn, sq.cancel_requests("w"))
+        assert "soniq_jobs_running_idx" in plan, plan
+        plan = explain(conn, sq.reconcile("w", []))
+        assert "soniq_jobs_running_idx" in plan, plan
+        plan = explain(conn, sq.rescue_stale(30, now), skip=1)
+        assert "soniq_jobs_running_idx" in plan, plan
+        spec = JobSpec("some.job", "default", ({},), dedupe_key="k")
+        plan = explain(conn, sq.insert_jobs(spec, now))
+        assert "soniq_jobs_dedupe_idx" in plan, plan
+    finally:
+        conn.close()
+
+
+# -- the event loop ----------------------------------------------------------------
+
+
+class Ticker:
+    """Ticks every millisecond on the loop and remembers the longest gap."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            self.ticks += 1
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def reset(self) -> None:
+        self.ticks, self.longest = 0, 0.0
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.01)
+        self.reset()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._task
+
+
+async def test_a_locked_database_does_not_block_the_loop(eq: Soniq) -> None:
+    """Another process holds the write lock: the enqueue waits on its thread (busy
+    timeout) while the loop goes on ticking."""
+    locker = sqlite3.connect(db_path(eq), isolation_level=None)
+    try:
+        async with Ticker() as ticker:
+            locker.execute("BEGIN IMMEDIATE")
+            enqueue = asyncio.create_task(eq.enqueue("some.job", x=1))
+            await asyncio.sleep(0.5)
+            assert not enqueue.done()  # waiting for the lock...
+            assert ticker.ticks > 100 and ticker.longest < 0.2  # ...without blocking the loop
+            locker.execute("COMMIT")
+            job_id = await asyncio.wait_for(enqueue, 10)
+        assert (await eq.get_job(job_id)) is not None
+    finally:
+        locker.close()
+
+
+async def test_a_big_enqueue_many_does_not_block_the_loop(eq: Soniq) -> None:
+    batch = [{"n": n} for n in range(100_000)]
+    async with Ticker() as ticker:
+        started = time.perf_counter()
+        ids = await eq.enqueue_many("some.job", batch)
+        took = time.perf_counter() - started
+    assert len(ids) == 100_000 and ids == list(range(ids[0], ids[0] + 100_000))
+    # Serialising the batch happens on the loop; the SQLite work does not.
+    assert ticker.ticks > 50 and ticker.longest < took / 3, (ticker.ticks, ticker.longest, took)
+
+
+async def test_a_cancelled_claim_puts_its_jobs_back(eq: Soniq) -> None:
+    job_id = await eq.enqueue("some.job", x=1)
+    locker = sqlite3.connect(db_path(eq), isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        claim = asyncio.create_task(eq.backend.claim_jobs(5, "gone", None))
+        await asyncio.sleep(0.05)
+        claim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await claim
+        locker.execute("COMMIT")  # the claim now runs on its thread, then is undone
+    finally:
+        locker.close()
+
+    async def put_back() -> bool:
+        job = await eq.get_job(job_id)
+        assert job is not None
+        return job.started_at is not None and job.status == JobStatus.QUEUED
+
+    await async_wait_until(put_back, 10, "the claimed job to be put back")
+    job = await eq.get_job(job_id)
+    assert job is not None and (job.attempts, job.worker_id) == (0, None)
+
+
+async def test_an_enqueue_in_this_process_wakes_the_worker_at_once(eq: Soniq) -> None:
+    """With no NOTIFY, listen() hears this process's enqueues (from any thread); the
+    30 s poll interval shows the wake-up did the work."""
+    done: list[int] = []
+
+    @eq.job(name="wake")
+    async def wake(n: int) -> None:
+        done.append(n)
+
+    key = driver._key(db_path(eq))
+
+    async def listening() -> bool:
+        return bool(driver._listeners.get(key))
+
+    async def ran() -> bool:
+        return done == [1]
+
+    worker = asyncio.create_task(eq.run_worker(poll_interval=30))
+    try:
+        await async_wait_until(listening, 10, "the worker to listen")
+        # From another thread, through the sync twin: the same file, another backend.
+        await asyncio.to_thread(eq.sync.enqueue, wake, n=1)
+        await async_wait_until(ran, 5, "the job to run")
+    finally:
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+
+
+def test_a_backend_made_before_fork_works_in_the_child(tmp_path: Path) -> None:
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    first = eq.sync.enqueue("some.job")
+
+    async def use() -> int:
+        return await eq.enqueue("some.job")
+
+    asyncio.run(use())  # the async backend's thread and connection exist now
+    pid = os.fork()
+    if pid == 0:  # the child: new thread, new connections; exits without pytest
+        code = 1
+        try:
+            job_id = asyncio.run(use())
+            code = 0 if eq.sync.get_job(job_id) is not None else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the child hung")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert eq.sync.get_job(first) is not None  # the parent's connections still work
+    asyncio.run(use())
+    asyncio.run(eq.close())
+    eq.sync.close()
+
+
+# -- worker processes --------------------------------------------------------------
+
+
+@pytest.fixture
+def app_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Where ``tests.sqlite_app`` keeps its database and run log, migrated."""
+    env = os.environ.copy()
+    env.pop("SONIQ_DATABASE_URL", None)
+    env["SONIQ_SQLITE_APP_DB"] = str(tmp_path / "jobs.db")
+    env["SONIQ_SQLITE_APP_LOG"] = str(tmp_path / "runs.log")
+    setup = Soniq(f"sqlite:///{env['SONIQ_SQLITE_APP_DB']}")
+    setup.sync.ensure_initialized()
+    setup.sync.close()
+    yield env
+
+
+class Workers:
+    """Worker processes of ``tests.sqlite_app``, each logging to a file of its own."""
+
+    def __init__(self, env: dict[str, str], tmp_path: Path) -> None:
+        self.env, self.tmp_path = env, tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.tmp_path / f"worker-{len(self.procs)}.out", "wb")  # noqa: SIM115
+        with out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "soniq", "worker", "tests.sqlite_app:eq", *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> str:
+        index = self.procs.index(proc)
+        return (self.tmp_path / f"worker-{index}.out").read_text(errors="replace")
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker did not exit:\n{self.output(proc)}") from None
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(app_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(app_env, tmp_path)
+    yield pool
+    pool.kill_all()
+
+
+def statuses(db: str) -> collections.Counter[str]:
+    with sqlite3.connect(db) as raw:
+        return collections.Counter(r[0] for r in raw.execute("SELECT status FROM soniq_jobs"))
+
+
+@pytest.mark.slow
+def test_worker_processes_drain_a_file_and_no_job_runs_twice(
+    app_env: dict[str, str], workers: Workers
+) -> None:
+    db, log = app_env["SONIQ_SQLITE_APP_DB"], app_env["SONIQ_SQLITE_APP_LOG"]
+    eq = Soniq(f"sqlite:///{db}")
+    try:
+        ids = eq.sync.enqueue_many("tests.sqlite_app.record", [{"pause": 0.01}] * 300)
+        ids += eq.sync.enqueue_many("tests.sqlite_app.record_sync", [{"pause": 0.01}] * 100)
+        ids += eq.sync.enqueue_many("tests.sqlite_app.record", [{}] * 400, priority=-1)
+    finally:
+        eq.sync.close()
+    procs = [
+        workers.start("--burst", "--concurrency", "4", "--poll-interval", "0.05") for _ in range(4)
+    ]
+    for proc in procs:
+        assert workers.wait(proc) == 0, workers.output(proc)
+    runs = read_log(log)
+    per_job = collections.Counter(job_id for job_id, _, _, _ in runs)
+    assert per_job == {job_id: 1 for job_id in ids}
+    assert {attempt for _, attempt, _, _ in runs} == {1}
+    assert len({pid for _, _, pid, _ in runs}) >= 2  # the work was shared
+    assert statuses(db) == {"done": 800}
+
+
+@pytest.mark.slow
+def test_a_sigkilled_workers_job_is_rescued_by_another_process(
+    app_env: dict[str, str], workers: Workers
+) -> None:
+    db, log = app_env["SONIQ_SQLITE_APP_DB"], app_env["SONIQ_SQLITE_APP_LOG"]
+    fast = ("--stale-after", "2", "--heartbeat-interval", "0.3", "--poll-interval", "0.05")
+    eq = Soniq(f"sqlite:///{db}")
+    try:
+        job_id = eq.sync.enqueue("tests.sqlite_app.slow_first_attempt", seconds=600)
+        first = workers.start(*fast)
+        wait_until(lambda: read_log(log), 30, "the first worker to start the job")
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        job = eq.sync.get_job(job_id)
+        assert job is not None and job.status == JobStatus.RUNNING  # nobody put it back
+
+        second = workers.start(*fast)
+
+        def finished() -> bool:
+            job = eq.sync.get_job(job_id)
+            return job is not None and job.status == JobStatus.DONE
+
+        wait_until(finished, 30, "another worker to rescue and finish the job")
+        job = eq.sync.get_job(job_id)
+        assert job is not None and job.attempts == 2
+        assert job.last_error is not None and "WorkerLost" in job.last_error
+        second.send_signal(signal.SIGTERM)
+        assert workers.wait(second, 30) == 0, workers.output(second)
+    finally:
+        eq.sync.close()
+    assert read_log(log) == [
+        (job_id, 1, first.pid, "started"),
+        (job_id, 2, second.pid, "started"),
+        (job_id, 2, second.pid, "finished"),
+    ]
