@@ -64,6 +64,11 @@ class _Config:
                 raise ConfigurationError(
                     f"driver={driver!r} applies to PostgreSQL; {url!r} is {self.kind}"
                 )
+            if schema != "public":
+                raise ConfigurationError(
+                    f"schema={schema!r} applies to PostgreSQL; {url!r} is {self.kind}, "
+                    "whose tables are not in schemas (use another file instead)"
+                )
             if self.kind == "sqlite" and database_url is None:
                 log.info("Soniq uses the SQLite database %s", self.location)
             self.schema = schema

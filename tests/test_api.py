@@ -233,6 +233,7 @@ async def test_missing_schema_says_to_migrate(database_url: str) -> None:
         ({"database_url": "sqlite://jobs.db"}, "sqlite:///relative"),
         ({"database_url": "memory://named"}, "memory://"),
         ({"database_url": "memory://", "driver": "asyncpg"}, "applies to PostgreSQL"),
+        ({"database_url": "sqlite:///x.db", "schema": "jobs"}, "applies to PostgreSQL"),
     ],
 )
 def test_bad_configuration(kwargs: dict[str, Any], match: str) -> None:
