@@ -63,10 +63,16 @@ def imports(session: nox.Session) -> None:
     session.run("lint-imports")
 
 
+# The peers measured by `nox -s bench`, pinned so that figures compare across runs.
+BENCH_PEERS = ["pgqueuer==1.6.0", "procrastinate==3.10.0"]
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Enqueue throughput beside the raw drivers, on fresh databases of
-    SONIQ_BENCH_DATABASE_URL; `nox -s bench -- --quick` is a smoke run of seconds.
-    Not in the default sessions."""
-    session.install("-e", ".[binary]")
+    """Soniq beside the raw drivers and its peers (pgqueuer, procrastinate, pinned):
+    enqueue, drain, latency, worker memory and a drain over 1M finished rows, each
+    system on a fresh database of SONIQ_BENCH_DATABASE_URL; writes a table, JSON and
+    a PNG chart to benchmarks/results/. `nox -s bench -- --quick` is a smoke run of
+    under a minute. Not in the default sessions."""
+    session.install("-e", ".[binary]", *BENCH_PEERS, "matplotlib==3.11.2")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,7 +1,7 @@
-"""``python -m benchmarks``: the enqueue benchmark (see :mod:`benchmarks.enqueue`)."""
+"""``python -m benchmarks``: the whole suite (see :mod:`benchmarks.suite`)."""
 
 from __future__ import annotations
 
-from benchmarks.enqueue import main
+from benchmarks.suite import main
 
 raise SystemExit(main())

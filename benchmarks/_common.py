@@ -11,6 +11,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,21 @@ def fresh_databases(
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )
+
+
+def quiesce(conn: psycopg.Connection[Any], limit: float = 10.0) -> float:
+    """Wait (up to ``limit`` seconds) until no autovacuum worker runs on the server, so
+    that the vacuum of one system's rows does not land in another's measurement; the
+    seconds waited. (Each measurement also empties its tables right after it.)"""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+        ).fetchone()
+        if not row or not row[0]:
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - started
 
 
 def _meminfo_total() -> str:
@@ -137,7 +153,10 @@ def machine_info(admin: str) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "postgresql": settings.pop("server_version"),
         "postgresql_settings": settings,
-        "packages": {d: _version(d) for d in ("soniq", "asyncpg", "psycopg", "psycopg-pool")},
+        "packages": {
+            d: _version(d)
+            for d in ("soniq", "asyncpg", "psycopg", "psycopg-pool", "pgqueuer", "procrastinate")
+        },
         "soniq_revision": _git_revision(),
     }
 
@@ -153,14 +172,16 @@ def describe_machine(info: dict[str, Any]) -> str:
             f"fsync={s['fsync']}, shared_buffers={s['shared_buffers']}, "
             f"max_wal_size={s['max_wal_size']}",
             f"Python {info['python']}; soniq {p['soniq']} ({info['soniq_revision']}), "
-            f"asyncpg {p['asyncpg']}, psycopg {p['psycopg']}, psycopg-pool {p['psycopg-pool']}",
+            f"asyncpg {p['asyncpg']}, psycopg {p['psycopg']}, psycopg-pool {p['psycopg-pool']}; "
+            f"peers: pgqueuer {p['pgqueuer']}, procrastinate {p['procrastinate']}",
         ]
     )
 
 
 @dataclass
 class Series:
-    """The rates (jobs/s) of one measurement, one per repeat."""
+    """The values of one measurement, one per repeat: rates (jobs/s), or latencies
+    (ms) and memory (MiB) for the worker figures."""
 
     rates: list[float] = field(default_factory=list)
 
@@ -178,14 +199,14 @@ class Series:
     def high(self) -> float:
         return max(self.rates)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, digits: int = 1) -> dict[str, Any]:
         if not self.rates:
             return {"rates": [], "median": None, "min": None, "max": None, "failure": self.failure}
         return {
-            "rates": [round(r, 1) for r in self.rates],
-            "median": round(self.median, 1),
-            "min": round(self.low, 1),
-            "max": round(self.high, 1),
+            "rates": [round(r, digits) for r in self.rates],
+            "median": round(self.median, digits),
+            "min": round(self.low, digits),
+            "max": round(self.high, digits),
             "failure": self.failure,
         }
 

@@ -11,9 +11,15 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
 * ``many``: one call that enqueues a batch (20,000 by default). Raw baseline:
   ``INSERT ... SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[])``.
 
-Soniq and the raw driver each get a fresh database per driver, dropped at the end. The
-raw databases get Soniq's schema through ``ensure_initialized``, so raw inserts hit the
-same table, defaults and indexes. Before every measurement both tables are truncated
+Beside them, the peers doing the same with their own documented calls: pgqueuer on
+asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
+procrastinate on psycopg async and on its sync connector (``defer_async`` /
+``defer``; ``configure(connection=...)``; ``batch_defer``).
+
+Every system gets a fresh database per driver, dropped at the end. The raw databases
+get Soniq's schema through ``ensure_initialized``, so raw inserts hit the same table,
+defaults and indexes; the peers install their own schema. Before every measurement the
+tables are truncated
 and the server checkpoints (untimed), so no measurement pays for another's dirty
 pages; after it the rows are counted. Each repeat runs every measurement of a case
 back to back, in an order rotated from one repeat to the next, so drift of the machine
@@ -27,7 +33,6 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
 import re
 import sys
 import time
@@ -41,13 +46,10 @@ import psycopg_pool
 
 from benchmarks._common import (
     Series,
-    admin_url,
-    describe_machine,
     fresh_databases,
-    machine_info,
     paired_ratios,
+    quiesce,
     render_table,
-    write_results,
 )
 from soniq import Soniq
 
@@ -369,6 +371,148 @@ class SoniqSync:
         return elapsed
 
 
+class PgqueuerAsyncpg:
+    """pgqueuer: ``Queries`` over an asyncpg pool (single and batch); in a caller's
+    transaction, ``Queries`` over that connection, as its README shows."""
+
+    is_async = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool: asyncpg.Pool | None = None
+        self.queries: Any = None
+
+    async def open(self) -> None:
+        from pgqueuer import AsyncpgPoolDriver, Queries
+
+        self.pool = await asyncpg.create_pool(self.url, min_size=1, max_size=10)
+        self.queries = Queries(AsyncpgPoolDriver(self.pool))
+        await self.queries.install()
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def single(self, n: int) -> float:
+        enqueue = self.queries.enqueue
+        start = time.perf_counter()
+        for i in range(n):
+            await enqueue(JOB_NAME, _dumps({"n": i}).encode())
+        return time.perf_counter() - start
+
+    async def tx(self, n: int) -> float:
+        from pgqueuer import AsyncpgDriver, Queries
+
+        pool = self.pool
+        assert pool is not None
+        start = time.perf_counter()
+        for _ in range(n):
+            async with pool.acquire() as conn, conn.transaction():
+                order_id = await conn.fetchval(ORDER_SQL, "acme", 1999)
+                await Queries(AsyncpgDriver(conn)).enqueue(
+                    JOB_NAME, _dumps({"n": order_id}).encode()
+                )
+        return time.perf_counter() - start
+
+    async def many(self, n: int) -> float:
+        payloads = [_dumps(a).encode() for a in _batch_args(n)]
+        start = time.perf_counter()
+        ids = await self.queries.enqueue([JOB_NAME] * n, payloads, [0] * n)
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+class ProcrastinateAsync:
+    """procrastinate on its psycopg async connector: ``defer_async``;
+    ``configure(connection=conn).defer_async`` in a caller's transaction (a connection
+    of its own pool); ``batch_defer_async``."""
+
+    is_async = True
+
+    def __init__(self, url: str) -> None:
+        from procrastinate import App, PsycopgConnector
+
+        self.app = App(connector=PsycopgConnector(conninfo=url, min_size=1, max_size=10))
+        self.task = self.app.task(name=JOB_NAME)(noop)
+
+    async def open(self) -> None:
+        await self.app.open_async()
+        await self.app.schema_manager.apply_schema_async()
+
+    async def close(self) -> None:
+        await self.app.close_async()
+
+    async def single(self, n: int) -> float:
+        defer = self.task.defer_async
+        start = time.perf_counter()
+        for i in range(n):
+            await defer(n=i)
+        return time.perf_counter() - start
+
+    async def tx(self, n: int) -> float:
+        pool, task = self.app.connector.pool, self.task  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        for _ in range(n):
+            async with pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(ORDER_SQL_F, ("acme", 1999))
+                (order_id,) = await cur.fetchone()
+                await task.configure(connection=conn).defer_async(n=order_id)
+        return time.perf_counter() - start
+
+    async def many(self, n: int) -> float:
+        args = _batch_args(n)
+        start = time.perf_counter()
+        ids = await self.task.batch_defer_async(*args)
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
+class ProcrastinateSync:
+    """procrastinate's ``SyncPsycopgConnector``: ``defer``;
+    ``configure(connection=conn).defer``; ``batch_defer``."""
+
+    is_async = False
+
+    def __init__(self, url: str) -> None:
+        from procrastinate import App, SyncPsycopgConnector
+
+        self.app = App(connector=SyncPsycopgConnector(conninfo=url, min_size=1, max_size=10))
+        self.task = self.app.task(name=JOB_NAME)(noop)
+
+    def open(self) -> None:
+        self.app.open()
+        self.app.schema_manager.apply_schema()
+
+    def close(self) -> None:
+        self.app.close()
+
+    def single(self, n: int) -> float:
+        defer = self.task.defer
+        start = time.perf_counter()
+        for i in range(n):
+            defer(n=i)
+        return time.perf_counter() - start
+
+    def tx(self, n: int) -> float:
+        pool, task = self.app.connector.pool, self.task  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        for _ in range(n):
+            with pool.connection() as conn, conn.transaction():
+                (order_id,) = conn.execute(ORDER_SQL_F, ("acme", 1999)).fetchone()
+                task.configure(connection=conn).defer(n=order_id)
+        return time.perf_counter() - start
+
+    def many(self, n: int) -> float:
+        args = _batch_args(n)
+        start = time.perf_counter()
+        ids = self.task.batch_defer(*args)
+        elapsed = time.perf_counter() - start
+        assert len(ids) == n
+        return elapsed
+
+
 async def _soniq_schema(url: str, driver: str) -> None:
     eq = Soniq(url, driver=driver)
     try:
@@ -377,10 +521,26 @@ async def _soniq_schema(url: str, driver: str) -> None:
         await eq.close()
 
 
-System = RawAsyncpg | RawPsycopgAsync | RawPsycopgSync | SoniqAsync | SoniqSync
+System = (
+    RawAsyncpg
+    | RawPsycopgAsync
+    | RawPsycopgSync
+    | SoniqAsync
+    | SoniqSync
+    | PgqueuerAsyncpg
+    | ProcrastinateAsync
+    | ProcrastinateSync
+)
+
+#: The peer measured beside each driver (its own driver of that kind).
+PEERS = {"asyncpg": "pgqueuer", "psycopg": "procrastinate", "psycopg-sync": "procrastinate"}
 
 
 def make_system(driver: str, kind: str, url: str) -> System:
+    if kind == "pgqueuer":
+        return PgqueuerAsyncpg(url)
+    if kind == "procrastinate":
+        return ProcrastinateSync(url) if driver == "psycopg-sync" else ProcrastinateAsync(url)
     if kind == "raw":
         if driver == "asyncpg":
             return RawAsyncpg(url)
@@ -407,10 +567,25 @@ class Measure:
         return f"{self.driver}/{self.case}/{self.key}"
 
 
-def measures(drivers: list[str], cases: list[str]) -> list[Measure]:
+def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[Measure]:
     out = []
     for driver in drivers:
         raw, soniq = f"{driver}-raw", f"{driver}-soniq"
+        peer = PEERS[driver]
+        db = f"{driver}-{peer}"
+        sync = driver == "psycopg-sync"
+        peer_plan = {
+            "pgqueuer": {
+                "single": "pgqueuer Queries.enqueue (own pool)",
+                "tx": "pgqueuer BEGIN; order; Queries(conn).enqueue; COMMIT",
+                "many": "pgqueuer Queries.enqueue(lists)",
+            },
+            "procrastinate": {
+                "single": f"procrastinate {'defer' if sync else 'defer_async'} (own pool)",
+                "tx": "procrastinate BEGIN; order; configure(connection=).defer; COMMIT",
+                "many": f"procrastinate {'batch_defer' if sync else 'batch_defer_async'}",
+            },
+        }[peer]
         plan = {
             "single": [
                 ("raw", "raw INSERT ... RETURNING id", raw, "single"),
@@ -426,29 +601,69 @@ def measures(drivers: list[str], cases: list[str]) -> list[Measure]:
                 ("soniq", "soniq enqueue_many", soniq, "many"),
             ],
         }
+        if peers:
+            for case in plan:
+                plan[case].append((peer, peer_plan[case], db, case))
         for case in cases:
             for key, label, database, method in plan[case]:
                 out.append(Measure(driver, case, key, label, database, method))
     return out
 
 
-# Ratios shown: (driver-less) numerator key -> denominator key, per case.
+# Ratios kept: (driver-less) numerator key -> denominator key, per case. Every
+# measure's ratio to its case's plain raw baseline comes first; then Soniq's to the rest.
 RATIOS = {
-    "single": [("raw_notify", "raw"), ("soniq", "raw"), ("soniq", "raw_notify")],
-    "tx": [("soniq", "raw")],
-    "many": [("soniq", "raw")],
+    "single": [
+        ("raw_notify", "raw"),
+        ("soniq", "raw"),
+        ("pgqueuer", "raw"),
+        ("procrastinate", "raw"),
+        ("soniq", "raw_notify"),
+        ("soniq", "pgqueuer"),
+        ("soniq", "procrastinate"),
+    ],
+    "tx": [
+        ("soniq", "raw"),
+        ("pgqueuer", "raw"),
+        ("procrastinate", "raw"),
+        ("soniq", "pgqueuer"),
+        ("soniq", "procrastinate"),
+    ],
+    "many": [
+        ("soniq", "raw"),
+        ("pgqueuer", "raw"),
+        ("procrastinate", "raw"),
+        ("soniq", "pgqueuer"),
+        ("soniq", "procrastinate"),
+    ],
+}
+
+
+#: Per kind of database: its job table, and what TRUNCATE empties.
+TABLES = {
+    "raw": ("public.soniq_jobs", "public.soniq_jobs, public.orders"),
+    "soniq": ("public.soniq_jobs", "public.soniq_jobs, public.orders"),
+    "pgqueuer": ("pgqueuer", "pgqueuer, pgqueuer_log, pgqueuer_statistics, public.orders"),
+    "procrastinate": ("procrastinate_jobs", "procrastinate_jobs, public.orders CASCADE"),
 }
 
 
 class Control:
     """A plain autocommit connection per database, for the untimed chores."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, kind: str) -> None:
         self.conn = psycopg.connect(url, autocommit=True)
         self.can_checkpoint = True
+        self.jobs_table, self.truncate = TABLES[kind]
+
+    def clear(self) -> None:
+        """Empty the tables: after a measurement too, so that no autovacuum of these
+        rows runs during another database's measurement."""
+        self.conn.execute(f"TRUNCATE {self.truncate}")
 
     def reset(self) -> None:
-        self.conn.execute("TRUNCATE public.soniq_jobs, public.orders")
+        self.clear()
+        quiesce(self.conn)
         if self.can_checkpoint:
             try:
                 self.conn.execute("CHECKPOINT")
@@ -457,7 +672,7 @@ class Control:
 
     def count(self) -> tuple[int, int]:
         row = self.conn.execute(
-            "SELECT (SELECT count(*) FROM public.soniq_jobs), (SELECT count(*) FROM public.orders)"
+            f"SELECT (SELECT count(*) FROM {self.jobs_table}), (SELECT count(*) FROM public.orders)"
         ).fetchone()
         assert row is not None
         return row[0], row[1]
@@ -497,6 +712,7 @@ class Bench:
                 f"{n} jobs: cancelled by statement_timeout after {waited:.1f} s ({exc})"
             ) from exc
         jobs, orders = control.count()
+        control.clear()
         want_orders = n if m.case == "tx" else 0
         if (jobs, orders) != (n, want_orders):
             raise RuntimeError(
@@ -509,13 +725,13 @@ def _size(m: Measure, n_single: int, n_batch: int) -> int:
     return n_batch if m.case == "many" else n_single
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    admin = admin_url()
-    info = machine_info(admin)
-    print(describe_machine(info), flush=True)
+def run_benchmark(args: argparse.Namespace, admin: str) -> dict[str, Any]:
+    """The enqueue measurements of ``args`` (see :mod:`benchmarks.suite`), on fresh
+    databases made with the ``admin`` URL."""
     print(
-        f"single/tx: N={args.n} jobs per measurement; many: {args.batch} jobs in one call; "
-        f"{args.repeats} repeat(s) after a warm-up; drivers: {', '.join(args.drivers)}",
+        f"enqueue: single/tx: N={args.n} jobs per measurement; many: {args.batch} jobs in "
+        f"one call; {args.repeats} repeat(s) after a warm-up; drivers: "
+        f"{', '.join(args.drivers)}",
         flush=True,
     )
     plan = measures(args.drivers, args.cases)
@@ -532,7 +748,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 opened = system.open()
                 if opened is not None:
                     loop.run_until_complete(opened)
-                controls[label] = Control(urls[label])
+                controls[label] = Control(urls[label], kind)
                 controls[label].conn.execute(ORDERS_DDL)
             bench = Bench(systems, controls, loop)
 
@@ -563,7 +779,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     for m in batch[shift:] + batch[:shift]:
                         attempt(m, _size(m, args.n, args.batch), record=True)
                 print(
-                    f"  repeat {r + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s)",
+                    f"  enqueue repeat {r + 1}/{args.repeats} done "
+                    f"({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -577,8 +794,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             loop.close()
         checkpointed = all(c.can_checkpoint for c in controls.values())
     return {
-        "benchmark": "enqueue",
-        "machine": info,
         "parameters": {
             "n": args.n,
             "batch": args.batch,
@@ -651,6 +866,11 @@ def _targets(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, A
     return out
 
 
+def _ratio(result: dict[str, Any], of: str, to: str) -> str:
+    r = next((x for x in result["ratios"] if x["of"] == of and x["to"] == to), None)
+    return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" if r else ""
+
+
 def render(result: dict[str, Any]) -> str:
     rows: list[list[str]] = []
     previous: tuple[str, str] | None = None
@@ -659,27 +879,25 @@ def render(result: dict[str, Any]) -> str:
         if previous is not None and group != previous:
             rows.append([])
         previous = group
-        # The first ratio listed for a measure is to its case's plain raw baseline.
-        r = next((x for x in result["ratios"] if x["of"] == m["id"]), None)
-        ratio = (
-            f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) of {r['to'].rsplit('/', 1)[1]}"
-            if r
-            else ""
-        )
+        key = m["id"].rsplit("/", 1)[1]
+        base = f"{m['driver']}/{m['case']}"
         if m["failure"]:
-            rate, spread, ratio = "FAILED", "-", "(see below)"
+            rate, spread = "FAILED", "-"
         else:
             rate, spread = f"{m['median']:,.0f}", f"{m['min']:,.0f}-{m['max']:,.0f}"
-        rows.append([m["driver"], m["case"], m["label"], rate, spread, ratio])
+        of_raw = _ratio(result, m["id"], f"{base}/raw") if key != "raw" else ""
+        soniq_to = _ratio(result, f"{base}/soniq", m["id"]) if key != "soniq" else ""
+        rows.append([m["driver"], m["case"], m["label"], rate, spread, of_raw, soniq_to])
     table = render_table(
-        ["driver", "case", "what", "jobs/s", "min-max", "ratio (min-max) of"],
+        ["driver", "case", "what", "jobs/s", "min-max", "this / raw", "soniq / this"],
         rows,
         right={3, 4},
     )
-    lines = [table, ""]
-    extra = [r for r in result["ratios"] if r["to"].endswith("/raw_notify")]
-    for r in extra:
-        lines.append(f"{r['of']} / {r['to']}: {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+    lines = [
+        table,
+        "",
+        "ratios: median of the per-repeat ratios (min-max); each pair measured moments apart",
+    ]
     for m in result["measures"]:
         if m["failure"]:
             lines.append(f"FAILED {m['id']}: {m['failure']}")
@@ -690,57 +908,4 @@ def render(result: dict[str, Any]) -> str:
             value = f"{t['value']:,}" if isinstance(t["value"], int) else f"{t['value']:.2f}"
         verdict = "met" if t["met"] else "MISSED"
         lines.append(f"target: {t['what']} = {value} (want {t['target']}): {verdict}")
-    if result["parameters"]["quick"]:
-        lines.append("(--quick: small N, one repeat; a smoke test, not figures to quote)")
     return "\n".join(lines)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Enqueue throughput of Soniq beside the raw driver, on fresh databases "
-        "(admin URL from SONIQ_BENCH_DATABASE_URL).",
-    )
-    parser.add_argument("--quick", action="store_true", help="N=300, one repeat (for CI)")
-    parser.add_argument("-n", type=int, default=None, help="jobs per single/tx measurement")
-    parser.add_argument("--batch", type=int, default=20_000, help="jobs in one enqueue_many")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats (default 5)")
-    parser.add_argument("--warmup", type=int, default=200, help="jobs per warm-up measurement")
-    parser.add_argument(
-        "--drivers", nargs="+", choices=DRIVERS, default=list(DRIVERS), metavar="DRIVER"
-    )
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), metavar="CASE")
-    parser.add_argument(
-        "--statement-timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="cancel any statement running longer (default 60, --quick 10); the "
-        "measurement then fails and is not tried again",
-    )
-    parser.add_argument("--output", help="JSON file (default benchmarks/results/enqueue-*.json)")
-    args = parser.parse_args(argv)
-    if args.n is None:
-        args.n = 300 if args.quick else 5000
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 5
-    if args.statement_timeout is None:
-        args.statement_timeout = 10.0 if args.quick else 60.0
-    if min(args.n, args.batch, args.repeats, args.warmup) < 1:
-        parser.error("-n, --batch, --repeats and --warmup must be >= 1")
-    args.drivers = list(dict.fromkeys(args.drivers))
-    args.cases = [c for c in CASES if c in args.cases]
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("soniq", "asyncpg", "psycopg", "psycopg.pool"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    result = run_benchmark(args)
-    print("\n" + render(result), flush=True)
-    path = write_results("enqueue", result, args.output)
-    print(f"\nresults: {path}")
-    # A failed measurement fails the run (so CI notices); a missed target does not.
-    return 1 if any(m["failure"] for m in result["measures"]) else 0
