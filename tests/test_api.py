@@ -324,3 +324,24 @@ async def test_a_lent_connection_comes_back_reset(database_url: str, schema: str
         assert await conn.fetchval("SHOW application_name") != "changed by the app"
         assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
     await eq.close()
+
+
+async def test_one_enqueue_is_one_statement_on_asyncpg(database_url: str, schema: str) -> None:
+    """The hot path is a single INSERT: asyncpg's pool would otherwise send a reset
+    query after every release, doubling the round trips of an enqueue."""
+    eq = Soniq(database_url, schema=schema, pool_size=1)
+    await eq.ensure_initialized()
+
+    @eq.job()
+    async def noop() -> None: ...
+
+    await eq.enqueue(noop)  # opens the pool and prepares the statement
+    statements: list[str] = []
+    async with eq.backend.acquire() as conn:
+        conn.add_query_logger(lambda record: statements.append(record.query))
+    statements.clear()  # the reset of the lent connection itself
+    await eq.enqueue(noop)
+    await eq.enqueue(noop)
+    await eq.close()
+    assert len(statements) == 2, statements
+    assert all(s.lstrip().upper().startswith(("INSERT", "WITH")) for s in statements), statements

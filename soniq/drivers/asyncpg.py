@@ -44,7 +44,9 @@ class AsyncpgDriver(PostgresAsyncOps):
         owner = async_owner()
         if self._pool is not None and self._owner == owner:
             return self._pool
-        pool = await asyncpg.create_pool(self.dsn, min_size=self._min_size, max_size=self._max_size)
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=self._min_size, max_size=self._max_size, reset=_keep_session
+        )
         if self._pool is not None and self._owner == owner:  # another task won the race
             await pool.close()
             return self._pool
