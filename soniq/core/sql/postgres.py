@@ -24,6 +24,7 @@ from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
 
 ParamStyle = Literal["numeric", "format"]
+_DONE = states.next_status(JobStatus.RUNNING, Event.SUCCEED)
 _NUMERIC = re.compile(r"\$\d+")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -201,17 +202,33 @@ RETURNING {CLAIM_COLUMNS}"""
         finished = states.sql_status_list(states.FINISHED)
         requeued = states.next_status(JobStatus.RUNNING, Event.RESCUE).value
         gave_up = states.next_status(JobStatus.RUNNING, Event.FAIL).value
-        outcomes = """
-WITH u AS (
-    SELECT x.*, $1::text AS me
-    FROM jsonb_to_recordset($2::text::jsonb) AS x(id bigint, attempts int, status text,
-        retry_in float8, error text, traceback text, result text, release boolean)
+        done = states.next_status(JobStatus.RUNNING, Event.SUCCEED).value
+        # Most outcomes are plain successes: they travel as two integer arrays, cheap
+        # to build and to read; the rest (failures, retries, results, releases) as one
+        # JSON document. One statement writes both.
+        outcomes = f"""
+WITH me AS MATERIALIZED (SELECT $1::text AS worker_id, '{running}'::text AS running),
+ok AS MATERIALIZED (
+    SELECT * FROM unnest($2::text::bigint[], $3::text::int[]) AS f(id, attempts)
+),
+u AS MATERIALIZED (
+    SELECT * FROM jsonb_to_recordset($4::text::jsonb) AS x(id bigint, attempts int,
+        status text, retry_in float8, error text, traceback text, result text,
+        release boolean)
 )"""
         # Fenced by worker and attempt: a rescued job's late finish matches no row.
+        # Rows are found by primary key, one probe per outcome, whatever the statistics
+        # say: drivers cache prepared statements and PostgreSQL then reuses one generic
+        # plan. Status and worker are compared with sub-select values, not constants,
+        # so that the running index cannot serve: its statistics say "almost empty"
+        # (few jobs run at any moment) while it holds an entry for every job run since
+        # the last vacuum, and a plan walking it made each flush slower than the last.
         fence = (
-            f"j.id = u.id AND j.status = '{running}' AND j.worker_id = u.me "
-            "AND j.attempts = u.attempts"
+            "j.id = @alias@.id AND j.attempts = @alias@.attempts "
+            "AND j.status = (SELECT running FROM me) AND j.worker_id = (SELECT worker_id FROM me)"
         )
+        ok_fence = fence.replace("@alias@", "f")
+        u_fence = fence.replace("@alias@", "u")
         update = f"""
 UPDATE {jobs} AS j SET
     status = u.status,
@@ -225,20 +242,33 @@ UPDATE {jobs} AS j SET
     last_traceback = coalesce(u.traceback, j.last_traceback),
     result = u.result::jsonb
 FROM u
-WHERE {fence}"""
-        self._finish = render(f"{outcomes}{update}\nRETURNING j.id")
+WHERE {u_fence}"""
+        self._finish = render(f"""{outcomes},
+ok_done AS (
+    UPDATE {jobs} AS j SET status = '{done}', finished_at = now(), result = NULL
+    FROM ok AS f WHERE {ok_fence}
+    RETURNING j.id
+),
+other AS ({update}
+    RETURNING j.id
+)
+SELECT id FROM ok_done UNION ALL SELECT id FROM other""")
         # With no retention, finished rows are deleted instead of kept.
         self._finish_delete = render(f"""{outcomes},
+ok_gone AS (
+    DELETE FROM {jobs} AS j USING ok AS f WHERE {ok_fence}
+    RETURNING j.id
+),
 gone AS (
     DELETE FROM {jobs} AS j USING u
-    WHERE {fence} AND u.status IN {finished}
+    WHERE {u_fence} AND u.status IN {finished}
     RETURNING j.id
 ),
 kept AS ({update}
     AND u.status NOT IN {finished}
     RETURNING j.id
 )
-SELECT id FROM gone UNION ALL SELECT id FROM kept""")
+SELECT id FROM ok_gone UNION ALL SELECT id FROM gone UNION ALL SELECT id FROM kept""")
         self._register = render(f"""
 INSERT INTO {workers} (id, hostname, pid, queues, concurrency)
 VALUES ($1::text, $2::text, $3::text::int,
@@ -322,21 +352,29 @@ DELETE FROM {jobs} WHERE id IN (
     def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> Query:
         """Write a batch of outcomes in one statement, fenced by worker and attempt;
         rows hold the ids written. With ``keep=False`` finished jobs are deleted."""
-        doc = [
-            {
-                "id": o.job_id,
-                "attempts": o.attempts,
-                "status": o.status.value,
-                "retry_in": o.retry_in,
-                "error": o.error,
-                "traceback": o.traceback,
-                "result": o.result,
-                "release": o.release,
-            }
-            for o in outcomes
-        ]
+        ok_ids: list[str] = []
+        ok_attempts: list[str] = []
+        doc = []
+        for o in outcomes:
+            if o.status is _DONE and o.result is None and not o.release:
+                ok_ids.append(str(o.job_id))
+                ok_attempts.append(str(o.attempts))
+                continue
+            doc.append(
+                {
+                    "id": o.job_id,
+                    "attempts": o.attempts,
+                    "status": o.status.value,
+                    "retry_in": o.retry_in,
+                    "error": o.error,
+                    "traceback": o.traceback,
+                    "result": o.result,
+                    "release": o.release,
+                }
+            )
         sql = self._finish if keep else self._finish_delete
-        return Query(sql, (worker_id, serialize.dumps(doc)))
+        ok = ("{" + ",".join(ok_ids) + "}", "{" + ",".join(ok_attempts) + "}")
+        return Query(sql, (worker_id, *ok, serialize.dumps(doc)))
 
     def register_worker(
         self,
