@@ -47,6 +47,10 @@ from soniq.worker.threads import DaemonThreadPool
 
 log = logging.getLogger("soniq.worker")
 
+#: Claims in flight at once. With one, the worker idles while each claim travels;
+#: with two, one batch runs while the next is claimed (as the raw limit does).
+CLAIM_LANES = 2
+
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -120,6 +124,8 @@ class Worker:
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._stopping = False
+        self._reserved = 0  # slots of the claims in flight
+        self._reconcile_needed = False
         self._stopping_completer = False
         self._random = random.Random().random
         self._counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0}
@@ -131,6 +137,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wake = asyncio.Event()
+        self._claims_open = asyncio.Event()
+        self._claims_open.set()
+        self._no_claim_in_flight = asyncio.Event()
+        self._no_claim_in_flight.set()
         self._slot_freed = asyncio.Event()
         self._flush_needed = asyncio.Event()
         self._threads = DaemonThreadPool(self.config.concurrency)
@@ -206,10 +216,30 @@ class Worker:
     # -- fetching --------------------------------------------------------------
 
     async def _fetch_forever(self) -> None:
+        """Claim in lanes until stopped; returns when a lane does (``burst``: nothing
+        ready and nothing running), re-raising a lane's error."""
+        lanes = [
+            asyncio.ensure_future(self._claim_lane(cap))
+            for cap in _lane_caps(self.config.concurrency)
+        ]
+        try:
+            done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for lane in lanes:
+                lane.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+        for lane in done:
+            lane.result()
+
+    async def _claim_lane(self, cap: int) -> None:
+        """Claim up to ``cap`` jobs (never more than the free slots, counting those
+        other lanes are claiming) in one statement, start them, repeat."""
         failures = 0
-        reconcile = False
         while not self._stopping:
-            free = self.config.concurrency - len(self._running)
+            if not self._claims_open.is_set():  # another lane is reconciling
+                await self._claims_open.wait()
+                continue
+            free = min(cap, self.config.concurrency - len(self._running) - self._reserved)
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -219,14 +249,21 @@ class Worker:
                 continue
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
             try:
-                if reconcile:
+                if self._reconcile_needed:
                     await self._reconcile()
-                    reconcile = False
-                rows = await self._backend.claim_jobs(free, self.id, self.config.queues)
+                    continue
+                self._reserved += free
+                self._no_claim_in_flight.clear()
+                try:
+                    rows = await self._backend.claim_jobs(free, self.id, self.config.queues)
+                finally:
+                    self._reserved -= free
+                    if not self._reserved:
+                        self._no_claim_in_flight.set()
             except Exception as exc:
                 # A worker must outlive a bad moment of its database: log, back off,
                 # reconcile what a lost reply may have claimed, and go on.
-                failures, reconcile = failures + 1, True
+                failures, self._reconcile_needed = failures + 1, True
                 if is_connection_error(exc):
                     log.warning("claim failed (%s); retrying", exc)
                 else:
@@ -238,15 +275,23 @@ class Worker:
                 self._start(row)
             if len(rows) == free:
                 continue
-            if self.config.burst and not rows and not self._running:
+            if self.config.burst and not rows and not self._running and not self._reserved:
                 return
             waits = [self._wake, self._slot_freed] if self._running else [self._wake]
             self._slot_freed.clear()
             await _wait_any(waits, self.config.poll_interval)
 
     async def _reconcile(self) -> None:
-        held = list(self._running) + [o.job_id for o in self._pending]
-        put_back = await self._backend.reconcile(self.id, held)
+        """Put back what a lost claim reply may have claimed, with no claim of another
+        lane in flight (its rows are claimed but not known to this worker yet)."""
+        self._reconcile_needed = False
+        self._claims_open.clear()
+        try:
+            await self._no_claim_in_flight.wait()
+            held = list(self._running) + [o.job_id for o in self._pending]
+            put_back = await self._backend.reconcile(self.id, held)
+        finally:
+            self._claims_open.set()
         if put_back:
             log.warning("put back %d job(s) claimed while the connection was lost", put_back)
 
@@ -500,6 +545,13 @@ class Worker:
                     ", ".join(f"{k} {v}" for k, v in counts.items()),
                     len(self._running),
                 )
+
+
+def _lane_caps(concurrency: int) -> list[int]:
+    """Batch caps of the claim lanes: two lanes share the slots, so that one batch
+    runs while the next claim is in flight (one lane when there is one slot)."""
+    lanes = min(CLAIM_LANES, concurrency)
+    return [concurrency // lanes + (i < concurrency % lanes) for i in range(lanes)]
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
