@@ -54,6 +54,9 @@ class AsyncBackend(Protocol):
     #: Whether enqueue accepts ``connection=`` (only PostgreSQL has a caller's
     #: transaction to join).
     accepts_connections: bool
+    #: Claims a worker keeps in flight at once. A server overlaps them with running
+    #: jobs; an embedded database serialises writers, so it gets one.
+    claim_lanes: int
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         """A raw connection of the backend's own pool."""

@@ -515,6 +515,7 @@ class MemoryBackend:
 
     name = "memory"
     accepts_connections = False
+    claim_lanes = 1
 
     def __init__(self, store: MemoryStore) -> None:
         self.store = store

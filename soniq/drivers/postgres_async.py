@@ -22,6 +22,7 @@ class PostgresAsyncOps:
     queries: PostgresQueries
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
+    claim_lanes = 2
 
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError

@@ -19,6 +19,7 @@ class PostgresSyncOps:
     queries: PostgresQueries
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
+    claim_lanes = 2
 
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError

@@ -266,6 +266,7 @@ class SqliteBackend:
 
     name = "sqlite"
     accepts_connections = False
+    claim_lanes = 1
 
     def __init__(self, path: str) -> None:
         self.path = path

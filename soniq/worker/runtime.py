@@ -47,10 +47,6 @@ from soniq.worker.threads import DaemonThreadPool
 
 log = logging.getLogger("soniq.worker")
 
-#: Claims in flight at once. With one, the worker idles while each claim travels;
-#: with two, one batch runs while the next is claimed (as the raw limit does).
-CLAIM_LANES = 2
-
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -220,7 +216,7 @@ class Worker:
         ready and nothing running), re-raising a lane's error."""
         lanes = [
             asyncio.ensure_future(self._claim_lane(cap))
-            for cap in _lane_caps(self.config.concurrency)
+            for cap in _lane_caps(self.config.concurrency, self._backend.claim_lanes)
         ]
         try:
             done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_COMPLETED)
@@ -547,10 +543,11 @@ class Worker:
                 )
 
 
-def _lane_caps(concurrency: int) -> list[int]:
-    """Batch caps of the claim lanes: two lanes share the slots, so that one batch
-    runs while the next claim is in flight (one lane when there is one slot)."""
-    lanes = min(CLAIM_LANES, concurrency)
+def _lane_caps(concurrency: int, lanes: int) -> list[int]:
+    """Batch caps of the claim lanes, which share the slots. With one lane the worker
+    idles while each claim travels; with two, one batch runs while the next is
+    claimed (as the raw limit does)."""
+    lanes = max(1, min(lanes, concurrency))
     return [concurrency // lanes + (i < concurrency % lanes) for i in range(lanes)]
 
 
