@@ -133,6 +133,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wake = asyncio.Event()
+        self._idlers: list[tuple[asyncio.Future[None], bool]] = []  # see _idle
         self._claims_open = asyncio.Event()
         self._claims_open.set()
         self._no_claim_in_flight = asyncio.Event()
@@ -236,6 +237,11 @@ class Worker:
                 await self._claims_open.wait()
                 continue
             free = min(cap, self.config.concurrency - len(self._running) - self._reserved)
+            # Idle, with another lane's claim in flight: a second claim would most
+            # likely find nothing (a wake-up usually means one new job). Under load the
+            # lanes overlap, because running jobs keep freeing slots.
+            if free > 0 and self._reserved and not self._running:
+                free = 0
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -273,9 +279,34 @@ class Worker:
                 continue
             if self.config.burst and not rows and not self._running and not self._reserved:
                 return
-            waits = [self._wake, self._slot_freed] if self._running else [self._wake]
+            await self._idle(slots=bool(self._running))
+
+    async def _idle(self, *, slots: bool) -> None:
+        """Wait for a NOTIFY (or, with ``slots``, a freed slot), at most one poll
+        interval. One future and one timer: this is on the enqueue-to-start path."""
+        if self._wake.is_set():
+            return
+        if slots:
             self._slot_freed.clear()
-            await _wait_any(waits, self.config.poll_interval)
+        waiter = self._loop.create_future()
+        self._idlers.append((waiter, slots))
+        timer = self._loop.call_later(self.config.poll_interval, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+
+    def _nudge(self, *, slot: bool) -> None:
+        """Wake the idle lanes that wait for this kind of news."""
+        if not self._idlers:
+            return
+        staying: list[tuple[asyncio.Future[None], bool]] = []
+        for waiter, slots in self._idlers:
+            if slot and not slots:
+                staying.append((waiter, slots))
+            else:
+                _resolve(waiter)
+        self._idlers = staying
 
     async def _reconcile(self) -> None:
         """Put back what a lost claim reply may have claimed, with no claim of another
@@ -443,6 +474,7 @@ class Worker:
     def _free(self, running: _Running) -> None:
         if self._running.pop(running.context.id, None) is not None:
             self._slot_freed.set()
+            self._nudge(slot=True)
 
     def _release(self, running: _Running) -> None:
         """Shutdown: put the job back; an async job is cancelled too."""
@@ -508,6 +540,7 @@ class Worker:
                 log.info("LISTEN connection restored; back to notifications")
             failures = 0
             self._wake.set()  # jobs may have arrived while we were deaf
+            self._nudge(slot=False)
 
         while True:
             try:
@@ -529,6 +562,7 @@ class Worker:
         queues = self.config.queues
         if queues is None or any(q in queues for q in payload.split(",")):
             self._wake.set()
+            self._nudge(slot=False)
 
     async def _summarise_forever(self) -> None:
         while True:
@@ -556,15 +590,9 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
 
-async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
-    if any(e.is_set() for e in events):
-        return
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _close_old_django_connections() -> None:
