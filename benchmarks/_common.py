@@ -128,6 +128,21 @@ def _git_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+def cpu_check() -> float:
+    """Milliseconds for a fixed pure-Python loop (best of 5): how fast this machine is
+    right now. Shared or virtual machines vary by tens of percent over minutes; the
+    suite measures it at the start and at the end of a run so that runs can be
+    compared."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(200_000):
+            total += i * i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 2)
+
+
 def machine_info(admin: str) -> dict[str, Any]:
     """The facts a reader needs to weigh the figures: hardware, software, server settings."""
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -158,6 +173,7 @@ def machine_info(admin: str) -> dict[str, Any]:
             for d in ("soniq", "asyncpg", "psycopg", "psycopg-pool", "pgqueuer", "procrastinate")
         },
         "soniq_revision": _git_revision(),
+        "cpu_check_ms": cpu_check(),
     }
 
 
@@ -171,6 +187,7 @@ def describe_machine(info: dict[str, Any]) -> str:
             f"PostgreSQL {info['postgresql']}: synchronous_commit={s['synchronous_commit']}, "
             f"fsync={s['fsync']}, shared_buffers={s['shared_buffers']}, "
             f"max_wal_size={s['max_wal_size']}",
+            f"CPU check (a fixed pure-Python loop, lower is faster): {info['cpu_check_ms']} ms",
             f"Python {info['python']}; soniq {p['soniq']} ({info['soniq_revision']}), "
             f"asyncpg {p['asyncpg']}, psycopg {p['psycopg']}, psycopg-pool {p['psycopg-pool']}; "
             f"peers: pgqueuer {p['pgqueuer']}, procrastinate {p['procrastinate']}",

@@ -1,12 +1,16 @@
 """The PNG chart of one run: one panel per figure, bars at the median, whiskers at
-the min and max of the repeats. Needs matplotlib (installed by ``nox -s bench`` only)."""
+the min and max of the repeats. Needs matplotlib (installed by ``nox -s bench`` only).
+
+``python -m benchmarks.chart RESULT.json OUT.png`` draws it again from a result file."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+from PIL import Image
 
 matplotlib.use("Agg")
 
@@ -57,11 +61,12 @@ def _bars(ax: Any, items: list[tuple[str, str, dict[str, Any]]], title: str, uni
     ax.set_xlabel(unit, fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="x", alpha=0.3)
-    top = max(values, default=0.0)
-    for y, v, m in zip(ys, values, (i[2] for i in items), strict=True):
+    ends = [v + h for v, h in zip(values, highs, strict=True)]  # right end of each whisker
+    top = max(ends, default=0.0)
+    for y, v, end, m in zip(ys, values, ends, (i[2] for i in items), strict=True):
         text = "failed" if m["failure"] else (f"{v:,.2f}" if unit == "ms" else f"{v:,.0f}")
-        ax.text(v + top * 0.02, y, text, va="center", fontsize=7)
-    ax.set_xlim(0, top * 1.25 if top else 1)
+        ax.text(end + top * 0.02, y, text, va="center", fontsize=7)
+    ax.set_xlim(0, top * 1.22 if top else 1)
 
 
 def draw(result: dict[str, Any], path: Path) -> None:
@@ -103,11 +108,25 @@ def draw(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"Soniq benchmarks ({'--quick smoke run, ' if result.get('quick') else ''}"
         f"{machine['cores']} cores, PostgreSQL {machine['postgresql'].split()[0]}, "
-        f"Python {machine['python']}): median of the repeats, whiskers min-max. "
+        f"Python {machine['python']}, CPU check {machine.get('cpu_check_ms', '?')} ms): "
+        "median of the repeats, whiskers min-max. "
         "Higher is better except latency and RSS.",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=64)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=64)
     plt.close(fig)
+    # 64 colours are plenty for flat bars and text, and the file shrinks ~3x (the copy
+    # under docs/ is committed).
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=64).save(path, optimize=True)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    draw(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))

@@ -25,6 +25,7 @@ from benchmarks import enqueue, worker
 from benchmarks._common import (
     RESULTS_DIR,
     admin_url,
+    cpu_check,
     describe_machine,
     fresh_databases,
     machine_info,
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         ) as urls:
             result["worker"] = worker.run_worker_benchmark(urls, sizes, plan)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["machine"]["cpu_check_end_ms"] = cpu_check()
 
     if "enqueue" in result:
         print("\nENQUEUE (jobs/s, one client, one job at a time unless batch)\n", flush=True)
@@ -171,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         print(worker.render(result["worker"]), flush=True)
 
     path = write_results("bench", result, args.output)
-    print(f"\nresults: {path}  ({result['elapsed_s']:.0f} s)")
+    print(
+        f"\nCPU check: {info['cpu_check_ms']} ms at the start, "
+        f"{info['cpu_check_end_ms']} ms at the end (a slower machine during the run "
+        "lowers every figure)"
+    )
+    print(f"results: {path}  ({result['elapsed_s']:.0f} s)")
     try:
         from benchmarks import chart
     except ImportError as exc:  # matplotlib is installed by `nox -s bench` only
