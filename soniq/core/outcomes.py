@@ -37,18 +37,20 @@ class Outcome:
     release: bool = False  # put back without counting the attempt (shutdown)
 
 
+_SUCCEEDED = states.next_status(JobStatus.RUNNING, Event.SUCCEED)
+
+
 def succeeded(job_id: int, attempts: int, value: Any) -> Outcome:
     """The job returned ``value``; kept when it is JSON, dropped (None) otherwise."""
+    if value is None:  # the common case, on every job's path
+        return Outcome(job_id, attempts, _SUCCEEDED)
     result = None
-    if value is not None:
-        try:
-            serialize.check_arguments({"result": value}, job="")
-            result = serialize.dumps(value)
-        except (SerializationError, ValueError, TypeError):
-            result = None
-    return Outcome(
-        job_id, attempts, states.next_status(JobStatus.RUNNING, Event.SUCCEED), result=result
-    )
+    try:
+        serialize.check_arguments({"result": value}, job="")
+        result = serialize.dumps(value)
+    except (SerializationError, ValueError, TypeError):
+        result = None
+    return Outcome(job_id, attempts, _SUCCEEDED, result=result)
 
 
 def failed(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from soniq.core.errors import SerializationError
@@ -34,6 +34,11 @@ def dumps(value: Any) -> str:
 def loads(text: str | None) -> Any:
     """Parse JSON text read back from the database (``None`` stays ``None``)."""
     return None if text is None else json.loads(text)
+
+
+def loads_each(texts: Sequence[str]) -> list[Any]:
+    """Parse many JSON texts (each one value) with one parser call: a claim's rows."""
+    return json.loads("[" + ",".join(texts) + "]") if texts else []
 
 
 def check_arguments(args: Mapping[str, Any], *, job: str) -> None:

@@ -51,7 +51,10 @@ class PostgresSyncOps:
         self, limit: int, worker_id: str, queues: Sequence[str] | None
     ) -> list[Claimed]:
         rows = self.fetch(self.queries.claim_jobs(limit, worker_id, queues))
-        return [Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+        args = serialize.loads_each([r[3] for r in rows])
+        return [
+            Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6]) for r, a in zip(rows, args, strict=True)
+        ]
 
     def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
