@@ -34,6 +34,7 @@ FILES = [
 RULES = [
     (r"\bAsyncIterator\b", "Iterator"),
     (r"\basynccontextmanager\b", "contextmanager"),
+    (r"\bAbstractAsyncContextManager\b", "AbstractContextManager"),
     (r"\bAsyncConnectionPool\b", "ConnectionPool"),
     (r"\bpsycopg\.AsyncConnection\b", "psycopg.Connection"),
     (r"\bpsycopg\.AsyncCursor\b", "psycopg.Cursor"),

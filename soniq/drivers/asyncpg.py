@@ -65,10 +65,28 @@ class AsyncpgDriver(PostgresAsyncOps):
                 if not conn.is_closed():
                     await conn.reset()
 
-    async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
-        pool = await self._get_pool()
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[Any]:
+        """A connection outside the pool, closed on exit."""
+        conn = await asyncpg.connect(self.dsn)
         try:
-            return await pool.fetch(query.sql, *query.params)  # type: ignore[no-any-return]
+            yield conn
+        finally:
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:  # broken already: nothing to close gracefully
+                conn.terminate()
+            except BaseException:
+                conn.terminate()
+                raise
+
+    async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
+        return await self.fetch_own(await self._get_pool(), query)
+
+    async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        """On a connection of :meth:`connect`, or on the pool."""
+        try:
+            return await conn.fetch(query.sql, *query.params)  # type: ignore[no-any-return]
         except asyncpg.UndefinedTableError as exc:
             raise schema_missing(self.queries.schema, exc) from exc
 

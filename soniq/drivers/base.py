@@ -47,6 +47,18 @@ class MaintenanceSession(Protocol):
         """Close the session's connection."""
 
 
+class WorkerOps(Protocol):
+    """What a worker's loop does with its session (see :meth:`AsyncBackend.worker_session`)."""
+
+    async def claim_jobs(
+        self, limit: int, worker_id: str, queues: Sequence[str] | None
+    ) -> list[Claimed]:
+        """Claim up to ``limit`` ready jobs for ``worker_id``."""
+
+    async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
+        """Write outcomes, fenced by worker and attempt."""
+
+
 class AsyncBackend(Protocol):
     """Where jobs live, seen from async code."""
 
@@ -85,6 +97,15 @@ class AsyncBackend(Protocol):
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
         finished ones)."""
+
+    def worker_session(self, *, durable: bool = True) -> AbstractAsyncContextManager[WorkerOps]:
+        """The claims and completions of one loop of a worker (a claim lane, the
+        completer) on one connection held throughout, which saves a pool checkout per
+        statement. After an error the session is closed and another one opened.
+
+        ``durable=False``: commits need not wait for the disk (for claims: one lost in
+        a server crash puts its jobs back, which a crash does to running jobs anyway);
+        backends that cannot tell the difference ignore it."""
 
     async def register_worker(
         self,

@@ -25,7 +25,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, NoReturn
 
@@ -553,6 +553,11 @@ class MemoryBackend:
     ) -> list[Claimed]:
         """Claim up to ``limit`` ready jobs for ``worker_id``."""
         return self.store.claim_jobs(limit, worker_id, queues)
+
+    @contextlib.asynccontextmanager
+    async def worker_session(self, *, durable: bool = True) -> AsyncIterator[MemoryBackend]:
+        """No connection to hold: a worker's loops use the backend itself."""
+        yield self
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt."""

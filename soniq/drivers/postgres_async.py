@@ -7,7 +7,8 @@ is the source of ``postgres_sync.py`` (``tools/unasync.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
@@ -53,14 +54,28 @@ class PostgresAsyncOps:
     async def claim_jobs(
         self, limit: int, worker_id: str, queues: Sequence[str] | None
     ) -> list[Claimed]:
-        rows = await self.fetch(self.queries.claim_jobs(limit, worker_id, queues))
-        args = serialize.loads_each([r[3] for r in rows])
-        return [
-            Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6]) for r, a in zip(rows, args, strict=True)
-        ]
+        return _claimed(await self.fetch(self.queries.claim_jobs(limit, worker_id, queues)))
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         await self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
+
+    @asynccontextmanager
+    async def worker_session(self, *, durable: bool = True) -> AsyncIterator[PinnedWorkerOps]:
+        """Claims or completions on a connection of their own, held throughout (not
+        one of the pool's: a worker's loops must not starve a small pool). Not
+        ``durable``: ``synchronous_commit = off`` on it."""
+        async with self.connect() as conn:
+            if not durable:
+                await self.fetch_own(conn, Query("SET synchronous_commit = off", ()))
+            yield PinnedWorkerOps(self, conn)
+
+    def connect(self) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        """Run ``query`` on a connection from :meth:`connect` (the driver's own errors
+        come through, so a lost connection reads as one)."""
+        raise NotImplementedError
 
     async def register_worker(
         self,
@@ -79,3 +94,26 @@ class PostgresAsyncOps:
 
     async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         return len(await self.fetch(self.queries.reconcile(worker_id, held)))
+
+
+class PinnedWorkerOps:
+    """A worker loop's claims and completions on one connection."""
+
+    def __init__(self, ops: PostgresAsyncOps, conn: Any) -> None:
+        self._ops = ops
+        self._conn = conn
+
+    async def claim_jobs(
+        self, limit: int, worker_id: str, queues: Sequence[str] | None
+    ) -> list[Claimed]:
+        query = self._ops.queries.claim_jobs(limit, worker_id, queues)
+        return _claimed(await self._ops.fetch_own(self._conn, query))
+
+    async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
+        query = self._ops.queries.finish_jobs(outcomes, worker_id, keep=keep)
+        await self._ops.fetch_own(self._conn, query)
+
+
+def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
+    args = serialize.loads_each([r[3] for r in rows])
+    return [Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6]) for r, a in zip(rows, args, strict=True)]

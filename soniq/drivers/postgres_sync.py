@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from soniq.core import serialize
@@ -50,14 +51,28 @@ class PostgresSyncOps:
     def claim_jobs(
         self, limit: int, worker_id: str, queues: Sequence[str] | None
     ) -> list[Claimed]:
-        rows = self.fetch(self.queries.claim_jobs(limit, worker_id, queues))
-        args = serialize.loads_each([r[3] for r in rows])
-        return [
-            Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6]) for r, a in zip(rows, args, strict=True)
-        ]
+        return _claimed(self.fetch(self.queries.claim_jobs(limit, worker_id, queues)))
 
     def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
+
+    @contextmanager
+    def worker_session(self, *, durable: bool = True) -> Iterator[PinnedWorkerOps]:
+        """Claims or completions on a connection of their own, held throughout (not
+        one of the pool's: a worker's loops must not starve a small pool). Not
+        ``durable``: ``synchronous_commit = off`` on it."""
+        with self.connect() as conn:
+            if not durable:
+                self.fetch_own(conn, Query("SET synchronous_commit = off", ()))
+            yield PinnedWorkerOps(self, conn)
+
+    def connect(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        """Run ``query`` on a connection from :meth:`connect` (the driver's own errors
+        come through, so a lost connection reads as one)."""
+        raise NotImplementedError
 
     def register_worker(
         self,
@@ -76,3 +91,26 @@ class PostgresSyncOps:
 
     def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         return len(self.fetch(self.queries.reconcile(worker_id, held)))
+
+
+class PinnedWorkerOps:
+    """A worker loop's claims and completions on one connection."""
+
+    def __init__(self, ops: PostgresSyncOps, conn: Any) -> None:
+        self._ops = ops
+        self._conn = conn
+
+    def claim_jobs(
+        self, limit: int, worker_id: str, queues: Sequence[str] | None
+    ) -> list[Claimed]:
+        query = self._ops.queries.claim_jobs(limit, worker_id, queues)
+        return _claimed(self._ops.fetch_own(self._conn, query))
+
+    def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
+        query = self._ops.queries.finish_jobs(outcomes, worker_id, keep=keep)
+        self._ops.fetch_own(self._conn, query)
+
+
+def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
+    args = serialize.loads_each([r[3] for r in rows])
+    return [Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6]) for r, a in zip(rows, args, strict=True)]

@@ -69,10 +69,19 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
         async with pool.connection() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[Any]:
+        """A connection outside the pool (autocommit), closed on exit."""
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            yield conn
+
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = await self._get_pool()
         async with pool.connection() as conn:
             return await self._execute(conn, query)
+
+    async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        return await self._execute(conn, query)
 
     async def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         if conn.closed:

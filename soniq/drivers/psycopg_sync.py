@@ -67,10 +67,19 @@ class PsycopgSyncDriver(PostgresSyncOps):
         with pool.connection() as conn:
             yield conn
 
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        """A connection outside the pool (autocommit), closed on exit."""
+        with psycopg.Connection.connect(self.dsn, autocommit=True) as conn:
+            yield conn
+
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = self._get_pool()
         with pool.connection() as conn:
             return self._execute(conn, query)
+
+    def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
+        return self._execute(conn, query)
 
     def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         if conn.closed:

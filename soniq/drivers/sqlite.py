@@ -48,7 +48,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, NoReturn, TypeVar
@@ -364,6 +364,11 @@ class SqliteBackend:
         released = [outcome_of.released(c.id, c.attempts) for c in future.result()]
         with contextlib.suppress(RuntimeError):  # the backend was closed meanwhile
             self._submit(lambda conn: _finish(conn, released, worker_id, True))
+
+    @contextlib.asynccontextmanager
+    async def worker_session(self, *, durable: bool = True) -> AsyncIterator[SqliteBackend]:
+        """No connection to hold: a worker's loops use the backend itself."""
+        yield self
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the

@@ -39,7 +39,7 @@ from soniq.core.errors import ConfigurationError, JobTimeout
 from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
-from soniq.drivers.base import AsyncBackend
+from soniq.drivers.base import AsyncBackend, WorkerOps
 from soniq.worker import context
 from soniq.worker.context import JobContext
 from soniq.worker.heartbeat import Heartbeat
@@ -231,6 +231,12 @@ class Worker:
     async def _claim_lane(self, cap: int) -> None:
         """Claim up to ``cap`` jobs (never more than the free slots, counting those
         other lanes are claiming) in one statement, start them, repeat."""
+        # A claim lost in a server crash only puts its jobs back (as the crash does
+        # to running jobs anyway): its commit need not wait for the disk.
+        async with _Session(self._backend, durable=False) as session:
+            await self._claim_forever(cap, session)
+
+    async def _claim_forever(self, cap: int, session: _Session) -> None:
         failures = 0
         while not self._stopping:
             if not self._claims_open.is_set():  # another lane is reconciling
@@ -257,7 +263,11 @@ class Worker:
                 self._reserved += free
                 self._no_claim_in_flight.clear()
                 try:
-                    rows = await self._backend.claim_jobs(free, self.id, self.config.queues)
+                    ops = await session.ops()
+                    rows = await ops.claim_jobs(free, self.id, self.config.queues)
+                except Exception:
+                    await session.drop()
+                    raise
                 finally:
                     self._reserved -= free
                     if not self._reserved:
@@ -503,6 +513,10 @@ class Worker:
         self._flush_needed.set()
 
     async def _complete_forever(self) -> None:
+        async with _Session(self._backend) as session:
+            await self._complete(session)
+
+    async def _complete(self, session: _Session) -> None:
         failures = 0
         keep = self.config.retention != 0
         while True:
@@ -511,9 +525,11 @@ class Worker:
             batch, self._pending = self._pending, []
             if batch:
                 try:
-                    await self._backend.finish_jobs(batch, self.id, keep=keep)
+                    ops = await session.ops()
+                    await ops.finish_jobs(batch, self.id, keep=keep)
                     failures = 0
                 except Exception as exc:
+                    await session.drop()
                     if not is_connection_error(exc):
                         log.exception("writing %d outcome(s) failed", len(batch))
                     else:
@@ -588,6 +604,36 @@ def _lane_caps(concurrency: int, lanes: int) -> list[int]:
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+
+class _Session:
+    """A worker loop's backend session (:meth:`AsyncBackend.worker_session`), opened
+    on first use and dropped after an error, so that the next use opens a new one."""
+
+    def __init__(self, backend: AsyncBackend, *, durable: bool = True) -> None:
+        self._backend = backend
+        self._durable = durable
+        self._context: contextlib.AbstractAsyncContextManager[WorkerOps] | None = None
+        self._ops: WorkerOps | None = None
+
+    async def ops(self) -> WorkerOps:
+        if self._ops is None:
+            context = self._backend.worker_session(durable=self._durable)
+            self._ops = await context.__aenter__()
+            self._context = context
+        return self._ops
+
+    async def drop(self) -> None:
+        context, self._context, self._ops = self._context, None, None
+        if context is not None:
+            with contextlib.suppress(Exception):
+                await context.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> _Session:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.drop()
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
