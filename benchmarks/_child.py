@@ -211,9 +211,11 @@ class ProcrastinateRunner:
 
 
 class RawRunner:
-    """The limit: ``loops`` connections, each claiming ``batch`` jobs in one statement,
+    """The limit: ``loops`` loops, each claiming ``batch`` jobs in one statement,
     running them (async: as tasks; sync: on a thread pool of ``batch * loops``
-    threads) and finishing them in one statement; no heartbeat, retry or NOTIFY."""
+    threads) and finishing them in one statement; no heartbeat, retry or NOTIFY.
+    Claims commit with ``synchronous_commit = off`` and finishes durably, on two
+    connections per loop, as Soniq's worker does."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from benchmarks import jobs
@@ -236,9 +238,8 @@ class RawRunner:
     async def open(self) -> None:
         import asyncpg
 
-        self.pool = await asyncpg.create_pool(
-            self.url, min_size=self.loops + 1, max_size=self.loops + 1
-        )
+        size = 2 * self.loops + 2
+        self.pool = await asyncpg.create_pool(self.url, min_size=size, max_size=size)
 
     async def _run(self, rows: list[Any]) -> None:
         funcs, loop = self.funcs, asyncio.get_running_loop()
@@ -255,19 +256,25 @@ class RawRunner:
             await asyncio.gather(*(funcs[r[1]](**json.loads(r[2])) for r in rows))
 
     async def _claim_loop(self, batch: int) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire() as conn, self.pool.acquire() as finisher:
+            await conn.execute("SET synchronous_commit = off")
             while True:
                 rows = await conn.fetch(RAW_CLAIM, batch, "raw")
                 if not rows:
                     return
                 await self._run(rows)
-                await conn.execute(RAW_FINISH, [r[0] for r in rows])
+                await finisher.execute(RAW_FINISH, [r[0] for r in rows])
 
     async def drain(self, kind: str) -> None:
         await asyncio.gather(*(self._claim_loop(self.batch) for _ in range(self.loops)))
 
     async def _listen_loop(self, wake: asyncio.Event) -> None:
-        async with self.pool.acquire() as listener, self.pool.acquire() as conn:
+        async with (
+            self.pool.acquire() as listener,
+            self.pool.acquire() as conn,
+            self.pool.acquire() as finisher,
+        ):
+            await conn.execute("SET synchronous_commit = off")
 
             def on_notify(*_: object) -> None:
                 wake.set()
@@ -279,7 +286,7 @@ class RawRunner:
                     rows = await conn.fetch(RAW_CLAIM, self.batch, "raw")
                     if rows:
                         await self._run(rows)
-                        await conn.execute(RAW_FINISH, [r[0] for r in rows])
+                        await finisher.execute(RAW_FINISH, [r[0] for r in rows])
                         continue
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wake.wait(), 1.0)
