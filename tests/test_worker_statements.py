@@ -191,3 +191,18 @@ def test_finish_never_reads_the_running_index_in_a_generic_plan(
     if rows:  # a big table is read by primary key only (a tiny one may be scanned)
         assert '"Seq Scan"' not in text, text
         assert text.count('"Index Name": "soniq_jobs_pkey"') == (2 if keep else 3), text
+
+
+def test_a_claim_commits_without_waiting_for_the_disk_and_leaves_the_session_alone(
+    db: Any, database_url: str
+) -> None:
+    """A claim lost in a server crash only puts its jobs back, so its commit skips
+    the WAL flush; the setting is the transaction's own (safe behind PgBouncer)."""
+    eq, q = db
+    eq.sync.enqueue("some.job")
+    with psycopg.connect(database_url) as conn:  # not autocommit: look inside
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        assert len(run(conn, q.claim_jobs(10, "w1", None))) == 1
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        conn.commit()
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)

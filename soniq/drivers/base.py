@@ -98,14 +98,10 @@ class AsyncBackend(Protocol):
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
         finished ones)."""
 
-    def worker_session(self, *, durable: bool = True) -> AbstractAsyncContextManager[WorkerOps]:
+    def worker_session(self) -> AbstractAsyncContextManager[WorkerOps]:
         """The claims and completions of one loop of a worker (a claim lane, the
         completer) on one connection held throughout, which saves a pool checkout per
-        statement. After an error the session is closed and another one opened.
-
-        ``durable=False``: commits need not wait for the disk (for claims: one lost in
-        a server crash puts its jobs back, which a crash does to running jobs anyway);
-        backends that cannot tell the difference ignore it."""
+        statement. After an error the session is closed and another one opened."""
 
     async def register_worker(
         self,

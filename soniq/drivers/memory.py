@@ -555,7 +555,7 @@ class MemoryBackend:
         return self.store.claim_jobs(limit, worker_id, queues)
 
     @contextlib.asynccontextmanager
-    async def worker_session(self, *, durable: bool = True) -> AsyncIterator[MemoryBackend]:
+    async def worker_session(self) -> AsyncIterator[MemoryBackend]:
         """No connection to hold: a worker's loops use the backend itself."""
         yield self
 

@@ -60,13 +60,10 @@ class PostgresAsyncOps:
         await self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
 
     @asynccontextmanager
-    async def worker_session(self, *, durable: bool = True) -> AsyncIterator[PinnedWorkerOps]:
+    async def worker_session(self) -> AsyncIterator[PinnedWorkerOps]:
         """Claims or completions on a connection of their own, held throughout (not
-        one of the pool's: a worker's loops must not starve a small pool). Not
-        ``durable``: ``synchronous_commit = off`` on it."""
+        one of the pool's: a worker's loops must not starve a small pool)."""
         async with self.connect() as conn:
-            if not durable:
-                await self.fetch_own(conn, Query("SET synchronous_commit = off", ()))
             yield PinnedWorkerOps(self, conn)
 
     def connect(self) -> AbstractAsyncContextManager[Any]:

@@ -57,13 +57,10 @@ class PostgresSyncOps:
         self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
 
     @contextmanager
-    def worker_session(self, *, durable: bool = True) -> Iterator[PinnedWorkerOps]:
+    def worker_session(self) -> Iterator[PinnedWorkerOps]:
         """Claims or completions on a connection of their own, held throughout (not
-        one of the pool's: a worker's loops must not starve a small pool). Not
-        ``durable``: ``synchronous_commit = off`` on it."""
+        one of the pool's: a worker's loops must not starve a small pool)."""
         with self.connect() as conn:
-            if not durable:
-                self.fetch_own(conn, Query("SET synchronous_commit = off", ()))
             yield PinnedWorkerOps(self, conn)
 
     def connect(self) -> AbstractContextManager[Any]:

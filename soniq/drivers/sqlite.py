@@ -366,7 +366,7 @@ class SqliteBackend:
             self._submit(lambda conn: _finish(conn, released, worker_id, True))
 
     @contextlib.asynccontextmanager
-    async def worker_session(self, *, durable: bool = True) -> AsyncIterator[SqliteBackend]:
+    async def worker_session(self) -> AsyncIterator[SqliteBackend]:
         """No connection to hold: a worker's loops use the backend itself."""
         yield self
 

@@ -231,9 +231,7 @@ class Worker:
     async def _claim_lane(self, cap: int) -> None:
         """Claim up to ``cap`` jobs (never more than the free slots, counting those
         other lanes are claiming) in one statement, start them, repeat."""
-        # A claim lost in a server crash only puts its jobs back (as the crash does
-        # to running jobs anyway): its commit need not wait for the disk.
-        async with _Session(self._backend, durable=False) as session:
+        async with _Session(self._backend) as session:
             await self._claim_forever(cap, session)
 
     async def _claim_forever(self, cap: int, session: _Session) -> None:
@@ -610,15 +608,14 @@ class _Session:
     """A worker loop's backend session (:meth:`AsyncBackend.worker_session`), opened
     on first use and dropped after an error, so that the next use opens a new one."""
 
-    def __init__(self, backend: AsyncBackend, *, durable: bool = True) -> None:
+    def __init__(self, backend: AsyncBackend) -> None:
         self._backend = backend
-        self._durable = durable
         self._context: contextlib.AbstractAsyncContextManager[WorkerOps] | None = None
         self._ops: WorkerOps | None = None
 
     async def ops(self) -> WorkerOps:
         if self._ops is None:
-            context = self._backend.worker_session(durable=self._durable)
+            context = self._backend.worker_session()
             self._ops = await context.__aenter__()
             self._context = context
         return self._ops

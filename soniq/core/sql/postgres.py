@@ -171,6 +171,10 @@ SET status = CASE WHEN status = '{ready}' THEN '{queued_to}' ELSE status END,
 WHERE id = $1::text::bigint AND status IN {cancellable}
 RETURNING id""")
         claim_to = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
+        # The claim's commit need not wait for the disk: a claim lost in a server crash
+        # only puts its jobs back, which the crash does to running jobs anyway (and a
+        # later durable commit, such as the completion, flushes it). The setting is
+        # local to the statement's transaction, so it is safe behind PgBouncer too.
         claim_body = f"""
 WITH picked AS MATERIALIZED (
     SELECT id FROM {jobs}
@@ -178,11 +182,14 @@ WITH picked AS MATERIALIZED (
     ORDER BY priority DESC, run_at, id
     LIMIT @limit@::text::int
     FOR UPDATE SKIP LOCKED
+),
+no_flush_wait AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
 )
 UPDATE {jobs} AS j
 SET status = '{claim_to}', attempts = j.attempts + 1, worker_id = @worker@::text,
     started_at = now()
-FROM picked WHERE j.id = picked.id
+FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS}"""
         many_queues = "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))"
         self._claim_all = render(_fill(claim_body, queue_filter="", limit="$1", worker="$2"))
