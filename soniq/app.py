@@ -13,16 +13,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
 from soniq.core.errors import ConfigurationError
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.sql.postgres import PostgresQueries, quote_ident
-from soniq.drivers import connections
 from soniq.drivers._common import split_postgres_url
-from soniq.drivers.asyncpg import AsyncpgDriver
 from soniq.drivers.base import AsyncBackend, SyncBackend
 from soniq.drivers.embedded import (
     DEFAULT_SQLITE_URL,
@@ -31,18 +29,28 @@ from soniq.drivers.embedded import (
     embedded_location,
     embedded_sync_backend,
 )
-from soniq.drivers.psycopg2_compat import Psycopg2Runner
-from soniq.drivers.psycopg_async import PsycopgAsyncDriver
-from soniq.drivers.psycopg_sync import PsycopgSyncDriver
 from soniq.worker import Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from soniq.drivers.psycopg2_compat import Psycopg2Runner
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("soniq")
 
-_ASYNC_DRIVERS: dict[str, type[AsyncpgDriver] | type[PsycopgAsyncDriver]] = {
-    "asyncpg": AsyncpgDriver,
-    "psycopg": PsycopgAsyncDriver,
-}
+# The PostgreSQL drivers are imported when a PostgreSQL URL is used: importing asyncpg
+# and psycopg costs ~0.3 s, which an embedded user's process (and worker start) need
+# not pay.
+_ASYNC_DRIVERS = ("asyncpg", "psycopg")
+
+
+def _postgres_async_driver(kind: str, dsn: str, schema: str, max_size: int) -> AsyncBackend:
+    if kind == "asyncpg":
+        from soniq.drivers.asyncpg import AsyncpgDriver
+
+        return AsyncpgDriver(dsn, schema=schema, max_size=max_size)
+    from soniq.drivers.psycopg_async import PsycopgAsyncDriver
+
+    return PsycopgAsyncDriver(dsn, schema=schema, max_size=max_size)
 
 
 class _Config:
@@ -121,7 +129,7 @@ class Soniq:
         cfg = self._config
         if kind in EMBEDDED:
             return embedded_backend(kind, cfg.location)
-        return _ASYNC_DRIVERS[kind](cfg.dsn, schema=cfg.schema, max_size=cfg.pool_size)
+        return _postgres_async_driver(kind, cfg.dsn, cfg.schema, cfg.pool_size)
 
     @property
     def sync(self) -> SyncSoniq:
@@ -262,6 +270,8 @@ class Soniq:
         if connection is None:
             return await self.backend.insert_jobs(spec)
         _check_accepts_connections(self.backend)
+        from soniq.drivers import connections
+
         kind, raw = await connections.resolve_async(connection)
         driver = self._others.get(kind)
         if driver is None:
@@ -279,12 +289,16 @@ class SyncSoniq:
         self._config = config
         self.registry = config.registry
         #: The sync driver of the twin's own pool; ``eq.sync.backend.acquire()``.
-        self.backend: SyncBackend = (
-            embedded_sync_backend(config.kind, config.location)
-            if config.kind in EMBEDDED
-            else PsycopgSyncDriver(config.dsn, schema=config.schema, max_size=config.pool_size)
-        )
-        self._psycopg2 = Psycopg2Runner(PostgresQueries(config.schema, "format"))
+        self.backend: SyncBackend
+        if config.kind in EMBEDDED:
+            self.backend = embedded_sync_backend(config.kind, config.location)
+        else:
+            from soniq.drivers.psycopg_sync import PsycopgSyncDriver
+
+            self.backend = PsycopgSyncDriver(
+                config.dsn, schema=config.schema, max_size=config.pool_size
+            )
+        self._psycopg2_runner: Psycopg2Runner | None = None
         self._initialized = False
 
     def ensure_initialized(self, *, migrate: bool = True) -> None:
@@ -354,9 +368,21 @@ class SyncSoniq:
         if connection is None:
             return self.backend.insert_jobs(spec)
         _check_accepts_connections(self.backend)
+        from soniq.drivers import connections
+
         kind, raw = connections.resolve_sync(connection)
-        runner = self.backend if kind == "psycopg" else self._psycopg2
-        return runner.insert_jobs(spec, raw)
+        if kind == "psycopg":
+            return self.backend.insert_jobs(spec, raw)
+        return self._psycopg2.insert_jobs(spec, raw)
+
+    @property
+    def _psycopg2(self) -> Psycopg2Runner:
+        """Runs Soniq's statements on psycopg2 connections (made on first use)."""
+        if self._psycopg2_runner is None:
+            from soniq.drivers.psycopg2_compat import Psycopg2Runner
+
+            self._psycopg2_runner = Psycopg2Runner(PostgresQueries(self._config.schema, "format"))
+        return self._psycopg2_runner
 
 
 def _check_accepts_connections(backend: Any) -> None:
