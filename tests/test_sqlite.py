@@ -155,6 +155,137 @@ def test_connections_use_wal_busy_timeout_and_full_sync(tmp_path: Path) -> None:
         conn.close()
 
 
+@pytest.mark.parametrize(
+    ("query", "level"), [("", 2), ("?synchronous=normal", 1), ("?synchronous=FULL", 2)]
+)
+async def test_the_url_chooses_the_synchronous_level_of_every_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str, level: int
+) -> None:
+    levels: list[int] = []
+    real_connect = driver.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)
+        levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+        return conn
+
+    monkeypatch.setattr(driver, "connect", connect)
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db{query}")
+    try:
+        await eq.ensure_initialized()
+        await eq.enqueue("some.job", n=1)
+        eq.sync.enqueue("some.job", n=2)
+        eq.backend.maintenance().close()
+    finally:
+        await eq.close()
+    assert len(levels) == 3 and set(levels) == {level}
+
+
+@pytest.mark.parametrize("query", ["?synchronous=off", "?sync=normal", "?synchronous="])
+def test_an_unknown_sqlite_option_is_a_clear_error(tmp_path: Path, query: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"\?synchronous=normal"):
+        Soniq(f"sqlite:///{tmp_path}/jobs.db{query}")
+
+
+def test_an_enqueue_of_one_job_is_one_statement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    real_connect = driver.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(driver, "connect", connect)
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    try:
+        eq.sync.ensure_initialized()
+        statements.clear()
+        first = eq.sync.enqueue("some.job", n=1)
+        assert [s.split()[0] for s in statements] == ["INSERT"]
+        statements.clear()
+        # A dedupe key reads before it writes: that needs the write lock up front.
+        eq.sync.enqueue("some.job", n=2, dedupe_key="k")
+        assert [s.split()[0] for s in statements] == ["BEGIN", "SELECT", "INSERT", "COMMIT"]
+        ids = eq.sync.enqueue_many("some.job", [{"n": 3}, {"n": 4}])
+        assert ids == [first + 2, first + 3]
+    finally:
+        eq.sync.close()
+
+
+async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
+    eq: Soniq,
+) -> None:
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    statements: list[str] = []
+    await backend._call(lambda conn: conn.set_trace_callback(statements.append))
+    locker = sqlite3.connect(db_path(eq), isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        # The first enqueue waits for the lock on the thread; the others queue behind it.
+        first = asyncio.create_task(eq.enqueue("some.job", n=0))
+
+        async def started() -> bool:
+            return bool(statements)
+
+        await async_wait_until(started, 5, "the first insert to start")
+
+        def bad() -> sq.Operation[None]:
+            def steps() -> sq.Steps[None]:
+                yield sq.Step("INSERT INTO soniq_workers (id) VALUES ('no columns')")
+
+            return sq.Operation(steps(), immediate=True)
+
+        later = [asyncio.create_task(eq.enqueue("some.job", n=n)) for n in range(1, 6)]
+        failing: asyncio.Future[None] = asyncio.wrap_future(backend._write(bad))
+
+        async def queued() -> bool:
+            return len(backend._writes) == 6
+
+        await async_wait_until(queued, 5, "six queued writes")
+        statements.clear()
+        locker.execute("COMMIT")
+        ids = [await first] + [await task for task in later]
+        with pytest.raises(sqlite3.IntegrityError):
+            await failing
+    finally:
+        locker.close()
+    assert len(set(ids)) == 6
+    for n, job_id in enumerate(ids):
+        job = await eq.get_job(job_id)
+        assert job is not None and job.args == {"n": n}
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert statements.count("COMMIT") == 1
+    assert statements.count("SAVEPOINT soniq_write") == 6
+
+
+async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(
+    eq: Soniq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    monkeypatch.setattr(driver, "LINGER", 5.0)  # a slow machine still groups them
+    await eq.enqueue_many("some.job", [{"n": n} for n in range(4)])
+    claimed = await backend.claim_jobs(2, "w", None)
+    statements: list[str] = []
+    await backend._call(lambda conn: conn.set_trace_callback(statements.append))
+    done = [outcomes.succeeded(c.id, c.attempts, None) for c in claimed]
+    finish = asyncio.create_task(backend.finish_jobs(done, "w", keep=True))
+    await asyncio.sleep(0)  # the completions are queued, and linger
+    more = await backend.claim_jobs(2, "w", None)
+    await finish
+    assert len(more) == 2
+    assert statements.count("COMMIT") == 1
+    # Alone, completions are written all the same, at most LINGER later.
+    monkeypatch.setattr(driver, "LINGER", 0.002)
+    done = [outcomes.succeeded(c.id, c.attempts, None) for c in more]
+    await asyncio.wait_for(backend.finish_jobs(done, "w", keep=True), 5)
+    for c in claimed + more:
+        job = await eq.get_job(c.id)
+        assert job is not None and job.status == JobStatus.DONE
+
+
 async def test_connection_argument_raises_value_error(eq: Soniq) -> None:
     @eq.job(name="job")
     def job(n: int) -> None: ...

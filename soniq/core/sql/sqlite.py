@@ -3,10 +3,13 @@
 Each operation is a generator of :class:`Step` objects: a driver executes each step on
 its connection and sends back a :class:`Result` (rows and row count); the generator's
 return value is the operation's result. :class:`Operation` says whether the steps must
-run inside ``BEGIN IMMEDIATE`` (every operation that writes: it takes SQLite's single
-write lock up front, so a read-modify-write such as a claim can neither interleave with
-another writer nor fail half-way on a lock upgrade). The driver is a loop; which
-statements run, in what order and what they mean is decided here.
+run inside ``BEGIN IMMEDIATE`` (every operation that writes more than one statement or
+reads before it writes: it takes SQLite's single write lock up front, so a
+read-modify-write such as a claim can neither interleave with another writer nor fail
+half-way on a lock upgrade). A write of one statement runs alone, in autocommit: SQLite
+makes it a transaction of its own, taking the write lock as its first act, which is as
+safe and spares two statements (an enqueue of one job is one ``INSERT``). The driver
+is a loop; which statements run, in what order and what they mean is decided here.
 
 Portability. The SQLite that Python links varies by platform: 3.40 here, but RHEL 9
 and derivatives ship 3.34, which has no ``RETURNING`` (3.35) and no
@@ -54,10 +57,12 @@ class Step:
 
 @attrs.frozen
 class Result:
-    """What a step gave back: its rows (empty for DML) and the rows it changed."""
+    """What a step gave back: its rows (empty for DML), the rows it changed, and the
+    rowid of the row a one-row ``INSERT`` (not ``many``) added."""
 
     rows: list[tuple[Any, ...]]
     rowcount: int = -1
+    lastrowid: int | None = None
 
 
 Steps = Generator[Step, Result, T]
@@ -65,10 +70,11 @@ Steps = Generator[Step, Result, T]
 
 @attrs.frozen
 class Operation(Generic[T]):
-    """An operation's steps, and whether they run under ``BEGIN IMMEDIATE``."""
+    """An operation's steps, and whether they run under ``BEGIN IMMEDIATE`` (else each
+    statement is its own transaction)."""
 
     steps: Steps[T]
-    write: bool
+    immediate: bool
 
 
 @attrs.frozen
@@ -181,7 +187,7 @@ def schema_version() -> Operation[int]:
         version = yield Step("SELECT coalesce(max(version), 0) FROM soniq_migrations")
         return int(version.rows[0][0])
 
-    return Operation(steps(), write=False)
+    return Operation(steps(), immediate=False)
 
 
 def check_version(version: int, *, apply: bool) -> bool:
@@ -222,7 +228,7 @@ def migrate(now: float) -> Operation[int]:
             )
         return LATEST_VERSION
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 def script() -> str:
@@ -294,6 +300,7 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
     run_at = spec.run_at.timestamp() if spec.run_at is not None else now + spec.delay
     shared = (spec.priority, run_at, spec.max_retries, spec.dedupe_key, spec.timeout, now)
     values = [(spec.name, spec.queue, serialize.dumps(args), *shared) for args in spec.args]
+    wake = spec.queue if run_at <= now else None
 
     def steps() -> Steps[Inserted]:
         if spec.dedupe_key is not None:
@@ -305,14 +312,20 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
             )
             if held.rows:
                 return Inserted([held.rows[0][0]], None)
+        if len(values) == 1:
+            inserted = yield Step(_INSERT, values[0])
+            assert inserted.lastrowid is not None
+            return Inserted([inserted.lastrowid], wake)
         yield Step(_INSERT, values, many=True)
         last = (yield Step("SELECT last_insert_rowid()")).rows[0][0]
         # With AUTOINCREMENT each new row gets max(ever used) + 1, and the write lock is
         # held, so the rows of this call have consecutive ids, in input order.
         ids = list(range(last - len(values) + 1, last + 1))
-        return Inserted(ids, spec.queue if run_at <= now else None)
+        return Inserted(ids, wake)
 
-    return Operation(steps(), write=True)
+    # One job without a dedupe key is one INSERT: no BEGIN IMMEDIATE needed.
+    alone = len(values) == 1 and spec.dedupe_key is None
+    return Operation(steps(), immediate=not alone)
 
 
 def get_job(job_id: int) -> Operation[Job | None]:
@@ -325,7 +338,7 @@ def get_job(job_id: int) -> Operation[Job | None]:
         found = yield Step(f"SELECT {JOB_COLUMNS} FROM {JOBS} WHERE id = ?", (job_id,))
         return job_from_row(found.rows[0]) if found.rows else None
 
-    return Operation(steps(), write=False)
+    return Operation(steps(), immediate=False)
 
 
 def list_jobs(name: str | None, queue: str | None) -> Operation[list[Job]]:
@@ -343,7 +356,7 @@ def list_jobs(name: str | None, queue: str | None) -> Operation[list[Job]]:
         found = yield Step(sql, tuple(params))
         return [job_from_row(row) for row in found.rows]
 
-    return Operation(steps(), write=False)
+    return Operation(steps(), immediate=False)
 
 
 _CANCEL_TO = states.next_status(JobStatus.QUEUED, Event.CANCEL).value
@@ -365,7 +378,7 @@ def cancel_job(job_id: int, now: float) -> Operation[bool]:
         changed = yield Step(_CANCEL, (now, job_id))
         return changed.rowcount > 0
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 # -- the worker ----------------------------------------------------------------------
@@ -408,7 +421,7 @@ def claim_jobs(
             Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6]) for r in found
         ]
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 # Fenced by worker and attempt: a rescued job's late finish matches no row.
@@ -463,7 +476,7 @@ def finish_jobs(
             written += (yield Step(_FINISH_DELETE, deletes, many=True)).rowcount
         return written
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 def register_worker(
@@ -486,7 +499,7 @@ def register_worker(
         )
         yield Step(f"UPDATE {WORKERS} SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 def unregister_worker(worker_id: str) -> Operation[None]:
@@ -495,7 +508,7 @@ def unregister_worker(worker_id: str) -> Operation[None]:
     def steps() -> Steps[None]:
         yield Step(f"DELETE FROM {WORKERS} WHERE id = ?", (worker_id,))
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 def heartbeat(worker_id: str, now: float) -> Operation[bool]:
@@ -507,7 +520,7 @@ def heartbeat(worker_id: str, now: float) -> Operation[bool]:
         )
         return changed.rowcount > 0
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 def cancel_requests(worker_id: str) -> Operation[list[int]]:
@@ -521,7 +534,7 @@ def cancel_requests(worker_id: str) -> Operation[list[int]]:
         )
         return [row[0] for row in found.rows]
 
-    return Operation(steps(), write=False)
+    return Operation(steps(), immediate=False)
 
 
 _REQUEUED = states.next_status(JobStatus.RUNNING, Event.RESCUE).value
@@ -555,7 +568,7 @@ WHERE {_ORPHANED}""",
         )
         return [(row[0], row[1]) for row in found.rows]
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 _RELEASED = states.next_status(JobStatus.RUNNING, Event.RELEASE).value
@@ -582,7 +595,7 @@ def reconcile(worker_id: str, held: Sequence[int]) -> Operation[int]:
         )
         return changed.rowcount
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
 
 
 def prune_finished(older_than: float, limit: int, now: float) -> Operation[int]:
@@ -596,4 +609,4 @@ def prune_finished(older_than: float, limit: int, now: float) -> Operation[int]:
         )
         return deleted.rowcount
 
-    return Operation(steps(), write=True)
+    return Operation(steps(), immediate=True)
