@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -284,6 +285,56 @@ async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(
     for c in claimed + more:
         job = await eq.get_job(c.id)
         assert job is not None and job.status == JobStatus.DONE
+
+
+async def test_a_claim_waits_for_running_jobs_to_free_their_slots_too(
+    eq: Soniq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each claim is a commit here, so with jobs running a claim waits (claim_gather)
+    for the other slots: one claim of 2, not two claims of 1."""
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    monkeypatch.setattr(backend, "claim_gather", 30.0)  # longer than this test
+    limits: list[int] = []
+    real_claim = backend.claim_jobs
+
+    async def claim_jobs(limit: int, worker_id: str, queues: Any) -> Any:
+        limits.append(limit)
+        return await real_claim(limit, worker_id, queues)
+
+    monkeypatch.setattr(backend, "claim_jobs", claim_jobs)
+    slow_may_end = asyncio.Event()
+
+    @eq.job(name="quick")
+    async def quick() -> None: ...
+
+    @eq.job(name="slow")
+    async def slow() -> None:
+        await slow_may_end.wait()
+
+    quick_id = await eq.enqueue("quick")
+    await eq.enqueue("slow")
+    later = await eq.enqueue_many("quick", [{}, {}])
+    worker = asyncio.create_task(eq.run_worker(concurrency=2, poll_interval=60))
+    try:
+
+        async def quick_done() -> bool:
+            job = await eq.get_job(quick_id)
+            return job is not None and job.status == JobStatus.DONE
+
+        await async_wait_until(quick_done, 10, "the quick job to finish")
+        assert limits == [2]  # one slot is free, but the claim waits for the other
+        slow_may_end.set()
+
+        async def all_done() -> bool:
+            jobs = [await eq.get_job(i) for i in later]
+            return all(j is not None and j.status == JobStatus.DONE for j in jobs)
+
+        await async_wait_until(all_done, 10, "the later jobs to finish")
+        assert limits[:2] == [2, 2]
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
 
 
 async def test_connection_argument_raises_value_error(eq: Soniq) -> None:

@@ -69,6 +69,10 @@ class AsyncBackend(Protocol):
     #: Claims a worker keeps in flight at once. A server overlaps them with running
     #: jobs; an embedded database serialises writers, so it gets one.
     claim_lanes: int
+    #: Seconds a claim waits, while jobs run, for the other slots to free so that one
+    #: claim fills them all: worth it where each claim costs a commit of a one-writer
+    #: database (0 on a server, whose claims are cheap and overlap).
+    claim_gather: float
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         """A raw connection of the backend's own pool."""

@@ -516,6 +516,7 @@ class MemoryBackend:
     name = "memory"
     accepts_connections = False
     claim_lanes = 1
+    claim_gather = 0.0
 
     def __init__(self, store: MemoryStore) -> None:
         self.store = store

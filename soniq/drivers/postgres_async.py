@@ -24,6 +24,7 @@ class PostgresAsyncOps:
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
     claim_lanes = 2
+    claim_gather = 0.0
 
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError

@@ -76,6 +76,9 @@ SYNCHRONOUS = "FULL"
 #: fsync for both halves the commits of a busy worker; an idle one writes them late by
 #: this much.
 LINGER = 0.002
+#: How long a worker's claim waits for more of its running jobs to free their slots
+#: (``claim_gather``): one claim for all of them is one commit instead of several.
+CLAIM_GATHER = 0.001
 #: Idle connections a :class:`SqliteSyncBackend` keeps for its callers' threads.
 MAX_IDLE = 4
 
@@ -371,6 +374,7 @@ class SqliteBackend:
     name = "sqlite"
     accepts_connections = False
     claim_lanes = 1
+    claim_gather = CLAIM_GATHER
 
     def __init__(self, path: str, *, synchronous: str = SYNCHRONOUS) -> None:
         self.path = path

@@ -26,6 +26,7 @@ import os
 import random
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -119,6 +120,9 @@ class Worker:
         self._registry = registry
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
+        # Sync jobs' outcomes on their way from the threads to the loop.
+        self._sync_done_lock = threading.Lock()
+        self._sync_done: list[tuple[_Running, Outcome, float]] = []
         self._stopping = False
         self._reserved = 0  # slots of the claims in flight
         self._reconcile_needed = False
@@ -236,6 +240,8 @@ class Worker:
 
     async def _claim_forever(self, cap: int, session: _Session) -> None:
         failures = 0
+        gather = self._backend.claim_gather
+        gather_until: float | None = None
         while not self._stopping:
             if not self._claims_open.is_set():  # another lane is reconciling
                 await self._claims_open.wait()
@@ -253,6 +259,18 @@ class Worker:
                 # free their slots too, so one claim fills them all.
                 await asyncio.sleep(0)
                 continue
+            if gather and free < cap and self._running:
+                # Each claim costs a commit here (claim_gather): give the running jobs
+                # a moment to free their slots too, so that one claim fills them all.
+                now = self._loop.time()
+                if gather_until is None:
+                    gather_until = now + gather
+                if now < gather_until:
+                    self._slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed.wait(), gather_until - now)
+                    continue
+            gather_until = None
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
             try:
                 if self._reconcile_needed:
@@ -418,13 +436,23 @@ class Worker:
             _close_old_django_connections()
             context.leave(token)
         elapsed = time.monotonic() - started
-        # The loop is gone if the worker exited while this job was stuck: nothing to do.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._finish_sync, running, outcome, elapsed)
+        # One wake-up of the loop for the outcomes of all the threads that finish
+        # before it runs: each wake-up is a system call, and threads finish together.
+        with self._sync_done_lock:
+            first = not self._sync_done
+            self._sync_done.append((running, outcome, elapsed))
+        if first:
+            # The loop is gone if the worker exited while this job was stuck: nothing
+            # to do.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._finish_sync)
 
-    def _finish_sync(self, running: _Running, outcome: Outcome, elapsed: float) -> None:
-        self._settle(running, outcome, elapsed)
-        self._free(running)
+    def _finish_sync(self) -> None:
+        with self._sync_done_lock:
+            done, self._sync_done = self._sync_done, []
+        for running, outcome, elapsed in done:
+            self._settle(running, outcome, elapsed)
+            self._free(running)
 
     def _sync_timed_out(self, running: _Running) -> None:
         if running.settled:
