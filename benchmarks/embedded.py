@@ -1,13 +1,19 @@
 """Soniq's embedded SQLite backend beside huey's ``SqliteHuey``, in the same run.
 
-``python -m benchmarks.embedded [--quick] [-n N] [--repeats R] [--json PATH]``
+``python -m benchmarks.embedded [--quick] [-n N] [--repeats R] [--json PATH]``, and
+the ``embedded`` part of ``python -m benchmarks`` (``nox -s bench``).
 
 Every measurement gets a fresh database file in a temporary directory, on the same
-disk for both systems. Both run with ``journal_mode=WAL`` and ``synchronous=FULL``
-(read back from each system's own connection and printed): Soniq sets FULL itself
-(:mod:`soniq.drivers.sqlite`); huey is given ``fsync=True`` (its ``PRAGMA
-synchronous=2``). When huey's default (no ``fsync`` argument) is another level, it is
-measured as an extra row.
+disk for both systems, both in WAL mode. Each figure is taken at two durability
+levels, with both systems at the same one (read back from each system's own
+connection and printed):
+
+* ``FULL``: Soniq's default; huey with ``fsync=True`` (its ``PRAGMA synchronous=2``;
+  huey's default sets no pragma, which is SQLite's compiled default, FULL here).
+* ``NORMAL``: Soniq with ``sqlite:///path.db?synchronous=normal``; huey through a
+  storage subclass that runs ``PRAGMA synchronous=1`` on each connection (huey's own
+  ``fsync=False`` means OFF). At NORMAL the last commits before a power loss can be
+  lost, on both.
 
 * **enqueue**: N jobs enqueued one by one from this process: ``eq.sync.enqueue(job,
   n=i)``, ``await eq.enqueue(job, n=i)`` and huey's ``task(i)``, each after its
@@ -22,9 +28,10 @@ measured as an extra row.
   finished (its shutdown is not timed). Interpreter start-up and imports are in both.
   Afterwards the rows are checked: every Soniq job ``done``, huey's queue empty.
 
-A warm-up round (N/5 jobs, untimed) comes first; then each repeat runs every system of
-a measurement back to back, in an order rotated from one repeat to the next. Ratios
-Soniq/huey are per repeat and summarised by their median; the target is 2x huey.
+A warm-up round (N/5 jobs, untimed) comes first; then each repeat runs every figure of
+a kind (enqueue, drain) back to back, in an order rotated from one repeat to the next.
+Ratios Soniq/huey are per repeat, against huey at the same level, and summarised by
+their median; the target is 2x huey.
 """
 
 from __future__ import annotations
@@ -61,64 +68,63 @@ ROOT = Path(__file__).resolve().parent.parent
 SYNC_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 
+LEVELS = ("FULL", "NORMAL")
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str
     label: str
     system: str  # soniq | huey
     kind: str  # enqueue | drain
+    level: str  # FULL | NORMAL: the synchronous pragma of both systems
+    jobs: str = "sync"  # sync | async: the job function (Soniq)
+    concurrency: int = 4  # worker slots (Soniq drains)
     versus: str | None = None  # the huey figure this one's ratio is taken against
     target: bool = False  # the 2x target applies
 
 
-HUEY_FULL = "huey-full"
-HUEY_DEFAULT = "huey-default"
-
-
-def figures(huey_default_differs: bool) -> list[Figure]:
-    out = [
-        Figure(
-            "soniq-enqueue-sync", "soniq eq.sync.enqueue", "soniq", "enqueue", "huey-enqueue", True
-        ),
-        Figure("soniq-enqueue-async", "soniq await eq.enqueue", "soniq", "enqueue", "huey-enqueue"),
-        Figure("huey-enqueue", f"huey {HUEY_VERSION} task(i), FULL", "huey", "enqueue"),
-    ]
-    if huey_default_differs:
-        out.append(Figure("huey-enqueue-default", "huey task(i), its default", "huey", "enqueue"))
-    out += [
-        Figure(
-            "soniq-drain-sync-4",
-            "soniq worker, sync jobs, concurrency 4",
-            "soniq",
-            "drain",
-            HUEY_FULL,
-            True,
-        ),
-        Figure(
-            "soniq-drain-sync-20",
-            "soniq worker, sync jobs, concurrency 20",
-            "soniq",
-            "drain",
-            HUEY_FULL,
-        ),
-        Figure(
-            "soniq-drain-async-4",
-            "soniq worker, async jobs, concurrency 4",
-            "soniq",
-            "drain",
-            HUEY_FULL,
-        ),
-        Figure(
-            "soniq-drain-async-20",
-            "soniq worker, async jobs, concurrency 20",
-            "soniq",
-            "drain",
-            HUEY_FULL,
-        ),
-        Figure(HUEY_FULL, f"huey {HUEY_VERSION} consumer, 4 threads, FULL", "huey", "drain"),
-    ]
-    if huey_default_differs:
-        out.append(Figure(HUEY_DEFAULT, "huey consumer, 4 threads, its default", "huey", "drain"))
+def figures() -> list[Figure]:
+    out: list[Figure] = []
+    for level in LEVELS:
+        huey_enqueue, huey_drain = f"huey-enqueue-{level}", f"huey-drain-{level}"
+        out += [
+            Figure(
+                f"soniq-enqueue-sync-{level}",
+                f"soniq eq.sync.enqueue, {level}",
+                "soniq",
+                "enqueue",
+                level,
+                versus=huey_enqueue,
+                target=True,
+            ),
+            Figure(
+                f"soniq-enqueue-async-{level}",
+                f"soniq await eq.enqueue, {level}",
+                "soniq",
+                "enqueue",
+                level,
+                jobs="async",
+                versus=huey_enqueue,
+            ),
+            Figure(huey_enqueue, f"huey {HUEY_VERSION} task(i), {level}", "huey", "enqueue", level),
+        ]
+        for jobs, concurrency in (("sync", 4), ("sync", 20), ("async", 4), ("async", 20)):
+            out.append(
+                Figure(
+                    f"soniq-drain-{jobs}-{concurrency}-{level}",
+                    f"soniq worker, {jobs} jobs, concurrency {concurrency}, {level}",
+                    "soniq",
+                    "drain",
+                    level,
+                    jobs=jobs,
+                    concurrency=concurrency,
+                    versus=huey_drain,
+                    target=(jobs, concurrency) == ("sync", 4),
+                )
+            )
+        label = f"huey {HUEY_VERSION} consumer, 4 threads, {level}"
+        out.append(Figure(huey_drain, label, "huey", "drain", level))
     return out
 
 
@@ -133,14 +139,20 @@ def _pragmas(conn: sqlite3.Connection) -> dict[str, str]:
 
 def settings(tmp: Path) -> dict[str, dict[str, str]]:
     """The synchronous/journal settings each system's own connections use, read back."""
-    conn = soniq_sqlite.connect(str(tmp / "settings-soniq.db"))
-    try:
-        out = {"soniq": _pragmas(conn)}
-    finally:
-        conn.close()
-    for label, fsync in (("huey (fsync=True)", "1"), ("huey default", "default")):
-        h, _ = ej.make_huey(str(tmp / f"settings-huey-{fsync}.db"), fsync)
-        out[label] = _pragmas(h.storage.conn)
+    out: dict[str, dict[str, str]] = {}
+    for level in LEVELS:
+        app = ej.make_soniq(str(tmp / f"settings-soniq-{level}.db"), level)
+        app.sync.ensure_initialized()
+        backend = app.sync.backend
+        conn = soniq_sqlite.connect(backend.path, backend.synchronous)  # type: ignore[attr-defined]
+        try:
+            out[f"soniq {level}"] = _pragmas(conn)
+        finally:
+            conn.close()
+            app.sync.close()
+    for level in (*LEVELS, "default"):
+        h, _ = ej.make_huey(str(tmp / f"settings-huey-{level}.db"), level)
+        out[f"huey {level}"] = _pragmas(h.storage.conn)
         h.storage.close()
     return out
 
@@ -178,11 +190,11 @@ class Runner:
 
     # enqueue
 
-    def enqueue(self, key: str, n: int) -> float:
-        path = self.fresh(key)
+    def enqueue(self, f: Figure, n: int) -> float:
+        path = self.fresh(f.key)
         deadline = time.perf_counter() + self.timeout
-        if key == "soniq-enqueue-sync":
-            app = ej.make_soniq(str(path))
+        if f.system == "soniq" and f.jobs == "sync":
+            app = ej.make_soniq(str(path), f.level)
             app.sync.ensure_initialized()
             try:
                 enqueue = app.sync.enqueue
@@ -190,58 +202,56 @@ class Runner:
                 for i in range(n):
                     enqueue(ej.noop_sync, n=i)
                     if i % 256 == 0 and time.perf_counter() > deadline:
-                        raise TimeoutError(f"{key}: {i} enqueued in {self.timeout}s")
+                        raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
                 return n / (time.perf_counter() - started)
             finally:
                 app.sync.close()
-        if key == "soniq-enqueue-async":
-            return asyncio.run(self._enqueue_async(path, n, deadline))
-        fsync = "default" if key == "huey-enqueue-default" else "1"
-        h, task = ej.make_huey(str(path), fsync)
+        if f.system == "soniq":
+            return asyncio.run(self._enqueue_async(f, path, n, deadline))
+        h, task = ej.make_huey(str(path), f.level)
         try:
             h.storage.conn  # noqa: B018  (open the connection before the clock starts)
             started = time.perf_counter()
             for i in range(n):
                 task(i)
                 if i % 256 == 0 and time.perf_counter() > deadline:
-                    raise TimeoutError(f"{key}: {i} enqueued in {self.timeout}s")
+                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
             rate = n / (time.perf_counter() - started)
             if h.pending_count() != n:
-                raise RuntimeError(f"{key}: {h.pending_count()} queued, not {n}")
+                raise RuntimeError(f"{f.key}: {h.pending_count()} queued, not {n}")
             return rate
         finally:
             h.storage.close()
 
-    async def _enqueue_async(self, path: Path, n: int, deadline: float) -> float:
-        app = ej.make_soniq(str(path))
+    async def _enqueue_async(self, f: Figure, path: Path, n: int, deadline: float) -> float:
+        app = ej.make_soniq(str(path), f.level)
         await app.ensure_initialized()
         try:
             started = time.perf_counter()
             for i in range(n):
                 await app.enqueue(ej.noop, n=i)
                 if i % 256 == 0 and time.perf_counter() > deadline:
-                    raise TimeoutError(f"soniq-enqueue-async: {i} enqueued in {self.timeout}s")
+                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
             return n / (time.perf_counter() - started)
         finally:
             await app.close()
 
     # drain
 
-    def drain(self, key: str, n: int) -> float:
-        path = self.fresh(key)
-        if key.startswith("soniq-"):
-            return self._drain_soniq(key, path, n)
-        return self._drain_huey(key, path, n)
+    def drain(self, f: Figure, n: int) -> float:
+        path = self.fresh(f.key)
+        if f.system == "soniq":
+            return self._drain_soniq(f, path, n)
+        return self._drain_huey(f, path, n)
 
-    def _drain_soniq(self, key: str, path: Path, n: int) -> float:
-        _, _, kind, concurrency = key.split("-")
-        job = ej.noop_sync if kind == "sync" else ej.noop
-        app = ej.make_soniq(str(path))
+    def _drain_soniq(self, f: Figure, path: Path, n: int) -> float:
+        job = ej.noop_sync if f.jobs == "sync" else ej.noop
+        app = ej.make_soniq(str(path), f.level)
         app.sync.ensure_initialized()
         for start in range(0, n, 1000):
             app.sync.enqueue_many(job, [{"n": i} for i in range(start, min(n, start + 1000))])
         app.sync.close()
-        env = {**os.environ, "SONIQ_EMBEDDED_DB": str(path)}
+        env = {**os.environ, "SONIQ_EMBEDDED_DB": str(path), "SONIQ_EMBEDDED_SYNC": f.level}
         env.pop("HUEY_EMBEDDED_DB", None)
         cmd = [
             sys.executable,
@@ -251,7 +261,7 @@ class Runner:
             "benchmarks.embedded_jobs:eq",
             "--burst",
             "--concurrency",
-            concurrency,
+            str(f.concurrency),
             "--log-level",
             "WARNING",
         ]
@@ -262,26 +272,26 @@ class Runner:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            raise TimeoutError(f"{key}: worker still running after {self.timeout}s") from None
+            raise TimeoutError(f"{f.key}: worker still running after {self.timeout}s") from None
         elapsed = time.perf_counter() - started
         if proc.returncode != 0:
-            raise RuntimeError(f"{key}: worker exited {proc.returncode}: {err.strip()[-500:]}")
+            raise RuntimeError(f"{f.key}: worker exited {proc.returncode}: {err.strip()[-500:]}")
         conn = sqlite3.connect(str(path))
         try:
             rows = dict(conn.execute("SELECT status, count(*) FROM soniq_jobs GROUP BY status"))
         finally:
             conn.close()
         if rows.get("done", 0) != n:
-            raise RuntimeError(f"{key}: {rows} after the drain, not {n} done")
+            raise RuntimeError(f"{f.key}: {rows} after the drain, not {n} done")
         return n / elapsed
 
-    def _drain_huey(self, key: str, path: Path, n: int) -> float:
-        fsync = "default" if key == HUEY_DEFAULT else "1"
-        h, task = ej.make_huey(str(path), fsync)
+    def _drain_huey(self, f: Figure, path: Path, n: int) -> float:
+        key = f.key
+        h, task = ej.make_huey(str(path), f.level)
         for i in range(n):
             task(i)
         h.storage.close()
-        env = {**os.environ, "HUEY_EMBEDDED_DB": str(path), "HUEY_EMBEDDED_FSYNC": fsync}
+        env = {**os.environ, "HUEY_EMBEDDED_DB": str(path), "HUEY_EMBEDDED_SYNC": f.level}
         env["SONIQ_EMBEDDED_DB"] = str(self.tmp / "unused-soniq.db")
         cmd = [
             sys.executable,
@@ -306,7 +316,7 @@ class Runner:
             raise TimeoutError(f"{key}: consumer still running after {self.timeout}s") from None
         if not line.startswith("done") or proc.returncode != 0:
             raise RuntimeError(f"{key}: {line.strip()!r}, exit {proc.returncode}: {err[-500:]}")
-        h, _ = ej.make_huey(str(path), fsync)
+        h, _ = ej.make_huey(str(path), f.level)
         try:
             left = h.pending_count()
         finally:
@@ -330,14 +340,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="soniq-embedded-") as tmpdir:
         tmp = Path(tmpdir)
         pragmas = settings(tmp)
-        huey_default_differs = pragmas["huey default"] != pragmas["huey (fsync=True)"]
-        figs = figures(huey_default_differs)
+        figs = figures()
         runner = Runner(tmp, args.n, args.timeout)
         series = {f.key: Series() for f in figs}
         groups = [[f for f in figs if f.kind == kind] for kind in ("enqueue", "drain")]
 
         def once(f: Figure, n: int) -> float:
-            return (runner.enqueue if f.kind == "enqueue" else runner.drain)(f.key, n)
+            return (runner.enqueue if f.kind == "enqueue" else runner.drain)(f, n)
 
         print(f"warm-up ({max(50, args.n // 5)} jobs each) ...", flush=True)
         for group in groups:

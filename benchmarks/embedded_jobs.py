@@ -1,10 +1,10 @@
 """The no-op jobs of :mod:`benchmarks.embedded`, importable by its worker processes.
 
-``SONIQ_EMBEDDED_DB``: the SQLite file of ``eq`` (``soniq worker
-benchmarks.embedded_jobs:eq --burst``). ``HUEY_EMBEDDED_DB`` (and
-``HUEY_EMBEDDED_FSYNC``: ``1`` for ``synchronous=FULL``, ``default`` for huey's own
-default): the file of ``huey``, built only when the variable is set (SqliteHuey
-creates its tables as soon as it is constructed).
+``SONIQ_EMBEDDED_DB`` (and ``SONIQ_EMBEDDED_SYNC``: ``FULL`` or ``NORMAL``): the
+SQLite file of ``eq`` (``soniq worker benchmarks.embedded_jobs:eq --burst``).
+``HUEY_EMBEDDED_DB`` (and ``HUEY_EMBEDDED_SYNC``: ``FULL``, ``NORMAL`` or
+``default``, see :func:`make_huey`): the file of ``huey``, built only when the
+variable is set (SqliteHuey creates its tables as soon as it is constructed).
 
 ``python -m benchmarks.embedded_jobs huey-drain N TIMEOUT`` runs huey's consumer with
 4 worker threads on ``$HUEY_EMBEDDED_DB`` until N tasks have completed (counted with
@@ -40,34 +40,54 @@ def huey_noop(n: int) -> None:
     """huey's no-op task (returns None, so huey stores no result)."""
 
 
-def make_soniq(path: str) -> Soniq:
-    """A Soniq on ``path`` with both no-op jobs registered under fixed names."""
-    app = Soniq(f"sqlite:///{path}")
+def make_soniq(path: str, synchronous: str = "FULL") -> Soniq:
+    """A Soniq on ``path`` (at ``synchronous`` FULL or NORMAL) with both no-op jobs
+    registered under fixed names."""
+    app = Soniq(f"sqlite:///{path}?synchronous={synchronous.lower()}")
     app.job(name=NOOP)(noop)
     app.job(name=NOOP_SYNC)(noop_sync)
     return app
 
 
-def make_huey(path: str, fsync: str) -> tuple[Any, Any]:
-    """A ``SqliteHuey`` on ``path`` and its no-op task. ``fsync="1"``: huey's
-    ``fsync=True`` (``PRAGMA synchronous=2``, FULL); ``"default"``: no pragma set
-    (SQLite's compiled default). WAL journal either way (huey's default)."""
+def make_huey(path: str, level: str) -> tuple[Any, Any]:
+    """A ``SqliteHuey`` on ``path`` and its no-op task, WAL journal either way (huey's
+    default). ``level``: ``FULL`` is huey's ``fsync=True`` (``PRAGMA synchronous=2``);
+    ``NORMAL`` sets ``PRAGMA synchronous=1`` on each of its connections (huey's own
+    ``fsync=False`` means OFF); ``default`` sets nothing (SQLite's compiled default)."""
     from huey import SqliteHuey
+    from huey.storage import SqliteStorage
+
+    class NormalSqliteStorage(SqliteStorage):  # type: ignore[misc]
+        def _create_connection(self) -> Any:
+            conn = super()._create_connection()
+            conn.execute("PRAGMA synchronous=1")
+            return conn
+
+    class NormalSqliteHuey(SqliteHuey):  # type: ignore[misc]
+        storage_class = NormalSqliteStorage
 
     kwargs: dict[str, Any] = {"journal_mode": "wal"}
-    if fsync != "default":
-        kwargs["fsync"] = fsync == "1"
-    h = SqliteHuey(name="embedded", filename=path, **kwargs)
+    cls = SqliteHuey
+    if level == "FULL":
+        kwargs["fsync"] = True
+    elif level == "NORMAL":
+        cls = NormalSqliteHuey
+    elif level != "default":
+        raise ValueError(f"level must be FULL, NORMAL or default, got {level!r}")
+    h = cls(name="embedded", filename=path, **kwargs)
     return h, h.task(name=HUEY_NOOP)(huey_noop)
 
 
-eq = make_soniq(os.environ.get("SONIQ_EMBEDDED_DB", "soniq-embedded.db"))
+eq = make_soniq(
+    os.environ.get("SONIQ_EMBEDDED_DB", "soniq-embedded.db"),
+    os.environ.get("SONIQ_EMBEDDED_SYNC", "FULL"),
+)
 
 huey: Any = None
 huey_task: Any = None
 if os.environ.get("HUEY_EMBEDDED_DB"):
     huey, huey_task = make_huey(
-        os.environ["HUEY_EMBEDDED_DB"], os.environ.get("HUEY_EMBEDDED_FSYNC", "1")
+        os.environ["HUEY_EMBEDDED_DB"], os.environ.get("HUEY_EMBEDDED_SYNC", "FULL")
     )
 
 
