@@ -64,15 +64,16 @@ def imports(session: nox.Session) -> None:
 
 
 # The peers measured by `nox -s bench`, pinned so that figures compare across runs.
-BENCH_PEERS = ["pgqueuer==1.6.0", "procrastinate==3.10.0"]
+BENCH_PEERS = ["pgqueuer==1.6.0", "procrastinate==3.10.0", "huey==3.5.4"]
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Soniq beside the raw drivers and its peers (pgqueuer, procrastinate, pinned):
-    enqueue, drain, latency, worker memory and a drain over 1M finished rows, each
-    system on a fresh database of SONIQ_BENCH_DATABASE_URL; writes a table, JSON and
-    a PNG chart to benchmarks/results/. `nox -s bench -- --quick` is a smoke run of
+    """Soniq beside the raw drivers and its peers (pgqueuer, procrastinate, huey,
+    pinned): enqueue, drain, latency, worker memory and a drain over 1M finished rows,
+    each system on a fresh database of SONIQ_BENCH_DATABASE_URL, and the SQLite
+    backend beside huey's SqliteHuey; writes a table, JSON and a PNG chart to
+    benchmarks/results/. `nox -s bench -- --quick` is a smoke run of
     under a minute. Not in the default sessions."""
     session.install("-e", ".[binary]", *BENCH_PEERS, "matplotlib==3.11.2")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -21,6 +21,7 @@ COLOURS = {
     "raw": "#9a9a9a",
     "pgqueuer": "#e6862a",
     "procrastinate": "#3b9a4a",
+    "huey": "#b04a9a",
 }
 DRIVERS = {"asyncpg": "asyncpg", "psycopg": "psycopg", "psycopg-sync": "psycopg sync"}
 
@@ -97,6 +98,26 @@ def draw(result: dict[str, Any], path: Path) -> None:
                     title += f" ({ms[0]['n']:,} jobs)"
                 items = [(_short_worker(m), m["family"], m) for m in ms]
                 panels.append((title, ms[0]["unit"], items))
+    emb = result.get("embedded")
+    if emb:
+        for kind, title in (
+            ("enqueue", "SQLite: enqueue one job per call"),
+            ("drain", "SQLite: drain, one worker process"),
+        ):
+            items = []
+            for key, m in emb["figures"].items():
+                if m["kind"] == kind:
+                    huey = f"huey {emb['huey_version']} "
+                    label = (
+                        m["label"]
+                        .replace(f"{huey}consumer, 4 threads", "huey 4 threads")
+                        .replace(huey, "huey ")
+                        .replace("worker, ", "")
+                        .replace("concurrency ", "c=")
+                    )
+                    items.append((label, _family(key), m))
+            if items:
+                panels.append((f"{title} ({emb['n']:,} jobs)", "jobs/s", items))
     columns = 3
     rows = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(17, 4.2 * rows), squeeze=False)

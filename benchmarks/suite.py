@@ -5,6 +5,8 @@
 2. Worker (:mod:`benchmarks.worker`): drain (async and sync jobs), enqueue-to-start
    latency, worker memory, drain over 1,000,000 finished rows; Soniq beside pgqueuer,
    procrastinate and the raw limit.
+3. Embedded (:mod:`benchmarks.embedded`): the SQLite backend's enqueue and drain
+   beside huey's ``SqliteHuey``, at ``synchronous`` FULL and NORMAL (no server).
 
 Prints one table per part and the targets, writes
 ``benchmarks/results/bench-<UTC time>.json`` and a PNG chart beside it. ``--quick``
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import enqueue, worker
+from benchmarks import embedded, enqueue, worker
 from benchmarks._common import (
     RESULTS_DIR,
     admin_url,
@@ -32,7 +34,7 @@ from benchmarks._common import (
     write_results,
 )
 
-PARTS = ("enqueue", "worker")
+PARTS = ("enqueue", "worker", "embedded")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     enq.add_argument(
         "--cases", nargs="+", choices=enqueue.CASES, default=list(enqueue.CASES), metavar="CASE"
+    )
+    emb = parser.add_argument_group("embedded")
+    emb.add_argument(
+        "--embedded-n", type=int, default=None, help="jobs per SQLite measurement (3000)"
     )
     wrk = parser.add_argument_group("worker")
     wrk.add_argument("--drain", type=int, default=None, help="jobs per drain (default 20000)")
@@ -99,11 +105,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "latency": (50, 500),
         "bloat_rows": (20_000, 1_000_000),
         "bloat_drain": (1000, 20_000),
+        "embedded_n": (300, 3000),
     }
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
-    counts = (args.n, args.batch, args.repeats, args.warmup, args.drain, args.latency)
+    counts = (
+        args.n,
+        args.batch,
+        args.repeats,
+        args.warmup,
+        args.drain,
+        args.latency,
+        args.embedded_n,
+    )
     if min(counts) < 1 or args.bloat_rows < 0 or args.bloat_drain < 1:
         parser.error("counts must be >= 1")
     args.drivers = list(dict.fromkeys(args.drivers))
@@ -162,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             admin, [s.key for s in plan], statement_timeout=args.statement_timeout
         ) as urls:
             result["worker"] = worker.run_worker_benchmark(urls, sizes, plan)
+    embedded_text = None
+    if "embedded" in args.parts:
+        print(f"embedded: SQLite beside huey, {args.embedded_n:,} jobs per run", flush=True)
+        embedded_args = argparse.Namespace(
+            n=args.embedded_n, repeats=args.repeats, timeout=15.0 if args.quick else 120.0
+        )
+        embedded_text, result["embedded"] = embedded.report(embedded.run(embedded_args))
+        result["embedded"]["measures"] = [
+            {"id": key, "median": f["median"], "failure": f["failure"]}
+            for key, f in result["embedded"]["figures"].items()
+        ]
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["cpu_check_end_ms"] = cpu_check()
 
@@ -171,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if "worker" in result:
         print("\nWORKER (one worker process per system)\n", flush=True)
         print(worker.render(result["worker"]), flush=True)
+    if embedded_text is not None:
+        print("\nEMBEDDED (SQLite, no server; soniq beside huey)\n", flush=True)
+        print(embedded_text, flush=True)
 
     path = write_results("bench", result, args.output)
     print(
