@@ -170,7 +170,15 @@ def machine_info(admin: str) -> dict[str, Any]:
         "postgresql_settings": settings,
         "packages": {
             d: _version(d)
-            for d in ("soniq", "asyncpg", "psycopg", "psycopg-pool", "pgqueuer", "procrastinate")
+            for d in (
+                "soniq",
+                "asyncpg",
+                "psycopg",
+                "psycopg-pool",
+                "pgqueuer",
+                "procrastinate",
+                "huey",
+            )
         },
         "soniq_revision": _git_revision(),
         "cpu_check_ms": cpu_check(),
@@ -190,7 +198,8 @@ def describe_machine(info: dict[str, Any]) -> str:
             f"CPU check (a fixed pure-Python loop, lower is faster): {info['cpu_check_ms']} ms",
             f"Python {info['python']}; soniq {p['soniq']} ({info['soniq_revision']}), "
             f"asyncpg {p['asyncpg']}, psycopg {p['psycopg']}, psycopg-pool {p['psycopg-pool']}; "
-            f"peers: pgqueuer {p['pgqueuer']}, procrastinate {p['procrastinate']}",
+            f"peers: pgqueuer {p['pgqueuer']}, procrastinate {p['procrastinate']}, "
+            f"huey {p['huey']}",
         ]
     )
 

@@ -60,6 +60,7 @@ from benchmarks._common import (
     render_table,
     write_results,
 )
+from soniq.core.sql import sqlite as soniq_sql
 from soniq.drivers import sqlite as soniq_sqlite
 
 HUEY_VERSION = "3.5.4"  # pip install huey==3.5.4
@@ -108,6 +109,13 @@ def figures() -> list[Figure]:
                 versus=huey_enqueue,
             ),
             Figure(huey_enqueue, f"huey {HUEY_VERSION} task(i), {level}", "huey", "enqueue", level),
+            Figure(
+                f"raw-enqueue-{level}",
+                f"raw sqlite3: INSERT into soniq_jobs, one per commit, {level}",
+                "raw",
+                "enqueue",
+                level,
+            ),
         ]
         for jobs, concurrency in (("sync", 4), ("sync", 20), ("async", 4), ("async", 20)):
             out.append(
@@ -208,6 +216,8 @@ class Runner:
                 app.sync.close()
         if f.system == "soniq":
             return asyncio.run(self._enqueue_async(f, path, n, deadline))
+        if f.system == "raw":
+            return self._enqueue_raw(f, path, n, deadline)
         h, task = ej.make_huey(str(path), f.level)
         try:
             h.storage.conn  # noqa: B018  (open the connection before the clock starts)
@@ -222,6 +232,25 @@ class Runner:
             return rate
         finally:
             h.storage.close()
+
+    def _enqueue_raw(self, f: Figure, path: Path, n: int, deadline: float) -> float:
+        """The floor under Soniq's one-by-one enqueue: the same row into the same table
+        (same indexes), by hand, one autocommit INSERT per job."""
+        ej.make_soniq(str(path), f.level).sync.ensure_initialized()
+        conn = soniq_sqlite.connect(str(path), f.level)
+        insert = soniq_sql.INSERT_JOB
+        try:
+            started = time.perf_counter()
+            for i in range(n):
+                now = time.time()
+                conn.execute(
+                    insert, (ej.NOOP_SYNC, "default", f'{{"n": {i}}}', 0, now, 3, None, None, now)
+                )
+                if i % 256 == 0 and time.perf_counter() > deadline:
+                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
+            return n / (time.perf_counter() - started)
+        finally:
+            conn.close()
 
     async def _enqueue_async(self, f: Figure, path: Path, n: int, deadline: float) -> float:
         app = ej.make_soniq(str(path), f.level)

@@ -288,7 +288,8 @@ def _known_id(job_id: object) -> bool:
 
 # -- enqueue and inspect -----------------------------------------------------------
 
-_INSERT = (
+#: One job row; the enqueue statement (also the benchmark's raw baseline).
+INSERT_JOB = (
     f"INSERT INTO {JOBS} (name, queue, args, priority, run_at, max_retries, dedupe_key, "
     "timeout, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
@@ -313,10 +314,10 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
             if held.rows:
                 return Inserted([held.rows[0][0]], None)
         if len(values) == 1:
-            inserted = yield Step(_INSERT, values[0])
+            inserted = yield Step(INSERT_JOB, values[0])
             assert inserted.lastrowid is not None
             return Inserted([inserted.lastrowid], wake)
-        yield Step(_INSERT, values, many=True)
+        yield Step(INSERT_JOB, values, many=True)
         last = (yield Step("SELECT last_insert_rowid()")).rows[0][0]
         # With AUTOINCREMENT each new row gets max(ever used) + 1, and the write lock is
         # held, so the rows of this call have consecutive ids, in input order.
