@@ -113,6 +113,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
                         .replace(f"{huey}consumer, 4 threads", "huey 4 threads")
                         .replace(huey, "huey ")
                         .replace("worker, ", "")
+                        .replace("sqlite3: INSERT into soniq_jobs, one per commit", "INSERT")
                         .replace("concurrency ", "c=")
                     )
                     items.append((label, _family(key), m))
