@@ -135,6 +135,11 @@ async def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
             await eq.ensure_initialized()
         with pytest.raises(ConfigurationError, match="directory"):
             eq.sync.ensure_initialized()
+        # A write fails as clearly (it goes through the backend's write queue).
+        with pytest.raises(ConfigurationError, match="directory"):
+            await asyncio.wait_for(eq.enqueue("some.job", n=1), 10)
+        with pytest.raises(ConfigurationError, match="directory"):
+            eq.sync.enqueue("some.job", n=1)
     finally:
         await eq.close()
 

@@ -401,13 +401,18 @@ class SqliteBackend:
                 self._conn = None
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
                 self._owner = owner
+                # A fork may have copied the parent's queue, and its lock held.
+                self._writes_changed = threading.Condition()
                 self._writes = []
             return self._executor
 
-    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn = connect(self.path, self.synchronous)
-        conn = self._conn
+        return self._conn
+
+    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
         try:
             return work(conn)
         finally:
@@ -441,16 +446,23 @@ class SqliteBackend:
             if not linger:
                 self._writes_changed.notify()
         if first:
-            executor.submit(self._on_thread, self._run_writes)
+            executor.submit(self._run_writes)
         return write.future
 
-    def _run_writes(self, conn: sqlite3.Connection) -> None:
+    def _run_writes(self) -> None:
         with self._writes_changed:
             self._writes_changed.wait_for(
                 lambda: not all(w.linger for w in self._writes), timeout=LINGER
             )
             writes, self._writes = self._writes, []
-        run_together(conn, writes)
+        try:
+            self._connection()
+        except BaseException as exc:  # no database to write to: every caller hears why
+            for write in writes:
+                if write.future.set_running_or_notify_cancel():
+                    write.future.set_exception(exc)
+            return
+        self._on_thread(lambda conn: run_together(conn, writes))
 
     async def _write_op(self, op: Operation[T]) -> T:
         return await asyncio.wrap_future(self._write(lambda: op))
