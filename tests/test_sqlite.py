@@ -248,7 +248,7 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
         failing: asyncio.Future[None] = asyncio.wrap_future(backend._write(bad))
 
         async def queued() -> bool:
-            return len(backend._writes) == 6
+            return len(backend._thread().writes) == 6
 
         await async_wait_until(queued, 5, "six queued writes")
         statements.clear()
@@ -265,6 +265,34 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
     assert statements.count("BEGIN IMMEDIATE") == 1
     assert statements.count("COMMIT") == 1
     assert statements.count("SAVEPOINT soniq_write") == 6
+
+
+async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: Soniq) -> None:
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    statements: list[str] = []
+    await backend._call(lambda conn: conn.set_trace_callback(statements.append))
+    locker = sqlite3.connect(db_path(eq), isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        busy = asyncio.create_task(eq.enqueue("some.job", n=0))  # waits for the lock
+
+        async def started() -> bool:
+            return bool(statements)
+
+        await async_wait_until(started, 5, "the first insert to start")
+        queued = asyncio.create_task(eq.enqueue("some.job", n=1))  # behind it
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(eq.close())
+        await asyncio.sleep(0)
+        after = asyncio.create_task(eq.enqueue("some.job", n=2))  # on a new thread
+        locker.execute("COMMIT")
+        ids = await asyncio.wait_for(asyncio.gather(busy, queued, after), 20)
+        await asyncio.wait_for(closing, 20)
+    finally:
+        locker.close()
+    for n, job_id in enumerate(ids):
+        job = await eq.get_job(job_id)
+        assert job is not None and job.args == {"n": n}
 
 
 async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(

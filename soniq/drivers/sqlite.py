@@ -37,7 +37,9 @@ not stored in the file.
 Group commit. The async backend's writes queue for its one thread; those that queue
 while it is busy commit in one transaction (:func:`run_together`), and a worker's
 completions wait up to :data:`LINGER` for its next claim, so a busy worker pays one
-commit for both. An enqueue of one job is one ``INSERT`` with no ``BEGIN``.
+commit for both. An enqueue of one job (no dedupe key) is one ``INSERT`` with no
+``BEGIN`` when it runs alone, and joins the shared transaction when others queued
+with it.
 
 There is no LISTEN/NOTIFY: :meth:`SqliteBackend.listen` wakes a worker at once when
 this process enqueues (any Soniq on the same file); jobs enqueued by other processes
@@ -380,11 +382,8 @@ class SqliteBackend:
         self.path = path
         self.synchronous = synchronous
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._current: _SqliteThread | None = None
         self._owner: object = None
-        self._conn: sqlite3.Connection | None = None  # touched on the executor thread only
-        self._writes_changed = threading.Condition()
-        self._writes: list[_Write] = []  # queued for the thread's next transaction
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
@@ -392,37 +391,22 @@ class SqliteBackend:
 
     # -- plumbing
 
-    def _thread(self) -> ThreadPoolExecutor:
+    def _thread(self) -> _SqliteThread:
         with self._lock:
             owner = sync_owner()
-            if self._executor is None or self._owner != owner:
-                if self._conn is not None and self._owner != owner:
-                    _inherited.append(self._conn)  # the parent's: leave it alone
-                self._conn = None
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
+            current = self._current
+            if current is None or self._owner != owner:
+                if current is not None and current.conn is not None:
+                    _inherited.append(current.conn)  # the parent's: leave it alone
+                current = self._current = _SqliteThread(self.path, self.synchronous)
                 self._owner = owner
-                # A fork may have copied the parent's queue, and its lock held.
-                self._writes_changed = threading.Condition()
-                self._writes = []
-            return self._executor
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = connect(self.path, self.synchronous)
-        return self._conn
-
-    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._connection()
-        try:
-            return work(conn)
-        finally:
-            if conn.in_transaction:  # a failed rollback: do not reuse the connection
-                self._conn = None
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+            return current
 
     def _submit(self, work: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        return self._thread().submit(self._on_thread, work)
+        while True:  # a thread being closed takes nothing new: the next one does
+            future = self._thread().submit(work)
+            if future is not None:
+                return future
 
     async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.wrap_future(self._submit(work))
@@ -439,30 +423,9 @@ class SqliteBackend:
         alone in the queue waits up to :data:`LINGER` seconds for another to commit
         with: the worker's next claim almost always follows at once."""
         write = _Write(build, committed, linger)
-        executor = self._thread()
-        with self._writes_changed:
-            self._writes.append(write)
-            first = len(self._writes) == 1
-            if not linger:
-                self._writes_changed.notify()
-        if first:
-            executor.submit(self._run_writes)
+        while not self._thread().write(write):  # that thread is being closed
+            pass
         return write.future
-
-    def _run_writes(self) -> None:
-        with self._writes_changed:
-            self._writes_changed.wait_for(
-                lambda: not all(w.linger for w in self._writes), timeout=LINGER
-            )
-            writes, self._writes = self._writes, []
-        try:
-            self._connection()
-        except BaseException as exc:  # no database to write to: every caller hears why
-            for write in writes:
-                if write.future.set_running_or_notify_cancel():
-                    write.future.set_exception(exc)
-            return
-        self._on_thread(lambda conn: run_together(conn, writes))
 
     async def _write_op(self, op: Operation[T]) -> T:
         return await asyncio.wrap_future(self._write(lambda: op))
@@ -522,12 +485,12 @@ class SqliteBackend:
             raise
 
     def _put_back(self, future: Future[list[Claimed]], worker_id: str) -> None:
-        """On the executor thread: release the jobs of a claim nobody received."""
+        """Release the jobs of a claim nobody received (called when the claim ends:
+        on the SQLite thread, or at once if it had ended)."""
         if future.cancelled() or future.exception() is not None or not future.result():
             return
         released = [outcome_of.released(c.id, c.attempts) for c in future.result()]
-        with contextlib.suppress(RuntimeError):  # the backend was closed meanwhile
-            self._write(lambda: sq.finish_jobs(released, worker_id, keep=True, now=time.time()))
+        self._write(lambda: sq.finish_jobs(released, worker_id, keep=True, now=time.time()))
 
     @contextlib.asynccontextmanager
     async def worker_session(self) -> AsyncIterator[SqliteBackend]:
@@ -586,17 +549,90 @@ class SqliteBackend:
         return SqliteMaintenance(self.path, self.synchronous)
 
     async def close(self) -> None:
-        """Close the connection and end the thread; a later call opens them again."""
+        """Close the connection and end the thread, after what was queued on them; a
+        later call opens new ones."""
         with self._lock:
-            executor, self._executor = self._executor, None
+            thread, self._current = self._current, None
             mine = self._owner == sync_owner()
-        if executor is None or not mine:
+        if thread is None or not mine:
             return
-        await asyncio.wrap_future(executor.submit(self._close_connection))
-        executor.shutdown(wait=False)
+        await asyncio.wrap_future(thread.close())
+
+
+class _SqliteThread:
+    """One thread of a :class:`SqliteBackend`, its connection and its queue of writes.
+    The backend replaces it after ``close()`` or a fork; what was queued on it runs on
+    it, before it closes."""
+
+    def __init__(self, path: str, synchronous: str) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
+        self.conn: sqlite3.Connection | None = None  # used on the thread only
+        self.writes_changed = threading.Condition()
+        self.writes: list[_Write] = []  # queued for the thread's next transaction
+        self.closing = False
+
+    def submit(self, work: Callable[[sqlite3.Connection], T]) -> Future[T] | None:
+        """Run ``work`` on the thread with its connection; None once closing."""
+        with self.writes_changed:
+            if self.closing:
+                return None
+            return self.executor.submit(self._on_thread, work)
+
+    def write(self, write: _Write) -> bool:
+        """Queue ``write`` for the thread's next transaction; False once closing."""
+        with self.writes_changed:
+            if self.closing:
+                return False
+            self.writes.append(write)
+            if len(self.writes) == 1:
+                # Submitted under the lock, so never after close()'s last task.
+                self.executor.submit(self._run_writes)
+            elif not write.linger:
+                self.writes_changed.notify()
+        return True
+
+    def close(self) -> Future[None]:
+        """Take nothing new, close the connection after what was queued, end."""
+        with self.writes_changed:
+            self.closing = True
+            done = self.executor.submit(self._close_connection)
+        self.executor.shutdown(wait=False)
+        return done
+
+    def _connection(self) -> sqlite3.Connection:
+        if self.conn is None:
+            self.conn = connect(self.path, self.synchronous)
+        return self.conn
+
+    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        try:
+            return work(conn)
+        finally:
+            if conn.in_transaction:  # a failed rollback: do not reuse the connection
+                self.conn = None
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def _run_writes(self) -> None:
+        with self.writes_changed:
+            self.writes_changed.wait_for(
+                lambda: not all(w.linger for w in self.writes), timeout=LINGER
+            )
+            writes, self.writes = self.writes, []
+        try:
+            self._connection()
+        except BaseException as exc:  # no database to write to: every caller hears why
+            for write in writes:
+                if write.future.set_running_or_notify_cancel():
+                    write.future.set_exception(exc)
+            return
+        self._on_thread(lambda conn: run_together(conn, writes))
 
     def _close_connection(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
 

@@ -267,8 +267,7 @@ class Worker:
                     gather_until = now + gather
                 if now < gather_until:
                     self._slot_freed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._slot_freed.wait(), gather_until - now)
+                    await _wait(self._slot_freed, gather_until - now)
                     continue
             gather_until = None
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
@@ -451,7 +450,10 @@ class Worker:
         with self._sync_done_lock:
             done, self._sync_done = self._sync_done, []
         for running, outcome, elapsed in done:
-            self._settle(running, outcome, elapsed)
+            try:
+                self._settle(running, outcome, elapsed)
+            except Exception:  # one bad outcome must not keep the others' slots
+                log.exception("job %s: recording its outcome failed", running.context.id)
             self._free(running)
 
     def _sync_timed_out(self, running: _Running) -> None:

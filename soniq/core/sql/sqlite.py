@@ -6,10 +6,12 @@ return value is the operation's result. :class:`Operation` says whether the step
 run inside ``BEGIN IMMEDIATE`` (every operation that writes more than one statement or
 reads before it writes: it takes SQLite's single write lock up front, so a
 read-modify-write such as a claim can neither interleave with another writer nor fail
-half-way on a lock upgrade). A write of one statement runs alone, in autocommit: SQLite
-makes it a transaction of its own, taking the write lock as its first act, which is as
-safe and spares two statements (an enqueue of one job is one ``INSERT``). The driver
-is a loop; which statements run, in what order and what they mean is decided here.
+half-way on a lock upgrade). The enqueue of one job without a dedupe key says it needs
+no ``BEGIN``: its one ``INSERT`` runs alone, in autocommit, where SQLite makes it a
+transaction of its own and takes the write lock as its first act, which is as safe
+and spares two statements. (Single-statement writes of other kinds keep ``BEGIN
+IMMEDIATE``: they are not on a hot path.) The driver is a loop; which statements run,
+in what order and what they mean is decided here.
 
 Portability. The SQLite that Python links varies by platform: 3.40 here, but RHEL 9
 and derivatives ship 3.34, which has no ``RETURNING`` (3.35) and no
