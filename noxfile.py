@@ -1,4 +1,4 @@
-"""Developer tasks: `nox -s tests lint types imports` is what CI runs."""
+"""Developer tasks: `nox -s tests tests_oldest lint types imports` is what CI runs."""
 
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ def tests(session: nox.Session) -> None:
     throwaway cluster when none answers)."""
     session.install(*TEST_DEPS)
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.10")
+def tests_oldest(session: nox.Session) -> None:
+    """The behaviour suites on the oldest Python Soniq supports (asyncio's timeouts
+    and a few other details differ there). CI runs it after `tests`."""
+    session.install(*TEST_DEPS)
+    session.run(
+        "pytest",
+        *(
+            session.posargs
+            or ["tests/test_behaviour.py", "tests/test_api.py", "tests/test_sqlite.py"]
+        ),
+    )
 
 
 @nox.session

@@ -402,7 +402,8 @@ class Worker:
         except Exception as exc:
             if (
                 ctx.timeout
-                and isinstance(exc, TimeoutError)
+                # asyncio's own class on 3.10, the builtin from 3.11
+                and isinstance(exc, (TimeoutError, asyncio.TimeoutError))
                 and (time.monotonic() - started >= ctx.timeout)
             ):
                 exc = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
