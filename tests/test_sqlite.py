@@ -221,22 +221,35 @@ def test_an_enqueue_of_one_job_is_one_statement(
         eq.sync.close()
 
 
-async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
+@contextlib.asynccontextmanager
+async def thread_held_by_a_lock(
     eq: Soniq,
-) -> None:
+) -> AsyncIterator[tuple[list[str], asyncio.Task[int], sqlite3.Connection]]:
+    """The backend's thread kept busy: its first enqueue (``n=0``) waits for the write
+    lock another connection holds, until ``locker.execute("COMMIT")``. Yields the
+    statements the backend's connection ran, that enqueue's task, and the locker."""
     backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
     statements: list[str] = []
     await backend._call(lambda conn: conn.set_trace_callback(statements.append))
     locker = sqlite3.connect(db_path(eq), isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")
-        # The first enqueue waits for the lock on the thread; the others queue behind it.
         first = asyncio.create_task(eq.enqueue("some.job", n=0))
 
         async def started() -> bool:
             return bool(statements)
 
         await async_wait_until(started, 5, "the first insert to start")
+        yield statements, first, locker
+    finally:
+        locker.close()
+
+
+async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
+    eq: Soniq,
+) -> None:
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    async with thread_held_by_a_lock(eq) as (statements, first, locker):
 
         def bad() -> sq.Operation[None]:
             def steps() -> sq.Steps[None]:
@@ -256,8 +269,6 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
         ids = [await first] + [await task for task in later]
         with pytest.raises(sqlite3.IntegrityError):
             await failing
-    finally:
-        locker.close()
     assert len(set(ids)) == 6
     for n, job_id in enumerate(ids):
         job = await eq.get_job(job_id)
@@ -268,18 +279,7 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
 
 
 async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: Soniq) -> None:
-    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
-    statements: list[str] = []
-    await backend._call(lambda conn: conn.set_trace_callback(statements.append))
-    locker = sqlite3.connect(db_path(eq), isolation_level=None)
-    try:
-        locker.execute("BEGIN IMMEDIATE")
-        busy = asyncio.create_task(eq.enqueue("some.job", n=0))  # waits for the lock
-
-        async def started() -> bool:
-            return bool(statements)
-
-        await async_wait_until(started, 5, "the first insert to start")
+    async with thread_held_by_a_lock(eq) as (_, busy, locker):
         queued = asyncio.create_task(eq.enqueue("some.job", n=1))  # behind it
         await asyncio.sleep(0)
         closing = asyncio.create_task(eq.close())
@@ -288,8 +288,6 @@ async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: So
         locker.execute("COMMIT")
         ids = await asyncio.wait_for(asyncio.gather(busy, queued, after), 20)
         await asyncio.wait_for(closing, 20)
-    finally:
-        locker.close()
     for n, job_id in enumerate(ids):
         job = await eq.get_job(job_id)
         assert job is not None and job.args == {"n": n}
