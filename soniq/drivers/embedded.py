@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 EMBEDDED = ("sqlite", "memory")
 DEFAULT_SQLITE_URL = "sqlite:///soniq.db"
+#: The ``synchronous`` levels a SQLite URL may ask for; the first is the default.
 SYNCHRONOUS_LEVELS = ("FULL", "NORMAL")
 
 
@@ -24,7 +25,7 @@ class SqliteFile:
     URL says ``?synchronous=normal``; see :mod:`soniq.drivers.sqlite`)."""
 
     path: str
-    synchronous: str = "FULL"
+    synchronous: str = SYNCHRONOUS_LEVELS[0]
 
     def __str__(self) -> str:
         return self.path
@@ -37,7 +38,7 @@ def _sqlite_file(url: str) -> SqliteFile:
         raise ConfigurationError(
             f"database_url {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
-    synchronous = "FULL"
+    synchronous = SYNCHRONOUS_LEVELS[0]
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key != "synchronous" or value.upper() not in SYNCHRONOUS_LEVELS:
             raise ConfigurationError(

@@ -68,12 +68,13 @@ from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation, Result
 from soniq.drivers._common import sync_owner
+from soniq.drivers.embedded import SYNCHRONOUS_LEVELS
 
 T = TypeVar("T")
 log = logging.getLogger("soniq")
 
 BUSY_TIMEOUT_MS = 5000
-SYNCHRONOUS = "FULL"
+SYNCHRONOUS = SYNCHRONOUS_LEVELS[0]
 #: How long a worker's completions wait for its next claim, to commit with it: one
 #: fsync for both halves the commits of a busy worker; an idle one writes them late by
 #: this much.
@@ -91,8 +92,10 @@ _inherited: list[sqlite3.Connection] = []
 
 def connect(path: str, synchronous: str = SYNCHRONOUS) -> sqlite3.Connection:
     """A connection to ``path`` with Soniq's settings (see the module docstring)."""
-    if synchronous not in ("FULL", "NORMAL"):
-        raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
+    if synchronous not in SYNCHRONOUS_LEVELS:
+        raise ConfigurationError(
+            f"synchronous must be one of {SYNCHRONOUS_LEVELS}, got {synchronous!r}"
+        )
     try:
         conn = sqlite3.connect(
             path,
@@ -214,7 +217,9 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
     # A caller cancelled before its write started does not want it (a claim nobody
     # would run); once started, a write cannot be cancelled.
     live = [w for w in writes if w.future.set_running_or_notify_cancel()]
-    if len(live) == 1:
+    if not live:
+        return
+    if len(live) == 1:  # alone: as the operation asks (a lone enqueue needs no BEGIN)
         write = live[0]
         try:
             value = run(conn, write.build())
@@ -222,8 +227,6 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
             write.future.set_exception(exc)
         else:
             write.settle(value)
-        return
-    if not live:
         return
     outcomes: list[tuple[_Write, Any, BaseException | None]] = []
     try:
@@ -300,11 +303,15 @@ def _wake(path: str, queues: str) -> None:
             _remove_listener(path, listener)
 
 
-def _insert(conn: sqlite3.Connection, path: str, spec: JobSpec) -> list[int]:
-    inserted = run(conn, sq.insert_jobs(spec, time.time()))
+def _inserted_ids(path: str, inserted: sq.Inserted) -> list[int]:
+    """Once an insert committed: wake this process's workers, hand back the ids."""
     if inserted.wake is not None:
         _wake(path, inserted.wake)
     return inserted.ids
+
+
+def _insert(conn: sqlite3.Connection, path: str, spec: JobSpec) -> list[int]:
+    return _inserted_ids(path, run(conn, sq.insert_jobs(spec, time.time())))
 
 
 def _refuse_connection() -> NoReturn:
@@ -427,8 +434,15 @@ class SqliteBackend:
             pass
         return write.future
 
-    async def _write_op(self, op: Operation[T]) -> T:
-        return await asyncio.wrap_future(self._write(lambda: op))
+    async def _commit(
+        self,
+        build: Callable[[], Operation[Any]],
+        committed: Callable[[Any], T] | None = None,
+        *,
+        linger: bool = False,
+    ) -> T:
+        """:meth:`_write`, awaited."""
+        return await asyncio.wrap_future(self._write(build, committed, linger=linger))
 
     # -- operations
 
@@ -440,14 +454,10 @@ class SqliteBackend:
         """Insert the jobs of one enqueue call; ids in input order."""
         if conn is not None:
             _refuse_connection()
-        return await asyncio.wrap_future(
-            self._write(lambda: sq.insert_jobs(spec, time.time()), self._woken)
+        return await self._commit(
+            lambda: sq.insert_jobs(spec, time.time()),
+            functools.partial(_inserted_ids, self.path),
         )
-
-    def _woken(self, inserted: sq.Inserted) -> list[int]:
-        if inserted.wake is not None:
-            _wake(self.path, inserted.wake)
-        return inserted.ids
 
     async def get_job(self, job_id: int) -> Job | None:
         """The job, or None."""
@@ -464,7 +474,7 @@ class SqliteBackend:
     async def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
         op = sq.cancel_job(job_id, time.time())  # validates the id here, not on the thread
-        return await self._write_op(op)
+        return await self._commit(lambda: op)
 
     async def claim_jobs(
         self, limit: int, worker_id: str, queues: Sequence[str] | None
@@ -500,11 +510,8 @@ class SqliteBackend:
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
         finished ones)."""
-        await asyncio.wrap_future(
-            self._write(
-                lambda: sq.finish_jobs(outcomes, worker_id, keep=keep, now=time.time()),
-                linger=True,
-            )
+        await self._commit(
+            lambda: sq.finish_jobs(outcomes, worker_id, keep=keep, now=time.time()), linger=True
         )
 
     async def register_worker(
@@ -516,21 +523,17 @@ class SqliteBackend:
         concurrency: int,
     ) -> None:
         """Record a worker; its heartbeat starts now."""
-        await asyncio.wrap_future(
-            self._write(
-                lambda: sq.register_worker(
-                    worker_id, hostname, pid, queues, concurrency, time.time()
-                )
-            )
+        await self._commit(
+            lambda: sq.register_worker(worker_id, hostname, pid, queues, concurrency, time.time())
         )
 
     async def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that stopped cleanly."""
-        await self._write_op(sq.unregister_worker(worker_id))
+        await self._commit(lambda: sq.unregister_worker(worker_id))
 
     async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         """Put back the worker's running jobs that it does not hold; how many."""
-        return await self._write_op(sq.reconcile(worker_id, held))
+        return await self._commit(lambda: sq.reconcile(worker_id, held))
 
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """Call ``on_notify(queues)`` on this loop when this process enqueues due jobs
