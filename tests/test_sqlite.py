@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from soniq import ConfigurationError, JobStatus, SchemaNotReadyError, Soniq
 from soniq.core import outcomes
@@ -414,16 +416,16 @@ async def test_schema_is_versioned_and_checked(tmp_path: Path) -> None:
         versions = raw.execute("SELECT version, name FROM soniq_migrations").fetchall()
         names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
         raw.execute("INSERT INTO soniq_migrations VALUES (99, 'future', 0)")
-    assert versions == [(1, "initial")]
+    assert versions == [(1, "initial"), (2, "one_claim_index")]
     assert {
         "soniq_jobs",
         "soniq_workers",
-        "soniq_jobs_claim_idx",
         "soniq_jobs_claim_queue_idx",
         "soniq_jobs_dedupe_idx",
         "soniq_jobs_running_idx",
         "soniq_jobs_finished_idx",
     } <= names
+    assert "soniq_jobs_claim_idx" not in names  # dropped by migration 2
     newer = Soniq(f"sqlite:///{tmp_path}/jobs.db")
     try:
         with pytest.raises(SchemaNotReadyError, match="upgrade the soniq package"):
@@ -447,7 +449,64 @@ def test_processes_migrating_one_new_file_at_once(tmp_path: Path) -> None:
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, outputs
     with sqlite3.connect(tmp_path / "jobs.db") as raw:
-        assert raw.execute("SELECT version FROM soniq_migrations").fetchall() == [(1,)]
+        assert raw.execute("SELECT version FROM soniq_migrations").fetchall() == [(1,), (2,)]
+
+
+async def test_a_file_of_schema_version_1_is_upgraded_with_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute(sq._BOOTSTRAP)
+    for statement in sq.MIGRATIONS[0].statements:
+        old.execute(statement)
+    old.execute("INSERT INTO soniq_migrations VALUES (1, 'initial', 0)")
+    old.execute(sq.INSERT_JOB, ("some.job", "mail", "{}", 0, 0.0, 3, None, None, 0.0))
+    old.close()
+    eq = Soniq(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SchemaNotReadyError, match="version 1"):
+            eq.sync.backend.migrate(apply=False)
+        await eq.ensure_initialized()
+        assert [c.queue for c in await eq.backend.claim_jobs(5, "w", None)] == ["mail"]
+    finally:
+        await eq.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
+        versions = raw.execute("SELECT version FROM soniq_migrations").fetchall()
+    assert "soniq_jobs_claim_idx" not in names and versions == [(1,), (2,)]
+
+
+# Jobs as (queue, priority, seconds from now to run_at); claims as (limit, queues).
+_job = st.tuples(st.sampled_from("abcd"), st.integers(-2, 2), st.sampled_from([-5, -1, 0, 60]))
+_queues = st.none() | st.lists(st.sampled_from("abcde"), min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(jobs=st.lists(_job, max_size=30), claims=st.lists(st.tuples(st.integers(1, 6), _queues)))
+def test_claims_of_any_queues_follow_claim_order(
+    jobs: list[tuple[str, int, int]], claims: list[tuple[int, list[str] | None]]
+) -> None:
+    """Claims of one, several (named twice, or not existing) or all queues take the
+    due jobs of those queues by priority DESC, run_at, id; none twice, none not due."""
+    now = 1_000_000.0
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        driver.run(conn, sq.migrate(now))
+        queued = []
+        for queue, priority, offset in jobs:
+            spec = JobSpec("some.job", queue, ({},), priority=priority, delay=offset)
+            [job_id] = driver.run(conn, sq.insert_jobs(spec, now)).ids
+            queued.append((queue, priority, now + offset, job_id))
+        for limit, queues in claims:
+            due = sorted(
+                (j for j in queued if j[2] <= now and (queues is None or j[0] in queues)),
+                key=lambda j: (-j[1], j[2], j[3]),
+            )
+            claimed = driver.run(conn, sq.claim_jobs(limit, "w", queues, now))
+            assert [c.id for c in claimed] == [j[3] for j in due[:limit]]
+            taken = {c.id for c in claimed}
+            queued = [j for j in queued if j[3] not in taken]
+    finally:
+        conn.close()
 
 
 def explain(conn: sqlite3.Connection, op: sq.Operation[Any], skip: int = 0) -> str:
@@ -474,13 +533,16 @@ async def test_hot_statements_use_their_indexes(eq: Soniq) -> None:
     now = time.time()
     conn = driver.connect(db_path(eq))
     try:
-        # The claim reads queued rows in claim order and stops at its LIMIT: no sort.
-        plan = explain(conn, sq.claim_jobs(10, "w", None, now))
-        assert "soniq_jobs_claim_idx" in plan and "TEMP B-TREE" not in plan, plan
+        # One queue: its rows in claim order, stopping at the LIMIT: no sort.
         plan = explain(conn, sq.claim_jobs(10, "w", ["b"], now))
-        assert "soniq_jobs_claim_queue_idx" in plan and "TEMP B-TREE" not in plan, plan
-        plan = explain(conn, sq.claim_jobs(10, "w", ["b", "c"], now))
-        assert "soniq_jobs_claim_queue_idx" in plan, plan
+        assert "soniq_jobs_claim_queue_idx (queue=?)" in plan and "TEMP B-TREE" not in plan
+        # Several or all queues: seeks in the same index (from one queue name to the
+        # next, then each queue's first rows); only those few rows are sorted. No
+        # statement scans the table or a whole index.
+        for queues in (["b", "c"], None):
+            plan = explain(conn, sq.claim_jobs(10, "w", queues, now))
+            assert "soniq_jobs_claim_queue_idx (queue=?)" in plan, plan
+            assert "SCAN soniq_jobs" not in plan and "SCAN j" not in plan, plan
         plan = explain(conn, sq.prune_finished(60, 100, now))
         assert "soniq_jobs_finished_idx" in plan, plan
         plan = explain(conn, sq.cancel_requests("w"))
