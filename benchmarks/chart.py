@@ -114,6 +114,10 @@ def draw(result: dict[str, Any], path: Path) -> None:
                         .replace(huey, "huey ")
                         .replace("worker, ", "")
                         .replace("sqlite3: INSERT into soniq_jobs, one per commit", "INSERT")
+                        .replace(
+                            "sqlite3: huey's INSERT into huey's table, one per commit",
+                            "huey's INSERT",
+                        )
                         .replace("concurrency ", "c=")
                     )
                     items.append((label, _family(key), m))

@@ -18,6 +18,12 @@ connection and printed):
 * **enqueue**: N jobs enqueued one by one from this process: ``eq.sync.enqueue(job,
   n=i)``, ``await eq.enqueue(job, n=i)`` and huey's ``task(i)``, each after its
   system's setup (untimed: ``ensure_initialized``, huey's table creation).
+* **floors** under the enqueue, by hand with sqlite3 and no queue code, one
+  autocommit ``INSERT`` per job: Soniq's statement into Soniq's table (``raw``), and
+  huey's statement into huey's table and index with huey's serialised message
+  (``floor``): the cheapest commit of a job row that any queue claiming in priority
+  order (so keeping at least one index) can make. Their ratios to huey are printed
+  too: when even the ``floor`` row is under 2x huey, no one-by-one enqueue can reach it.
 * **drain**: N queued no-op jobs (queued untimed, Soniq with ``enqueue_many``, huey
   with ``task(i)``) drained by one worker process, timed from the spawn of the process
   to the moment every job has finished: for Soniq ``python -m soniq worker
@@ -115,6 +121,15 @@ def figures() -> list[Figure]:
                 "raw",
                 "enqueue",
                 level,
+                versus=huey_enqueue,
+            ),
+            Figure(
+                f"floor-enqueue-{level}",
+                f"raw sqlite3: huey's INSERT into huey's table, one per commit, {level}",
+                "raw",
+                "enqueue",
+                level,
+                versus=huey_enqueue,
             ),
         ]
         for jobs, concurrency in (("sync", 4), ("sync", 20), ("async", 4), ("async", 20)):
@@ -216,6 +231,8 @@ class Runner:
                 app.sync.close()
         if f.system == "soniq":
             return asyncio.run(self._enqueue_async(f, path, n, deadline))
+        if f.key.startswith("floor-"):
+            return self._enqueue_floor(f, path, n, deadline)
         if f.system == "raw":
             return self._enqueue_raw(f, path, n, deadline)
         h, task = ej.make_huey(str(path), f.level)
@@ -246,6 +263,26 @@ class Runner:
                 conn.execute(
                     insert, (ej.NOOP_SYNC, "default", f'{{"n": {i}}}', 0, now, 3, None, None, now)
                 )
+                if i % 256 == 0 and time.perf_counter() > deadline:
+                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
+            return n / (time.perf_counter() - started)
+        finally:
+            conn.close()
+
+    def _enqueue_floor(self, f: Figure, path: Path, n: int, deadline: float) -> float:
+        """The floor under any queue that keeps its jobs in a table with a claim index:
+        huey's own statement into huey's own table and index (created by huey), with
+        huey's serialised message as the data, by hand, one autocommit INSERT per job:
+        huey's enqueue without huey's Python around it."""
+        h, task = ej.make_huey(str(path), f.level)
+        data = h.serialize_task(task.s(0))
+        h.storage.close()
+        conn = soniq_sqlite.connect(str(path), f.level)
+        insert = "INSERT INTO task (queue, data, priority) VALUES (?, ?, ?)"
+        try:
+            started = time.perf_counter()
+            for i in range(n):
+                conn.execute(insert, ("embedded", data, 0))
                 if i % 256 == 0 and time.perf_counter() > deadline:
                     raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
             return n / (time.perf_counter() - started)
