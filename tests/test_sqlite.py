@@ -280,6 +280,23 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
     assert statements.count("SAVEPOINT soniq_write") == 6
 
 
+async def test_a_write_that_fails_unexpectedly_reaches_its_caller(
+    eq: Soniq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the thread's write loop itself ever raise (a bug), the waiting caller
+    gets the error instead of waiting forever, and the next write works."""
+
+    def broken(conn: sqlite3.Connection, writes: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(driver, "run_together", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.wait_for(eq.enqueue("some.job"), 10)
+    monkeypatch.undo()
+    job_id = await asyncio.wait_for(eq.enqueue("some.job"), 10)
+    assert await eq.get_job(job_id) is not None
+
+
 async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: Soniq) -> None:
     async with thread_held_by_a_lock(eq) as (_, busy, locker):
         queued = asyncio.create_task(eq.enqueue("some.job", n=1))  # behind it

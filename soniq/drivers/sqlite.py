@@ -632,7 +632,15 @@ class _SqliteThread:
                 if write.future.set_running_or_notify_cancel():
                     write.future.set_exception(exc)
             return
-        self._on_thread(lambda conn: run_together(conn, writes))
+        try:
+            self._on_thread(lambda conn: run_together(conn, writes))
+        except BaseException as exc:
+            # run_together settles every write itself; should it ever fail (a bug),
+            # the callers still hear of it rather than wait forever.
+            for write in writes:
+                if not write.future.done():
+                    write.future.set_exception(exc)
+            log.exception("SQLite writes failed unexpectedly")
 
     def _close_connection(self) -> None:
         conn, self.conn = self.conn, None
