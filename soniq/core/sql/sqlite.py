@@ -442,12 +442,14 @@ def claim_jobs(
         sql, params = _CLAIM_ONE_QUEUE, (queues[0], now, limit)
     elif queues is None:
         sql, params = _EVERY_QUEUE + _CLAIM_QUEUES, (now, limit, limit)
-    else:
+    else:  # several (or none: the statement is then never run)
         values = ", ".join("(?)" for _ in queues)
         sql = f"WITH ready(queue) AS (VALUES {values})\n{_CLAIM_QUEUES}"
         params = (*queues, now, limit, limit)
 
     def steps() -> Steps[list[Claimed]]:
+        if queues == []:  # no queue at all: nothing to claim (as on PostgreSQL)
+            return []
         found = (yield Step(sql, params)).rows
         if not found:
             return []
