@@ -57,7 +57,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, NoReturn, TypeVar
 
@@ -637,10 +637,16 @@ class _SqliteThread:
         except BaseException as exc:
             # run_together settles every write itself; should it ever fail (a bug),
             # the callers still hear of it rather than wait forever.
-            for write in writes:
-                if not write.future.done():
-                    write.future.set_exception(exc)
             log.exception("SQLite writes failed unexpectedly")
+            for write in writes:
+                future = write.future
+                if future.done():  # settled (only this thread settles) or cancelled
+                    continue
+                # Started, or still pending: a caller may cancel a pending one at any
+                # moment, and then it is left alone.
+                with contextlib.suppress(InvalidStateError):
+                    if future.running() or future.set_running_or_notify_cancel():
+                        future.set_exception(exc)
 
     def _close_connection(self) -> None:
         conn, self.conn = self.conn, None

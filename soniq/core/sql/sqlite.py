@@ -139,9 +139,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     started_at       REAL,
     finished_at      REAL
 )""",
-            # The claim reads queued rows in claim order and stops after its LIMIT. Only
+            # The claim reads queued rows in claim order and stops after its LIMIT: one
+            # index for workers of every queue, one for workers of one queue. Only
             # queued rows are indexed, so finished history never slows a claim.
-            # (Migration 2 drops the first of these two.)
             f"CREATE INDEX soniq_jobs_claim_idx ON {JOBS} (priority DESC, run_at, id) "
             f"WHERE status = '{_QUEUED}'",
             f"CREATE INDEX soniq_jobs_claim_queue_idx ON {JOBS} "
@@ -164,16 +164,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL
 )""",
-        ),
-    ),
-    Migration(
-        2,
-        "one_claim_index",
-        (
-            # Every index a queued row is in is one more page written by each enqueue
-            # and each claim. The per-queue index serves workers of every queue too,
-            # one seek per queue (see claim_jobs), so the all-queues index goes.
-            "DROP INDEX IF EXISTS soniq_jobs_claim_idx",
         ),
     ),
 )
@@ -397,33 +387,11 @@ def cancel_job(job_id: int, now: float) -> Operation[bool]:
 # -- the worker ----------------------------------------------------------------------
 
 _CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
-_CLAIM_COLUMNS = "id, name, queue, args, attempts, max_retries, timeout"
-# One queue: the per-queue index gives its due rows in claim order; LIMIT stops it.
-_CLAIM_ONE_QUEUE = f"""SELECT {_CLAIM_COLUMNS}
+_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout
 FROM {JOBS}
-WHERE status = '{_QUEUED}' AND queue = ? AND run_at <= ?
+WHERE status = '{_QUEUED}' @queue_filter@ AND run_at <= ?
 ORDER BY priority DESC, run_at, id
 LIMIT ?"""
-# Several queues, or all: the first LIMIT rows of each queue (one seek each in the
-# same index), merged in claim order. All queues are found by skipping from one
-# queue name to the next in the index, so a claim costs a few seeks per queue
-# however many rows are queued.
-_CLAIM_QUEUES = f"""SELECT {", ".join(f"j.{c}" for c in _CLAIM_COLUMNS.split(", "))}
-FROM ready JOIN {JOBS} AS j ON j.id IN (
-    SELECT id FROM {JOBS}
-    WHERE status = '{_QUEUED}' AND queue = ready.queue AND run_at <= ?
-    ORDER BY priority DESC, run_at, id
-    LIMIT ?
-)
-ORDER BY j.priority DESC, j.run_at, j.id
-LIMIT ?"""
-_EVERY_QUEUE = f"""WITH RECURSIVE ready(queue) AS (
-    SELECT min(queue) FROM {JOBS} WHERE status = '{_QUEUED}'
-    UNION ALL
-    SELECT (SELECT min(queue) FROM {JOBS} WHERE status = '{_QUEUED}' AND queue > ready.queue)
-    FROM ready WHERE ready.queue IS NOT NULL
-)
-"""
 _CLAIM_UPDATE = (
     f"UPDATE {JOBS} SET status = '{_CLAIM_TO}', attempts = attempts + 1, worker_id = ?, "
     f"started_at = ? WHERE id = ? AND status = '{_QUEUED}'"
@@ -436,20 +404,18 @@ def claim_jobs(
     """Claim up to ``limit`` due jobs, by priority DESC, then run_at, then id. Under
     the write lock, so no other worker (thread or process) can claim the same rows."""
     params: tuple[Any, ...]
-    if queues is not None:
-        queues = list(dict.fromkeys(queues))  # a queue named twice must not claim twice
-    if queues is not None and len(queues) == 1:  # the common case: one index range
-        sql, params = _CLAIM_ONE_QUEUE, (queues[0], now, limit)
-    elif queues is None:
-        sql, params = _EVERY_QUEUE + _CLAIM_QUEUES, (now, limit, limit)
-    else:  # several (or none: the statement is then never run)
-        values = ", ".join("(?)" for _ in queues)
-        sql = f"WITH ready(queue) AS (VALUES {values})\n{_CLAIM_QUEUES}"
-        params = (*queues, now, limit, limit)
+    if queues is None:
+        sql, params = _CLAIM_SELECT.replace("@queue_filter@", ""), (now, limit)
+    elif len(queues) == 1:
+        # One queue is the common case: an equality lets the index give claim order.
+        sql = _CLAIM_SELECT.replace("@queue_filter@", "AND queue = ?")
+        params = (queues[0], now, limit)
+    else:
+        marks = ", ".join("?" * len(queues))
+        sql = _CLAIM_SELECT.replace("@queue_filter@", f"AND queue IN ({marks})")
+        params = (*queues, now, limit)
 
     def steps() -> Steps[list[Claimed]]:
-        if queues == []:  # no queue at all: nothing to claim (as on PostgreSQL)
-            return []
         found = (yield Step(sql, params)).rows
         if not found:
             return []
