@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,34 @@ async def test_a_write_that_fails_unexpectedly_reaches_its_caller(
     monkeypatch.undo()
     job_id = await asyncio.wait_for(eq.enqueue("some.job"), 10)
     assert await eq.get_job(job_id) is not None
+
+
+def test_a_caller_cancelling_while_the_write_loop_fails_keeps_the_others_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure path must not trip over a write whose caller cancels it meanwhile."""
+
+    class CancelledOnLook(Future[Any]):
+        def done(self) -> bool:
+            finished = super().done()
+            if not finished:
+                self.cancel()  # the caller's task is cancelled at this very moment
+            return finished
+
+    def broken(conn: sqlite3.Connection, writes: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(driver, "run_together", broken)
+    thread = driver._SqliteThread(str(tmp_path / "jobs.db"), "NORMAL")
+    first = driver._Write(lambda: sq.get_job(1), None, False)
+    first.future = CancelledOnLook()
+    second = driver._Write(lambda: sq.get_job(1), None, False)
+    thread.writes = [first, second]
+    thread._run_writes()
+    assert first.future.cancelled()
+    with pytest.raises(RuntimeError, match="boom"):
+        second.future.result(timeout=0)
+    thread.close().result(timeout=10)
 
 
 async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: Soniq) -> None:
