@@ -207,6 +207,19 @@ class _Write:
             self.future.set_result(value)
 
 
+def _fail_unsettled(writes: Sequence[_Write], exc: BaseException) -> None:
+    """Give ``exc`` to each write not settled yet. Only the backend's thread settles
+    writes, but a caller may cancel a pending one at any moment: that one is left
+    alone."""
+    for write in writes:
+        future = write.future
+        if future.done():
+            continue
+        with contextlib.suppress(InvalidStateError):
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+
 def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
     """Run the writes that queued up while the thread was busy in one ``BEGIN
     IMMEDIATE`` transaction: one commit, so one fsync at ``synchronous=FULL``, for all
@@ -628,9 +641,7 @@ class _SqliteThread:
         try:
             self._connection()
         except BaseException as exc:  # no database to write to: every caller hears why
-            for write in writes:
-                if write.future.set_running_or_notify_cancel():
-                    write.future.set_exception(exc)
+            _fail_unsettled(writes, exc)
             return
         try:
             self._on_thread(lambda conn: run_together(conn, writes))
@@ -638,15 +649,7 @@ class _SqliteThread:
             # run_together settles every write itself; should it ever fail (a bug),
             # the callers still hear of it rather than wait forever.
             log.exception("SQLite writes failed unexpectedly")
-            for write in writes:
-                future = write.future
-                if future.done():  # settled (only this thread settles) or cancelled
-                    continue
-                # Started, or still pending: a caller may cancel a pending one at any
-                # moment, and then it is left alone.
-                with contextlib.suppress(InvalidStateError):
-                    if future.running() or future.set_running_or_notify_cancel():
-                        future.set_exception(exc)
+            _fail_unsettled(writes, exc)
 
     def _close_connection(self) -> None:
         conn, self.conn = self.conn, None
