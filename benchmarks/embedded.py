@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,12 +222,7 @@ class Runner:
             app.sync.ensure_initialized()
             try:
                 enqueue = app.sync.enqueue
-                started = time.perf_counter()
-                for i in range(n):
-                    enqueue(ej.noop_sync, n=i)
-                    if i % 256 == 0 and time.perf_counter() > deadline:
-                        raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
-                return n / (time.perf_counter() - started)
+                return self._one_by_one(f, n, deadline, lambda i: enqueue(ej.noop_sync, n=i))
             finally:
                 app.sync.close()
         if f.system == "soniq":
@@ -238,17 +234,24 @@ class Runner:
         h, task = ej.make_huey(str(path), f.level)
         try:
             h.storage.conn  # noqa: B018  (open the connection before the clock starts)
-            started = time.perf_counter()
-            for i in range(n):
-                task(i)
-                if i % 256 == 0 and time.perf_counter() > deadline:
-                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
-            rate = n / (time.perf_counter() - started)
+            rate = self._one_by_one(f, n, deadline, task)
             if h.pending_count() != n:
                 raise RuntimeError(f"{f.key}: {h.pending_count()} queued, not {n}")
             return rate
         finally:
             h.storage.close()
+
+    def _one_by_one(
+        self, f: Figure, n: int, deadline: float, enqueue_one: Callable[[int], object]
+    ) -> float:
+        """Jobs per second of ``enqueue_one(i)`` for i in 0..n-1, one after another;
+        gives up past ``deadline``."""
+        started = time.perf_counter()
+        for i in range(n):
+            enqueue_one(i)
+            if i % 256 == 0 and time.perf_counter() > deadline:
+                raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
+        return n / (time.perf_counter() - started)
 
     def _enqueue_raw(self, f: Figure, path: Path, n: int, deadline: float) -> float:
         """The floor under Soniq's one-by-one enqueue: the same row into the same table
@@ -256,16 +259,15 @@ class Runner:
         ej.make_soniq(str(path), f.level).sync.ensure_initialized()
         conn = soniq_sqlite.connect(str(path), f.level)
         insert = soniq_sql.INSERT_JOB
+
+        def insert_one(i: int) -> None:
+            now = time.time()
+            conn.execute(
+                insert, (ej.NOOP_SYNC, "default", f'{{"n": {i}}}', 0, now, 3, None, None, now)
+            )
+
         try:
-            started = time.perf_counter()
-            for i in range(n):
-                now = time.time()
-                conn.execute(
-                    insert, (ej.NOOP_SYNC, "default", f'{{"n": {i}}}', 0, now, 3, None, None, now)
-                )
-                if i % 256 == 0 and time.perf_counter() > deadline:
-                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
-            return n / (time.perf_counter() - started)
+            return self._one_by_one(f, n, deadline, insert_one)
         finally:
             conn.close()
 
@@ -280,12 +282,9 @@ class Runner:
         conn = soniq_sqlite.connect(str(path), f.level)
         insert = "INSERT INTO task (queue, data, priority) VALUES (?, ?, ?)"
         try:
-            started = time.perf_counter()
-            for i in range(n):
-                conn.execute(insert, ("embedded", data, 0))
-                if i % 256 == 0 and time.perf_counter() > deadline:
-                    raise TimeoutError(f"{f.key}: {i} enqueued in {self.timeout}s")
-            return n / (time.perf_counter() - started)
+            return self._one_by_one(
+                f, n, deadline, lambda i: conn.execute(insert, ("embedded", data, 0))
+            )
         finally:
             conn.close()
 
