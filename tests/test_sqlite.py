@@ -281,16 +281,18 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
     assert statements.count("SAVEPOINT soniq_write") == 6
 
 
+def _broken_write_loop(conn: sqlite3.Connection, writes: Any) -> None:
+    """Stands in for run_together when it fails before settling anything (a bug)."""
+    raise RuntimeError("boom")
+
+
 async def test_a_write_that_fails_unexpectedly_reaches_its_caller(
     eq: Soniq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Should the thread's write loop itself ever raise (a bug), the waiting caller
     gets the error instead of waiting forever, and the next write works."""
 
-    def broken(conn: sqlite3.Connection, writes: Any) -> None:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(driver, "run_together", broken)
+    monkeypatch.setattr(driver, "run_together", _broken_write_loop)
     with pytest.raises(RuntimeError, match="boom"):
         await asyncio.wait_for(eq.enqueue("some.job"), 10)
     monkeypatch.undo()
@@ -310,10 +312,7 @@ def test_a_caller_cancelling_while_the_write_loop_fails_keeps_the_others_settled
                 self.cancel()  # the caller's task is cancelled at this very moment
             return finished
 
-    def broken(conn: sqlite3.Connection, writes: Any) -> None:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(driver, "run_together", broken)
+    monkeypatch.setattr(driver, "run_together", _broken_write_loop)
     thread = driver._SqliteThread(str(tmp_path / "jobs.db"), "NORMAL")
     first = driver._Write(lambda: sq.get_job(1), None, False)
     first.future = CancelledOnLook()
