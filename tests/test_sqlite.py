@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for_child(pid: int, timeout: float) -> int:
+    """A forked child's exit code; SIGKILLed and failed if it runs past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the child hung")
 
 
 async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -141,8 +154,9 @@ async def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
         # A write fails as clearly (it goes through the backend's write queue).
         with pytest.raises(ConfigurationError, match="directory"):
             await asyncio.wait_for(eq.enqueue("some.job", n=1), 10)
-        with pytest.raises(ConfigurationError, match="directory"):
-            eq.sync.enqueue("some.job", n=1)
+        for n in (1, 2):  # the second proves the first failure left the line
+            with pytest.raises(ConfigurationError, match="directory"):
+                eq.sync.enqueue("some.job", n=n)
     finally:
         await eq.close()
 
@@ -199,15 +213,7 @@ def test_an_unknown_sqlite_option_is_a_clear_error(tmp_path: Path, query: str) -
 def test_an_enqueue_of_one_job_is_one_statement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    statements: list[str] = []
-    real_connect = driver.connect
-
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = real_connect(*args, **kwargs)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(driver, "connect", connect)
+    statements = traced_connections(monkeypatch)
     eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
     try:
         eq.sync.ensure_initialized()
@@ -222,6 +228,29 @@ def test_an_enqueue_of_one_job_is_one_statement(
         assert ids == [first + 2, first + 3]
     finally:
         eq.sync.close()
+
+
+def _failing_write() -> sq.Operation[None]:
+    """A write that fails (IntegrityError: NOT NULL columns left out)."""
+
+    def steps() -> sq.Steps[None]:
+        yield sq.Step("INSERT INTO soniq_workers (id) VALUES ('no columns')")
+
+    return sq.Operation(steps(), immediate=True)
+
+
+def traced_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements every connection the driver opens from now on runs."""
+    statements: list[str] = []
+    real_connect = driver.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(driver, "connect", connect)
+    return statements
 
 
 @contextlib.asynccontextmanager
@@ -253,15 +282,8 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
 ) -> None:
     backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
     async with thread_held_by_a_lock(eq) as (statements, first, locker):
-
-        def bad() -> sq.Operation[None]:
-            def steps() -> sq.Steps[None]:
-                yield sq.Step("INSERT INTO soniq_workers (id) VALUES ('no columns')")
-
-            return sq.Operation(steps(), immediate=True)
-
         later = [asyncio.create_task(eq.enqueue("some.job", n=n)) for n in range(1, 6)]
-        failing: asyncio.Future[None] = asyncio.wrap_future(backend._write(bad))
+        failing: asyncio.Future[None] = asyncio.wrap_future(backend._write(_failing_write))
 
         async def queued() -> bool:
             return len(backend._thread().writes) == 6
@@ -323,6 +345,119 @@ def test_a_caller_cancelling_while_the_write_loop_fails_keeps_the_others_settled
     with pytest.raises(RuntimeError, match="boom"):
         second.future.result(timeout=0)
     thread.close().result(timeout=10)
+
+
+def test_sync_writes_of_threads_commit_in_turns_in_order_and_a_failing_one_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads writing through ``eq.sync`` wait in line, not in SQLite's busy handler
+    (which sleeps up to 100 ms at a time and lets later writers overtake): while the
+    head waits for the lock, the writes behind it queue, then commit together in one
+    transaction, in the order they came; a failing one fails alone."""
+    statements = traced_connections(monkeypatch)
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    backend: driver.SqliteSyncBackend = eq.sync.backend  # type: ignore[assignment]
+    turns = backend._turns
+    line = turns._line  # the writes no leader has taken yet
+    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
+    pool = ThreadPoolExecutor(6)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        enqueues = [pool.submit(eq.sync.enqueue, "some.job", n=0)]
+        wait_until(lambda: turns._leading and not line, 10, "enqueue 0 to lead")
+        for n in range(1, 5):
+            enqueues.append(pool.submit(eq.sync.enqueue, "some.job", n=n))
+            wait_until(lambda n=n: len(line) == n, 10, f"enqueue {n} in line")
+        failing: Future[None] = pool.submit(backend._commit, _failing_write)
+        wait_until(lambda: len(line) == 5, 10, "five writes in line")
+        statements.clear()
+        locker.execute("COMMIT")
+        ids = [f.result(timeout=20) for f in enqueues]
+        with pytest.raises(sqlite3.IntegrityError):
+            failing.result(timeout=20)
+        assert not line
+        # The head alone (its one INSERT had started), then the five behind it.
+        assert statements.count("BEGIN IMMEDIATE") == 1
+        assert statements.count("COMMIT") == 1
+        assert statements.count("SAVEPOINT soniq_write") == 5
+        assert ids == sorted(ids) and len(set(ids)) == 5
+        for n, job_id in enumerate(ids):
+            job = eq.sync.get_job(job_id)
+            assert job is not None and job.args == {"n": n}
+    finally:
+        locker.close()
+        pool.shutdown()
+        eq.sync.close()
+
+
+def test_a_sync_writer_interrupted_in_line_leaves_it_and_the_line_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A signal handler's exception (KeyboardInterrupt, SystemExit) in a thread that
+    waits in line: its write is dropped, not committed behind its caller's back, and
+    the writers after it are not held up."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
+    pool = ThreadPoolExecutor(1)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        leader = pool.submit(eq.sync.enqueue, "some.job", n=0)
+        wait_until(lambda: turns._leading, 10, "enqueue 0 to lead")
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            eq.sync.enqueue("some.job", n=1)  # waits behind enqueue 0
+        assert not turns._line
+        locker.execute("COMMIT")
+        assert leader.result(timeout=20) > 0
+        eq.sync.enqueue("some.job", n=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        locker.close()
+        pool.shutdown()
+        eq.sync.close()
+    with contextlib.closing(sqlite3.connect(str(tmp_path / "jobs.db"))) as conn:
+        rows = conn.execute("SELECT args FROM soniq_jobs ORDER BY id").fetchall()
+    assert rows == [('{"n":0}',), ('{"n":2}',)]
+
+
+def test_a_sync_write_in_a_forked_child_does_not_wait_behind_the_parents_line(
+    tmp_path: Path,
+) -> None:
+    """A fork copies the line of writes, not the threads in it: the child starts a
+    line of its own. (The parent's turn is taken here as another thread's would be,
+    without a thread: forking while a thread is inside SQLite can leave the child a
+    locked SQLite mutex, whatever Soniq does.)"""
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    turns._leading = True  # another thread of the parent is writing
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: nobody here will ever take that write's turn
+            code = 1
+            try:
+                job_id = eq.sync.enqueue("some.job", n=1)
+                code = 0 if eq.sync.get_job(job_id) is not None else 2
+            finally:
+                os._exit(code)
+        assert wait_for_child(pid, 30) == 0
+    finally:
+        turns._leading = False
+        eq.sync.close()
+    with contextlib.closing(sqlite3.connect(str(tmp_path / "jobs.db"))) as conn:
+        assert conn.execute("SELECT args FROM soniq_jobs").fetchall() == [('{"n":1}',)]
 
 
 async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: Soniq) -> None:
@@ -712,17 +847,7 @@ def test_a_backend_made_before_fork_works_in_the_child(tmp_path: Path) -> None:
             code = 0 if eq.sync.get_job(job_id) is not None else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.02)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise AssertionError("the child hung")
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert wait_for_child(pid, 30) == 0
     assert eq.sync.get_job(first) is not None  # the parent's connections still work
     asyncio.run(use())
     asyncio.run(eq.close())

@@ -6,8 +6,9 @@ What runs where:
 - :class:`SqliteBackend` (``eq``) runs every operation on a thread of its own, with its
   own connection (a one-thread executor per backend), so the event loop never waits on
   SQLite I/O, a busy lock or an fsync.
-- :class:`SqliteSyncBackend` (``eq.sync``) blocks; any number of threads may call it at
-  once, each operation on a connection of a small pool.
+- :class:`SqliteSyncBackend` (``eq.sync``) blocks, on its caller's thread; any number
+  of threads may call it at once: reads each on a connection of a small pool, writes
+  in turns (:class:`_WriteTurns`).
 - :class:`SqliteMaintenance` is a worker's heartbeat thread's own connection.
 
 The statements and what they mean live in :mod:`soniq.core.sql.sqlite`; this module
@@ -37,9 +38,10 @@ not stored in the file.
 Group commit. The async backend's writes queue for its one thread; those that queue
 while it is busy commit in one transaction (:func:`run_together`), and a worker's
 completions wait up to :data:`LINGER` for its next claim, so a busy worker pays one
-commit for both. An enqueue of one job (no dedupe key) is one ``INSERT`` with no
-``BEGIN`` when it runs alone, and joins the shared transaction when others queued
-with it.
+commit for both. The sync backend's writes of several threads queue the same way, and
+one of the callers' own threads commits them (:class:`_WriteTurns`). An enqueue of one
+job (no dedupe key) is one ``INSERT`` with no ``BEGIN`` when it runs alone, and joins
+the shared transaction when others queued with it.
 
 There is no LISTEN/NOTIFY: :meth:`SqliteBackend.listen` wakes a worker at once when
 this process enqueues (any Soniq on the same file); jobs enqueued by other processes
@@ -49,6 +51,7 @@ are found by polling (``poll_interval``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -84,6 +87,8 @@ LINGER = 0.002
 CLAIM_GATHER = 0.001
 #: Idle connections a :class:`SqliteSyncBackend` keeps for its callers' threads.
 MAX_IDLE = 4
+#: Most writes of other threads one :class:`_WriteTurns` head commits with its own.
+MAX_GROUP = 64
 
 #: Connections inherited from the parent process after a fork: never used and never
 #: closed in the child (closing could checkpoint or unlock behind the parent's back).
@@ -321,10 +326,6 @@ def _inserted_ids(path: str, inserted: sq.Inserted) -> list[int]:
     if inserted.wake is not None:
         _wake(path, inserted.wake)
     return inserted.ids
-
-
-def _insert(conn: sqlite3.Connection, path: str, spec: JobSpec) -> list[int]:
-    return _inserted_ids(path, run(conn, sq.insert_jobs(spec, time.time())))
 
 
 def _refuse_connection() -> NoReturn:
@@ -660,9 +661,66 @@ class _SqliteThread:
 # -- blocking ------------------------------------------------------------------------
 
 
+class _WriteTurns:
+    """The writes of a :class:`SqliteSyncBackend`'s threads, committed in turns.
+
+    Threads that each took SQLite's write lock on a connection of their own would
+    fight for it in SQLite's busy handler, which sleeps 1, 2, 5, ... up to 100 ms at a
+    time however soon the lock frees (a loser can wait most of a second while others
+    win), and each would pay a commit (an fsync at FULL) of its own. Here they queue
+    in Python instead, first come first served. One of the waiting threads at a time
+    leads: it takes the writes at the front of the line (up to :data:`MAX_GROUP`,
+    its own among them unless the line is longer) and commits them in one
+    transaction on its own thread (:func:`run_together`: one commit, each write in a
+    savepoint so a failing one fails alone); then any waiting thread whose write is
+    not done leads the next turn. A thread writing alone leads at once: no hand-off.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._line: collections.deque[_Write] = collections.deque()  # not taken yet
+        self._leading = False
+
+    def write(
+        self,
+        write: _Write,
+        connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    ) -> Any:
+        """Commit ``write`` (in turn, perhaps with others) and return its value."""
+        waiting = False
+        while True:
+            with self._changed:
+                try:
+                    if not waiting:
+                        self._line.append(write)
+                        waiting = True
+                    while self._leading and not write.future.done():
+                        self._changed.wait()
+                except BaseException:
+                    # Interrupted (KeyboardInterrupt, a signal handler's SystemExit):
+                    # the write is dropped unless a leader took it already.
+                    with contextlib.suppress(ValueError):
+                        self._line.remove(write)
+                    raise
+                if write.future.done():
+                    return write.future.result()
+                self._leading = True
+                group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
+            try:
+                with connection() as conn:
+                    run_together(conn, group)
+            except BaseException as exc:  # no database to write to: every writer hears why
+                _fail_unsettled(group, exc)
+            finally:
+                with self._changed:
+                    self._leading = False
+                    self._changed.notify_all()
+
+
 class SqliteSyncBackend:
     """The blocking backend of ``sqlite:///path`` (``eq.sync``). Safe to call from
-    several threads at once: each call takes a connection of a small pool."""
+    several threads at once: reads take a connection of a small pool each; writes
+    commit in turns, grouped (:class:`_WriteTurns`)."""
 
     name = "sqlite"
     accepts_connections = False
@@ -674,6 +732,8 @@ class SqliteSyncBackend:
         self._idle: list[sqlite3.Connection] = []
         self._owner: object = sync_owner()
         self._generation = 0  # bumped by close(): connections of before are not kept
+        self._turns = _WriteTurns()
+        self._turns_owner: object = sync_owner()
 
     def acquire(self) -> AbstractContextManager[Any]:
         """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
@@ -707,6 +767,18 @@ class SqliteSyncBackend:
         with self._connection() as conn:
             return run(conn, op)
 
+    def _commit(
+        self, build: Callable[[], Operation[Any]], committed: Callable[[Any], T] | None = None
+    ) -> T:
+        """Run a write in turn (:class:`_WriteTurns`); ``committed`` maps its value
+        once it is committed."""
+        with self._lock:
+            if self._turns_owner != sync_owner():  # forked: the parent's line is not ours
+                self._turns, self._turns_owner = _WriteTurns(), sync_owner()
+            turns = self._turns
+        result: T = turns.write(_Write(build, committed, linger=False), self._connection)
+        return result
+
     def migrate(self, *, apply: bool) -> int:
         """Create or upgrade the schema (``apply=False``: only check it)."""
         with self._connection() as conn:
@@ -716,8 +788,10 @@ class SqliteSyncBackend:
         """Insert the jobs of one enqueue call; ids in input order."""
         if conn is not None:
             _refuse_connection()
-        with self._connection() as c:
-            return _insert(c, self.path, spec)
+        return self._commit(
+            lambda: sq.insert_jobs(spec, time.time()),
+            functools.partial(_inserted_ids, self.path),
+        )
 
     def get_job(self, job_id: int) -> Job | None:
         """The job, or None."""
@@ -731,7 +805,8 @@ class SqliteSyncBackend:
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
-        return self._run(sq.cancel_job(job_id, time.time()))
+        op = sq.cancel_job(job_id, time.time())  # validates the id here, in the caller
+        return self._commit(lambda: op)
 
     def close(self) -> None:
         """Close the idle connections (busy ones close when their call returns)."""
