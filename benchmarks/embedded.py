@@ -24,18 +24,26 @@ connection and printed):
   (``floor``): the cheapest commit of a job row that any queue claiming in priority
   order (so keeping at least one index) can make. Their ratios to huey are printed
   too: when even the ``floor`` row is under 2x huey, no one-by-one enqueue can reach it.
+* **threads**: the same one-by-one enqueue from 8 threads of this process at once
+  (N/8 each; what a threaded web server's requests do): ``eq.sync.enqueue`` beside
+  huey's ``task(i)``. Besides jobs/s, the slowest single call of each run is recorded
+  (the median over repeats is printed under the table): how long one request can be
+  held up by the others.
 * **drain**: N queued no-op jobs (queued untimed, Soniq with ``enqueue_many``, huey
-  with ``task(i)``) drained by one worker process, timed from the spawn of the process
-  to the moment every job has finished: for Soniq ``python -m soniq worker
-  benchmarks.embedded_jobs:eq --burst --concurrency C``, up to the process's exit (so
-  it includes the worker's shutdown); for huey a consumer with 4 worker threads
-  (``Consumer(huey, workers=4, worker_type='thread')``, what ``huey_consumer -w 4 -k
-  thread`` builds) that counts ``SIGNAL_COMPLETE`` and reports when the N-th task
-  finished (its shutdown is not timed). Interpreter start-up and imports are in both.
-  Afterwards the rows are checked: every Soniq job ``done``, huey's queue empty.
+  with ``task(i)``) drained by one fresh worker process
+  (:mod:`benchmarks.embedded_jobs`), which imports only its own system's library and
+  times the drain itself, after its imports (as the PostgreSQL worker benchmark does):
+  for Soniq the call ``eq.sync.run_worker(concurrency=C, burst=True)``, from the
+  worker's start to its return (so its shutdown is included); for huey a consumer with
+  4 worker threads (``Consumer(huey, workers=4, worker_type='thread')``, what
+  ``huey_consumer -w 4 -k thread`` builds), from ``start()`` until its
+  ``SIGNAL_COMPLETE`` has fired N times (its shutdown is not timed). Interpreter
+  start-up and imports are in neither: they differ with what else is installed (huey
+  imports psycopg when it is present) and say nothing about draining. Afterwards the
+  rows are checked: every Soniq job ``done``, huey's queue empty.
 
 A warm-up round (N/5 jobs, untimed) comes first; then each repeat runs every figure of
-a kind (enqueue, drain) back to back, in an order rotated from one repeat to the next.
+a kind (enqueue, threads, drain) back to back, in an order rotated from one repeat to the next.
 Ratios Soniq/huey are per repeat, against huey at the same level, and summarised by
 their median; the target is 2x huey.
 """
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import sqlite3
@@ -51,8 +60,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,11 +83,13 @@ from soniq.drivers import sqlite as soniq_sqlite
 
 HUEY_VERSION = "3.5.4"  # pip install huey==3.5.4
 TARGET_RATIO = 2.0
+THREADS = 8  # producer threads of the "threads" figures
 ROOT = Path(__file__).resolve().parent.parent
 SYNC_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 
 LEVELS = ("FULL", "NORMAL")
+KINDS = ("enqueue", "threads", "drain")
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class Figure:
     key: str
     label: str
     system: str  # soniq | huey
-    kind: str  # enqueue | drain
+    kind: str  # enqueue | threads | drain
     level: str  # FULL | NORMAL: the synchronous pragma of both systems
     jobs: str = "sync"  # sync | async: the job function (Soniq)
     concurrency: int = 4  # worker slots (Soniq drains)
@@ -131,6 +144,24 @@ def figures() -> list[Figure]:
                 "enqueue",
                 level,
                 versus=huey_enqueue,
+            ),
+        ]
+        huey_threads = f"huey-threads-{level}"
+        out += [
+            Figure(
+                f"soniq-threads-{level}",
+                f"soniq eq.sync.enqueue, {THREADS} threads, {level}",
+                "soniq",
+                "threads",
+                level,
+                versus=huey_threads,
+            ),
+            Figure(
+                huey_threads,
+                f"huey {HUEY_VERSION} task(i), {THREADS} threads, {level}",
+                "huey",
+                "threads",
+                level,
             ),
         ]
         for jobs, concurrency in (("sync", 4), ("sync", 20), ("async", 4), ("async", 20)):
@@ -207,6 +238,7 @@ class Runner:
         self.n = n
         self.timeout = timeout
         self.seq = 0
+        self.slowest: dict[str, list[float]] = {}  # "threads" figures: ms, per run
 
     def fresh(self, name: str) -> Path:
         self.seq += 1
@@ -301,6 +333,65 @@ class Runner:
         finally:
             await app.close()
 
+    # threads
+
+    def threads(self, f: Figure, n: int) -> float:
+        """Jobs per second of THREADS threads enqueueing n/THREADS jobs each, one by
+        one, all at once; the slowest single call goes to ``self.slowest``."""
+        path = self.fresh(f.key)
+        deadline = time.perf_counter() + self.timeout
+        per = max(1, n // THREADS)
+        if f.system == "soniq":
+            app = ej.make_soniq(str(path), f.level)
+            app.sync.ensure_initialized()
+            enqueue = app.sync.enqueue
+
+            def enqueue_one(i: int) -> object:
+                return enqueue(ej.noop_sync, n=i)
+
+            close = app.sync.close
+        else:
+            h, enqueue_one = ej.make_huey(str(path), f.level)
+            close = h.storage.close
+        slowest = [0.0] * THREADS
+        late = threading.Event()
+
+        def produce(k: int) -> None:
+            for i in range(k * per, (k + 1) * per):
+                started = time.perf_counter()
+                enqueue_one(i)
+                took = time.perf_counter() - started
+                slowest[k] = max(slowest[k], took)
+                if started > deadline:
+                    late.set()
+                    return
+
+        try:
+            with ThreadPoolExecutor(THREADS) as pool:
+                started = time.perf_counter()
+                for future in [pool.submit(produce, k) for k in range(THREADS)]:
+                    future.result()
+                elapsed = time.perf_counter() - started
+        finally:
+            close()
+        if late.is_set():
+            raise TimeoutError(f"{f.key}: not done in {self.timeout}s")
+        queued = self._count_queued(f, path)
+        if queued != per * THREADS:
+            raise RuntimeError(f"{f.key}: {queued} queued, not {per * THREADS}")
+        self.slowest.setdefault(f.key, []).append(max(slowest) * 1000)
+        return per * THREADS / elapsed
+
+    def _count_queued(self, f: Figure, path: Path) -> int:
+        if f.system == "soniq":
+            with contextlib.closing(sqlite3.connect(str(path))) as conn:
+                return int(conn.execute("SELECT count(*) FROM soniq_jobs").fetchone()[0])
+        h, _ = ej.make_huey(str(path), f.level)
+        try:
+            return int(h.pending_count())
+        finally:
+            h.storage.close()
+
     # drain
 
     def drain(self, f: Figure, n: int) -> float:
@@ -316,31 +407,8 @@ class Runner:
         for start in range(0, n, 1000):
             app.sync.enqueue_many(job, [{"n": i} for i in range(start, min(n, start + 1000))])
         app.sync.close()
-        env = {**os.environ, "SONIQ_EMBEDDED_DB": str(path), "SONIQ_EMBEDDED_SYNC": f.level}
-        env.pop("HUEY_EMBEDDED_DB", None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "soniq",
-            "worker",
-            "benchmarks.embedded_jobs:eq",
-            "--burst",
-            "--concurrency",
-            str(f.concurrency),
-            "--log-level",
-            "WARNING",
-        ]
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        try:
-            _, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise TimeoutError(f"{f.key}: worker still running after {self.timeout}s") from None
-        elapsed = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"{f.key}: worker exited {proc.returncode}: {err.strip()[-500:]}")
+        env = {"SONIQ_EMBEDDED_DB": str(path), "SONIQ_EMBEDDED_SYNC": f.level}
+        elapsed = self._drain_child(f, env, ["soniq-drain", str(f.concurrency)])
         conn = sqlite3.connect(str(path))
         try:
             rows = dict(conn.execute("SELECT status, count(*) FROM soniq_jobs GROUP BY status"))
@@ -351,44 +419,40 @@ class Runner:
         return n / elapsed
 
     def _drain_huey(self, f: Figure, path: Path, n: int) -> float:
-        key = f.key
         h, task = ej.make_huey(str(path), f.level)
         for i in range(n):
             task(i)
         h.storage.close()
-        env = {**os.environ, "HUEY_EMBEDDED_DB": str(path), "HUEY_EMBEDDED_SYNC": f.level}
-        env["SONIQ_EMBEDDED_DB"] = str(self.tmp / "unused-soniq.db")
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.embedded_jobs",
-            "huey-drain",
-            str(n),
-            str(self.timeout),
-        ]
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "done N" as the N-th task completes
-        elapsed = time.perf_counter() - started
-        try:
-            _, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise TimeoutError(f"{key}: consumer still running after {self.timeout}s") from None
-        if not line.startswith("done") or proc.returncode != 0:
-            raise RuntimeError(f"{key}: {line.strip()!r}, exit {proc.returncode}: {err[-500:]}")
+        env = {"HUEY_EMBEDDED_DB": str(path), "HUEY_EMBEDDED_SYNC": f.level}
+        elapsed = self._drain_child(f, env, ["huey-drain", str(n), str(self.timeout)])
         h, _ = ej.make_huey(str(path), f.level)
         try:
             left = h.pending_count()
         finally:
             h.storage.close()
         if left:
-            raise RuntimeError(f"{key}: {left} tasks still queued after the drain")
+            raise RuntimeError(f"{f.key}: {left} tasks still queued after the drain")
         return n / elapsed
+
+    def _drain_child(self, f: Figure, env: dict[str, str], args: list[str]) -> float:
+        """Run ``python -m benchmarks.embedded_jobs ARGS`` with ``env`` (and only that
+        system's variables) and return the drain's seconds, as the child measured
+        them after its imports."""
+        env = {**{k: v for k, v in os.environ.items() if "_EMBEDDED_" not in k}, **env}
+        cmd = [sys.executable, "-m", "benchmarks.embedded_jobs", *args]
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            out, err = proc.communicate(timeout=self.timeout + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise TimeoutError(f"{f.key}: still running after {self.timeout}s") from None
+        words = out.split()
+        if proc.returncode != 0 or len(words) != 3 or words[0] != "done":
+            raise RuntimeError(f"{f.key}: {out.strip()!r}, exit {proc.returncode}: {err[-500:]}")
+        return float(words[2])
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -408,10 +472,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figs = figures()
         runner = Runner(tmp, args.n, args.timeout)
         series = {f.key: Series() for f in figs}
-        groups = [[f for f in figs if f.kind == kind] for kind in ("enqueue", "drain")]
+        groups = [[f for f in figs if f.kind == kind] for kind in KINDS]
+        measure = {"enqueue": runner.enqueue, "threads": runner.threads, "drain": runner.drain}
 
         def once(f: Figure, n: int) -> float:
-            return (runner.enqueue if f.kind == "enqueue" else runner.drain)(f, n)
+            return measure[f.kind](f, n)
 
         print(f"warm-up ({max(50, args.n // 5)} jobs each) ...", flush=True)
         for group in groups:
@@ -420,6 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     once(f, max(50, args.n // 5))
                 except Exception as exc:
                     series[f.key].failure = f"warm-up: {exc}"
+        runner.slowest.clear()
         for r in range(args.repeats):
             for group in groups:
                 for f in rotate(group, r):
@@ -442,6 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "figures": figs,
         "series": series,
+        "slowest_ms": runner.slowest,
         "seconds": time.perf_counter() - run_started,
     }
 
@@ -452,7 +519,8 @@ def report(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     rows: list[list[str]] = []
     out_figs: dict[str, Any] = {}
     verdicts: list[str] = []
-    for kind in ("enqueue", "drain"):
+    slowest: dict[str, list[float]] = result.get("slowest_ms", {})
+    for kind in KINDS:
         if rows:
             rows.append([])
         for f in (f for f in figs if f.kind == kind):
@@ -479,6 +547,8 @@ def report(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                             f"{'met' if met else 'NOT met'}"
                         )
             rows.append(cells)
+            if f.key in slowest and not s.failure:
+                entry["slowest_call_ms"] = [round(x, 2) for x in slowest[f.key]]
             out_figs[f.key] = entry
     table = render_table(
         ["figure (jobs/s)", "median", "min-max", "soniq/huey", f">= {TARGET_RATIO:.0f}x"],
@@ -502,6 +572,18 @@ def report(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "",
         table,
         "",
+        *(
+            f"{THREADS} threads, slowest single enqueue (median of the repeats), {level}: "
+            + ", ".join(
+                f"{name} {statistics.median(out_figs[key]['slowest_call_ms']):.1f} ms"
+                for name, key in (
+                    ("soniq", f"soniq-threads-{level}"),
+                    ("huey", f"huey-threads-{level}"),
+                )
+                if out_figs.get(key, {}).get("slowest_call_ms")
+            )
+            for level in LEVELS
+        ),
         *verdicts,
         f"run took {result['seconds']:.1f} s",
     ]

@@ -1,15 +1,23 @@
-"""The no-op jobs of :mod:`benchmarks.embedded`, importable by its worker processes.
+"""The no-op jobs of :mod:`benchmarks.embedded`, and its drain processes.
 
 ``SONIQ_EMBEDDED_DB`` (and ``SONIQ_EMBEDDED_SYNC``: ``FULL`` or ``NORMAL``): the
-SQLite file of ``eq`` (``soniq worker benchmarks.embedded_jobs:eq --burst``).
-``HUEY_EMBEDDED_DB`` (and ``HUEY_EMBEDDED_SYNC``: ``FULL``, ``NORMAL`` or
-``default``, see :func:`make_huey`): the file of ``huey``, built only when the
-variable is set (SqliteHuey creates its tables as soon as it is constructed).
+SQLite file of ``eq``. ``HUEY_EMBEDDED_DB`` (and ``HUEY_EMBEDDED_SYNC``: ``FULL``,
+``NORMAL`` or ``default``, see :func:`make_huey`): the file of ``huey``. Each is
+built only when its variable is set, and each system's library is imported only
+then: a drain process of one system never pays for importing the other.
+
+Both drains are timed inside their process, after the imports (as the PostgreSQL
+worker benchmark times its drains), and print ``done <ran> <seconds>``:
+
+``python -m benchmarks.embedded_jobs soniq-drain C`` runs ``eq.sync.run_worker(
+concurrency=C, burst=True)`` and times the call (the worker's start, its claims, the
+jobs, the completion writes and its shutdown).
 
 ``python -m benchmarks.embedded_jobs huey-drain N TIMEOUT`` runs huey's consumer with
-4 worker threads on ``$HUEY_EMBEDDED_DB`` until N tasks have completed (counted with
-huey's ``SIGNAL_COMPLETE``), prints ``done <ran>`` and stops the consumer; it gives up
-after TIMEOUT seconds (``timeout <ran>``, exit status 1).
+4 worker threads (``Consumer(huey, workers=4, worker_type='thread')``, what
+``huey_consumer -w 4 -k thread`` builds) and times from ``start()`` until N tasks
+have completed (counted with huey's ``SIGNAL_COMPLETE``; its shutdown is not timed);
+it gives up after TIMEOUT seconds (``timeout <ran> <seconds>``, exit status 1).
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ import itertools
 import os
 import sys
 import threading
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
-from soniq import Soniq
+if TYPE_CHECKING:
+    from soniq import Soniq
 
 NOOP = "embedded.noop"
 NOOP_SYNC = "embedded.noop_sync"
@@ -43,6 +53,8 @@ def huey_noop(n: int) -> None:
 def make_soniq(path: str, synchronous: str = "FULL") -> Soniq:
     """A Soniq on ``path`` (at ``synchronous`` FULL or NORMAL) with both no-op jobs
     registered under fixed names."""
+    from soniq import Soniq
+
     app = Soniq(f"sqlite:///{path}?synchronous={synchronous.lower()}")
     app.job(name=NOOP)(noop)
     app.job(name=NOOP_SYNC)(noop_sync)
@@ -78,10 +90,9 @@ def make_huey(path: str, level: str) -> tuple[Any, Any]:
     return h, h.task(name=HUEY_NOOP)(huey_noop)
 
 
-eq = make_soniq(
-    os.environ.get("SONIQ_EMBEDDED_DB", "soniq-embedded.db"),
-    os.environ.get("SONIQ_EMBEDDED_SYNC", "FULL"),
-)
+eq: Any = None
+if os.environ.get("SONIQ_EMBEDDED_DB"):
+    eq = make_soniq(os.environ["SONIQ_EMBEDDED_DB"], os.environ.get("SONIQ_EMBEDDED_SYNC", "FULL"))
 
 huey: Any = None
 huey_task: Any = None
@@ -109,12 +120,26 @@ def _huey_drain(n: int, timeout: float) -> int:
             finished.set()
 
     consumer = Consumer(huey, workers=HUEY_WORKERS, worker_type="thread")
+    started = time.perf_counter()
     consumer.start()
     ok = finished.wait(timeout)
+    elapsed = time.perf_counter() - started
     ran = next(counter) - 1
-    print(f"{'done' if ok else 'timeout'} {ran}", flush=True)
+    print(f"{'done' if ok else 'timeout'} {ran} {elapsed:.6f}", flush=True)
     consumer.stop(graceful=True)
     return 0 if ok else 1
+
+
+def _soniq_drain(concurrency: int) -> int:
+    """Run a burst worker on ``eq``; see the module docstring."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    eq.sync.run_worker(concurrency=concurrency, burst=True)
+    elapsed = time.perf_counter() - started
+    print(f"done - {elapsed:.6f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
@@ -123,4 +148,9 @@ if __name__ == "__main__":
 
     if len(sys.argv) == 4 and sys.argv[1] == "huey-drain" and _module.huey is not None:
         sys.exit(_module._huey_drain(int(sys.argv[2]), float(sys.argv[3])))
-    sys.exit("usage: HUEY_EMBEDDED_DB=... python -m benchmarks.embedded_jobs huey-drain N TIMEOUT")
+    if len(sys.argv) == 3 and sys.argv[1] == "soniq-drain" and _module.eq is not None:
+        sys.exit(_module._soniq_drain(int(sys.argv[2])))
+    sys.exit(
+        "usage: HUEY_EMBEDDED_DB=... python -m benchmarks.embedded_jobs huey-drain N TIMEOUT\n"
+        "       SONIQ_EMBEDDED_DB=... python -m benchmarks.embedded_jobs soniq-drain C"
+    )
