@@ -391,6 +391,81 @@ def test_sync_writes_of_threads_commit_in_turns_in_order_and_a_failing_one_fails
         eq.sync.close()
 
 
+def test_a_sync_line_longer_than_a_group_commits_in_several_turns_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader whose own write is beyond the group it took commits that group, then
+    waits its turn again: every write is committed once, in the order they came."""
+    monkeypatch.setattr(driver, "MAX_GROUP", 2)
+    statements = traced_connections(monkeypatch)
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
+    pool = ThreadPoolExecutor(7)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        enqueues = [pool.submit(eq.sync.enqueue, "some.job", n=0)]
+        wait_until(lambda: turns._leading and not turns._line, 10, "enqueue 0 to lead")
+        for n in range(1, 7):
+            enqueues.append(pool.submit(eq.sync.enqueue, "some.job", n=n))
+            wait_until(lambda n=n: len(turns._line) == n, 10, f"enqueue {n} in line")
+        statements.clear()
+        locker.execute("COMMIT")
+        ids = [f.result(timeout=20) for f in enqueues]
+    finally:
+        locker.close()
+        pool.shutdown()
+        eq.sync.close()
+    assert ids == sorted(ids) and len(set(ids)) == 7
+    assert statements.count("BEGIN IMMEDIATE") == 3  # 1-2, 3-4, 5-6
+    assert statements.count("SAVEPOINT soniq_write") == 6
+
+
+class Interrupted(BaseException):
+    """Stands in for KeyboardInterrupt or a signal handler's SystemExit."""
+
+
+def test_a_sync_leader_interrupted_tells_its_group_and_the_line_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread committing a group is interrupted: it raises the interruption, the
+    others hear that their outcome is unknown (not the interruption itself), and the
+    next writer is not held up."""
+    real_run_together = driver.run_together
+
+    def interrupted_when_grouped(conn: sqlite3.Connection, writes: Any) -> None:
+        if len(writes) > 1:
+            raise Interrupted
+        real_run_together(conn, writes)
+
+    monkeypatch.setattr(driver, "run_together", interrupted_when_grouped)
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
+    pool = ThreadPoolExecutor(3)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        first = pool.submit(eq.sync.enqueue, "some.job", n=0)
+        wait_until(lambda: turns._leading, 10, "enqueue 0 to lead")
+        grouped = [pool.submit(eq.sync.enqueue, "some.job", n=n) for n in (1, 2)]
+        wait_until(lambda: len(turns._line) == 2, 10, "two enqueues in line")
+        locker.execute("COMMIT")
+        assert first.result(timeout=20) > 0
+        errors = [f.exception(timeout=20) for f in grouped]
+        assert sorted(type(e).__name__ for e in errors) == ["Interrupted", "RuntimeError"]
+        assert "may or may not have been committed" in str(
+            next(e for e in errors if isinstance(e, RuntimeError))
+        )
+        assert not turns._leading
+        assert eq.sync.enqueue("some.job", n=3) > 0
+    finally:
+        locker.close()
+        pool.shutdown()
+        eq.sync.close()
+
+
 def test_a_sync_writer_interrupted_in_line_leaves_it_and_the_line_goes_on(
     tmp_path: Path,
 ) -> None:

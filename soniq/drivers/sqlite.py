@@ -7,8 +7,8 @@ What runs where:
   own connection (a one-thread executor per backend), so the event loop never waits on
   SQLite I/O, a busy lock or an fsync.
 - :class:`SqliteSyncBackend` (``eq.sync``) blocks, on its caller's thread; any number
-  of threads may call it at once: reads each on a connection of a small pool, writes
-  in turns (:class:`_WriteTurns`).
+  of threads may call it at once: each operation on a connection of a small pool, and
+  its enqueues and cancellations in turns, grouped (:class:`_WriteTurns`).
 - :class:`SqliteMaintenance` is a worker's heartbeat thread's own connection.
 
 The statements and what they mean live in :mod:`soniq.core.sql.sqlite`; this module
@@ -38,8 +38,10 @@ not stored in the file.
 Group commit. The async backend's writes queue for its one thread; those that queue
 while it is busy commit in one transaction (:func:`run_together`), and a worker's
 completions wait up to :data:`LINGER` for its next claim, so a busy worker pays one
-commit for both. The sync backend's writes of several threads queue the same way, and
-one of the callers' own threads commits them (:class:`_WriteTurns`). An enqueue of one
+commit for both. The enqueues and cancellations that several threads make through one
+sync backend queue the same way, and one of those threads commits them
+(:class:`_WriteTurns`); other connections to the file (another backend, another
+process, the heartbeat's) still meet them in SQLite's busy handler. An enqueue of one
 job (no dedupe key) is one ``INSERT`` with no ``BEGIN`` when it runs alone, and joins
 the shared transaction when others queued with it.
 
@@ -53,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -87,7 +90,7 @@ LINGER = 0.002
 CLAIM_GATHER = 0.001
 #: Idle connections a :class:`SqliteSyncBackend` keeps for its callers' threads.
 MAX_IDLE = 4
-#: Most writes of other threads one :class:`_WriteTurns` head commits with its own.
+#: Most writes one turn of a :class:`_WriteTurns` commits together.
 MAX_GROUP = 64
 
 #: Connections inherited from the parent process after a fork: never used and never
@@ -213,16 +216,34 @@ class _Write:
 
 
 def _fail_unsettled(writes: Sequence[_Write], exc: BaseException) -> None:
-    """Give ``exc`` to each write not settled yet. Only the backend's thread settles
-    writes, but a caller may cancel a pending one at any moment: that one is left
-    alone."""
+    """Give ``exc`` to each write not settled yet, a copy each (their callers may
+    raise it in several threads at once, and raising an exception rewrites its
+    traceback). Only one thread settles a write, but a caller may cancel a pending
+    one at any moment: that one is left alone."""
     for write in writes:
         future = write.future
         if future.done():
             continue
         with contextlib.suppress(InvalidStateError):
             if future.running() or future.set_running_or_notify_cancel():
-                future.set_exception(exc)
+                future.set_exception(_own_copy(exc))
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    try:
+        return copy.copy(exc)
+    except Exception:  # an exception class that cannot be rebuilt from its args
+        return exc
+
+
+def _interrupted(exc: BaseException) -> RuntimeError:
+    """What the other writes of a group hear when the thread committing them is
+    interrupted (KeyboardInterrupt, a signal handler's SystemExit): that thread
+    raises the interruption itself."""
+    return RuntimeError(
+        f"the thread committing this write was interrupted ({type(exc).__name__}) "
+        "before its outcome was known: it may or may not have been committed"
+    )
 
 
 def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
@@ -231,7 +252,8 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
     (group commit: a worker's completions and its next claim usually travel
     together). Each runs in a savepoint, so one that fails is undone alone and only
     its caller sees the error. Results are handed out after ``COMMIT``: nobody hears
-    of a write that could still be lost."""
+    of a write that could still be lost. An interruption (KeyboardInterrupt, a signal
+    handler's exception) rolls back, tells the writes so, and is re-raised."""
     # A caller cancelled before its write started does not want it (a claim nobody
     # would run); once started, a write cannot be cancelled.
     live = [w for w in writes if w.future.set_running_or_notify_cancel()]
@@ -241,7 +263,7 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
         write = live[0]
         try:
             value = run(conn, write.build())
-        except BaseException as exc:
+        except Exception as exc:
             write.future.set_exception(exc)
         else:
             write.settle(value)
@@ -260,12 +282,14 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
                 outcomes.append((write, value, None))
             conn.execute("RELEASE soniq_write")
         conn.execute("COMMIT")
-    except BaseException as exc:
+    except Exception as exc:
         _roll_back(conn)
-        failure = _translated(exc)
-        for write in live:
-            write.future.set_exception(failure)
+        _fail_unsettled(live, _translated(exc))
         return
+    except BaseException as exc:  # interrupted: rolled back; the caller re-raises it
+        _roll_back(conn)
+        _fail_unsettled(live, _interrupted(exc))
+        raise
     for write, value, error in outcomes:
         if error is not None:
             write.future.set_exception(error)
@@ -687,34 +711,45 @@ class _WriteTurns:
         connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
     ) -> Any:
         """Commit ``write`` (in turn, perhaps with others) and return its value."""
-        waiting = False
+        queued = False
         while True:
-            with self._changed:
-                try:
-                    if not waiting:
-                        self._line.append(write)
-                        waiting = True
-                    while self._leading and not write.future.done():
-                        self._changed.wait()
-                except BaseException:
-                    # Interrupted (KeyboardInterrupt, a signal handler's SystemExit):
-                    # the write is dropped unless a leader took it already.
-                    with contextlib.suppress(ValueError):
-                        self._line.remove(write)
-                    raise
-                if write.future.done():
-                    return write.future.result()
-                self._leading = True
-                group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
+            leading = False
+            group: list[_Write] = []
             try:
+                with self._changed:
+                    try:
+                        if not queued:
+                            self._line.append(write)
+                            queued = True
+                        while self._leading and not write.future.done():
+                            self._changed.wait()
+                    except BaseException:
+                        # Interrupted (KeyboardInterrupt, a signal handler's
+                        # SystemExit): dropped, unless a leader has taken it.
+                        with contextlib.suppress(ValueError):
+                            self._line.remove(write)
+                        raise
+                    if write.future.done():
+                        break
+                    leading = True
+                    self._leading = True
+                    group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
                 with connection() as conn:
                     run_together(conn, group)
-            except BaseException as exc:  # no database to write to: every writer hears why
-                _fail_unsettled(group, exc)
+            except BaseException as exc:
+                if not leading:
+                    raise
+                if isinstance(exc, Exception):  # no database to write to: all hear why
+                    _fail_unsettled(group, exc)
+                else:  # this thread was interrupted while leading: it raises that
+                    _fail_unsettled(group, _interrupted(exc))
+                    raise
             finally:
-                with self._changed:
-                    self._leading = False
-                    self._changed.notify_all()
+                if leading:
+                    with self._changed:
+                        self._leading = False
+                        self._changed.notify_all()
+        return write.future.result()
 
 
 class SqliteSyncBackend:
