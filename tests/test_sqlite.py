@@ -347,37 +347,60 @@ def test_a_caller_cancelling_while_the_write_loop_fails_keeps_the_others_settled
     thread.close().result(timeout=10)
 
 
+@contextlib.contextmanager
+def sync_leader_held_by_a_lock(
+    tmp_path: Path, threads: int
+) -> Iterator[tuple[Soniq, Any, ThreadPoolExecutor, Future[int], sqlite3.Connection]]:
+    """``eq.sync``'s first enqueue (``n=0``), on a pool thread, leads its turn and
+    waits for the write lock that another connection holds, until
+    ``locker.execute("COMMIT")``. Yields eq, its write turns, the pool (``threads``
+    threads), that enqueue's future and the locker."""
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
+    pool = ThreadPoolExecutor(threads)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        first = pool.submit(eq.sync.enqueue, "some.job", n=0)
+        wait_until(lambda: turns._leading and not turns._line, 10, "enqueue 0 to lead")
+        yield eq, turns, pool, first, locker
+    finally:
+        locker.close()
+        pool.shutdown()
+        eq.sync.close()
+
+
+def queue_enqueues(eq: Soniq, turns: Any, pool: ThreadPoolExecutor, ns: range) -> list[Future[int]]:
+    """Enqueue ``n`` for each of ``ns`` on the pool, each once the one before waits in
+    line behind the leader (so they are in line in that order)."""
+    queued = []
+    for n in ns:
+        queued.append(pool.submit(eq.sync.enqueue, "some.job", n=n))
+        waiting = len(queued)
+        wait_until(lambda k=waiting: len(turns._line) == k, 10, f"enqueue {n} in line")
+    return queued
+
+
 def test_sync_writes_of_threads_commit_in_turns_in_order_and_a_failing_one_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Threads writing through ``eq.sync`` wait in line, not in SQLite's busy handler
     (which sleeps up to 100 ms at a time and lets later writers overtake): while the
-    head waits for the lock, the writes behind it queue, then commit together in one
+    leader waits for the lock, the writes behind it queue, then commit together in one
     transaction, in the order they came; a failing one fails alone."""
     statements = traced_connections(monkeypatch)
-    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    eq.sync.ensure_initialized()
-    backend: driver.SqliteSyncBackend = eq.sync.backend  # type: ignore[assignment]
-    turns = backend._turns
-    line = turns._line  # the writes no leader has taken yet
-    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
-    pool = ThreadPoolExecutor(6)
-    try:
-        locker.execute("BEGIN IMMEDIATE")
-        enqueues = [pool.submit(eq.sync.enqueue, "some.job", n=0)]
-        wait_until(lambda: turns._leading and not line, 10, "enqueue 0 to lead")
-        for n in range(1, 5):
-            enqueues.append(pool.submit(eq.sync.enqueue, "some.job", n=n))
-            wait_until(lambda n=n: len(line) == n, 10, f"enqueue {n} in line")
-        failing: Future[None] = pool.submit(backend._commit, _failing_write)
-        wait_until(lambda: len(line) == 5, 10, "five writes in line")
+    with sync_leader_held_by_a_lock(tmp_path, 6) as (eq, turns, pool, first, locker):
+        later = queue_enqueues(eq, turns, pool, range(1, 5))
+        failing: Future[None] = pool.submit(eq.sync.backend._commit, _failing_write)  # type: ignore[attr-defined]
+        wait_until(lambda: len(turns._line) == 5, 10, "five writes in line")
         statements.clear()
         locker.execute("COMMIT")
-        ids = [f.result(timeout=20) for f in enqueues]
+        ids = [f.result(timeout=20) for f in [first, *later]]
         with pytest.raises(sqlite3.IntegrityError):
             failing.result(timeout=20)
-        assert not line
-        # The head alone (its one INSERT had started), then the five behind it.
+        assert not turns._line
+        # The leader alone (its one INSERT had started), then the five behind it.
         assert statements.count("BEGIN IMMEDIATE") == 1
         assert statements.count("COMMIT") == 1
         assert statements.count("SAVEPOINT soniq_write") == 5
@@ -385,10 +408,6 @@ def test_sync_writes_of_threads_commit_in_turns_in_order_and_a_failing_one_fails
         for n, job_id in enumerate(ids):
             job = eq.sync.get_job(job_id)
             assert job is not None and job.args == {"n": n}
-    finally:
-        locker.close()
-        pool.shutdown()
-        eq.sync.close()
 
 
 def test_a_sync_line_longer_than_a_group_commits_in_several_turns_in_order(
@@ -398,25 +417,11 @@ def test_a_sync_line_longer_than_a_group_commits_in_several_turns_in_order(
     waits its turn again: every write is committed once, in the order they came."""
     monkeypatch.setattr(driver, "MAX_GROUP", 2)
     statements = traced_connections(monkeypatch)
-    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    eq.sync.ensure_initialized()
-    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
-    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
-    pool = ThreadPoolExecutor(7)
-    try:
-        locker.execute("BEGIN IMMEDIATE")
-        enqueues = [pool.submit(eq.sync.enqueue, "some.job", n=0)]
-        wait_until(lambda: turns._leading and not turns._line, 10, "enqueue 0 to lead")
-        for n in range(1, 7):
-            enqueues.append(pool.submit(eq.sync.enqueue, "some.job", n=n))
-            wait_until(lambda n=n: len(turns._line) == n, 10, f"enqueue {n} in line")
+    with sync_leader_held_by_a_lock(tmp_path, 7) as (eq, turns, pool, first, locker):
+        later = queue_enqueues(eq, turns, pool, range(1, 7))
         statements.clear()
         locker.execute("COMMIT")
-        ids = [f.result(timeout=20) for f in enqueues]
-    finally:
-        locker.close()
-        pool.shutdown()
-        eq.sync.close()
+        ids = [f.result(timeout=20) for f in [first, *later]]
     assert ids == sorted(ids) and len(set(ids)) == 7
     assert statements.count("BEGIN IMMEDIATE") == 3  # 1-2, 3-4, 5-6
     assert statements.count("SAVEPOINT soniq_write") == 6
@@ -440,17 +445,8 @@ def test_a_sync_leader_interrupted_tells_its_group_and_the_line_goes_on(
         real_run_together(conn, writes)
 
     monkeypatch.setattr(driver, "run_together", interrupted_when_grouped)
-    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    eq.sync.ensure_initialized()
-    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
-    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
-    pool = ThreadPoolExecutor(3)
-    try:
-        locker.execute("BEGIN IMMEDIATE")
-        first = pool.submit(eq.sync.enqueue, "some.job", n=0)
-        wait_until(lambda: turns._leading, 10, "enqueue 0 to lead")
-        grouped = [pool.submit(eq.sync.enqueue, "some.job", n=n) for n in (1, 2)]
-        wait_until(lambda: len(turns._line) == 2, 10, "two enqueues in line")
+    with sync_leader_held_by_a_lock(tmp_path, 3) as (eq, turns, pool, first, locker):
+        grouped = queue_enqueues(eq, turns, pool, range(1, 3))
         locker.execute("COMMIT")
         assert first.result(timeout=20) > 0
         errors = [f.exception(timeout=20) for f in grouped]
@@ -460,10 +456,6 @@ def test_a_sync_leader_interrupted_tells_its_group_and_the_line_goes_on(
         )
         assert not turns._leading
         assert eq.sync.enqueue("some.job", n=3) > 0
-    finally:
-        locker.close()
-        pool.shutdown()
-        eq.sync.close()
 
 
 def test_a_sync_writer_interrupted_in_line_leaves_it_and_the_line_goes_on(
@@ -473,35 +465,25 @@ def test_a_sync_writer_interrupted_in_line_leaves_it_and_the_line_goes_on(
     waits in line: its write is dropped, not committed behind its caller's back, and
     the writers after it are not held up."""
 
-    class Interrupted(Exception):
+    class Alarm(Exception):
         pass
 
     def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted
+        raise Alarm
 
-    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    eq.sync.ensure_initialized()
-    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
-    locker = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
-    pool = ThreadPoolExecutor(1)
     previous = signal.signal(signal.SIGALRM, interrupt)
     try:
-        locker.execute("BEGIN IMMEDIATE")
-        leader = pool.submit(eq.sync.enqueue, "some.job", n=0)
-        wait_until(lambda: turns._leading, 10, "enqueue 0 to lead")
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(Interrupted):
-            eq.sync.enqueue("some.job", n=1)  # waits behind enqueue 0
-        assert not turns._line
-        locker.execute("COMMIT")
-        assert leader.result(timeout=20) > 0
-        eq.sync.enqueue("some.job", n=2)
+        with sync_leader_held_by_a_lock(tmp_path, 1) as (eq, turns, _, first, locker):
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Alarm):
+                eq.sync.enqueue("some.job", n=1)  # waits behind enqueue 0
+            assert not turns._line
+            locker.execute("COMMIT")
+            assert first.result(timeout=20) > 0
+            eq.sync.enqueue("some.job", n=2)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        locker.close()
-        pool.shutdown()
-        eq.sync.close()
     with contextlib.closing(sqlite3.connect(str(tmp_path / "jobs.db"))) as conn:
         rows = conn.execute("SELECT args FROM soniq_jobs ORDER BY id").fetchall()
     assert rows == [('{"n":0}',), ('{"n":2}',)]
