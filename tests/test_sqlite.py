@@ -303,6 +303,27 @@ async def test_writes_that_queue_up_commit_once_and_a_failing_one_fails_alone(
     assert statements.count("SAVEPOINT soniq_write") == 6
 
 
+def test_writes_failed_together_each_get_their_own_copy_of_the_error() -> None:
+    """Callers in several threads raise what they are given, and raising rewrites an
+    exception's traceback: each gets its own copy, with where it was first raised."""
+
+    def raise_locked() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    writes = [driver._Write(_failing_write, None, linger=False) for _ in range(3)]
+    try:
+        raise_locked()
+    except sqlite3.OperationalError as exc:
+        driver._fail_unsettled(writes, exc)
+        original = exc
+    errors = [w.future.exception(timeout=0) for w in writes]
+    assert len({id(e) for e in errors}) == 3 and original not in errors
+    for error in errors:
+        assert type(error) is sqlite3.OperationalError and error.args == original.args
+        assert error.__traceback__ is not None
+        assert error.__traceback__.tb_frame.f_code is original.__traceback__.tb_frame.f_code
+
+
 def _broken_write_loop(conn: sqlite3.Connection, writes: Any) -> None:
     """Stands in for run_together when it fails before settling anything (a bug)."""
     raise RuntimeError("boom")

@@ -230,10 +230,15 @@ def _fail_unsettled(writes: Sequence[_Write], exc: BaseException) -> None:
 
 
 def _own_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` with its traceback, cause and context (where it was raised)."""
     try:
-        return copy.copy(exc)
+        clone = copy.copy(exc)
     except Exception:  # an exception class that cannot be rebuilt from its args
         return exc
+    clone.__cause__ = exc.__cause__
+    clone.__context__ = exc.__context__
+    clone.__suppress_context__ = exc.__suppress_context__
+    return clone.with_traceback(exc.__traceback__)
 
 
 def _interrupted(exc: BaseException) -> RuntimeError:
