@@ -102,7 +102,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
     if emb:
         for kind, title in (
             ("enqueue", "SQLite: enqueue one job per call"),
-            ("threads", "SQLite: enqueue from 8 threads at once"),
+            ("threads", f"SQLite: enqueue from {emb.get('threads', 8)} threads at once"),
             ("drain", "SQLite: drain, one worker process"),
         ):
             items = []
@@ -120,7 +120,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
                             "huey's INSERT",
                         )
                         .replace("concurrency ", "c=")
-                        .replace(", 8 threads", "")
+                        .replace(f", {emb.get('threads', 8)} threads", "")
                     )
                     items.append((label, _family(key), m))
             if items:

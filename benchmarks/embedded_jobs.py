@@ -9,9 +9,11 @@ then: a drain process of one system never pays for importing the other.
 Both drains are timed inside their process, after the imports (as the PostgreSQL
 worker benchmark times its drains), and print ``done <ran> <seconds>``:
 
-``python -m benchmarks.embedded_jobs soniq-drain C`` runs ``eq.sync.run_worker(
-concurrency=C, burst=True)`` and times the call (the worker's start, its claims, the
-jobs, the completion writes and its shutdown).
+``python -m benchmarks.embedded_jobs soniq-drain C TIMEOUT`` runs
+``eq.sync.run_worker(concurrency=C, burst=True)`` and times the call (the worker's
+start, its claims, the jobs, the completion writes and its shutdown); ``<ran>`` is the
+number of jobs ``done`` in the file. Past TIMEOUT seconds it prints ``timeout <ran>
+<seconds>`` and exits with status 1.
 
 ``python -m benchmarks.embedded_jobs huey-drain N TIMEOUT`` runs huey's consumer with
 4 worker threads (``Consumer(huey, workers=4, worker_type='thread')``, what
@@ -111,6 +113,9 @@ def _huey_drain(n: int, timeout: float) -> int:
     from huey.signals import SIGNAL_COMPLETE
 
     logging.basicConfig(level=logging.WARNING)
+    if n <= 0:
+        print("done 0 0.000000", flush=True)
+        return 0
     counter = itertools.count(1)
     finished = threading.Event()
 
@@ -130,15 +135,30 @@ def _huey_drain(n: int, timeout: float) -> int:
     return 0 if ok else 1
 
 
-def _soniq_drain(concurrency: int) -> int:
+def _soniq_drain(concurrency: int, timeout: float) -> int:
     """Run a burst worker on ``eq``; see the module docstring."""
+    import contextlib
     import logging
+    import sqlite3
+
+    def ran() -> int:
+        with contextlib.closing(sqlite3.connect(os.environ["SONIQ_EMBEDDED_DB"])) as conn:
+            done = conn.execute("SELECT count(*) FROM soniq_jobs WHERE status = 'done'")
+            return int(done.fetchone()[0])
+
+    def give_up() -> None:
+        print(f"timeout {ran()} {time.perf_counter() - started:.6f}", flush=True)
+        os._exit(1)  # the worker is stuck: do not wait for it
 
     logging.basicConfig(level=logging.WARNING)
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
     started = time.perf_counter()
+    watchdog.start()
     eq.sync.run_worker(concurrency=concurrency, burst=True)
     elapsed = time.perf_counter() - started
-    print(f"done - {elapsed:.6f}", flush=True)
+    watchdog.cancel()
+    print(f"done {ran()} {elapsed:.6f}", flush=True)
     return 0
 
 
@@ -148,9 +168,9 @@ if __name__ == "__main__":
 
     if len(sys.argv) == 4 and sys.argv[1] == "huey-drain" and _module.huey is not None:
         sys.exit(_module._huey_drain(int(sys.argv[2]), float(sys.argv[3])))
-    if len(sys.argv) == 3 and sys.argv[1] == "soniq-drain" and _module.eq is not None:
-        sys.exit(_module._soniq_drain(int(sys.argv[2])))
+    if len(sys.argv) == 4 and sys.argv[1] == "soniq-drain" and _module.eq is not None:
+        sys.exit(_module._soniq_drain(int(sys.argv[2]), float(sys.argv[3])))
     sys.exit(
         "usage: HUEY_EMBEDDED_DB=... python -m benchmarks.embedded_jobs huey-drain N TIMEOUT\n"
-        "       SONIQ_EMBEDDED_DB=... python -m benchmarks.embedded_jobs soniq-drain C"
+        "       SONIQ_EMBEDDED_DB=... python -m benchmarks.embedded_jobs soniq-drain C TIMEOUT"
     )
