@@ -258,7 +258,8 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
     together). Each runs in a savepoint, so one that fails is undone alone and only
     its caller sees the error. Results are handed out after ``COMMIT``: nobody hears
     of a write that could still be lost. An interruption (KeyboardInterrupt, a signal
-    handler's exception) rolls back, tells the writes so, and is re-raised."""
+    handler's exception) rolls back and propagates: :func:`commit_together` tells the
+    writes."""
     # A caller cancelled before its write started does not want it (a claim nobody
     # would run); once started, a write cannot be cancelled.
     live = [w for w in writes if w.future.set_running_or_notify_cancel()]
@@ -291,15 +292,37 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[_Write]) -> None:
         _roll_back(conn)
         _fail_unsettled(live, _translated(exc))
         return
-    except BaseException as exc:  # interrupted: rolled back; the caller re-raises it
+    except BaseException:
         _roll_back(conn)
-        _fail_unsettled(live, _interrupted(exc))
         raise
     for write, value, error in outcomes:
         if error is not None:
             write.future.set_exception(error)
         else:
             write.settle(value)
+
+
+def commit_together(
+    connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    writes: Sequence[_Write],
+) -> None:
+    """:func:`run_together` on a connection of ``connection()``, and every write settled
+    whatever happens: when no database can be opened, each caller hears why; should
+    run_together itself fail (a bug), each hears that rather than wait forever; when
+    this thread is interrupted, each hears that its outcome is unknown, and the
+    interruption propagates."""
+    opened = False
+    try:
+        with connection() as conn:
+            opened = True
+            run_together(conn, writes)
+    except Exception as exc:
+        if opened:
+            log.exception("SQLite writes failed unexpectedly")
+        _fail_unsettled(writes, exc)
+    except BaseException as exc:
+        _fail_unsettled(writes, _interrupted(exc))
+        raise
 
 
 def migrate(conn: sqlite3.Connection, *, apply: bool) -> int:
@@ -652,15 +675,20 @@ class _SqliteThread:
             self.conn = connect(self.path, self.synchronous)
         return self.conn
 
-    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[sqlite3.Connection]:
         conn = self._connection()
         try:
-            return work(conn)
+            yield conn
         finally:
             if conn.in_transaction:  # a failed rollback: do not reuse the connection
                 self.conn = None
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
+
+    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._connected() as conn:
+            return work(conn)
 
     def _run_writes(self) -> None:
         with self.writes_changed:
@@ -668,18 +696,7 @@ class _SqliteThread:
                 lambda: not all(w.linger for w in self.writes), timeout=LINGER
             )
             writes, self.writes = self.writes, []
-        try:
-            self._connection()
-        except BaseException as exc:  # no database to write to: every caller hears why
-            _fail_unsettled(writes, exc)
-            return
-        try:
-            self._on_thread(lambda conn: run_together(conn, writes))
-        except BaseException as exc:
-            # run_together settles every write itself; should it ever fail (a bug),
-            # the callers still hear of it rather than wait forever.
-            log.exception("SQLite writes failed unexpectedly")
-            _fail_unsettled(writes, exc)
+        commit_together(self._connected, writes)
 
     def _close_connection(self) -> None:
         conn, self.conn = self.conn, None
@@ -736,19 +753,14 @@ class _WriteTurns:
                         raise
                     if write.future.done():
                         break
-                    leading = True
+                    leading = True  # before the flag: the finally clears it
                     self._leading = True
                     group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
-                with connection() as conn:
-                    run_together(conn, group)
+                commit_together(connection, group)
             except BaseException as exc:
-                if not leading:
-                    raise
-                if isinstance(exc, Exception):  # no database to write to: all hear why
-                    _fail_unsettled(group, exc)
-                else:  # this thread was interrupted while leading: it raises that
+                if leading:  # interrupted before commit_together took the group over
                     _fail_unsettled(group, _interrupted(exc))
-                    raise
+                raise
             finally:
                 if leading:
                     with self._changed:
@@ -773,18 +785,23 @@ class SqliteSyncBackend:
         self._owner: object = sync_owner()
         self._generation = 0  # bumped by close(): connections of before are not kept
         self._turns = _WriteTurns()
-        self._turns_owner: object = sync_owner()
 
     def acquire(self) -> AbstractContextManager[Any]:
         """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
         _no_pool()
 
+    def _adopt_after_fork(self) -> None:
+        """Under ``self._lock``: after a fork, the parent's idle connections stay its own
+        and its line of writes is not ours (the threads in it are not in this process)."""
+        if self._owner != sync_owner():
+            _inherited.extend(self._idle)
+            self._idle, self._owner = [], sync_owner()
+            self._turns = _WriteTurns()
+
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            if self._owner != sync_owner():  # forked: the parent's connections stay its own
-                _inherited.extend(self._idle)
-                self._idle, self._owner = [], sync_owner()
+            self._adopt_after_fork()
             generation = self._generation
             conn = self._idle.pop() if self._idle else None
         if conn is None:
@@ -813,8 +830,7 @@ class SqliteSyncBackend:
         """Run a write in turn (:class:`_WriteTurns`); ``committed`` maps its value
         once it is committed."""
         with self._lock:
-            if self._turns_owner != sync_owner():  # forked: the parent's line is not ours
-                self._turns, self._turns_owner = _WriteTurns(), sync_owner()
+            self._adopt_after_fork()
             turns = self._turns
         result: T = turns.write(_Write(build, committed, linger=False), self._connection)
         return result
