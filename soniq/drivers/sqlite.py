@@ -719,7 +719,8 @@ class _WriteTurns:
     its own among them unless the line is longer) and commits them in one
     transaction on its own thread (:func:`run_together`: one commit, each write in a
     savepoint so a failing one fails alone); then any waiting thread whose write is
-    not done leads the next turn. A thread writing alone leads at once: no hand-off.
+    not done leads the next turn. A thread writing alone leads at once and runs its
+    write as if there were no line.
     """
 
     def __init__(self) -> None:
@@ -729,10 +730,35 @@ class _WriteTurns:
 
     def write(
         self,
+        build: Callable[[], Operation[Any]],
+        committed: Callable[[Any], Any] | None,
+        connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    ) -> Any:
+        """Commit ``build()``'s operation in turn, perhaps with others, and return its
+        value (mapped by ``committed`` once committed). A writer that finds nobody
+        writing and nobody waiting runs its operation at once, as if there were no
+        line: the common case of one thread pays for no future and no hand-off."""
+        leading = False
+        try:
+            with self._changed:
+                if not self._leading and not self._line:
+                    leading = True  # before the flag: the finally clears it
+                    self._leading = True
+            if leading:
+                with connection() as conn:
+                    value = run(conn, build())
+        finally:
+            if leading:
+                self._hand_over()
+        if leading:
+            return value if committed is None else committed(value)
+        return self._write_in_line(_Write(build, committed, linger=False), connection)
+
+    def _write_in_line(
+        self,
         write: _Write,
         connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
     ) -> Any:
-        """Commit ``write`` (in turn, perhaps with others) and return its value."""
         queued = False
         while True:
             leading = False
@@ -763,10 +789,14 @@ class _WriteTurns:
                 raise
             finally:
                 if leading:
-                    with self._changed:
-                        self._leading = False
-                        self._changed.notify_all()
+                    self._hand_over()
         return write.future.result()
+
+    def _hand_over(self) -> None:
+        """End this thread's turn: a waiting thread whose write is not done leads next."""
+        with self._changed:
+            self._leading = False
+            self._changed.notify_all()
 
 
 class SqliteSyncBackend:
@@ -832,7 +862,7 @@ class SqliteSyncBackend:
         with self._lock:
             self._adopt_after_fork()
             turns = self._turns
-        result: T = turns.write(_Write(build, committed, linger=False), self._connection)
+        result: T = turns.write(build, committed, self._connection)
         return result
 
     def migrate(self, *, apply: bool) -> int:
