@@ -62,7 +62,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,29 +248,42 @@ class Runner:
     def enqueue(self, f: Figure, n: int) -> float:
         path = self.fresh(f.key)
         deadline = time.perf_counter() + self.timeout
-        if f.system == "soniq" and f.jobs == "sync":
-            app = ej.make_soniq(str(path), f.level)
-            app.sync.ensure_initialized()
-            try:
-                enqueue = app.sync.enqueue
-                return self._one_by_one(f, n, deadline, lambda i: enqueue(ej.noop_sync, n=i))
-            finally:
-                app.sync.close()
-        if f.system == "soniq":
+        if f.system == "soniq" and f.jobs == "async":
             return asyncio.run(self._enqueue_async(f, path, n, deadline))
         if f.key.startswith("floor-"):
             return self._enqueue_floor(f, path, n, deadline)
         if f.system == "raw":
             return self._enqueue_raw(f, path, n, deadline)
-        h, task = ej.make_huey(str(path), f.level)
-        try:
-            h.storage.conn  # noqa: B018  (open the connection before the clock starts)
-            rate = self._one_by_one(f, n, deadline, task)
-            if h.pending_count() != n:
-                raise RuntimeError(f"{f.key}: {h.pending_count()} queued, not {n}")
-            return rate
-        finally:
-            h.storage.close()
+        with self._enqueuer(f, path) as enqueue_one:
+            rate = self._one_by_one(f, n, deadline, enqueue_one)
+        self._check_queued(f, path, n)
+        return rate
+
+    @contextlib.contextmanager
+    def _enqueuer(self, f: Figure, path: Path) -> Iterator[Callable[[int], object]]:
+        """``enqueue_one(i)`` of ``f``'s system (Soniq's ``eq.sync.enqueue`` or huey's
+        ``task(i)``) on a fresh file, everything set up before any clock starts (Soniq's
+        schema, huey's connection); closed afterwards."""
+        if f.system == "soniq":
+            app = ej.make_soniq(str(path), f.level)
+            app.sync.ensure_initialized()
+            enqueue = app.sync.enqueue
+            try:
+                yield lambda i: enqueue(ej.noop_sync, n=i)
+            finally:
+                app.sync.close()
+        else:
+            h, task = ej.make_huey(str(path), f.level)
+            h.storage.conn  # noqa: B018  (opened here, not by the first timed call)
+            try:
+                yield task
+            finally:
+                h.storage.close()
+
+    def _check_queued(self, f: Figure, path: Path, n: int) -> None:
+        queued = self._count_queued(f, path)
+        if queued != n:
+            raise RuntimeError(f"{f.key}: {queued} queued, not {n}")
 
     def _one_by_one(
         self, f: Figure, n: int, deadline: float, enqueue_one: Callable[[int], object]
@@ -340,19 +353,6 @@ class Runner:
         path = self.fresh(f.key)
         deadline = time.perf_counter() + self.timeout
         per = max(1, n // THREADS)
-        if f.system == "soniq":
-            app = ej.make_soniq(str(path), f.level)
-            app.sync.ensure_initialized()
-            enqueue = app.sync.enqueue
-
-            def enqueue_one(i: int) -> object:
-                return enqueue(ej.noop_sync, n=i)
-
-            close = app.sync.close
-        else:
-            h, enqueue_one = ej.make_huey(str(path), f.level)
-            h.storage.conn  # noqa: B018  (open the connection before the clock starts)
-            close = h.storage.close
         slowest = [0.0] * THREADS
         errors: list[BaseException] = []
 
@@ -372,26 +372,23 @@ class Runner:
         producers = [
             threading.Thread(target=produce, args=(k,), daemon=True) for k in range(THREADS)
         ]
-        try:
+        with self._enqueuer(f, path) as enqueue_one:
             started = time.perf_counter()
             for thread in producers:
                 thread.start()
             for thread in producers:
                 thread.join(max(0.0, deadline - time.perf_counter()))
             elapsed = time.perf_counter() - started
-        finally:
-            close()
         if errors:
             raise errors[0]
         if any(t.is_alive() for t in producers) or time.perf_counter() > deadline:
             raise TimeoutError(f"{f.key}: not done in {self.timeout}s")
-        queued = self._count_queued(f, path)
-        if queued != per * THREADS:
-            raise RuntimeError(f"{f.key}: {queued} queued, not {per * THREADS}")
+        self._check_queued(f, path, per * THREADS)
         self.slowest.setdefault(f.key, []).append(max(slowest) * 1000)
         return per * THREADS / elapsed
 
     def _count_queued(self, f: Figure, path: Path) -> int:
+        """Jobs in ``f``'s system's file (Soniq: every row; huey: its pending tasks)."""
         if f.system == "soniq":
             with contextlib.closing(sqlite3.connect(str(path))) as conn:
                 return int(conn.execute("SELECT count(*) FROM soniq_jobs").fetchone()[0])
@@ -435,11 +432,7 @@ class Runner:
         h.storage.close()
         env = {"HUEY_EMBEDDED_DB": str(path), "HUEY_EMBEDDED_SYNC": f.level}
         elapsed = self._drain_child(f, env, ["huey-drain", str(n), str(self.timeout)])
-        h, _ = ej.make_huey(str(path), f.level)
-        try:
-            left = h.pending_count()
-        finally:
-            h.storage.close()
+        left = self._count_queued(f, path)
         if left:
             raise RuntimeError(f"{f.key}: {left} tasks still queued after the drain")
         return n / elapsed
