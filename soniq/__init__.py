@@ -6,6 +6,7 @@ from soniq.app import Soniq, SyncSoniq
 from soniq.core.errors import (
     ConfigurationError,
     ConnectionStateError,
+    DatabaseUnavailable,
     InvalidTransition,
     JobArgumentsError,
     JobDefinitionError,
@@ -25,6 +26,7 @@ __all__ = [
     "Backoff",
     "ConfigurationError",
     "ConnectionStateError",
+    "DatabaseUnavailable",
     "InvalidTransition",
     "Job",
     "JobArgumentsError",

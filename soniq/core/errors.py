@@ -46,3 +46,30 @@ class PermanentError(SoniqError):
 
 class JobTimeout(SoniqError, TimeoutError):
     """A job ran past its ``timeout``; handled like any failure (retried if it may)."""
+
+
+class DatabaseUnavailable(SoniqError, ConnectionError):
+    """The database could not be reached, or did not answer, within the configured
+    time (``Soniq(connect_timeout=..., acquire_timeout=...)``).
+
+    The message names the host, port and database (never the password); the driver's
+    own error is chained as ``__cause__``. A :class:`ConnectionError`, so code that
+    retries on connection errors retries on it too.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        database: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        #: Where Soniq tried to connect (None where the URL did not say).
+        self.host = host
+        self.port = port
+        self.database = database
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
