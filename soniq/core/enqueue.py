@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from soniq.core import serialize
+from soniq.core import limits, serialize
 from soniq.core.errors import JobArgumentsError, JobDefinitionError, UnknownJobError
 from soniq.core.jobs import (
     DEFAULT_MAX_RETRIES,
@@ -75,9 +75,10 @@ class Registry:
     def resolve(self, job: JobRef) -> tuple[str, JobDefinition | None]:
         """The name of ``job`` and its definition (None for an unregistered name)."""
         if isinstance(job, str):
-            if not job:
-                raise ValueError("job name must not be empty")
-            return job, self._by_name.get(job)
+            definition = self._by_name.get(job)
+            if definition is None:  # a registered name was checked when it was defined
+                _check_name(job)
+            return job, definition
         definition = self._by_func.get(job)
         if definition is None:
             if not callable(job):
@@ -117,8 +118,8 @@ def define_job(
                 "@eq.job(name='...')"
             )
         name = f"{module}.{func.__qualname__}"
-    _check_text("name", name)
-    _check_text("queue", queue)
+    _check_name(name)
+    _check_queue(queue)
     max_retries = _check_max_retries(max_retries)
     priority = _check_priority(priority)
     timeout = _check_timeout(timeout)
@@ -183,9 +184,7 @@ def build_spec(
     name, definition = registry.resolve(job)
     if definition is not None:
         _check_batch_names(definition, batch)
-    serialize.check_batch(batch, job=name) if len(batch) > 1 else serialize.check_arguments(
-        batch[0], job=name
-    )
+    serialize.check_payload(batch, job=name)
     return _spec_with_options(name, definition, tuple(batch), options)
 
 
@@ -215,7 +214,13 @@ def _spec_with_options(
     run_at, delay = _check_when(options.get("run_at"), options.get("delay"))
     dedupe_key = options.get("dedupe_key")
     if dedupe_key is not None:
-        _check_text("dedupe_key", dedupe_key)
+        _check_text(
+            "dedupe_key",
+            dedupe_key,
+            limits.MAX_DEDUPE_KEY_LENGTH,
+            "MAX_DEDUPE_KEY_LENGTH",
+            "hash a longer key, e.g. hashlib.sha256(key.encode()).hexdigest()",
+        )
         if len(args) > 1:
             raise ValueError(
                 "dedupe_key: every job of one enqueue_many call would get the same key, "
@@ -223,7 +228,7 @@ def _spec_with_options(
             )
     if "queue" in options:
         queue = options["queue"]
-        _check_text("queue", queue)
+        _check_queue(queue)
     if "priority" in options:
         priority = _check_priority(options["priority"])
     if "max_retries" in options:
@@ -233,11 +238,47 @@ def _spec_with_options(
     return JobSpec(name, queue, args, priority, run_at, delay, max_retries, dedupe_key, timeout)
 
 
-def _check_text(option: str, value: object) -> None:
+def _check_name(name: object) -> None:
+    _check_text(
+        "job name",
+        name,
+        limits.MAX_JOB_NAME_LENGTH,
+        "MAX_JOB_NAME_LENGTH",
+        "give the job a shorter one with @eq.job(name=...)",
+    )
+
+
+def _check_queue(queue: object) -> None:
+    _check_text("queue", queue, limits.MAX_QUEUE_LENGTH, "MAX_QUEUE_LENGTH", "use a shorter name")
+    assert isinstance(queue, str)
+    if "," in queue:
+        # The NOTIFY of an enqueue carries queue names joined by commas, and a worker
+        # reads `queues="a,b"` as two queues: a comma would make the name ambiguous.
+        raise ValueError(
+            f"queue must not contain a comma (queue names are joined by commas in "
+            f"wake-ups and in the worker's queues option), got {queue!r}"
+        )
+
+
+def _check_text(option: str, value: object, maximum: int, constant: str, fix: str) -> None:
+    """``value`` is a str PostgreSQL stores as given and that is at most ``maximum``
+    characters (``soniq.core.limits.<constant>``); ``fix`` says what to do instead."""
     if not isinstance(value, str) or not value:
         raise TypeError(f"{option} must be a non-empty str, got {value!r}")
+    if len(value) > maximum:
+        raise ValueError(
+            f"{option} is {len(value):,} characters, more than the {maximum} allowed "
+            f"(soniq.core.limits.{constant}): {fix}; it starts {value[:40]!r}"
+        )
     if "\x00" in value:
         raise ValueError(f"{option} must not contain a NUL character (\\u0000)")
+    found = serialize.find_surrogate(value)
+    if found is not None:
+        raise ValueError(
+            f"{option} contains the UTF-16 surrogate {found.group()!r} at index "
+            f"{found.start()}, which is not a character and cannot be stored; decode "
+            "the text properly"
+        )
 
 
 def _check_priority(value: object) -> int:
@@ -264,10 +305,30 @@ def _check_timeout(value: object) -> float | None:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"timeout must be seconds (a number or timedelta) or None, got {value!r}")
-    seconds = float(value)
+    seconds = _seconds(value)
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
+    if seconds > limits.MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"timeout must be at most {limits.MAX_TIMEOUT_SECONDS:,.0f} seconds (100 years, "
+            f"soniq.core.limits.MAX_TIMEOUT_SECONDS), got {_short(value)}; for no timeout pass "
+            "None"
+        )
     return seconds
+
+
+def _short(value: object) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a huge int"
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _seconds(value: numbers.Real) -> float:
+    """``float(value)``, with an integer too large for a float giving infinity (which
+    the callers refuse by name) instead of an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, float]:
@@ -281,15 +342,30 @@ def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, floa
                 "run_at must be timezone-aware (a naive datetime is ambiguous); pass e.g. "
                 "datetime.now(timezone.utc) + timedelta(minutes=5), or use delay="
             )
-        return run_at, 0.0
+        if not limits.MIN_RUN_AT <= run_at <= limits.MAX_RUN_AT:
+            raise ValueError(
+                f"run_at must be between {limits.MIN_RUN_AT.isoformat()} and "
+                f"{limits.MAX_RUN_AT.isoformat()} (soniq.core.limits.MIN_RUN_AT, "
+                f"MAX_RUN_AT), so every backend and driver can store and read it back; "
+                f"got {run_at.isoformat()}"
+            )
+        # In UTC: the same instant, in a form every backend parses (an offset with
+        # microseconds, which Python allows, is not valid PostgreSQL input).
+        return run_at.astimezone(dt.timezone.utc), 0.0
     if delay is None:
         return None, 0.0
     if isinstance(delay, dt.timedelta):
         seconds = delay.total_seconds()
     elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
-        seconds = float(delay)
+        seconds = _seconds(delay)
     else:
         raise TypeError(f"delay must be seconds (a number) or a timedelta, got {delay!r}")
-    if not math.isfinite(seconds) or seconds < 0:
+    if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"delay must be >= 0 seconds, got {delay!r}; use run_at for a time")
+    if seconds > limits.MAX_DELAY_SECONDS:
+        raise ValueError(
+            f"delay must be at most {limits.MAX_DELAY_SECONDS:,.0f} seconds (100 years, "
+            f"soniq.core.limits.MAX_DELAY_SECONDS), got {_short(delay)}; for a fixed time use "
+            "run_at"
+        )
     return None, seconds
