@@ -108,6 +108,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     settled: bool = False  # its outcome is recorded (a later one is ignored)
     cancel_delivered: bool = False
+    timer: asyncio.TimerHandle | None = None  # its timeout
 
 
 class Worker:
@@ -184,20 +185,24 @@ class Worker:
 
     async def _shutdown(self, helpers: list[asyncio.Task[None]], heartbeat: Heartbeat) -> None:
         self._stopping = True
-        if self._running:
+        if self._unsettled():
             log.info(
                 "stopping: waiting up to %ss for %d job(s)",
                 self.config.shutdown_timeout,
-                len(self._running),
+                sum(not r.settled for r in self._running.values()),
             )
             deadline = time.monotonic() + self.config.shutdown_timeout
-            while self._running and time.monotonic() < deadline:
+            # Jobs whose outcome is recorded already (timed out, still on their
+            # thread) are not waited for.
+            while self._unsettled() and time.monotonic() < deadline:
                 self._slot_freed.clear()
                 await _wait(self._slot_freed, deadline - time.monotonic())
+        released = [r for r in self._running.values() if not r.settled]
         for running in list(self._running.values()):
             self._release(running)
-        # Let cancelled async jobs unwind (bounded: a job may swallow cancellation).
-        tasks = [r.task for r in self._running.values() if r.task is not None]
+        # Let the async jobs cancelled now unwind (bounded: a job may swallow
+        # cancellation); those whose outcome was recorded earlier are not waited for.
+        tasks = [r.task for r in released if r.task is not None and not r.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         for task in helpers:
@@ -302,7 +307,7 @@ class Worker:
                 self._start(row)
             if len(rows) == free:
                 continue
-            if self.config.burst and not rows and not self._running and not self._reserved:
+            if self.config.burst and not rows and not self._unsettled() and not self._reserved:
                 return
             await self._idle(slots=bool(self._running))
 
@@ -370,8 +375,10 @@ class Worker:
             running.task = self._loop.create_task(self._run_async(running, args))
         else:
             self._threads.submit(lambda: self._run_sync(running, args))
-            if timeout is not None:
-                self._loop.call_later(timeout, self._sync_timed_out, running)
+        if timeout is not None:
+            # A timer, not asyncio.wait_for: a job that swallows its cancellation is
+            # still recorded as timed out on time (it keeps its slot until it ends).
+            running.timer = self._loop.call_later(timeout, self._timed_out, running)
 
     # -- running -----------------------------------------------------------------
 
@@ -380,45 +387,40 @@ class Worker:
         started = time.monotonic()
         token = context.enter(ctx)
         try:
-            outcome = await self._outcome_of_async(running, args, started)
+            outcome = await self._outcome_of_async(running, args)
             self._settle(running, outcome, time.monotonic() - started)
         finally:
             context.leave(token)
             self._free(running)
 
-    async def _outcome_of_async(
-        self, running: _Running, args: dict[str, Any], started: float
-    ) -> Outcome:
+    async def _outcome_of_async(self, running: _Running, args: dict[str, Any]) -> Outcome:
+        """How the job's run ended. Whatever the body raises (``SystemExit`` and
+        ``KeyboardInterrupt`` included) becomes an outcome: nothing it does ends the
+        worker."""
         ctx = running.context
         try:
-            call = running.definition.func(**args)
-            value = await (asyncio.wait_for(call, ctx.timeout) if ctx.timeout else call)
-        except asyncio.CancelledError:
+            value = await running.definition.func(**args)
+        except asyncio.CancelledError as exc:
             if running.cancel_delivered:
                 return outcomes.cancelled(ctx.id, ctx.attempt)
-            if self._stopping:
+            if self._stopping and not running.settled:
                 return outcomes.released(ctx.id, ctx.attempt)
-            raise
-        except Exception as exc:
-            if (
-                ctx.timeout
-                # asyncio's own class on 3.10, the builtin from 3.11
-                and isinstance(exc, (TimeoutError, asyncio.TimeoutError))
-                and (time.monotonic() - started >= ctx.timeout)
-            ):
-                exc = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
+            # Cancelled after its timeout (already recorded, so this is ignored), or
+            # the body raised CancelledError itself: a failure like any other.
+            return self._failure(running, exc)
+        except BaseException as exc:
             return self._failure(running, exc)
         if running.cancel_delivered:  # it swallowed the cancellation
             return outcomes.cancelled(ctx.id, ctx.attempt)
-        return outcomes.succeeded(ctx.id, ctx.attempt, value)
+        return self._success(running, value)
 
     def _run_sync(self, running: _Running, args: dict[str, Any]) -> None:
-        """On a pool thread. Hands the outcome back to the loop."""
+        """On a pool thread. Hands the outcome back to the loop, whatever happens."""
         ctx = running.context
         started = time.monotonic()
         token = context.enter(ctx)
-        _close_old_django_connections()
         try:
+            _close_old_django_connections()
             value = running.definition.func(**args)
         except BaseException as exc:
             outcome = (
@@ -430,11 +432,14 @@ class Worker:
             outcome = (
                 outcomes.cancelled(ctx.id, ctx.attempt)
                 if ctx.cancelled
-                else outcomes.succeeded(ctx.id, ctx.attempt, value)
+                else self._success(running, value)
             )
         finally:
-            _close_old_django_connections()
             context.leave(token)
+        try:
+            _close_old_django_connections()
+        except Exception:
+            log.warning("job %s: closing Django's old connections failed", ctx.id, exc_info=True)
         elapsed = time.monotonic() - started
         # One wake-up of the loop for the outcomes of all the threads that finish
         # before it runs: each wake-up is a system call, and threads finish together.
@@ -457,25 +462,58 @@ class Worker:
                 log.exception("job %s: recording its outcome failed", running.context.id)
             self._free(running)
 
-    def _sync_timed_out(self, running: _Running) -> None:
+    def _timed_out(self, running: _Running) -> None:
+        """The job's timeout passed: record it as timed out now. An async job is
+        cancelled too; a sync thread cannot be stopped and keeps its slot until it
+        returns (as does an async job that swallows its cancellation)."""
         if running.settled:
             return
         ctx = running.context
+        timed_out = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
+        self._settle(running, self._failure(running, timed_out), None)
+        self._slot_freed.set()  # a shutdown waits for unsettled jobs only: re-count
+        if running.task is None:
+            self._warn_if_held(running)
+        else:
+            running.task.cancel()
+            # A task ends soon after its cancellation; warn about one that goes on.
+            self._loop.call_later(1.0, self._warn_if_held, running)
+
+    def _warn_if_held(self, running: _Running) -> None:
+        ctx = running.context
+        if self._running.get(ctx.id) is not running:
+            return
         log.warning(
-            "job %s %s: sync job ran past its timeout of %ss; recorded as timed out, its "
-            "thread keeps its slot until it returns",
+            "job %s %s: ran past its timeout of %ss and was recorded as timed out, but "
+            "its %s goes on and keeps its slot until it returns (%d of %d slots held "
+            "by timed-out jobs)",
             ctx.id,
             ctx.name,
             ctx.timeout,
+            "thread" if running.task is None else "task (it ignores cancellation)",
+            self._slots_held_after_timeout(),
+            self.config.concurrency,
         )
-        timed_out = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
-        self._settle(running, self._failure(running, timed_out), None)
+
+    def _slots_held_after_timeout(self) -> int:
+        return sum(1 for r in self._running.values() if r.settled)
+
+    def _unsettled(self) -> bool:
+        """True while a running job's outcome is still to come."""
+        return any(not r.settled for r in self._running.values())
 
     def _failure(self, running: _Running, exc: BaseException) -> Outcome:
         ctx = running.context
         return outcomes.failed(
             ctx.id, ctx.attempt, ctx.max_retries, exc, self._random, running.definition.backoff
         )
+
+    def _success(self, running: _Running, value: Any) -> Outcome:
+        ctx = running.context
+        outcome = outcomes.succeeded(ctx.id, ctx.attempt, value)
+        if outcome.error is not None:
+            log.warning("job %s %s: done; %s", ctx.id, ctx.name, outcome.error)
+        return outcome
 
     def _settle(self, running: _Running, outcome: Outcome, elapsed: float | None) -> None:
         if running.settled:
@@ -511,6 +549,8 @@ class Worker:
         self._record(outcome)
 
     def _free(self, running: _Running) -> None:
+        if running.timer is not None:
+            running.timer.cancel()
         if self._running.pop(running.context.id, None) is not None:
             self._slot_freed.set()
             self._nudge(slot=True)
@@ -613,6 +653,13 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.summary_interval)
             counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+            held = self._slots_held_after_timeout()
+            if held:
+                log.warning(
+                    "%d of %d slots are held by timed-out jobs that have not returned",
+                    held,
+                    self.config.concurrency,
+                )
             if any(counts.values()):
                 log.info(
                     "last %ss: %s; running %d",

@@ -363,7 +363,7 @@ DELETE FROM {jobs} WHERE id IN (
         ok_attempts: list[str] = []
         doc = []
         for o in outcomes:
-            if o.status is _DONE and o.result is None and not o.release:
+            if o.status is _DONE and o.result is None and o.error is None and not o.release:
                 ok_ids.append(str(o.job_id))
                 ok_attempts.append(str(o.attempts))
                 continue
