@@ -8,10 +8,19 @@ from the installed PostgreSQL binaries (see ``tests/throwaway_pg.py``).
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import inspect
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,8 +29,145 @@ from psycopg import sql
 
 from soniq import Soniq
 
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _schemas = itertools.count()
+
+#: Every backend Soniq has: the two async PostgreSQL drivers and the embedded two.
+BACKENDS = ("asyncpg", "psycopg", "sqlite", "memory")
+
+
+# -- helpers shared by the test files ------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30, what: str = "the condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; fail the
+    test after ``timeout`` seconds, naming ``what`` it waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[Any] | Any],
+    timeout: float = 30,
+    what: str = "the condition",
+) -> Any:
+    """:func:`wait_until` for a running event loop: ``predicate`` may be a coroutine
+    function (awaited) or a cheap plain function (called on the loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def new_soniq(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **kwargs: Any) -> Soniq:
+    """A Soniq on one backend: ``asyncpg``/``psycopg`` in this test's schema of the
+    run's database, ``sqlite`` in a file of ``tmp_path``, or ``memory``. Not
+    initialised and not closed: the caller owns it."""
+    if kind == "sqlite":
+        return Soniq(f"sqlite:///{tmp_path}/jobs.db", **kwargs)
+    if kind == "memory":
+        return Soniq("memory://", **kwargs)
+    if kind not in ("asyncpg", "psycopg"):
+        raise ValueError(f"no backend {kind!r}")
+    url = request.getfixturevalue("database_url")
+    schema = request.getfixturevalue("schema")
+    return Soniq(url, driver=kind, schema=schema, **kwargs)
+
+
+def soniq_command() -> list[str]:
+    """The ``soniq`` console script of this environment, as users run it (nox and the
+    dev virtualenv install the package, which puts the script next to Python);
+    ``python -m soniq`` where the package is only on the path."""
+    script = Path(sys.executable).parent / "soniq"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "soniq"]
+
+
+class Process:
+    """A ``soniq`` child process whose output (stdout and stderr together) is read as
+    it comes, so that a test can wait for a line instead of sleeping."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [*soniq_command(), *args],
+            cwd=ROOT,
+            env=os.environ.copy() if env is None else env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_for_output(self, text: str, timeout: float = 30) -> None:
+        """Wait until ``text`` has been printed; fail at once if the process ends
+        without printing it."""
+
+        def printed() -> bool:
+            if text in self.output:
+                return True
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                if text in self.output:
+                    return True
+                raise AssertionError(
+                    f"soniq {' '.join(self.args)} exited {self.proc.returncode} "
+                    f"without printing {text!r}:\n{self.output}"
+                )
+            return False
+
+        wait_until(printed, timeout, repr(text))
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Its exit status and all its output; killed and failed past ``timeout``."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"soniq {' '.join(self.args)} did not exit within {timeout}s:\n{self.output}"
+            ) from None
+        self._reader.join(10)
+        return code, self.output
+
+    def kill(self) -> None:
+        """SIGKILL it if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._reader.join(10)
 
 
 def _server_answers(url: str) -> bool:
@@ -139,3 +285,35 @@ def django_connection(database_url: str) -> Iterator[Any]:
     connection.close()
     yield connection
     connection.close()
+
+
+@pytest.fixture
+def soniq_processes() -> Iterator[Callable[..., Process]]:
+    """Start ``soniq ARGS...`` processes (``start(*args, env=None)``); any still
+    running when the test ends is killed, so none outlives it."""
+    started: list[Process] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Process:
+        process = Process(list(args), env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def worker_app(database_url: str, schema: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``tests.worker_app`` bound to this test's schema (in this process and in the
+    worker processes a test starts), migrated, with its ``runs`` table."""
+    monkeypatch.setenv("SONIQ_WORKER_APP_URL", database_url)
+    monkeypatch.setenv("SONIQ_WORKER_APP_SCHEMA", schema)
+    sys.modules.pop("tests.worker_app", None)
+    module = importlib.import_module("tests.worker_app")
+    module.eq.sync.ensure_initialized()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(module.RUNS_DDL)
+    yield module
+    module.eq.sync.close()
+    sys.modules.pop("tests.worker_app", None)

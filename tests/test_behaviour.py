@@ -17,20 +17,14 @@ from typing import Any
 import pytest
 
 from soniq import Backoff, JobStatus, PermanentError, Soniq, current_job
+from tests.conftest import BACKENDS, async_wait_until, new_soniq
 
-BACKENDS = ["asyncpg", "psycopg", "sqlite", "memory"]
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(params=BACKENDS)
 async def eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
-    if request.param == "sqlite":
-        app = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    elif request.param == "memory":
-        app = Soniq("memory://")
-    else:
-        database_url = request.getfixturevalue("database_url")
-        app = Soniq(database_url, driver=request.param, schema=request.getfixturevalue("schema"))
+    app = new_soniq(request.param, request, tmp_path)
     await app.ensure_initialized()
     yield app
     await app.close()
@@ -55,13 +49,15 @@ async def run_until(
 ) -> None:
     """Run a worker until ``await condition()`` is true, then cancel it."""
     task = asyncio.create_task(eq.run_worker(poll_interval=0.05, **kw))
+
+    async def reached() -> bool:
+        if task.done():
+            task.result()  # the worker ended early: its error, or this one
+            raise AssertionError("the worker stopped before the condition held")
+        return bool(await condition())
+
     try:
-        deadline = time.monotonic() + timeout
-        while not await condition():
-            if task.done():
-                task.result()
-            assert time.monotonic() < deadline, "condition not reached in time"
-            await asyncio.sleep(0.02)
+        await async_wait_until(reached, timeout, "the condition")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -29,6 +29,7 @@ from soniq.testing import (
     enqueued_jobs,
     use_clock,
 )
+from tests.conftest import new_soniq
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(60)
@@ -58,15 +59,7 @@ class Harness:
 @pytest.fixture(params=SETUPS)
 async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     backend, _, colour = request.param.partition("-")
-    if backend == "memory":
-        eq = Soniq("memory://")
-    elif backend == "sqlite":
-        eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    else:
-        url = request.getfixturevalue("database_url")
-        schema = request.getfixturevalue("schema")
-        driver = "asyncpg" if backend == "postgres" else backend
-        eq = Soniq(url, driver=driver, schema=schema)
+    eq = new_soniq("asyncpg" if backend == "postgres" else backend, request, tmp_path)
     await eq.ensure_initialized()
     yield Harness(eq, colour or "async")
     await eq.close()
