@@ -17,8 +17,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from soniq.core import outcomes
 from soniq.core.jobs import JobSpec
 from soniq.core.sql import sqlite as sq
 from soniq.drivers import sqlite as driver
+from tests.conftest import async_wait_until, wait_until
 from tests.sqlite_app import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,16 +52,6 @@ def db_path(eq: Soniq) -> str:
     return str(eq.backend.path)  # type: ignore[attr-defined]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def wait_for_child(pid: int, timeout: float) -> int:
     """A forked child's exit code; SIGKILLed and failed if it runs past ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -71,16 +63,6 @@ def wait_for_child(pid: int, timeout: float) -> int:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     raise AssertionError("the child hung")
-
-
-async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # -- the file --------------------------------------------------------------------
@@ -539,11 +521,13 @@ def test_a_sync_write_in_a_forked_child_does_not_wait_behind_the_parents_line(
 
 
 async def test_writes_queued_before_close_still_run_and_later_ones_reopen(eq: Soniq) -> None:
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
     async with thread_held_by_a_lock(eq) as (_, busy, locker):
+        thread = backend._thread()
         queued = asyncio.create_task(eq.enqueue("some.job", n=1))  # behind it
-        await asyncio.sleep(0)
+        await async_wait_until(lambda: len(thread.writes) == 1, 5, "enqueue 1 to queue")
         closing = asyncio.create_task(eq.close())
-        await asyncio.sleep(0)
+        await async_wait_until(lambda: thread.closing, 5, "close to begin")
         after = asyncio.create_task(eq.enqueue("some.job", n=2))  # on a new thread
         locker.execute("COMMIT")
         ids = await asyncio.wait_for(asyncio.gather(busy, queued, after), 20)
@@ -564,7 +548,8 @@ async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(
     await backend._call(lambda conn: conn.set_trace_callback(statements.append))
     done = [outcomes.succeeded(c.id, c.attempts, None) for c in claimed]
     finish = asyncio.create_task(backend.finish_jobs(done, "w", keep=True))
-    await asyncio.sleep(0)  # the completions are queued, and linger
+    thread = backend._thread()
+    await async_wait_until(lambda: thread.writes, 5, "the completions to queue (and linger)")
     more = await backend.claim_jobs(2, "w", None)
     await finish
     assert len(more) == 2
@@ -793,75 +778,54 @@ async def test_hot_statements_use_their_indexes(eq: Soniq) -> None:
 # -- the event loop ----------------------------------------------------------------
 
 
-class Ticker:
-    """Ticks every millisecond on the loop and remembers the longest gap."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.longest = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.001)
-            now = time.perf_counter()
-            self.ticks += 1
-            self.longest = max(self.longest, now - last)
-            last = now
-
-    def reset(self) -> None:
-        self.ticks, self.longest = 0, 0.0
-
-    async def __aenter__(self) -> Ticker:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.sleep(0.01)
-        self.reset()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await self._task
-
-
 async def test_a_locked_database_does_not_block_the_loop(eq: Soniq) -> None:
-    """Another process holds the write lock: the enqueue waits on its thread (busy
-    timeout) while the loop goes on ticking."""
-    locker = sqlite3.connect(db_path(eq), isolation_level=None)
-    try:
-        async with Ticker() as ticker:
-            locker.execute("BEGIN IMMEDIATE")
-            enqueue = asyncio.create_task(eq.enqueue("some.job", x=1))
-            await asyncio.sleep(0.5)
-            assert not enqueue.done()  # waiting for the lock...
-            assert ticker.ticks > 100 and ticker.longest < 0.2  # ...without blocking the loop
-            locker.execute("COMMIT")
-            job_id = await asyncio.wait_for(enqueue, 10)
-        assert (await eq.get_job(job_id)) is not None
-    finally:
-        locker.close()
+    """Another process holds the write lock: the enqueue waits for it on the backend's
+    thread (busy timeout) while the loop goes on: this coroutine runs, and sees the
+    insert started and not finished."""
+    async with thread_held_by_a_lock(eq) as (statements, enqueue, locker):
+        assert statements and not enqueue.done()
+        for _ in range(3):  # other tasks get their turns, too
+            await asyncio.sleep(0)
+        assert not enqueue.done()
+        locker.execute("COMMIT")
+        job_id = await asyncio.wait_for(enqueue, 10)
+    assert (await eq.get_job(job_id)) is not None
 
 
 async def test_a_big_enqueue_many_does_not_block_the_loop(eq: Soniq) -> None:
-    batch = [{"n": n} for n in range(100_000)]
-    async with Ticker() as ticker:
-        started = time.perf_counter()
-        ids = await eq.enqueue_many("some.job", batch)
-        took = time.perf_counter() - started
+    """Serialising the batch happens on the loop; the SQLite work does not. The
+    backend's thread is held at the write's first statement until the loop has seen
+    it there: were that work on the loop, the loop could not see it before it ended."""
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    reached, go_on = threading.Event(), threading.Event()
+
+    def hold_the_first_statement(statement: str) -> None:
+        if not reached.is_set():
+            reached.set()
+            go_on.wait(30)
+
+    await backend._call(lambda conn: conn.set_trace_callback(hold_the_first_statement))
+    enqueue = asyncio.create_task(eq.enqueue_many("some.job", [{"n": n} for n in range(100_000)]))
+    try:
+        await async_wait_until(reached.is_set, 30, "the insert to start on the thread")
+        assert not enqueue.done()
+    finally:
+        go_on.set()
+    ids = await asyncio.wait_for(enqueue, 60)
     assert len(ids) == 100_000 and ids == list(range(ids[0], ids[0] + 100_000))
-    # Serialising the batch happens on the loop; the SQLite work does not.
-    assert ticker.ticks > 50 and ticker.longest < took / 3, (ticker.ticks, ticker.longest, took)
 
 
 async def test_a_cancelled_claim_puts_its_jobs_back(eq: Soniq) -> None:
     job_id = await eq.enqueue("some.job", x=1)
+    backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
+    statements: list[str] = []
+    await backend._call(lambda conn: conn.set_trace_callback(statements.append))
     locker = sqlite3.connect(db_path(eq), isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")
-        claim = asyncio.create_task(eq.backend.claim_jobs(5, "gone", None))
-        await asyncio.sleep(0.05)
+        claim = asyncio.create_task(backend.claim_jobs(5, "gone", None))
+        # The claim has begun on the backend's thread and waits there for the lock.
+        await async_wait_until(lambda: "BEGIN IMMEDIATE" in statements, 5, "the claim to start")
         claim.cancel()
         with pytest.raises(asyncio.CancelledError):
             await claim
