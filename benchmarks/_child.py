@@ -39,7 +39,8 @@ MARK = "@@bench "
 # The raw limit: the statements a queue needs, written by hand on Soniq's table.
 RAW_CLAIM = """
 UPDATE public.soniq_jobs
-SET status = 'running', attempts = attempts + 1, worker_id = $2, started_at = now()
+SET status = 'running', attempts = attempts + 1, claims = claims + 1, worker_id = $2,
+    started_at = now()
 WHERE id = ANY(ARRAY(
     SELECT id FROM public.soniq_jobs
     WHERE status = 'queued' AND run_at <= now()

@@ -659,7 +659,7 @@ async def test_schema_is_versioned_and_checked(tmp_path: Path) -> None:
         versions = raw.execute("SELECT version, name FROM soniq_migrations").fetchall()
         names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
         raw.execute("INSERT INTO soniq_migrations VALUES (99, 'future', 0)")
-    assert versions == [(1, "initial")]
+    assert versions == [(m.version, m.name) for m in sq.MIGRATIONS]
     assert {
         "soniq_jobs",
         "soniq_workers",
@@ -692,7 +692,8 @@ def test_processes_migrating_one_new_file_at_once(tmp_path: Path) -> None:
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, outputs
     with sqlite3.connect(tmp_path / "jobs.db") as raw:
-        assert raw.execute("SELECT version FROM soniq_migrations").fetchall() == [(1,)]
+        versions = raw.execute("SELECT version FROM soniq_migrations").fetchall()
+    assert versions == [(m.version,) for m in sq.MIGRATIONS]
 
 
 # Jobs as (queue, priority, seconds from now to run_at); claims as (limit, queues).

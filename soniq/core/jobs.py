@@ -69,11 +69,10 @@ class Job:
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
-
-    @property
-    def is_finished(self) -> bool:
-        """True once the job is done, failed or cancelled."""
-        return self.status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+    #: How many times a worker started it. Above ``attempts`` when a run was put back
+    #: without counting its attempt (shutdown, or a lost completion) and run again:
+    #: the trace of a run that may have happened twice.
+    claims: int = 0
 
 
 @attrs.frozen
@@ -87,6 +86,7 @@ class Claimed:
     attempts: int
     max_retries: int
     timeout: float | None
+    claims: int = 1
 
 
 @attrs.frozen(eq=False)

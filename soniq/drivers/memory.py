@@ -65,6 +65,7 @@ class _Row:
     created_at: dt.datetime
     status: JobStatus = QUEUED
     attempts: int = 0
+    claims: int = 0
     worker_id: str | None = None
     cancel_requested: bool = False
     last_error: str | None = None
@@ -95,6 +96,7 @@ class _Row:
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
+            claims=self.claims,
         )
 
 
@@ -224,6 +226,7 @@ class MemoryStore:
                 row.status = states.next_status(QUEUED, Event.CLAIM)
                 self._running[job_id] = row
                 row.attempts += 1
+                row.claims += 1
                 row.worker_id = worker_id
                 row.started_at = now
                 claimed.append(
@@ -235,6 +238,7 @@ class MemoryStore:
                         row.attempts,
                         row.max_retries,
                         row.timeout,
+                        row.claims,
                     )
                 )
         return claimed
@@ -340,6 +344,7 @@ class MemoryStore:
                     del self._running[row.id]
                     row.status = states.next_status(RUNNING, Event.RELEASE)
                     row.attempts -= 1
+                    row.claims -= 1
                     row.worker_id = None
                     self._enqueue(row, now)
                     count += 1

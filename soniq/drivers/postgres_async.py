@@ -114,4 +114,7 @@ class PinnedWorkerOps:
 
 def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
     args = serialize.loads_each([r[3] for r in rows])
-    return [Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6]) for r, a in zip(rows, args, strict=True)]
+    return [
+        Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6], r[8])
+        for r, a in zip(rows, args, strict=True)
+    ]

@@ -11,8 +11,8 @@ _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("soniq_cur
 
 @attrs.define(eq=False)
 class JobContext:
-    """The running job: its id, name, queue, attempt (1 for the first run) and
-    whether its cancellation was requested.
+    """The running job: its id, name, queue, attempt (1 for the first run), how many
+    times it was started (:attr:`claims`) and whether its cancellation was requested.
 
     Async jobs are cancelled with ``CancelledError``; a sync job cannot be interrupted,
     so a long one should check :attr:`cancelled` now and then and return early.
@@ -25,6 +25,11 @@ class JobContext:
     max_retries: int
     timeout: float | None
     worker_id: str
+    #: How many times a worker has started this job, this run included. Above
+    #: :attr:`attempt` when an earlier run was put back uncounted (a shutdown, a lost
+    #: completion) and may have done part or all of its work: check before repeating
+    #: a side effect.
+    claims: int = 1
     # A plain flag: set once by the loop thread, read by the job's thread.
     _cancelled: bool = attrs.field(default=False, repr=False)
 

@@ -121,6 +121,7 @@ class Worker:
         self._registry = registry
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
+        self._writing: list[Outcome] = []  # the completer's batch in flight
         # Sync jobs' outcomes on their way from the threads to the loop.
         self._sync_done_lock = threading.Lock()
         self._sync_done: list[tuple[_Running, Outcome, float]] = []
@@ -345,7 +346,9 @@ class Worker:
         self._claims_open.clear()
         try:
             await self._no_claim_in_flight.wait()
-            held = list(self._running) + [o.job_id for o in self._pending]
+            # Jobs whose outcome is on its way (pending, or in the completer's write
+            # right now) are held too: putting them back would run them again.
+            held = [*self._running, *(o.job_id for o in (*self._pending, *self._writing))]
             put_back = await self._backend.reconcile(self.id, held)
         finally:
             self._claims_open.set()
@@ -365,8 +368,24 @@ class Worker:
             self._record(outcomes.unknown_job(job_id, attempts, name))
             return
         ctx = JobContext(
-            job_id, name, claimed.queue, attempts, claimed.max_retries, timeout, self.id
+            job_id,
+            name,
+            claimed.queue,
+            attempts,
+            claimed.max_retries,
+            timeout,
+            self.id,
+            claimed.claims,
         )
+        if claimed.claims > attempts:
+            log.warning(
+                "job %s %s: started again (run %d, attempt %d): an earlier run was put "
+                "back uncounted and may have done some of its work",
+                job_id,
+                name,
+                claimed.claims,
+                attempts,
+            )
         running = _Running(ctx, definition)
         self._running[job_id] = running
         args = claimed.args
@@ -593,17 +612,18 @@ class Worker:
             self._flush_needed.clear()
             batch, self._pending = self._pending, []
             if batch:
+                self._writing = batch
                 try:
                     ops = await session.ops()
                     await ops.finish_jobs(batch, self.id, keep=keep)
                     failures = 0
                 except Exception as exc:
+                    self._pending[:0], self._writing = batch, []
                     await session.drop()
                     if not is_connection_error(exc):
                         log.exception("writing %d outcome(s) failed", len(batch))
                     else:
                         log.warning("writing %d outcome(s) failed (%s); retrying", len(batch), exc)
-                    self._pending[:0] = batch
                     failures += 1
                     self._flush_needed.set()
                     if self._stopping_completer and failures > 3:
@@ -611,6 +631,7 @@ class Worker:
                         return
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
+                self._writing = []
             if self._stopping_completer and not self._pending:
                 return
 

@@ -63,13 +63,14 @@ class Query:
 JOB_COLUMNS = (
     "id, name, queue, args::text, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result::text, cancel_requested, created_at, "
-    "started_at, finished_at"
+    "started_at, finished_at, claims"
 )
 
 
 #: What a worker needs of a claimed job, in this order (see ``soniq.worker``).
 CLAIM_COLUMNS = (
-    "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority"
+    "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority, "
+    "j.claims"
 )
 
 
@@ -94,6 +95,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         created_at=row[15],
         started_at=row[16],
         finished_at=row[17],
+        claims=row[18],
     )
 
 
@@ -187,8 +189,8 @@ no_flush_wait AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
 )
 UPDATE {jobs} AS j
-SET status = '{claim_to}', attempts = j.attempts + 1, worker_id = @worker@::text,
-    started_at = now()
+SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
+    worker_id = @worker@::text, started_at = now()
 FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS}"""
         many_queues = "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))"
@@ -308,7 +310,8 @@ RETURNING j.id, j.status""")
         # After a lost connection: running rows of ours that we do not hold were claimed
         # but never received; put them back, the attempt not counted.
         self._reconcile = render(f"""
-UPDATE {jobs} SET status = '{requeued}', attempts = attempts - 1, worker_id = NULL
+UPDATE {jobs} SET status = '{requeued}', attempts = attempts - 1, claims = claims - 1,
+    worker_id = NULL
 WHERE worker_id = $1::text AND status = '{running}'
   AND NOT (id = ANY(ARRAY(SELECT jsonb_array_elements_text($2::text::jsonb)::bigint)))
 RETURNING id""")

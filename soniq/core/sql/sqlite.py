@@ -166,6 +166,13 @@ MIGRATIONS: tuple[Migration, ...] = (
 )""",
         ),
     ),
+    # Runs a worker started, apart from the counted attempts, so that a run put back
+    # uncounted and run again can be seen.
+    Migration(
+        2,
+        "claims",
+        (f"ALTER TABLE {JOBS} ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -246,7 +253,7 @@ def script() -> str:
 JOB_COLUMNS = (
     "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result, cancel_requested, created_at, "
-    "started_at, finished_at"
+    "started_at, finished_at, claims"
 )
 
 
@@ -278,6 +285,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         created_at=created_at,
         started_at=to_datetime(row[16]),
         finished_at=to_datetime(row[17]),
+        claims=row[18],
     )
 
 
@@ -387,13 +395,14 @@ def cancel_job(job_id: int, now: float) -> Operation[bool]:
 # -- the worker ----------------------------------------------------------------------
 
 _CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
-_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout
+_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims
 FROM {JOBS}
 WHERE status = '{_QUEUED}' @queue_filter@ AND run_at <= ?
 ORDER BY priority DESC, run_at, id
 LIMIT ?"""
 _CLAIM_UPDATE = (
-    f"UPDATE {JOBS} SET status = '{_CLAIM_TO}', attempts = attempts + 1, worker_id = ?, "
+    f"UPDATE {JOBS} SET status = '{_CLAIM_TO}', attempts = attempts + 1, "
+    "claims = claims + 1, worker_id = ?, "
     f"started_at = ? WHERE id = ? AND status = '{_QUEUED}'"
 )
 
@@ -421,7 +430,8 @@ def claim_jobs(
             return []
         yield Step(_CLAIM_UPDATE, [(worker_id, now, row[0]) for row in found], many=True)
         return [
-            Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6]) for r in found
+            Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6], r[7] + 1)
+            for r in found
         ]
 
     return Operation(steps(), immediate=True)
@@ -592,7 +602,8 @@ def reconcile(worker_id: str, held: Sequence[int]) -> Operation[int]:
             return 0
         changed = yield Step(
             f"UPDATE {JOBS} SET status = '{_RELEASED}', attempts = attempts - 1, "
-            f"worker_id = NULL WHERE id = ? AND worker_id = ? AND status = '{_RUNNING}'",
+            f"claims = claims - 1, worker_id = NULL "
+            f"WHERE id = ? AND worker_id = ? AND status = '{_RUNNING}'",
             lost,
             many=True,
         )
