@@ -128,7 +128,7 @@ class Soniq:
     def _driver(self, kind: str) -> AsyncBackend:
         cfg = self._config
         if kind in EMBEDDED:
-            return embedded_backend(kind, cfg.location)
+            return embedded_backend(cfg.location)
         return _postgres_async_driver(kind, cfg.dsn, cfg.schema, cfg.pool_size)
 
     @property
@@ -291,7 +291,7 @@ class SyncSoniq:
         #: The sync driver of the twin's own pool; ``eq.sync.backend.acquire()``.
         self.backend: SyncBackend
         if config.kind in EMBEDDED:
-            self.backend = embedded_sync_backend(config.kind, config.location)
+            self.backend = embedded_sync_backend(config.location)
         else:
             from soniq.drivers.psycopg_sync import PsycopgSyncDriver
 

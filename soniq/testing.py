@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import attrs
 
@@ -47,11 +47,13 @@ from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
 from soniq.drivers import connections
 from soniq.drivers.asyncpg import AsyncpgDriver
-from soniq.drivers.memory import MemoryStore
 from soniq.drivers.psycopg2_compat import Psycopg2Runner
 from soniq.drivers.psycopg_async import PsycopgAsyncDriver
 from soniq.worker import context
 from soniq.worker.context import JobContext
+
+if TYPE_CHECKING:
+    from soniq.drivers.sqlite import SqliteMemory
 
 __all__ = [
     "DrainResult",
@@ -789,16 +791,27 @@ def clear_jobs(eq: Soniq | SyncSoniq) -> None:
 
     On PostgreSQL, roll back or truncate in your own fixtures instead.
     """
-    _memory_store(eq, "clear_jobs").clear()
+    from soniq.core.sql import sqlite as sq
+    from soniq.drivers.sqlite import run
+
+    database = _memory_database(eq, "clear_jobs")
+    conn = database.connect()
+    try:
+        if run(conn, sq.schema_version()):
+            run(conn, sq.clear_all())
+    finally:
+        conn.close()
 
 
-def _memory_store(eq: Soniq | SyncSoniq, caller: str) -> MemoryStore:
+def _memory_database(eq: Soniq | SyncSoniq, caller: str) -> SqliteMemory:
     if not isinstance(eq, (Soniq, SyncSoniq)):
         raise TypeError(f"{caller}: expected a Soniq or eq.sync, got {type(eq).__name__}")
-    store = getattr(eq.backend, "store", None)
-    if not isinstance(store, MemoryStore):
+    database = getattr(eq.backend, "database", None)
+    from soniq.drivers.sqlite import SqliteMemory
+
+    if not isinstance(database, SqliteMemory):
         raise TypeError(f"{caller}: only memory:// applies; this Soniq is on {eq.backend.name}")
-    return store
+    return database
 
 
 def use_clock(eq: Soniq | SyncSoniq, clock: Callable[[], float]) -> None:
@@ -808,4 +821,4 @@ def use_clock(eq: Soniq | SyncSoniq, clock: Callable[[], float]) -> None:
 
     Only ``memory://`` keeps time itself; PostgreSQL uses the database's clock.
     """
-    _memory_store(eq, "use_clock").clock = clock
+    _memory_database(eq, "use_clock").clock = clock

@@ -1,7 +1,8 @@
-"""What is particular to the memory backend: one store shared by ``eq`` and
-``eq.sync``, an injectable clock, thread safety under a running worker, wake-ups
-across threads, and no connection to lend or join. Its job semantics are held to
-PostgreSQL's by the behaviour suite (test_api.py, test_behaviour.py)."""
+"""What is particular to ``memory://``: SQLite in this process's memory, one database
+shared by ``eq`` and ``eq.sync`` (and by nobody else), an injectable clock, thread
+safety under a running worker, wake-ups across threads, and no connection to lend or
+join. Its job semantics are the SQLite backend's, held to PostgreSQL's by the
+behaviour suite (test_api.py, test_behaviour.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from soniq import ConfigurationError, JobStatus, Soniq
 from soniq.core.jobs import JobSpec
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import LATEST_VERSION
-from soniq.drivers.memory import MemoryBackend, MemoryStore, MemorySyncBackend
+from soniq.drivers.sqlite import SqliteBackend, SqliteMemory, SqliteSyncBackend
 
 pytestmark = pytest.mark.timeout(60)
 UTC = dt.timezone.utc
@@ -45,9 +46,10 @@ async def test_eq_and_eq_sync_share_one_store() -> None:
     @eq.job(name="t.job")
     def job(n: int) -> None: ...
 
-    assert isinstance(eq.backend, MemoryBackend)
-    assert isinstance(eq.sync.backend, MemorySyncBackend)
-    assert eq.backend.store is eq.sync.backend.store
+    assert isinstance(eq.backend, SqliteBackend)
+    assert isinstance(eq.sync.backend, SqliteSyncBackend)
+    assert isinstance(eq.backend.database, SqliteMemory)
+    assert eq.backend.database is eq.sync.backend.database
     assert await eq.ensure_initialized() is None and eq.sync.ensure_initialized() is None
 
     first = await eq.enqueue(job, n=1)
@@ -59,7 +61,7 @@ async def test_eq_and_eq_sync_share_one_store() -> None:
     assert (await eq.get_job(4)).args == {"n": 4}
     assert eq.sync.cancel_job(first) is True
     assert (await eq.get_job(first)).status == JobStatus.CANCELLED
-    # Another Soniq on memory:// has a store of its own.
+    # Another Soniq on memory:// has a database of its own.
     assert await Soniq("memory://").get_job(second) is None
     await eq.close()
     assert eq.sync.get_job(second) is not None  # closing frees nothing: jobs stay
@@ -67,8 +69,7 @@ async def test_eq_and_eq_sync_share_one_store() -> None:
 
 async def test_an_injected_clock_makes_jobs_due_without_sleeping() -> None:
     clock = Clock()
-    store = MemoryStore(clock=clock)
-    backend = MemoryBackend(store)
+    backend = SqliteBackend(SqliteMemory(clock=clock))
     start = dt.datetime.fromtimestamp(clock.now, UTC)
 
     later = (await backend.insert_jobs(spec(delay=60.0)))[0]
@@ -99,8 +100,7 @@ async def test_an_injected_clock_makes_jobs_due_without_sleeping() -> None:
 async def test_the_clock_decides_which_workers_are_dead() -> None:
     clock = Clock()
     eq = Soniq("memory://")
-    store = eq.backend.store  # type: ignore[attr-defined]
-    store.clock = clock
+    eq.backend.database.clock = clock  # type: ignore[attr-defined]
     backend, session = eq.backend, eq.backend.maintenance()
 
     ids = await backend.insert_jobs(spec(args=({}, {}), max_retries=0))
@@ -186,8 +186,17 @@ async def test_thread_safety_under_a_running_worker() -> None:
     finally:
         sys.setswitchinterval(switch_interval)
 
+    def stored() -> list[tuple[int, str, int]]:
+        conn = eq.backend.database.connect()  # type: ignore[attr-defined]
+        try:
+            return conn.execute(
+                "SELECT id, status, attempts FROM soniq_jobs ORDER BY id"
+            ).fetchall()
+        finally:
+            conn.close()
+
     async def settled() -> bool:
-        return all(job.status == JobStatus.DONE for job in eq.backend.store)  # type: ignore[attr-defined]
+        return all(status == "done" for _, status, _ in stored())
 
     deadline = time.monotonic() + 10
     while not await settled():
@@ -196,9 +205,9 @@ async def test_thread_safety_under_a_running_worker() -> None:
     worker.cancel()
     with pytest.raises(asyncio.CancelledError):
         await worker
-    jobs = list(eq.backend.store)  # type: ignore[attr-defined]
-    assert sorted(runs) == [job.id for job in jobs] == list(range(1, expected + 1))
-    assert {job.attempts for job in jobs} == {1}
+    jobs = stored()
+    assert sorted(runs) == [job_id for job_id, _, _ in jobs] == list(range(1, expected + 1))
+    assert {attempts for _, _, attempts in jobs} == {1}
 
 
 async def test_enqueue_wakes_listeners_on_their_loop_from_any_thread() -> None:
@@ -247,20 +256,21 @@ async def test_connection_is_refused_with_a_value_error() -> None:
     with pytest.raises(ValueError, match="needs PostgreSQL"):
         eq.sync.enqueue("t.job", connection=conn)
     with pytest.raises(ValueError, match="needs PostgreSQL"):
-        await MemoryBackend(MemoryStore()).insert_jobs(spec(), conn)
+        await SqliteBackend(SqliteMemory()).insert_jobs(spec(), conn)
     with pytest.raises(ValueError, match="needs PostgreSQL"):
-        MemorySyncBackend(MemoryStore()).list_jobs(None, None, conn)
+        SqliteSyncBackend(SqliteMemory()).list_jobs(None, None, conn)
     assert await eq.get_job(1) is None  # nothing was written
 
 
 def test_no_pool_to_lend_and_nothing_to_migrate() -> None:
-    store = MemoryStore()
-    for backend in (MemoryBackend(store), MemorySyncBackend(store)):
+    database = SqliteMemory()
+    for backend in (SqliteBackend(database), SqliteSyncBackend(database)):
         assert (backend.name, backend.accepts_connections) == ("memory", False)
-        with pytest.raises(ConfigurationError, match="no database connection to lend"):
+        with pytest.raises(ConfigurationError, match="the memory backend has no connection"):
             backend.acquire()
-    assert MemorySyncBackend(store).migrate(apply=False) == LATEST_VERSION
-    assert asyncio.run(MemoryBackend(store).migrate(apply=True)) == LATEST_VERSION
+    # A new database in memory starts current: checking it finds nothing to apply.
+    assert SqliteSyncBackend(database).migrate(apply=False) == LATEST_VERSION
+    assert asyncio.run(SqliteBackend(database).migrate(apply=True)) == LATEST_VERSION
 
 
 async def test_stored_jobs_are_copies_of_what_callers_and_jobs_hold() -> None:

@@ -338,7 +338,7 @@ def test_a_caller_cancelling_while_the_write_loop_fails_keeps_the_others_settled
             return finished
 
     monkeypatch.setattr(driver, "run_together", _broken_write_loop)
-    thread = driver._SqliteThread(str(tmp_path / "jobs.db"), "NORMAL")
+    thread = driver._SqliteThread(driver.SqliteFile(str(tmp_path / "jobs.db"), "NORMAL"))
     first = driver._Write(lambda: sq.get_job(1), None, False)
     first.future = CancelledOnLook()
     second = driver._Write(lambda: sq.get_job(1), None, False)

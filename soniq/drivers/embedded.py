@@ -1,4 +1,4 @@
-"""Choosing an embedded backend (SQLite, memory) from a URL."""
+"""Choosing an embedded backend (a SQLite file, or SQLite in memory) from a URL."""
 
 from __future__ import annotations
 
@@ -6,32 +6,19 @@ import os
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-import attrs
-
 from soniq.core.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from soniq.drivers.base import AsyncBackend, SyncBackend
+    from soniq.drivers.sqlite import SqliteDatabase
 
 EMBEDDED = ("sqlite", "memory")
 DEFAULT_SQLITE_URL = "sqlite:///soniq.db"
-#: The ``synchronous`` levels a SQLite URL may ask for; the first is the default.
-SYNCHRONOUS_LEVELS = ("FULL", "NORMAL")
 
 
-@attrs.frozen
-class SqliteFile:
-    """Where a SQLite database is, and its ``synchronous`` level (``FULL`` unless the
-    URL says ``?synchronous=normal``; see :mod:`soniq.drivers.sqlite`)."""
+def _sqlite_file(url: str) -> SqliteDatabase:
+    from soniq.drivers.sqlite import SYNCHRONOUS_LEVELS, SqliteFile
 
-    path: str
-    synchronous: str = SYNCHRONOUS_LEVELS[0]
-
-    def __str__(self) -> str:
-        return self.path
-
-
-def _sqlite_file(url: str) -> SqliteFile:
     rest = url[len("sqlite:///") :]
     path, _, query = rest.partition("?")
     if not path:
@@ -50,7 +37,7 @@ def _sqlite_file(url: str) -> SqliteFile:
 
 
 def embedded_location(url: str) -> tuple[str, Any]:
-    """("postgres", url), ("sqlite", :class:`SqliteFile`) or ("memory", a new store)."""
+    """("postgres", url), or ("sqlite" | "memory", the :class:`SqliteDatabase`)."""
     if not isinstance(url, str):
         raise ConfigurationError(f"database_url must be a str, got {type(url).__name__}")
     if url.startswith("sqlite:"):
@@ -63,29 +50,21 @@ def embedded_location(url: str) -> tuple[str, Any]:
     if url.startswith("memory:"):
         if url.rstrip("/") != "memory:":
             raise ConfigurationError(f"database_url {url!r}: the memory URL is memory://")
-        from soniq.drivers.memory import MemoryStore
+        from soniq.drivers.sqlite import SqliteMemory
 
-        return "memory", MemoryStore()
+        return "memory", SqliteMemory()
     return "postgres", url
 
 
-def embedded_backend(kind: str, location: Any) -> AsyncBackend:
-    """The async backend of an embedded ``kind``."""
-    if kind == "sqlite":
-        from soniq.drivers.sqlite import SqliteBackend
+def embedded_backend(database: SqliteDatabase) -> AsyncBackend:
+    """The async backend of an embedded database."""
+    from soniq.drivers.sqlite import SqliteBackend
 
-        return SqliteBackend(location.path, synchronous=location.synchronous)
-    from soniq.drivers.memory import MemoryBackend
-
-    return MemoryBackend(location)
+    return SqliteBackend(database)
 
 
-def embedded_sync_backend(kind: str, location: Any) -> SyncBackend:
-    """The blocking backend of an embedded ``kind``."""
-    if kind == "sqlite":
-        from soniq.drivers.sqlite import SqliteSyncBackend
+def embedded_sync_backend(database: SqliteDatabase) -> SyncBackend:
+    """The blocking backend of an embedded database."""
+    from soniq.drivers.sqlite import SqliteSyncBackend
 
-        return SqliteSyncBackend(location.path, synchronous=location.synchronous)
-    from soniq.drivers.memory import MemorySyncBackend
-
-    return MemorySyncBackend(location)
+    return SqliteSyncBackend(database)

@@ -62,10 +62,13 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, NoReturn, TypeVar
+
+import attrs
 
 from soniq.core import outcomes as outcome_of
 from soniq.core.errors import ConfigurationError, SchemaNotReadyError
@@ -74,12 +77,13 @@ from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation, Result
 from soniq.drivers._common import sync_owner
-from soniq.drivers.embedded import SYNCHRONOUS_LEVELS
 
 T = TypeVar("T")
 log = logging.getLogger("soniq")
 
 BUSY_TIMEOUT_MS = 5000
+#: The ``synchronous`` levels a SQLite URL may ask for; the first is the default.
+SYNCHRONOUS_LEVELS = ("FULL", "NORMAL")
 SYNCHRONOUS = SYNCHRONOUS_LEVELS[0]
 #: How long a worker's completions wait for its next claim, to commit with it: one
 #: fsync for both halves the commits of a busy worker; an idle one writes them late by
@@ -98,26 +102,108 @@ MAX_GROUP = 64
 _inherited: list[sqlite3.Connection] = []
 
 
+@attrs.frozen
+class SqliteFile:
+    """``sqlite:///path``: a database file, and the ``synchronous`` level of this
+    process's connections to it (``FULL`` unless the URL says ``?synchronous=normal``).
+    Time is the system clock."""
+
+    path: str
+    synchronous: str = SYNCHRONOUS
+
+    name = "sqlite"
+
+    def __str__(self) -> str:
+        return self.path
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection with Soniq's settings."""
+        return connect(self.path, self.synchronous)
+
+    @property
+    def key(self) -> str:
+        """What identifies the database in this process (for wake-ups)."""
+        return _key(self.path)
+
+    @staticmethod
+    def clock() -> float:
+        """Now, in epoch seconds."""
+        return time.time()
+
+
+@attrs.define(eq=False)
+class SqliteMemory:
+    """``memory://``: a SQLite database in this process's memory, with the same SQL
+    and the same backends as a file. The connections of one Soniq and its twin share
+    it (SQLite's ``memdb`` VFS, by name); it lives as long as this object. ``clock``
+    (epoch seconds) is an attribute that tests may replace (``soniq.testing.use_clock``)
+    to make scheduled jobs due without sleeping."""
+
+    clock: Callable[[], float] = time.time
+    path: str = attrs.field(factory=lambda: f"/soniq-memory-{uuid.uuid4().hex}")
+    _anchor: sqlite3.Connection | None = attrs.field(default=None, repr=False)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
+
+    name = "memory"
+
+    def __str__(self) -> str:
+        return "memory://"
+
+    @property
+    def key(self) -> str:
+        """What identifies the database in this process (for wake-ups)."""
+        return self.path
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection to the shared in-memory database."""
+        with self._lock:
+            # The database is freed with its last connection: one stays open for as
+            # long as this object lives, whatever the backends close.
+            if self._anchor is None:
+                anchor = _open(f"file:{self.path}?vfs=memdb", uri=True)
+                # A new database in memory has nothing to upgrade: it starts current,
+                # so that tests need no migration step (as PostgreSQL's test fixtures
+                # usually make one).
+                migrate(anchor, self.clock(), apply=True)
+                self._anchor = anchor
+        return _open(f"file:{self.path}?vfs=memdb", uri=True)
+
+
+#: Where a SQLite backend's jobs are.
+SqliteDatabase = SqliteFile | SqliteMemory
+
+
+def _open(target: str, *, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        target,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,  # each connection is used by one thread at a time
+        uri=uri,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def connect(path: str, synchronous: str = SYNCHRONOUS) -> sqlite3.Connection:
-    """A connection to ``path`` with Soniq's settings (see the module docstring)."""
+    """A connection to the file ``path`` with Soniq's settings (see the module
+    docstring)."""
     if synchronous not in SYNCHRONOUS_LEVELS:
         raise ConfigurationError(
             f"synchronous must be one of {SYNCHRONOUS_LEVELS}, got {synchronous!r}"
         )
     try:
-        conn = sqlite3.connect(
-            path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,  # each connection is used by one thread at a time
-        )
+        conn = _open(path)
     except sqlite3.Error as exc:
         raise ConfigurationError(
             f"cannot open the SQLite database {path!r} ({exc}); does its directory exist "
             "and is it writable?"
         ) from None
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             log.warning(
@@ -325,13 +411,13 @@ def commit_together(
         raise
 
 
-def migrate(conn: sqlite3.Connection, *, apply: bool) -> int:
-    """Bring the file's schema up to date (or only check it): a read when it is
+def migrate(conn: sqlite3.Connection, now: float, *, apply: bool) -> int:
+    """Bring the database's schema up to date (or only check it): a read when it is
     current, else the pending DDL in one ``BEGIN IMMEDIATE`` transaction."""
     version = run(conn, sq.schema_version())
     if sq.check_version(version, apply=apply):
         return version
-    return run(conn, sq.migrate(time.time()))
+    return run(conn, sq.migrate(now))
 
 
 # -- waking this process's workers -------------------------------------------------
@@ -347,53 +433,57 @@ def _key(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _add_listener(path: str, listener: _Listener) -> None:
+def _add_listener(key: str, listener: _Listener) -> None:
     with _listeners_lock:
-        _listeners.setdefault(_key(path), []).append(listener)
+        _listeners.setdefault(key, []).append(listener)
 
 
-def _remove_listener(path: str, listener: _Listener) -> None:
+def _remove_listener(key: str, listener: _Listener) -> None:
     with _listeners_lock:
-        found = _listeners.get(_key(path), [])
+        found = _listeners.get(key, [])
         with contextlib.suppress(ValueError):
             found.remove(listener)
         if not found:
-            _listeners.pop(_key(path), None)
+            _listeners.pop(key, None)
 
 
-def _wake(path: str, queues: str) -> None:
-    """Tell the workers of this process that listen on ``path`` (on their loops)."""
+def _wake(key: str, queues: str) -> None:
+    """Tell the workers of this process that listen on the database ``key`` (on their
+    loops)."""
     with _listeners_lock:
-        targets = list(_listeners.get(_key(path), ()))
+        targets = list(_listeners.get(key, ()))
     for listener in targets:
         loop, callback = listener
         try:
             loop.call_soon_threadsafe(callback, queues)
         except RuntimeError:  # its loop is closed: it will never listen again
-            _remove_listener(path, listener)
+            _remove_listener(key, listener)
 
 
-def _inserted_ids(path: str, inserted: sq.Inserted) -> list[int]:
+def _inserted_ids(key: str, inserted: sq.Inserted) -> list[int]:
     """Once an insert committed: wake this process's workers, hand back the ids."""
     if inserted.wake is not None:
-        _wake(path, inserted.wake)
+        _wake(key, inserted.wake)
     return inserted.ids
 
 
-def _refuse_connection() -> NoReturn:
+def _refuse_connection(name: str) -> NoReturn:
     raise ValueError(
-        "connection=: transactional enqueue needs PostgreSQL; the sqlite backend has no "
+        f"connection=: transactional enqueue needs PostgreSQL; the {name} backend has no "
         "caller's transaction to join. Leave connection= out, or use a postgresql:// "
         "database_url"
     )
 
 
-def _no_pool() -> NoReturn:
+def _no_pool(name: str) -> NoReturn:
     raise ConfigurationError(
-        "the sqlite backend has no connection pool to lend: acquire() needs a "
-        "postgresql:// database_url (open your own sqlite3 connection to the file if "
-        "you need one)"
+        f"the {name} backend has no connection pool to lend: acquire() needs a "
+        "postgresql:// database_url"
     )
+
+
+def _database(database: str | SqliteDatabase, synchronous: str) -> SqliteDatabase:
+    return SqliteFile(database, synchronous) if isinstance(database, str) else database
 
 
 # -- the heartbeat thread's session --------------------------------------------------
@@ -402,12 +492,13 @@ def _no_pool() -> NoReturn:
 class SqliteMaintenance:
     """A worker's heartbeat thread's operations, on a connection of its own."""
 
-    def __init__(self, path: str, synchronous: str = SYNCHRONOUS) -> None:
-        self._conn = connect(path, synchronous)
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._conn = database.connect()
+        self._clock = database.clock
 
     def heartbeat(self, worker_id: str) -> bool:
         """Refresh the heartbeat; False if the worker was declared dead meanwhile."""
-        return run(self._conn, sq.heartbeat(worker_id, time.time()))
+        return run(self._conn, sq.heartbeat(worker_id, self._clock()))
 
     def register_worker(
         self,
@@ -418,7 +509,7 @@ class SqliteMaintenance:
         concurrency: int,
     ) -> None:
         """Record the worker (again)."""
-        op = sq.register_worker(worker_id, hostname, pid, queues, concurrency, time.time())
+        op = sq.register_worker(worker_id, hostname, pid, queues, concurrency, self._clock())
         run(self._conn, op)
 
     def cancel_requests(self, worker_id: str) -> list[int]:
@@ -427,11 +518,11 @@ class SqliteMaintenance:
 
     def rescue_stale(self, stale_after: float) -> list[tuple[int, str]]:
         """Put back the running jobs of dead workers: (id, new status) pairs."""
-        return run(self._conn, sq.rescue_stale(stale_after, time.time()))
+        return run(self._conn, sq.rescue_stale(stale_after, self._clock()))
 
     def prune_finished(self, older_than: float, limit: int) -> int:
         """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
-        return run(self._conn, sq.prune_finished(older_than, limit, time.time()))
+        return run(self._conn, sq.prune_finished(older_than, limit, self._clock()))
 
     def close(self) -> None:
         """Close the session's connection."""
@@ -446,21 +537,26 @@ class SqliteBackend:
     own thread and connection, so the event loop never blocks on SQLite. Usable from
     any event loop; after a fork the child opens a new thread and connection."""
 
-    name = "sqlite"
     accepts_connections = False
     claim_lanes = 1
     claim_gather = CLAIM_GATHER
 
-    def __init__(self, path: str, *, synchronous: str = SYNCHRONOUS) -> None:
-        self.path = path
-        self.synchronous = synchronous
+    def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
+        #: Where the jobs are (a path is a file with this ``synchronous`` level).
+        self.database = _database(database, synchronous)
+        self.name = self.database.name
         self._lock = threading.Lock()
         self._current: _SqliteThread | None = None
         self._owner: object = None
 
+    @property
+    def path(self) -> str:
+        """The database file (for ``memory://``, the database's name in this process)."""
+        return self.database.path
+
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
-        _no_pool()
+        _no_pool(self.name)
 
     # -- plumbing
 
@@ -471,7 +567,7 @@ class SqliteBackend:
             if current is None or self._owner != owner:
                 if current is not None and current.conn is not None:
                     _inherited.append(current.conn)  # the parent's: leave it alone
-                current = self._current = _SqliteThread(self.path, self.synchronous)
+                current = self._current = _SqliteThread(self.database)
                 self._owner = owner
             return current
 
@@ -514,15 +610,15 @@ class SqliteBackend:
 
     async def migrate(self, *, apply: bool) -> int:
         """Create or upgrade the schema (``apply=False``: only check it)."""
-        return await self._call(lambda conn: migrate(conn, apply=apply))
+        return await self._call(lambda conn: migrate(conn, self.database.clock(), apply=apply))
 
     async def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
         """Insert the jobs of one enqueue call; ids in input order."""
         if conn is not None:
-            _refuse_connection()
+            _refuse_connection(self.name)
         return await self._commit(
-            lambda: sq.insert_jobs(spec, time.time()),
-            functools.partial(_inserted_ids, self.path),
+            lambda: sq.insert_jobs(spec, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
         )
 
     async def get_job(self, job_id: int) -> Job | None:
@@ -533,13 +629,14 @@ class SqliteBackend:
     async def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
         """Queued jobs, optionally of one name and/or queue, by id."""
         if conn is not None:
-            _refuse_connection()
+            _refuse_connection(self.name)
         op = sq.list_jobs(name, queue)
         return await self._call(lambda c: run(c, op))
 
     async def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
-        op = sq.cancel_job(job_id, time.time())  # validates the id here, not on the thread
+        # Built here, not on the thread: it validates the id.
+        op = sq.cancel_job(job_id, self.database.clock())
         return await self._commit(lambda: op)
 
     async def claim_jobs(
@@ -552,7 +649,7 @@ class SqliteBackend:
         nobody will run them. A claim cancelled before it started never runs.
         """
         future: Future[list[Claimed]] = self._write(
-            lambda: sq.claim_jobs(limit, worker_id, queues, time.time())
+            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock())
         )
         try:
             return await asyncio.wrap_future(future)
@@ -566,7 +663,8 @@ class SqliteBackend:
         if future.cancelled() or future.exception() is not None or not future.result():
             return
         released = [outcome_of.released(c.id, c.attempts) for c in future.result()]
-        self._write(lambda: sq.finish_jobs(released, worker_id, keep=True, now=time.time()))
+        clock = self.database.clock
+        self._write(lambda: sq.finish_jobs(released, worker_id, keep=True, now=clock()))
 
     @contextlib.asynccontextmanager
     async def worker_session(self) -> AsyncIterator[SqliteBackend]:
@@ -577,7 +675,8 @@ class SqliteBackend:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
         finished ones)."""
         await self._commit(
-            lambda: sq.finish_jobs(outcomes, worker_id, keep=keep, now=time.time()), linger=True
+            lambda: sq.finish_jobs(outcomes, worker_id, keep=keep, now=self.database.clock()),
+            linger=True,
         )
 
     async def register_worker(
@@ -590,7 +689,9 @@ class SqliteBackend:
     ) -> None:
         """Record a worker; its heartbeat starts now."""
         await self._commit(
-            lambda: sq.register_worker(worker_id, hostname, pid, queues, concurrency, time.time())
+            lambda: sq.register_worker(
+                worker_id, hostname, pid, queues, concurrency, self.database.clock()
+            )
         )
 
     async def unregister_worker(self, worker_id: str) -> None:
@@ -606,16 +707,16 @@ class SqliteBackend:
         on the same file (any Soniq, any thread), until cancelled. Other processes
         cannot be heard: the worker's polling finds their jobs."""
         listener = (asyncio.get_running_loop(), on_notify)
-        _add_listener(self.path, listener)
+        _add_listener(self.database.key, listener)
         try:
             on_ready()
             await listener[0].create_future()  # forever: only cancellation ends it
         finally:
-            _remove_listener(self.path, listener)
+            _remove_listener(self.database.key, listener)
 
     def maintenance(self) -> SqliteMaintenance:
         """A blocking session on a connection of its own, for the heartbeat thread."""
-        return SqliteMaintenance(self.path, self.synchronous)
+        return SqliteMaintenance(self.database)
 
     async def close(self) -> None:
         """Close the connection and end the thread, after what was queued on them; a
@@ -633,9 +734,8 @@ class _SqliteThread:
     The backend replaces it after ``close()`` or a fork; what was queued on it runs on
     it, before it closes."""
 
-    def __init__(self, path: str, synchronous: str) -> None:
-        self.path = path
-        self.synchronous = synchronous
+    def __init__(self, database: SqliteDatabase) -> None:
+        self.database = database
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
         self.conn: sqlite3.Connection | None = None  # used on the thread only
         self.writes_changed = threading.Condition()
@@ -672,7 +772,7 @@ class _SqliteThread:
 
     def _connection(self) -> sqlite3.Connection:
         if self.conn is None:
-            self.conn = connect(self.path, self.synchronous)
+            self.conn = self.database.connect()
         return self.conn
 
     @contextlib.contextmanager
@@ -804,21 +904,26 @@ class SqliteSyncBackend:
     several threads at once: reads take a connection of a small pool each; writes
     commit in turns, grouped (:class:`_WriteTurns`)."""
 
-    name = "sqlite"
     accepts_connections = False
 
-    def __init__(self, path: str, *, synchronous: str = SYNCHRONOUS) -> None:
-        self.path = path
-        self.synchronous = synchronous
+    def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
+        #: Where the jobs are (a path is a file with this ``synchronous`` level).
+        self.database = _database(database, synchronous)
+        self.name = self.database.name
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._owner: object = sync_owner()
         self._generation = 0  # bumped by close(): connections of before are not kept
         self._turns = _WriteTurns()
 
+    @property
+    def path(self) -> str:
+        """The database file (for ``memory://``, the database's name in this process)."""
+        return self.database.path
+
     def acquire(self) -> AbstractContextManager[Any]:
         """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
-        _no_pool()
+        _no_pool(self.name)
 
     def _adopt_after_fork(self) -> None:
         """Under ``self._lock``: after a fork, the parent's idle connections stay its own
@@ -835,7 +940,7 @@ class SqliteSyncBackend:
             generation = self._generation
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = connect(self.path, self.synchronous)
+            conn = self.database.connect()
         try:
             yield conn
         finally:
@@ -868,15 +973,15 @@ class SqliteSyncBackend:
     def migrate(self, *, apply: bool) -> int:
         """Create or upgrade the schema (``apply=False``: only check it)."""
         with self._connection() as conn:
-            return migrate(conn, apply=apply)
+            return migrate(conn, self.database.clock(), apply=apply)
 
     def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
         """Insert the jobs of one enqueue call; ids in input order."""
         if conn is not None:
-            _refuse_connection()
+            _refuse_connection(self.name)
         return self._commit(
-            lambda: sq.insert_jobs(spec, time.time()),
-            functools.partial(_inserted_ids, self.path),
+            lambda: sq.insert_jobs(spec, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
         )
 
     def get_job(self, job_id: int) -> Job | None:
@@ -886,12 +991,13 @@ class SqliteSyncBackend:
     def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
         """Queued jobs, optionally of one name and/or queue, by id."""
         if conn is not None:
-            _refuse_connection()
+            _refuse_connection(self.name)
         return self._run(sq.list_jobs(name, queue))
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
-        op = sq.cancel_job(job_id, time.time())  # validates the id here, in the caller
+        # Built here, in the caller: it validates the id.
+        op = sq.cancel_job(job_id, self.database.clock())
         return self._commit(lambda: op)
 
     def close(self) -> None:

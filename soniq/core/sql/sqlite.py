@@ -624,3 +624,15 @@ def prune_finished(older_than: float, limit: int, now: float) -> Operation[int]:
         return deleted.rowcount
 
     return Operation(steps(), immediate=True)
+
+
+def clear_all() -> Operation[None]:
+    """Forget every job and worker, and number jobs from 1 again (``memory://``
+    between tests: ``soniq.testing.clear_jobs``)."""
+
+    def steps() -> Steps[None]:
+        yield Step(f"DELETE FROM {JOBS}", ())
+        yield Step(f"DELETE FROM {WORKERS}", ())
+        yield Step("DELETE FROM sqlite_sequence WHERE name = ?", (JOBS,))
+
+    return Operation(steps(), immediate=True)
