@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import math
 import os
-import random
 import socket
 import threading
 import time
@@ -41,16 +40,12 @@ import attrs
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import outcomes, serialize
 from soniq.core.enqueue import JobRef
-from soniq.core.errors import JobTimeout, UnknownJobError
-from soniq.core.jobs import Claimed, Job, JobDefinition
+from soniq.core.errors import UnknownJobError
+from soniq.core.jobs import Claimed, Job
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
-from soniq.drivers import connections
-from soniq.drivers.asyncpg import AsyncpgDriver
-from soniq.drivers.psycopg2_compat import Psycopg2Runner
-from soniq.drivers.psycopg_async import PsycopgAsyncDriver
-from soniq.worker import context
 from soniq.worker.context import JobContext
+from soniq.worker.execute import JobRun
 
 if TYPE_CHECKING:
     from soniq.drivers.sqlite import SqliteMemory
@@ -132,6 +127,11 @@ async def _list_async(eq: Soniq, name: str | None, queue: str | None, conn: Any)
     if conn is None:
         return await lister.list_jobs(name, queue)
     _check_accepts_connections(backend)
+    # PostgreSQL's drivers are imported when a test first hands in a connection.
+    from soniq.drivers import connections
+    from soniq.drivers.asyncpg import AsyncpgDriver
+    from soniq.drivers.psycopg_async import PsycopgAsyncDriver
+
     kind, raw = await connections.resolve_async(conn)
     if kind == backend.name:
         return await lister.list_jobs(name, queue, raw)
@@ -148,6 +148,9 @@ def _list_sync(eq: SyncSoniq, name: str | None, queue: str | None, conn: Any) ->
     if conn is None:
         return lister.list_jobs(name, queue)
     _check_accepts_connections(backend)
+    from soniq.drivers import connections
+    from soniq.drivers.psycopg2_compat import Psycopg2Runner
+
     kind, raw = connections.resolve_sync(conn)
     if kind == "psycopg":
         return lister.list_jobs(name, queue, raw)
@@ -523,7 +526,9 @@ class _Drain:
         claimed = await self.backend.claim_jobs(1, self.worker_id, self.options.queues)
         return claimed[0] if claimed else None
 
-    def start(self, claimed: Claimed) -> tuple[JobDefinition | None, JobContext]:
+    def start(self, claimed: Claimed) -> tuple[JobRun | None, JobContext]:
+        """The run of a claimed job, as the worker would make it (None: no job of
+        that name is registered)."""
         ctx = JobContext(
             claimed.id,
             claimed.name,
@@ -532,20 +537,14 @@ class _Drain:
             claimed.max_retries,
             claimed.timeout,
             self.worker_id,
+            claimed.claims,
         )
-        return self.registry.get(claimed.name), ctx
+        definition = self.registry.get(claimed.name)
+        return (None if definition is None else JobRun(definition, ctx, claimed.args)), ctx
 
     def unknown(self, ctx: JobContext) -> tuple[Outcome, BaseException | None]:
         outcome = outcomes.unknown_job(ctx.id, ctx.attempt, ctx.name)
         return outcome, UnknownJobError(outcome.error)
-
-    def failure(
-        self, definition: JobDefinition, ctx: JobContext, exc: BaseException
-    ) -> tuple[Outcome, BaseException | None]:
-        outcome = outcomes.failed(
-            ctx.id, ctx.attempt, ctx.max_retries, exc, random.random, definition.backoff
-        )
-        return outcome, exc
 
     async def finish(self, outcome: Outcome, error: BaseException | None) -> None:
         """Write the outcome, count it, and re-raise the job's error if asked."""
@@ -576,93 +575,58 @@ class _Drain:
         )
 
 
-async def _run_async_job(
-    drainer: _Drain, definition: JobDefinition, ctx: JobContext, args: dict[str, Any]
-) -> tuple[Outcome, BaseException | None]:
-    """An async job on this loop, past its timeout cancelled and failed with
-    :class:`JobTimeout`; interruptions of the drain itself propagate."""
-    token = context.enter(ctx)
+async def _run_async_job(run: JobRun) -> tuple[Outcome, BaseException | None]:
+    """An async job on this loop; past its timeout cancelled and failed with
+    :class:`JobTimeout`. Interruptions of the drain itself propagate."""
+    timeout = run.context.timeout
+    if not timeout:
+        return await run.run_async(), run.error
+    task = asyncio.ensure_future(run.run_async())
     try:
-        if not ctx.timeout:
-            value = await definition.func(**args)
-        else:
-            task = asyncio.ensure_future(definition.func(**args))  # copies ctx
-            try:
-                finished, _ = await asyncio.wait({task}, timeout=ctx.timeout)
-            except BaseException:
-                task.cancel()
-                raise
-            if not finished:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                timed_out = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
-                return drainer.failure(definition, ctx, timed_out)
-            value = task.result()
-    except Exception as exc:
-        return drainer.failure(definition, ctx, exc)
-    finally:
-        context.leave(token)
-    return outcomes.succeeded(ctx.id, ctx.attempt, value), None
+        finished, _ = await asyncio.wait({task}, timeout=timeout)
+    except BaseException:
+        task.cancel()
+        raise
+    if finished:
+        return task.result(), run.error
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return run.timed_out(), run.error
 
 
-def _call_sync(
-    definition: JobDefinition, ctx: JobContext, args: dict[str, Any]
-) -> tuple[bool, Any]:
-    """Run a sync job on this thread: (True, value) or (False, exception)."""
-    token = context.enter(ctx)
-    try:
-        return True, definition.func(**args)
-    except BaseException as exc:  # as the worker: whatever a sync job raises fails it
-        return False, exc
-    finally:
-        context.leave(token)
+def _run_sync_job(run: JobRun) -> tuple[Outcome, BaseException | None]:
+    """A sync job on this thread. It cannot be interrupted: past its timeout, it
+    counts as timed out when it returns."""
+    started = time.monotonic()
+    outcome = run.run_sync()
+    timeout = run.context.timeout
+    if timeout and time.monotonic() - started >= timeout:
+        outcome = run.timed_out()
+    return outcome, run.error
 
 
-def _sync_outcome(
-    drainer: _Drain,
-    definition: JobDefinition,
-    ctx: JobContext,
-    result: tuple[bool, Any] | None,
-    elapsed: float,
-) -> tuple[Outcome, BaseException | None]:
-    """The outcome of a sync run: ``result`` from :func:`_call_sync`, None if it was
-    abandoned at its timeout."""
-    if result is None or (ctx.timeout and elapsed >= ctx.timeout):
-        # A sync job cannot be interrupted; past its timeout it counts as timed out.
-        timed_out = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
-        return drainer.failure(definition, ctx, timed_out)
-    ok, value = result
-    if not ok:
-        return drainer.failure(definition, ctx, value)
-    return outcomes.succeeded(ctx.id, ctx.attempt, value), None
-
-
-async def _run_sync_job_in_thread(
-    drainer: _Drain, definition: JobDefinition, ctx: JobContext, args: dict[str, Any]
-) -> tuple[Outcome, BaseException | None]:
+async def _run_sync_job_in_thread(run: JobRun) -> tuple[Outcome, BaseException | None]:
     """A sync job on a daemon thread of its own, the loop free meanwhile; at its
     timeout the thread is abandoned (Python cannot stop it), as the worker does."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+    done: asyncio.Future[Outcome] = loop.create_future()
 
-    def deliver(result: tuple[bool, Any]) -> None:
+    def deliver(outcome: Outcome) -> None:
         if not done.done():
-            done.set_result(result)
+            done.set_result(outcome)
 
     def target() -> None:
-        result = _call_sync(definition, ctx, args)
+        outcome = run.run_sync()
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-            loop.call_soon_threadsafe(deliver, result)
+            loop.call_soon_threadsafe(deliver, outcome)
 
-    started = time.monotonic()
-    threading.Thread(target=target, name=f"soniq-drain-{ctx.id}", daemon=True).start()
-    result: tuple[bool, Any] | None
+    threading.Thread(target=target, name=f"soniq-drain-{run.context.id}", daemon=True).start()
     try:
-        result = await asyncio.wait_for(asyncio.shield(done), ctx.timeout)
+        outcome = await asyncio.wait_for(asyncio.shield(done), run.context.timeout)
     except asyncio.TimeoutError:
-        result = None
-    return _sync_outcome(drainer, definition, ctx, result, time.monotonic() - started)
+        outcome = run.timed_out()
+    return outcome, run.error
 
 
 async def _drain_async(eq: Soniq, options: _DrainOptions) -> DrainResult:
@@ -674,16 +638,14 @@ async def _drain_async(eq: Soniq, options: _DrainOptions) -> DrainResult:
             claimed = await drainer.claim()
             if claimed is None:
                 break
-            definition, ctx = drainer.start(claimed)
+            run, ctx = drainer.start(claimed)
             try:
-                if definition is None:
+                if run is None:
                     outcome, error = drainer.unknown(ctx)
-                elif definition.is_async:
-                    outcome, error = await _run_async_job(drainer, definition, ctx, claimed.args)
+                elif run.definition.is_async:
+                    outcome, error = await _run_async_job(run)
                 else:
-                    outcome, error = await _run_sync_job_in_thread(
-                        drainer, definition, ctx, claimed.args
-                    )
+                    outcome, error = await _run_sync_job_in_thread(run)
             except BaseException:
                 await drainer.release(ctx)
                 raise
@@ -715,17 +677,14 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
                 claimed = run(drainer.claim())
                 if claimed is None:
                     break
-                definition, ctx = drainer.start(claimed)
+                job_run, ctx = drainer.start(claimed)
                 try:
-                    if definition is None:
+                    if job_run is None:
                         outcome, error = drainer.unknown(ctx)
-                    elif definition.is_async:
-                        outcome, error = run(_run_async_job(drainer, definition, ctx, claimed.args))
+                    elif job_run.definition.is_async:
+                        outcome, error = run(_run_async_job(job_run))
                     else:
-                        started = time.monotonic()
-                        result = _call_sync(definition, ctx, claimed.args)
-                        elapsed = time.monotonic() - started
-                        outcome, error = _sync_outcome(drainer, definition, ctx, result, elapsed)
+                        outcome, error = _run_sync_job(job_run)
                 except BaseException:
                     run(drainer.release(ctx))
                     raise

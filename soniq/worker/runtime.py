@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -36,13 +35,13 @@ import attrs
 
 from soniq.core import outcomes
 from soniq.core.enqueue import Registry
-from soniq.core.errors import ConfigurationError, JobTimeout
-from soniq.core.jobs import Claimed, JobDefinition
+from soniq.core.errors import ConfigurationError
+from soniq.core.jobs import Claimed
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import AsyncBackend, WorkerOps
-from soniq.worker import context
 from soniq.worker.context import JobContext
+from soniq.worker.execute import JobRun
 from soniq.worker.heartbeat import Heartbeat
 from soniq.worker.threads import DaemonThreadPool
 
@@ -103,11 +102,9 @@ class WorkerConfig:
 class _Running:
     """A claimed job while it holds a slot."""
 
-    context: JobContext
-    definition: JobDefinition
+    run: JobRun
     task: asyncio.Task[None] | None = None
     settled: bool = False  # its outcome is recorded (a later one is ignored)
-    cancel_delivered: bool = False
     timer: asyncio.TimerHandle | None = None  # its timeout
 
 
@@ -386,14 +383,13 @@ class Worker:
                 claimed.claims,
                 attempts,
             )
-        running = _Running(ctx, definition)
+        running = _Running(JobRun(definition, ctx, claimed.args, self._random))
         self._running[job_id] = running
-        args = claimed.args
         log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
         if definition.is_async:
-            running.task = self._loop.create_task(self._run_async(running, args))
+            running.task = self._loop.create_task(self._run_async(running))
         else:
-            self._threads.submit(lambda: self._run_sync(running, args))
+            self._threads.submit(lambda: self._run_sync(running))
         if timeout is not None:
             # A timer, not asyncio.wait_for: a job that swallows its cancellation is
             # still recorded as timed out on time (it keeps its slot until it ends).
@@ -401,64 +397,23 @@ class Worker:
 
     # -- running -----------------------------------------------------------------
 
-    async def _run_async(self, running: _Running, args: dict[str, Any]) -> None:
-        ctx = running.context
+    async def _run_async(self, running: _Running) -> None:
         started = time.monotonic()
-        token = context.enter(ctx)
         try:
-            outcome = await self._outcome_of_async(running, args)
+            # Cancelled at shutdown or after its timeout, a run's outcome is recorded
+            # already: what it returns then is ignored (see _settle).
+            outcome = await running.run.run_async()
             self._settle(running, outcome, time.monotonic() - started)
         finally:
-            context.leave(token)
             self._free(running)
 
-    async def _outcome_of_async(self, running: _Running, args: dict[str, Any]) -> Outcome:
-        """How the job's run ended. Whatever the body raises (``SystemExit`` and
-        ``KeyboardInterrupt`` included) becomes an outcome: nothing it does ends the
-        worker."""
-        ctx = running.context
-        try:
-            value = await running.definition.func(**args)
-        except asyncio.CancelledError as exc:
-            if running.cancel_delivered:
-                return outcomes.cancelled(ctx.id, ctx.attempt)
-            if self._stopping and not running.settled:
-                return outcomes.released(ctx.id, ctx.attempt)
-            # Cancelled after its timeout (already recorded, so this is ignored), or
-            # the body raised CancelledError itself: a failure like any other.
-            return self._failure(running, exc)
-        except BaseException as exc:
-            return self._failure(running, exc)
-        if running.cancel_delivered:  # it swallowed the cancellation
-            return outcomes.cancelled(ctx.id, ctx.attempt)
-        return self._success(running, value)
-
-    def _run_sync(self, running: _Running, args: dict[str, Any]) -> None:
+    def _run_sync(self, running: _Running) -> None:
         """On a pool thread. Hands the outcome back to the loop, whatever happens."""
-        ctx = running.context
         started = time.monotonic()
-        token = context.enter(ctx)
         try:
-            _close_old_django_connections()
-            value = running.definition.func(**args)
-        except BaseException as exc:
-            outcome = (
-                outcomes.cancelled(ctx.id, ctx.attempt)
-                if ctx.cancelled
-                else self._failure(running, exc)
-            )
-        else:
-            outcome = (
-                outcomes.cancelled(ctx.id, ctx.attempt)
-                if ctx.cancelled
-                else self._success(running, value)
-            )
-        finally:
-            context.leave(token)
-        try:
-            _close_old_django_connections()
-        except Exception:
-            log.warning("job %s: closing Django's old connections failed", ctx.id, exc_info=True)
+            outcome = running.run.run_sync()
+        except BaseException as exc:  # a bug of ours: the job must still end
+            outcome = running.run.failed(exc)
         elapsed = time.monotonic() - started
         # One wake-up of the loop for the outcomes of all the threads that finish
         # before it runs: each wake-up is a system call, and threads finish together.
@@ -478,7 +433,7 @@ class Worker:
             try:
                 self._settle(running, outcome, elapsed)
             except Exception:  # one bad outcome must not keep the others' slots
-                log.exception("job %s: recording its outcome failed", running.context.id)
+                log.exception("job %s: recording its outcome failed", running.run.context.id)
             self._free(running)
 
     def _timed_out(self, running: _Running) -> None:
@@ -487,9 +442,7 @@ class Worker:
         returns (as does an async job that swallows its cancellation)."""
         if running.settled:
             return
-        ctx = running.context
-        timed_out = JobTimeout(f"job ran past its timeout of {ctx.timeout}s")
-        self._settle(running, self._failure(running, timed_out), None)
+        self._settle(running, running.run.timed_out(), None)
         self._slot_freed.set()  # a shutdown waits for unsettled jobs only: re-count
         if running.task is None:
             self._warn_if_held(running)
@@ -499,7 +452,7 @@ class Worker:
             self._loop.call_later(1.0, self._warn_if_held, running)
 
     def _warn_if_held(self, running: _Running) -> None:
-        ctx = running.context
+        ctx = running.run.context
         if self._running.get(ctx.id) is not running:
             return
         log.warning(
@@ -521,24 +474,11 @@ class Worker:
         """True while a running job's outcome is still to come."""
         return any(not r.settled for r in self._running.values())
 
-    def _failure(self, running: _Running, exc: BaseException) -> Outcome:
-        ctx = running.context
-        return outcomes.failed(
-            ctx.id, ctx.attempt, ctx.max_retries, exc, self._random, running.definition.backoff
-        )
-
-    def _success(self, running: _Running, value: Any) -> Outcome:
-        ctx = running.context
-        outcome = outcomes.succeeded(ctx.id, ctx.attempt, value)
-        if outcome.error is not None:
-            log.warning("job %s %s: done; %s", ctx.id, ctx.name, outcome.error)
-        return outcome
-
     def _settle(self, running: _Running, outcome: Outcome, elapsed: float | None) -> None:
         if running.settled:
             return
         running.settled = True
-        ctx = running.context
+        ctx = running.run.context
         status = outcome.status.value
         if outcome.release:
             log.info("job %s %s: put back (shutdown)", ctx.id, ctx.name)
@@ -563,6 +503,8 @@ class Worker:
             )
         else:
             self._counts[status] = self._counts.get(status, 0) + 1
+            if outcome.error is not None and status == "done":
+                log.warning("job %s %s: done; %s", ctx.id, ctx.name, outcome.error)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("job %s %s: %s in %.3fs", ctx.id, ctx.name, status, elapsed or 0.0)
         self._record(outcome)
@@ -570,13 +512,13 @@ class Worker:
     def _free(self, running: _Running) -> None:
         if running.timer is not None:
             running.timer.cancel()
-        if self._running.pop(running.context.id, None) is not None:
+        if self._running.pop(running.run.context.id, None) is not None:
             self._slot_freed.set()
             self._nudge(slot=True)
 
     def _release(self, running: _Running) -> None:
         """Shutdown: put the job back; an async job is cancelled too."""
-        ctx = running.context
+        ctx = running.run.context
         self._settle(running, outcomes.released(ctx.id, ctx.attempt), None)
         if running.task is not None and not running.task.done():
             running.task.cancel()
@@ -586,11 +528,10 @@ class Worker:
     def _cancel_requested(self, job_ids: Sequence[int]) -> None:
         for job_id in job_ids:
             running = self._running.get(job_id)
-            if running is None or running.cancel_delivered:
+            if running is None or running.run.context.cancelled:
                 continue
-            running.cancel_delivered = True
-            running.context.request_cancel()
-            log.info("job %s %s: cancellation requested", job_id, running.context.name)
+            running.run.context.request_cancel()
+            log.info("job %s %s: cancellation requested", job_id, running.run.context.name)
             if running.task is not None:
                 running.task.cancel()
 
@@ -735,19 +676,3 @@ class _Session:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _close_old_django_connections() -> None:
-    """In a Django project, drop connections that are stale (procrastinate #1134)."""
-    django = sys.modules.get("django")
-    if django is None:
-        return
-    try:
-        from django.conf import settings
-
-        if not settings.configured:
-            return
-        from django.db import close_old_connections
-    except Exception:
-        return
-    close_old_connections()

@@ -1,0 +1,104 @@
+"""One run of one job body, turned into an :class:`~soniq.core.outcomes.Outcome`: the
+code that the worker and ``soniq.testing.drain`` share.
+
+How a run ends, whatever the body does:
+
+- it returns: ``done`` (the value kept as the result when it can be, see
+  :func:`soniq.core.outcomes.succeeded`), or ``cancelled`` if its cancellation was
+  requested meanwhile (it swallowed the request);
+- it raises anything, ``BaseException`` subclasses included (``SystemExit``,
+  ``KeyboardInterrupt``, its own ``CancelledError``): a failure, retried while
+  attempts are left; ``cancelled`` instead when its cancellation was requested;
+- its timeout passes first: :meth:`JobRun.timed_out` (the caller owns the clock).
+
+Nothing here ends the process or escapes to the caller: the exception stays on
+:attr:`JobRun.error` for a caller that wants it (``drain(raise_errors=True)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from soniq.contrib.django import close_stale_connections
+from soniq.core import outcomes
+from soniq.core.errors import JobTimeout
+from soniq.core.jobs import JobDefinition
+from soniq.core.outcomes import Outcome
+from soniq.worker import context
+from soniq.worker.context import JobContext
+
+log = logging.getLogger("soniq.worker")
+
+
+@attrs.define(eq=False)
+class JobRun:
+    """The run of ``definition`` with ``args``, as the job ``ctx`` describes it."""
+
+    definition: JobDefinition
+    context: JobContext
+    args: dict[str, Any]
+    random: Callable[[], float] = random.random
+    #: What the body raised, if it raised.
+    error: BaseException | None = attrs.field(default=None, init=False)
+
+    async def run_async(self) -> Outcome:
+        """Await the body (an ``async def`` job) on this loop, as ``current_job()``."""
+        token = context.enter(self.context)
+        try:
+            value = await self.definition.func(**self.args)
+        except BaseException as exc:  # whatever a job raises is its outcome
+            return self.raised(exc)
+        finally:
+            context.leave(token)
+        return self.returned(value)
+
+    def run_sync(self) -> Outcome:
+        """Call the body (a plain function) on this thread, as ``current_job()``, with
+        Django's stale connections closed before and after."""
+        token = context.enter(self.context)
+        try:
+            close_stale_connections()
+            value = self.definition.func(**self.args)
+        except BaseException as exc:  # whatever a job raises is its outcome
+            outcome = self.raised(exc)
+        else:
+            outcome = self.returned(value)
+        finally:
+            context.leave(token)
+        try:
+            close_stale_connections()
+        except Exception:
+            log.warning("job %s: closing Django's old connections failed", self.context.id)
+        return outcome
+
+    def returned(self, value: Any) -> Outcome:
+        """The body returned ``value``."""
+        ctx = self.context
+        if ctx.cancelled:
+            return outcomes.cancelled(ctx.id, ctx.attempt)
+        return outcomes.succeeded(ctx.id, ctx.attempt, value)
+
+    def raised(self, exc: BaseException) -> Outcome:
+        """The body raised ``exc``."""
+        ctx = self.context
+        self.error = exc
+        if ctx.cancelled:
+            return outcomes.cancelled(ctx.id, ctx.attempt)
+        return self.failed(exc)
+
+    def timed_out(self) -> Outcome:
+        """The run's timeout passed before it ended."""
+        self.error = JobTimeout(f"job ran past its timeout of {self.context.timeout}s")
+        return self.failed(self.error)
+
+    def failed(self, exc: BaseException) -> Outcome:
+        """A failure: retried after the job's back-off while attempts are left."""
+        ctx = self.context
+        return outcomes.failed(
+            ctx.id, ctx.attempt, ctx.max_retries, exc, self.random, self.definition.backoff
+        )
