@@ -21,7 +21,8 @@ def job(n: int) -> int:
 eq.sync.enqueue(job, n=1)
 soniq.testing.assert_enqueued(eq.sync, job, n=1)
 assert soniq.testing.drain(eq.sync).done == 1
-loaded = sorted({m.split(".")[0] for m in sys.modules} & {"asyncpg", "psycopg", "psycopg2", "psycopg_pool"})
+drivers = {"asyncpg", "psycopg", "psycopg2", "psycopg_pool"}
+loaded = sorted({m.split(".")[0] for m in sys.modules} & drivers)
 print(",".join(loaded) or "none")
 """
 
