@@ -96,6 +96,8 @@ REFUSED: dict[str, tuple[dict[str, Any], type[Exception], tuple[str, ...]]] = {
     "infinite delay": ({"delay": math.inf}, ValueError, ("delay", "MAX_DELAY_SECONDS")),
     "NaN delay": ({"delay": math.nan}, ValueError, ("delay", ">= 0")),
     "negative delay": ({"delay": -1}, ValueError, ("delay", ">= 0", "run_at")),
+    "huge negative delay": ({"delay": -(10**400)}, ValueError, ("delay", ">= 0", "huge int")),
+    "huge int timeout": ({"timeout": 10**400}, ValueError, ("timeout", "MAX_TIMEOUT_SECONDS")),
     "delay not a number": ({"delay": "5"}, TypeError, ("delay", "timedelta")),
     "bool delay": ({"delay": True}, TypeError, ("delay",)),
     "far run_at": (

@@ -306,8 +306,8 @@ def _check_timeout(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"timeout must be seconds (a number or timedelta) or None, got {value!r}")
     seconds = _seconds(value)
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {_short(value)}")
     if seconds > limits.MAX_TIMEOUT_SECONDS:
         raise ValueError(
             f"timeout must be at most {limits.MAX_TIMEOUT_SECONDS:,.0f} seconds (100 years, "
@@ -322,13 +322,13 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def _seconds(value: numbers.Real) -> float:
-    """``float(value)``, with an integer too large for a float giving infinity (which
-    the callers refuse by name) instead of an OverflowError."""
+def _seconds(value: Any) -> float:
+    """``float(value)``, with an integer too large for a float giving an infinity of
+    its sign (which the callers refuse by name) instead of an OverflowError."""
     try:
         return float(value)
     except OverflowError:
-        return math.inf
+        return math.inf if value > 0 else -math.inf
 
 
 def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, float]:
@@ -361,7 +361,7 @@ def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, floa
     else:
         raise TypeError(f"delay must be seconds (a number) or a timedelta, got {delay!r}")
     if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"delay must be >= 0 seconds, got {delay!r}; use run_at for a time")
+        raise ValueError(f"delay must be >= 0 seconds, got {_short(delay)}; use run_at for a time")
     if seconds > limits.MAX_DELAY_SECONDS:
         raise ValueError(
             f"delay must be at most {limits.MAX_DELAY_SECONDS:,.0f} seconds (100 years, "
