@@ -9,6 +9,8 @@ import datetime as dt
 import inspect
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -94,6 +96,22 @@ class Registry:
         return definition.name, definition
 
 
+def main_module_name() -> str | None:
+    """The name under which a worker imports the code running as ``__main__``: the
+    module's own name under ``python -m pkg.app``, the script's file name for
+    ``python app.py`` (``soniq worker app:eq`` imports it as ``app``), None where there
+    is no such name (a REPL, ``python -c``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    stem = os.path.basename(path)[: -len(".py")]
+    return stem if stem.isidentifier() else None
+
+
 def define_job(
     func: Callable[..., Any],
     *,
@@ -111,13 +129,16 @@ def define_job(
         raise JobDefinitionError(f"@eq.job decorates a function, got {type(func).__name__}")
     if name is None:
         module = getattr(func, "__module__", None)
+        qualname = func.__qualname__
         if module == "__main__":
-            raise JobDefinitionError(
-                f"job {func.__qualname__!r} is defined in __main__, so workers that import "
-                "your module would know it under another name; give it one with "
-                "@eq.job(name='...')"
-            )
-        name = f"{module}.{func.__qualname__}"
+            module = main_module_name()
+            if module is None or "<locals>" in qualname:
+                where = "inside a function" if module else "in __main__ with no importable name"
+                raise JobDefinitionError(
+                    f"job {qualname!r} is defined {where}, so a worker could not find "
+                    "it under the same name; give it one with @eq.job(name='...')"
+                )
+        name = f"{module}.{qualname}"
     _check_name(name)
     _check_queue(queue)
     max_retries = _check_max_retries(max_retries)
