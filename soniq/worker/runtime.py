@@ -39,6 +39,7 @@ from soniq.core.enqueue import Registry
 from soniq.core.errors import ConfigurationError, JobTimeout
 from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
+from soniq.core.states import JobStatus
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import AsyncBackend, WorkerOps
 from soniq.worker import context
@@ -130,7 +131,9 @@ class Worker:
         self._reconcile_needed = False
         self._stopping_completer = False
         self._random = random.Random().random
-        self._counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0}
+        # The summary line's counts: runs by final status, and retries.
+        self._counts = {s.value: 0 for s in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)}
+        self._counts["retried"] = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -552,8 +555,8 @@ class Worker:
                 outcome.error,
                 outcome.retry_in,
             )
-        elif status == "failed":
-            self._counts["failed"] += 1
+        elif outcome.status is JobStatus.FAILED:
+            self._counts[status] += 1
             log.error(
                 "job %s %s: failed after %d attempt(s): %s",
                 ctx.id,
