@@ -140,7 +140,7 @@ def define_job(
                 )
         name = f"{module}.{qualname}"
     _check_name(name)
-    _check_queue(queue)
+    check_queue(queue)
     max_retries = _check_max_retries(max_retries)
     priority = _check_priority(priority)
     timeout = _check_timeout(timeout)
@@ -249,7 +249,7 @@ def _spec_with_options(
             )
     if "queue" in options:
         queue = options["queue"]
-        _check_queue(queue)
+        check_queue(queue)
     if "priority" in options:
         priority = _check_priority(options["priority"])
     if "max_retries" in options:
@@ -269,7 +269,9 @@ def _check_name(name: object) -> None:
     )
 
 
-def _check_queue(queue: object) -> None:
+def check_queue(queue: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the problem if ``queue`` cannot be a
+    queue's name (empty, too long, a NUL, a surrogate, a comma)."""
     _check_text("queue", queue, limits.MAX_QUEUE_LENGTH, "MAX_QUEUE_LENGTH", "use a shorter name")
     assert isinstance(queue, str)
     if "," in queue:

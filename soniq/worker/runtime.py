@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 
 from soniq.core import outcomes
-from soniq.core.enqueue import Registry
+from soniq.core.enqueue import Registry, check_queue
 from soniq.core.errors import ConfigurationError, JobTimeout
 from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
@@ -61,8 +61,13 @@ def _queues(value: Sequence[str] | None) -> tuple[str, ...] | None:
     if isinstance(value, str):
         value = [q for q in value.split(",") if q]
     queues = tuple(value)
-    if not queues or not all(isinstance(q, str) and q for q in queues):
-        raise ConfigurationError(f"queues must be None (all) or non-empty names, got {value!r}")
+    if not queues:
+        raise ConfigurationError(f"queues must be None (all) or queue names, got {value!r}")
+    for queue in queues:
+        try:
+            check_queue(queue)  # the rules of enqueue's queue=
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"queues: {exc}") from None
     return queues
 
 
