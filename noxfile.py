@@ -1,6 +1,9 @@
-"""Developer tasks: `nox -s tests tests_oldest lint types imports` is what CI runs."""
+"""Developer tasks: `nox -s tests tests_oldest reliability lint types imports` is what
+CI runs."""
 
 from __future__ import annotations
+
+import os
 
 import nox
 
@@ -37,7 +40,31 @@ def tests(session: nox.Session) -> None:
     """The test suite, against the PostgreSQL of SONIQ_TEST_DATABASE_URL (or a
     throwaway cluster when none answers)."""
     session.install(*TEST_DEPS)
+    # The fault matrix (tests/reliability, minutes of real processes) has its own
+    # session; its conftest deselects it here, and its quick bad-input matrix stays.
     session.run("pytest", *session.posargs)
+
+
+#: Jobs of the reliability soak (with and without kills), unless SONIQ_SOAK_JOBS says.
+SOAK_JOBS = "100000"
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """The fault matrix of docs/reliability.md, with real worker processes and a
+    PostgreSQL cluster of its own (started from the installed binaries, restarted and
+    crashed by the tests; the shared server is never touched): restarts under a
+    drain, a fault-injecting proxy, a stateful model check on PostgreSQL and SQLite,
+    and a soak of SONIQ_SOAK_JOBS jobs (100,000 by default) with and without random
+    SIGKILLs. Prints the figures at the end. `-- -k proxy` etc. pass to pytest."""
+    session.install(*TEST_DEPS)
+    session.run(
+        "pytest",
+        "tests/reliability",
+        "--durations=5",
+        *session.posargs,
+        env={"SONIQ_SOAK_JOBS": os.environ.get("SONIQ_SOAK_JOBS", SOAK_JOBS)},
+    )
 
 
 @nox.session(python="3.10")

@@ -3,6 +3,7 @@ if and only if the caller's transaction commits."""
 
 from soniq._version import __version__
 from soniq.app import Soniq, SyncSoniq
+from soniq.core import limits
 from soniq.core.errors import (
     ConfigurationError,
     ConnectionStateError,
@@ -45,4 +46,5 @@ __all__ = [
     "WorkerConfig",
     "__version__",
     "current_job",
+    "limits",
 ]

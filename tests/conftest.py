@@ -170,6 +170,20 @@ class Process:
         self._reader.join(10)
 
 
+def listening_sessions(conn: psycopg.Connection[Any], schema: str) -> int:
+    """Sessions of this database that LISTEN on Soniq's channel of ``schema``. A
+    session's LISTEN cannot be seen from another one (``pg_listening_channels()`` is
+    per session), but nothing else runs on a listener's connection, so its last
+    statement in ``pg_stat_activity`` is its LISTEN."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND query ILIKE 'LISTEN%%' AND query LIKE %s",
+        (f"%soniq:{schema}%",),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _server_answers(url: str) -> bool:
     try:
         with psycopg.connect(url, connect_timeout=3, autocommit=True):

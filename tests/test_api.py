@@ -19,7 +19,9 @@ from soniq import (
     SchemaNotReadyError,
     SerializationError,
     Soniq,
+    UnknownJobError,
 )
+from tests.conftest import new_soniq
 
 UTC = dt.timezone.utc
 
@@ -45,13 +47,7 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
     backend, _, colour = request.param.partition("-")
     if backend == "sync":
         backend, colour = "psycopg", "sync"
-    if backend == "sqlite":
-        eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    elif backend == "memory":
-        eq = Soniq("memory://")
-    else:
-        database_url = request.getfixturevalue("database_url")
-        eq = Soniq(database_url, driver=backend, schema=request.getfixturevalue("schema"))
+    eq = new_soniq(backend, request, tmp_path)
     api = Api(eq, colour or "async")
     await api.call("ensure_initialized")
     yield api
@@ -199,7 +195,7 @@ async def test_a_function_of_another_soniq_is_refused(api: Api, database_url: st
     @other.job
     def elsewhere() -> None: ...
 
-    with pytest.raises(Exception, match="not registered with this Soniq"):
+    with pytest.raises(UnknownJobError, match="not registered with this Soniq"):
         await api.call("enqueue", elsewhere)
 
 
@@ -228,7 +224,16 @@ async def test_missing_schema_says_to_migrate(database_url: str) -> None:
         ({"database_url": "postgresql://h:notaport/db"}, "malformed"),
         ({"database_url": "postgresql://h/db", "driver": "pg8000"}, "driver must be"),
         ({"database_url": "postgresql+asyncpg://h/db", "driver": "psycopg"}, "contradicts"),
-        ({"database_url": "postgresql://h/db", "schema": ""}, "schema"),
+        pytest.param(
+            {"database_url": "postgresql://h/db", "schema": ""},
+            "schema",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=ValueError,
+                reason="defect: an empty schema raises a plain ValueError, not the "
+                "ConfigurationError documented for invalid constructor arguments",
+            ),
+        ),
         ({"database_url": "postgresql://h/db", "pool_size": 0}, "pool_size"),
         ({"database_url": "sqlite://jobs.db"}, "sqlite:///relative"),
         ({"database_url": "memory://named"}, "memory://"),
@@ -237,7 +242,7 @@ async def test_missing_schema_says_to_migrate(database_url: str) -> None:
     ],
 )
 def test_bad_configuration(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises((ConfigurationError, ValueError), match=match):
+    with pytest.raises(ConfigurationError, match=match):
         Soniq(**kwargs)
 
 

@@ -19,9 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from soniq import WorkerConfig
 from soniq.core import limits, serialize
 from soniq.core.enqueue import Registry, build_spec, split_options
 from soniq.core.errors import (
+    ConfigurationError,
     JobArgumentsError,
     JobDefinitionError,
     SerializationError,
@@ -96,6 +98,8 @@ REFUSED: dict[str, tuple[dict[str, Any], type[Exception], tuple[str, ...]]] = {
     "infinite delay": ({"delay": math.inf}, ValueError, ("delay", "MAX_DELAY_SECONDS")),
     "NaN delay": ({"delay": math.nan}, ValueError, ("delay", ">= 0")),
     "negative delay": ({"delay": -1}, ValueError, ("delay", ">= 0", "run_at")),
+    "huge negative delay": ({"delay": -(10**400)}, ValueError, ("delay", ">= 0", "huge int")),
+    "huge int timeout": ({"timeout": 10**400}, ValueError, ("timeout", "MAX_TIMEOUT_SECONDS")),
     "delay not a number": ({"delay": "5"}, TypeError, ("delay", "timedelta")),
     "bool delay": ({"delay": True}, TypeError, ("delay",)),
     "far run_at": (
@@ -465,3 +469,18 @@ def test_limits_are_documented() -> None:
     for name in limits.__all__:
         line = next(i for i, text in enumerate(source.splitlines()) if text.startswith(name))
         assert source.splitlines()[line - 1].startswith("#:"), name
+
+
+@pytest.mark.parametrize(
+    ("queues", "problem"),
+    [
+        (["mail,sms"], "must not contain a comma"),
+        (["q" * 201], "more than the 200 allowed"),
+        ([""], "non-empty str"),
+        (["nul\x00"], "NUL"),
+        ([], "queue names"),
+    ],
+)
+def test_a_worker_takes_the_queue_names_enqueue_takes(queues: list[str], problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"queues: .*{problem}|{problem}"):
+        WorkerConfig(queues=queues)

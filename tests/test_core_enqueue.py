@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -141,7 +143,7 @@ def test_unknown_function_and_names(registry: Registry) -> None:
         spec_of(registry, 42)
 
 
-def test_definitions_that_cannot_be_jobs() -> None:
+def test_definitions_that_cannot_be_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = Registry()
 
     def takes_queue(queue: str) -> None: ...
@@ -154,9 +156,16 @@ def test_definitions_that_cannot_be_jobs() -> None:
         reg.register(positional)
     main_job = type(send_invoice)(send_invoice.__code__, {"__name__": "__main__"})
     main_job.__module__ = "__main__"
-    with pytest.raises(JobDefinitionError, match=r"__main__.*name="):
+    # A __main__ with no file (python -c, a REPL) gives no importable name.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    with pytest.raises(JobDefinitionError, match=r"__main__ with no importable name.*name="):
         reg.register(main_job)
     reg.register(main_job, name="named")  # with a name it is fine
+    # A script run as `python billing.py` names it as `soniq worker billing:eq` will.
+    script = types.ModuleType("__main__")
+    script.__file__ = "/srv/app/billing.py"
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert Registry().register(main_job).name == "billing.send_invoice"
 
     def send(x: int) -> None: ...
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from soniq import JobStatus, Soniq
-from soniq.core import outcomes
+from soniq.core import limits, outcomes
 from tests import hostile_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ async def test_every_hostile_body_ends_in_one_recorded_outcome(
             name,
             job.last_error[:200] if job.last_error else None,
         )
-        assert len(job.last_error) <= outcomes.MAX_ERROR_CHARS + 100, name
+        assert len(job.last_error) <= limits.MAX_ERROR_CHARS + 100, name
         assert job.result is None, name
     for n, job_id in enumerate(after):
         job = await hostile_eq.get_job(job_id)
@@ -86,8 +86,8 @@ def test_outcome_of_an_unprintable_or_enormous_error_is_readable() -> None:
         huge = outcomes.failed(1, 1, 0, exc, lambda: 0.5)
     assert huge.error is not None and huge.traceback is not None
     assert huge.error.startswith("ValueError: zzz") and huge.error.endswith("characters cut)")
-    assert len(huge.error) < outcomes.MAX_ERROR_CHARS + 100
-    assert len(huge.traceback) < outcomes.MAX_TRACEBACK_CHARS + 100
+    assert len(huge.error) < limits.MAX_ERROR_CHARS + 100
+    assert len(huge.traceback) < limits.MAX_TRACEBACK_CHARS + 100
     # The start (where it was raised) and the end are kept.
     assert huge.traceback.startswith("Traceback (most recent call last):")
     assert "characters cut" in huge.traceback
@@ -96,7 +96,7 @@ def test_outcome_of_an_unprintable_or_enormous_error_is_readable() -> None:
 def test_a_result_too_large_to_keep_is_reported_not_stored() -> None:
     kept = outcomes.succeeded(1, 1, "a" * 1000)
     assert (kept.result, kept.error) == ('"' + "a" * 1000 + '"', None)
-    dropped = outcomes.succeeded(1, 1, "a" * (outcomes.MAX_RESULT_CHARS + 1))
+    dropped = outcomes.succeeded(1, 1, "a" * (limits.MAX_RESULT_CHARS + 1))
     assert dropped.result is None
     assert dropped.error is not None and "over the 1,000,000 kept" in dropped.error
 

@@ -3,6 +3,10 @@
 
 Every job records each run in the ``runs`` table of the same schema, with its job id
 and attempt, so a test can prove that each job ran exactly once.
+
+``behind_gate`` jobs wait for the test to open a gate (an advisory lock the test
+holds: :func:`close_gate`, :func:`open_gate`), so a test decides when a running job
+ends instead of guessing how long it takes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ eq = Soniq(URL, schema=SCHEMA)
 _local = threading.local()
 
 RUNS_DDL = f'CREATE TABLE IF NOT EXISTS "{SCHEMA}".runs (job_id bigint, attempt int, note text)'
+#: The gate's advisory lock: one key per schema, so tests of other schemas never share it.
+GATE_KEY = f"hashtext('soniq-gate:{SCHEMA}')"
 
 
 async def _record_async(note: str = "") -> None:
@@ -68,12 +74,6 @@ def sync_sleep_then_record(seconds: float) -> None:
     _record_sync("finished")
 
 
-@eq.job(max_retries=2, backoff=__import__("soniq").Backoff(base=0.01, jitter=0))
-async def always_fails() -> None:
-    await _record_async()
-    raise RuntimeError("broken on purpose")
-
-
 @eq.job(max_retries=5)
 async def refuses_retry() -> None:
     await _record_async()
@@ -89,34 +89,22 @@ async def slow_first_attempt(seconds: float) -> None:
 
 
 @eq.job
-async def wait_for_cancel() -> None:
+async def behind_gate() -> None:
+    """Runs until the gate opens: "started", wait, "finished"."""
     await _record_async("started")
-    await asyncio.sleep(3600)
+    async with eq.backend.acquire() as conn, conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock_shared({GATE_KEY})")
+    await _record_async("finished")
 
 
-@eq.job
-def sync_wait_for_cancel() -> None:
-    _record_sync("started")
-    deadline = time.monotonic() + 60
-    while not current_job().cancelled and time.monotonic() < deadline:
-        time.sleep(0.01)
-    _record_sync("saw cancel" if current_job().cancelled else "timed out")
+def close_gate(conn: psycopg.Connection[Any]) -> None:
+    """Hold the gate shut on ``conn`` (an autocommit connection of the test's)."""
+    conn.execute(f"SELECT pg_advisory_lock({GATE_KEY})")
 
 
-@eq.job(timeout=0.2, max_retries=0)
-async def too_slow() -> None:
-    await asyncio.sleep(10)
-
-
-@eq.job(timeout=0.2, max_retries=0)
-def sync_too_slow() -> None:
-    time.sleep(1.0)
-
-
-@eq.job
-def blocks_the_loop_thread(seconds: float) -> None:
-    """A sync job is on a thread; this one is for checking the loop stays free."""
-    time.sleep(seconds)
+def open_gate(conn: psycopg.Connection[Any]) -> None:
+    """Let every ``behind_gate`` job through (closing ``conn`` opens it too)."""
+    conn.execute(f"SELECT pg_advisory_unlock({GATE_KEY})")
 
 
 @eq.job
@@ -125,10 +113,3 @@ async def blocks_the_loop(seconds: float) -> None:
     await _record_async("started")
     time.sleep(seconds)  # noqa: ASYNC251  (the point of this job)
     await _record_async("finished")
-
-
-def runs(conn: psycopg.Connection[Any]) -> list[tuple[int, int, str]]:
-    """All recorded runs, for assertions."""
-    return conn.execute(
-        f'SELECT job_id, attempt, note FROM "{SCHEMA}".runs ORDER BY 1, 2'
-    ).fetchall()

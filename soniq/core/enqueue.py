@@ -9,6 +9,8 @@ import datetime as dt
 import inspect
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -94,6 +96,22 @@ class Registry:
         return definition.name, definition
 
 
+def main_module_name() -> str | None:
+    """The name under which a worker imports the code running as ``__main__``: the
+    module's own name under ``python -m pkg.app``, the script's file name for
+    ``python app.py`` (``soniq worker app:eq`` imports it as ``app``), None where there
+    is no such name (a REPL, ``python -c``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    stem = os.path.basename(path)[: -len(".py")]
+    return stem if stem.isidentifier() else None
+
+
 def define_job(
     func: Callable[..., Any],
     *,
@@ -111,15 +129,18 @@ def define_job(
         raise JobDefinitionError(f"@eq.job decorates a function, got {type(func).__name__}")
     if name is None:
         module = getattr(func, "__module__", None)
+        qualname = func.__qualname__
         if module == "__main__":
-            raise JobDefinitionError(
-                f"job {func.__qualname__!r} is defined in __main__, so workers that import "
-                "your module would know it under another name; give it one with "
-                "@eq.job(name='...')"
-            )
-        name = f"{module}.{func.__qualname__}"
+            module = main_module_name()
+            if module is None or "<locals>" in qualname:
+                where = "inside a function" if module else "in __main__ with no importable name"
+                raise JobDefinitionError(
+                    f"job {qualname!r} is defined {where}, so a worker could not find "
+                    "it under the same name; give it one with @eq.job(name='...')"
+                )
+        name = f"{module}.{qualname}"
     _check_name(name)
-    _check_queue(queue)
+    check_queue(queue)
     max_retries = _check_max_retries(max_retries)
     priority = _check_priority(priority)
     timeout = _check_timeout(timeout)
@@ -228,7 +249,7 @@ def _spec_with_options(
             )
     if "queue" in options:
         queue = options["queue"]
-        _check_queue(queue)
+        check_queue(queue)
     if "priority" in options:
         priority = _check_priority(options["priority"])
     if "max_retries" in options:
@@ -248,7 +269,9 @@ def _check_name(name: object) -> None:
     )
 
 
-def _check_queue(queue: object) -> None:
+def check_queue(queue: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the problem if ``queue`` cannot be a
+    queue's name (empty, too long, a NUL, a surrogate, a comma)."""
     _check_text("queue", queue, limits.MAX_QUEUE_LENGTH, "MAX_QUEUE_LENGTH", "use a shorter name")
     assert isinstance(queue, str)
     if "," in queue:
@@ -306,8 +329,8 @@ def _check_timeout(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"timeout must be seconds (a number or timedelta) or None, got {value!r}")
     seconds = _seconds(value)
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {_short(value)}")
     if seconds > limits.MAX_TIMEOUT_SECONDS:
         raise ValueError(
             f"timeout must be at most {limits.MAX_TIMEOUT_SECONDS:,.0f} seconds (100 years, "
@@ -322,13 +345,13 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def _seconds(value: numbers.Real) -> float:
-    """``float(value)``, with an integer too large for a float giving infinity (which
-    the callers refuse by name) instead of an OverflowError."""
+def _seconds(value: Any) -> float:
+    """``float(value)``, with an integer too large for a float giving an infinity of
+    its sign (which the callers refuse by name) instead of an OverflowError."""
     try:
         return float(value)
     except OverflowError:
-        return math.inf
+        return math.inf if value > 0 else -math.inf
 
 
 def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, float]:
@@ -361,7 +384,7 @@ def _check_when(run_at: object, delay: object) -> tuple[dt.datetime | None, floa
     else:
         raise TypeError(f"delay must be seconds (a number) or a timedelta, got {delay!r}")
     if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"delay must be >= 0 seconds, got {delay!r}; use run_at for a time")
+        raise ValueError(f"delay must be >= 0 seconds, got {_short(delay)}; use run_at for a time")
     if seconds > limits.MAX_DELAY_SECONDS:
         raise ValueError(
             f"delay must be at most {limits.MAX_DELAY_SECONDS:,.0f} seconds (100 years, "

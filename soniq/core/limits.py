@@ -69,16 +69,30 @@ MAX_BATCH_JSON_CHARS = 32_000_000
 #: be written by one process and unreadable by the worker. Pass it as a string.
 MAX_INT_DIGITS = 640
 
+#: Characters of ``"Type: message"`` kept in a failed run's ``last_error``.
+MAX_ERROR_CHARS = 4_000
+
+#: Characters of a failed run's traceback kept in ``last_traceback`` (its start and
+#: its end, the middle cut).
+MAX_TRACEBACK_CHARS = 64_000
+
+#: Characters of JSON in a job's return value kept as its ``result``: the same bound
+#: as its arguments. A larger value leaves the job done with no result, and says so.
+MAX_RESULT_CHARS = MAX_ARGS_JSON_CHARS
+
 __all__ = [
     "MAX_ARGS_JSON_CHARS",
     "MAX_BATCH_JSON_CHARS",
     "MAX_DEDUPE_KEY_LENGTH",
     "MAX_DELAY_SECONDS",
+    "MAX_ERROR_CHARS",
     "MAX_INT_DIGITS",
     "MAX_JOB_NAME_LENGTH",
     "MAX_NESTING_DEPTH",
     "MAX_QUEUE_LENGTH",
+    "MAX_RESULT_CHARS",
     "MAX_RUN_AT",
     "MAX_TIMEOUT_SECONDS",
+    "MAX_TRACEBACK_CHARS",
     "MIN_RUN_AT",
 ]

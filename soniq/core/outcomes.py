@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from soniq.core import serialize, states
+from soniq.core import limits, serialize, states
 from soniq.core.errors import PermanentError
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.states import Event, JobStatus
@@ -39,33 +39,26 @@ class Outcome:
 
 _SUCCEEDED = states.next_status(JobStatus.RUNNING, Event.SUCCEED)
 
-#: ``last_error`` holds at most this many characters of ``"Type: message"``.
-MAX_ERROR_CHARS = 4_000
-#: ``last_traceback`` holds at most this many characters: its start and its end.
-MAX_TRACEBACK_CHARS = 64_000
-#: A job's return value is kept when its JSON has at most this many characters.
-MAX_RESULT_CHARS = 1_000_000
-
 
 def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` for ``last_error``, whatever the exception does: a failing
     or enormous ``str()`` gives a readable stand-in, never an error of its own."""
     name = _safe(lambda: type(exc).__qualname__)
-    message = _safe(lambda: str(exc), limit=MAX_ERROR_CHARS)
-    return _cut(f"{name}: {message}" if message else name, MAX_ERROR_CHARS)
+    message = _safe(lambda: str(exc), limit=limits.MAX_ERROR_CHARS)
+    return _cut(f"{name}: {message}" if message else name, limits.MAX_ERROR_CHARS)
 
 
 def format_traceback(exc: BaseException) -> str:
-    """The traceback for ``last_traceback``, cut to :data:`MAX_TRACEBACK_CHARS`
+    """The traceback for ``last_traceback``, cut to :data:`limits.MAX_TRACEBACK_CHARS`
     (start and end kept); a stand-in line if formatting it fails."""
     try:
         text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
     except BaseException as problem:  # a hostile __str__ may raise anything
         text = f"(the traceback could not be formatted: {describe_error(problem)})"
-    if len(text) <= MAX_TRACEBACK_CHARS:
+    if len(text) <= limits.MAX_TRACEBACK_CHARS:
         return text
-    head = MAX_TRACEBACK_CHARS // 4
-    tail = MAX_TRACEBACK_CHARS - head
+    head = limits.MAX_TRACEBACK_CHARS // 4
+    tail = limits.MAX_TRACEBACK_CHARS - head
     cut = len(text) - head - tail
     return f"{text[:head]}\n... {cut:,} characters cut ...\n{text[-tail:]}"
 
@@ -92,7 +85,7 @@ def _cut(text: str, limit: int) -> str:
 
 def succeeded(job_id: int, attempts: int, value: Any) -> Outcome:
     """The job returned ``value``; kept when it is JSON of at most
-    :data:`MAX_RESULT_CHARS`. Otherwise the job is still done, with no result, and
+    :data:`limits.MAX_RESULT_CHARS`. Otherwise the job is still done, with no result, and
     ``error`` says why the value was not stored (the worker logs it at WARNING)."""
     if value is None:  # the common case, on every job's path
         return Outcome(job_id, attempts, _SUCCEEDED)
@@ -101,8 +94,10 @@ def succeeded(job_id: int, attempts: int, value: Any) -> Outcome:
         result = serialize.dumps(value)
     except Exception as exc:  # a RecursionError, a broken __repr__...: any reason
         return Outcome(job_id, attempts, _SUCCEEDED, error=_not_stored(value, exc))
-    if len(result) > MAX_RESULT_CHARS:
-        reason = f"its JSON is {len(result):,} characters, over the {MAX_RESULT_CHARS:,} kept"
+    if len(result) > limits.MAX_RESULT_CHARS:
+        reason = (
+            f"its JSON is {len(result):,} characters, over the {limits.MAX_RESULT_CHARS:,} kept"
+        )
         return Outcome(job_id, attempts, _SUCCEEDED, error=_not_stored(value, reason))
     return Outcome(job_id, attempts, _SUCCEEDED, result=result)
 
@@ -113,7 +108,7 @@ def _not_stored(value: Any, reason: object) -> str:
         reason = describe_error(reason).replace("job '': argument 'result' ", "it ")
     kind = _safe(lambda: f"{type(value).__module__}.{type(value).__qualname__}")
     return _cut(
-        f"ResultNotStored: the job returned a {kind}, not stored: {reason}", MAX_ERROR_CHARS
+        f"ResultNotStored: the job returned a {kind}, not stored: {reason}", limits.MAX_ERROR_CHARS
     )
 
 

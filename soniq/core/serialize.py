@@ -138,14 +138,18 @@ def check_payload(batch: Sequence[Mapping[str, Any]], *, job: str) -> None:
             _check_size(batch[0], job, None)
         return
     sizes = check_batch(batch, job=job)
-    total = 0
+    measured = [False] * len(sizes)
     for index, size in enumerate(sizes):
         if size > limits.MAX_ARGS_JSON_CHARS:
-            size = _check_size(batch[index], job, index)
-        total += size
-    if total <= limits.MAX_BATCH_JSON_CHARS:
+            sizes[index] = _check_size(batch[index], job, index)
+            measured[index] = True
+    if sum(sizes) <= limits.MAX_BATCH_JSON_CHARS:
         return
-    exact = sum(len(_dumps(args)) + 1 for args in batch)
+    # Measure the jobs whose size is still a bound; the commas between jobs count too.
+    exact = len(batch) + sum(
+        size if known else len(_dumps(args))
+        for args, size, known in zip(batch, sizes, measured, strict=True)
+    )
     if exact > limits.MAX_BATCH_JSON_CHARS:
         each = max(1, limits.MAX_BATCH_JSON_CHARS * len(batch) // exact)
         raise SerializationError(

@@ -34,10 +34,11 @@ from typing import Any
 import attrs
 
 from soniq.core import outcomes
-from soniq.core.enqueue import Registry
+from soniq.core.enqueue import Registry, check_queue
 from soniq.core.errors import ConfigurationError
 from soniq.core.jobs import Claimed
 from soniq.core.outcomes import Outcome
+from soniq.core.states import JobStatus
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import AsyncBackend, WorkerOps
 from soniq.worker.context import JobContext
@@ -59,8 +60,13 @@ def _queues(value: Sequence[str] | None) -> tuple[str, ...] | None:
     if isinstance(value, str):
         value = [q for q in value.split(",") if q]
     queues = tuple(value)
-    if not queues or not all(isinstance(q, str) and q for q in queues):
-        raise ConfigurationError(f"queues must be None (all) or non-empty names, got {value!r}")
+    if not queues:
+        raise ConfigurationError(f"queues must be None (all) or queue names, got {value!r}")
+    for queue in queues:
+        try:
+            check_queue(queue)  # the rules of enqueue's queue=
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"queues: {exc}") from None
     return queues
 
 
@@ -127,7 +133,9 @@ class Worker:
         self._reconcile_needed = False
         self._stopping_completer = False
         self._random = random.Random().random
-        self._counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0}
+        # The summary line's counts: runs by final status, and retries.
+        self._counts = {s.value: 0 for s in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)}
+        self._counts["retried"] = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -492,8 +500,8 @@ class Worker:
                 outcome.error,
                 outcome.retry_in,
             )
-        elif status == "failed":
-            self._counts["failed"] += 1
+        elif outcome.status is JobStatus.FAILED:
+            self._counts[status] += 1
             log.error(
                 "job %s %s: failed after %d attempt(s): %s",
                 ctx.id,

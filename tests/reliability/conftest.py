@@ -1,10 +1,17 @@
 """The fault matrix (``nox -s reliability``): real worker processes, a PostgreSQL
 cluster of its own that the tests restart and crash, a fault-injecting proxy, a
-stateful model check and a soak. ``nox -s tests`` does not collect this directory.
+stateful model check and a soak.
 
-Every test here carries the ``reliability`` marker. Figures (jobs, kills, reruns,
-times) are collected with :func:`report` and printed at the end of the run under
-"reliability figures"; ``SONIQ_RELIABILITY_FIGURES=path.json`` also writes them there.
+Every test here carries the ``reliability`` marker, except those of ``FAST_FILES``
+(the bad-input matrix: quick, no processes, so it stays in the default run too). A
+run that did not ask for them deselects the marked tests: they run when a path given
+to pytest is in this directory (``pytest tests/reliability``, which is what
+``nox -s reliability`` does), when ``-m`` names the marker, or with
+``SONIQ_RELIABILITY=1``. So ``nox -s tests`` and a plain ``pytest`` stay quick.
+
+Figures (jobs, kills, reruns, times) are collected with :func:`report` and printed at
+the end of the run under "reliability figures"; ``SONIQ_RELIABILITY_FIGURES=path.json``
+also writes them there. ``SONIQ_SOAK_JOBS`` sizes the soak (100,000 by default).
 """
 
 from __future__ import annotations
@@ -38,11 +45,35 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
+#: Files here that are quick and need no process or cluster of their own: not marked,
+#: so the default run keeps them.
+FAST_FILES = frozenset({"test_bad_input_matrix.py"})
+
+
+def _asked_for(config: pytest.Config) -> bool:
+    if os.environ.get("SONIQ_RELIABILITY") == "1":
+        return True
+    if "reliability" in (config.option.markexpr or ""):
+        return True
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+        if path == HERE or HERE in path.parents:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = []
     for item in items:
-        if here in Path(str(item.fspath)).parents:
+        path = Path(str(item.fspath)).resolve()
+        if HERE in path.parents and path.name not in FAST_FILES:
             item.add_marker(pytest.mark.reliability)
+            marked.append(item)
+    if marked and not _asked_for(config):
+        config.hook.pytest_deselected(items=marked)
+        keep = {id(item) for item in marked}
+        items[:] = [item for item in items if id(item) not in keep]
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -1,4 +1,4 @@
-"""Worker processes of ``tests.worker_app`` for the fault matrix, and what a test
+"""Worker processes of ``tests.reliability.app`` for the fault matrix, and what a test
 counts afterwards: job statuses and runs per job (each run of ``record`` inserts a row
 into the schema's ``runs`` table before its outcome is written, so a job that ran
 twice shows two rows)."""
@@ -21,7 +21,7 @@ import psycopg
 from soniq import Soniq
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORD = "tests.worker_app.record"
+RECORD = "reliability.record"
 
 # Short enough that a killed worker's jobs come back within seconds.
 FAST_WORKER = (
@@ -65,11 +65,19 @@ def enqueue_records(
 
 
 class Workers:
-    """``soniq worker tests.worker_app:eq`` processes bound to one database and schema;
-    their output goes to files under ``logs`` (a pipe could fill and block them)."""
+    """``soniq worker tests.reliability.app:eq`` processes bound to one database and
+    schema; their output goes to files under ``logs`` (a pipe could fill and block
+    them). ``record_url``: where the jobs record their runs (default ``url``)."""
 
-    def __init__(self, url: str, schema: str, logs: Path, *args: str) -> None:
-        self.env = dict(os.environ, SONIQ_WORKER_APP_URL=url, SONIQ_WORKER_APP_SCHEMA=schema)
+    def __init__(
+        self, url: str, schema: str, logs: Path, *args: str, record_url: str | None = None
+    ) -> None:
+        self.env = dict(
+            os.environ,
+            SONIQ_RELIABILITY_URL=url,
+            SONIQ_RELIABILITY_SCHEMA=schema,
+            SONIQ_RELIABILITY_RECORD_URL=record_url or url,
+        )
         self.logs = logs
         self.args = args
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -83,7 +91,14 @@ class Workers:
             log = open(self.logs / f"worker-{self.started}.log", "wb")  # noqa: SIM115
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "soniq", "worker", "tests.worker_app:eq", *self.args],
+                    [
+                        sys.executable,
+                        "-m",
+                        "soniq",
+                        "worker",
+                        "tests.reliability.app:eq",
+                        *self.args,
+                    ],
                     cwd=ROOT,
                     env=self.env,
                     stdout=log,

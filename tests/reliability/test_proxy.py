@@ -74,7 +74,9 @@ def drain_through_fault(
     prepare(cluster_url, SCHEMA)
     ids = enqueue_records(cluster_url, SCHEMA, JOBS)
     url = through(cluster_url, proxy)
-    workers = Workers(url, SCHEMA, tmp_path / "logs", "--concurrency", "10", *FAST_WORKER)
+    workers = Workers(
+        url, SCHEMA, tmp_path / "logs", "--concurrency", "10", *FAST_WORKER, record_url=cluster_url
+    )
     workers.start(2)
     fault: dict[str, float] = {}
 

@@ -84,12 +84,14 @@ class MigrationPlan:
 
     @property
     def current_version(self) -> str:
-        """Select the applied version, or -1 when Soniq's tables do not exist; no DDL."""
+        """Select whether the migrations table exists (then :attr:`max_version` reads
+        the version); no DDL."""
         table = f"{quote_ident(self.schema)}.soniq_migrations"
         return f"SELECT to_regclass('{table.replace(chr(39), chr(39) * 2)}') IS NOT NULL"
 
     @property
     def max_version(self) -> str:
+        """Select the highest version applied (0 when none)."""
         return f"SELECT coalesce(max(version), 0) FROM {quote_ident(self.schema)}.soniq_migrations"
 
     def pending(self, applied: Iterable[int]) -> list[Migration]:

@@ -26,7 +26,6 @@ from soniq.core.states import Event, JobStatus
 ParamStyle = Literal["numeric", "format"]
 _DONE = states.next_status(JobStatus.RUNNING, Event.SUCCEED)
 _NUMERIC = re.compile(r"\$\d+")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
 def quote_ident(name: str) -> str:

@@ -240,14 +240,6 @@ def migrate(now: float) -> Operation[int]:
     return Operation(steps(), immediate=True)
 
 
-def script() -> str:
-    """The whole DDL as one script (for reading; drivers apply :func:`migrate`)."""
-    parts = [_BOOTSTRAP]
-    for migration in MIGRATIONS:
-        parts += migration.statements
-    return ";\n\n".join(parts) + ";\n"
-
-
 # -- rows ----------------------------------------------------------------------
 
 JOB_COLUMNS = (
