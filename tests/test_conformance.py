@@ -1,0 +1,415 @@
+"""The conformance suite: every backend operation, the same test on every backend
+(River's ``riverdrivertest`` is the model). A new operation without a test here is
+incomplete.
+
+The faces: the async backends (asyncpg, psycopg async, SQLite file, ``memory://``)
+run every operation; the blocking twins (psycopg sync, SQLite sync, memory sync) run
+those ``eq.sync`` has (insert, get, list, cancel). Each test states the rows it
+expects once, and every face must produce exactly them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import pytest
+
+from soniq import Job, Soniq
+from soniq.core import outcomes
+from soniq.core.outcomes import Outcome
+from tests.conftest import BACKENDS, new_soniq
+
+UTC = dt.timezone.utc
+SYNC_FACES = ("psycopg-sync", "sqlite-sync", "memory-sync")
+
+
+@attrs.define
+class Face:
+    """One backend seen through one face: enqueue, get, list and cancel as its users
+    call them (awaited here either way)."""
+
+    eq: Soniq
+    sync: bool
+
+    async def enqueue(self, job: str, **kwargs: Any) -> int:
+        if self.sync:
+            return self.eq.sync.enqueue(job, **kwargs)
+        return await self.eq.enqueue(job, **kwargs)
+
+    async def enqueue_many(self, job: str, args: list[dict[str, Any]], **kw: Any) -> list[int]:
+        if self.sync:
+            return self.eq.sync.enqueue_many(job, args, **kw)
+        return await self.eq.enqueue_many(job, args, **kw)
+
+    async def get(self, job_id: int) -> Job:
+        job = self.eq.sync.get_job(job_id) if self.sync else await self.eq.get_job(job_id)
+        assert job is not None, f"job {job_id} is gone"
+        return job
+
+    async def missing(self, job_id: int) -> bool:
+        job = self.eq.sync.get_job(job_id) if self.sync else await self.eq.get_job(job_id)
+        return job is None
+
+    async def cancel(self, job_id: int) -> bool:
+        if self.sync:
+            return self.eq.sync.cancel_job(job_id)
+        return await self.eq.cancel_job(job_id)
+
+    async def queued(self, name: str | None = None, queue: str | None = None) -> list[int]:
+        backend: Any = self.eq.sync.backend if self.sync else self.eq.backend
+        jobs = backend.list_jobs(name, queue)
+        if not self.sync:
+            jobs = await jobs
+        return [job.id for job in jobs]
+
+
+def _backend(face: str) -> str:
+    return "asyncpg" if face == "psycopg-sync" else face.removesuffix("-sync")
+
+
+@pytest.fixture(params=BACKENDS + SYNC_FACES)
+async def face(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Face]:
+    eq = new_soniq(_backend(request.param), request, tmp_path)
+    await eq.ensure_initialized()
+    yield Face(eq, request.param.endswith("-sync"))
+    await eq.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
+    """A backend whose async face runs the worker's operations too."""
+    app = new_soniq(request.param, request, tmp_path)
+    await app.ensure_initialized()
+    yield app
+    await app.close()
+
+
+def row(job: Job) -> tuple[Any, ...]:
+    """What every backend must agree on about a job."""
+    return (
+        job.name,
+        job.queue,
+        dict(job.args),
+        job.status.value,
+        job.priority,
+        job.attempts,
+        job.claims,
+        job.max_retries,
+        job.timeout,
+        job.dedupe_key,
+        job.cancel_requested,
+        job.result,
+    )
+
+
+# -- insert -------------------------------------------------------------------------------
+
+
+async def test_insert_one(face: Face) -> None:
+    before = dt.datetime.now(UTC)
+    job_id = await face.enqueue(
+        "c.job", n=1, queue="q", priority=5, max_retries=2, timeout=9.5, delay=60
+    )
+    job = await face.get(job_id)
+    assert row(job) == ("c.job", "q", {"n": 1}, "queued", 5, 0, 0, 2, 9.5, None, False, None)
+    assert job.worker_id is None and job.last_error is None
+    assert job.started_at is None and job.finished_at is None
+    assert job.created_at.tzinfo is not None and job.run_at.tzinfo is not None
+    assert before - dt.timedelta(seconds=5) <= job.created_at <= dt.datetime.now(UTC)
+    assert abs((job.run_at - job.created_at).total_seconds() - 60) < 1
+
+    at = dt.datetime(2031, 5, 6, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert (await face.get(await face.enqueue("c.job", run_at=at))).run_at == at
+
+
+async def test_insert_many_in_input_order(face: Face) -> None:
+    ids = await face.enqueue_many("c.job", [{"n": n} for n in range(5)], queue="bulk")
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert [(await face.get(i)).args for i in ids] == [{"n": n} for n in range(5)]
+    assert {(await face.get(i)).queue for i in ids} == {"bulk"}
+    assert await face.enqueue_many("c.job", []) == []
+
+
+async def test_dedupe_returns_the_holder_until_it_finishes(face: Face) -> None:
+    first = await face.enqueue("c.job", n=1, dedupe_key="k")
+    assert await face.enqueue("c.job", n=2, dedupe_key="k") == first
+    assert (await face.get(first)).args == {"n": 1}  # the duplicate's arguments dropped
+    assert await face.cancel(first) is True  # finished: the key is free again
+    second = await face.enqueue("c.job", n=3, dedupe_key="k")
+    assert second != first
+    assert row(await face.get(second))[2:4] == ({"n": 3}, "queued")
+
+
+async def test_list_queued_by_name_and_queue(face: Face) -> None:
+    a = await face.enqueue("c.a", queue="q1")
+    b = await face.enqueue("c.b", queue="q1", delay=3600)  # scheduled jobs are queued too
+    c = await face.enqueue("c.a", queue="q2")
+    done = await face.enqueue("c.a", queue="q1")
+    await face.cancel(done)
+    assert await face.queued() == [a, b, c]
+    assert await face.queued(name="c.a") == [a, c]
+    assert await face.queued(queue="q1") == [a, b]
+    assert await face.queued(name="c.a", queue="q2") == [c]
+
+
+async def test_cancel_queued_finished_and_unknown(face: Face) -> None:
+    job_id = await face.enqueue("c.job")
+    assert await face.cancel(job_id) is True
+    job = await face.get(job_id)
+    assert job.status.value == "cancelled" and job.finished_at is not None
+    assert await face.cancel(job_id) is False  # finished already
+    assert await face.cancel(10**12) is False  # no such job
+    assert await face.missing(10**12)
+
+
+# -- in a caller's transaction (PostgreSQL's faces) ------------------------------------------
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+async def test_insert_in_a_callers_transaction(eq: Soniq, database_url: str, commit: bool) -> None:
+    if eq.backend.name not in ("asyncpg", "psycopg"):
+        with pytest.raises(ValueError, match="needs PostgreSQL"):
+            await eq.enqueue("c.job", connection=object())
+        return
+    conn = await _connect(eq.backend.name, database_url)
+    try:
+        tx = conn.transaction()
+        await tx.start() if eq.backend.name == "asyncpg" else await tx.__aenter__()
+        ids = [
+            await eq.enqueue("c.job", connection=conn, n=1),
+            *await eq.enqueue_many("c.job", [{"n": 2}, {"n": 3}], connection=conn),
+        ]
+        assert await eq.get_job(ids[0]) is None  # not committed: invisible outside
+        if eq.backend.name == "asyncpg":
+            await (tx.commit() if commit else tx.rollback())
+        elif commit:
+            await tx.__aexit__(None, None, None)
+        else:
+            await tx.__aexit__(RuntimeError, RuntimeError("roll back"), None)
+    finally:
+        await conn.close()
+    found = [await eq.get_job(i) for i in ids]
+    if commit:
+        assert [j.args if j else None for j in found] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    else:
+        assert found == [None, None, None]
+
+    with psycopg.connect(database_url) as sync_conn:  # the sync twin's face
+        sync_id = eq.sync.enqueue("c.job", connection=sync_conn, n=4)
+        if not commit:
+            sync_conn.rollback()
+    assert (eq.sync.get_job(sync_id) is None) is not commit
+
+
+async def _connect(driver: str, url: str) -> Any:
+    if driver == "asyncpg":
+        import asyncpg
+
+        return await asyncpg.connect(url)
+    return await psycopg.AsyncConnection.connect(url)
+
+
+# -- claim ----------------------------------------------------------------------------------
+
+
+async def test_claim_by_priority_then_run_at_then_id_skipping_future_jobs(eq: Soniq) -> None:
+    now = dt.datetime.now(UTC)
+    low = await eq.enqueue("c.job", priority=0, run_at=now - dt.timedelta(seconds=10))
+    high_late = await eq.enqueue("c.job", priority=9, run_at=now - dt.timedelta(seconds=1))
+    high_early = await eq.enqueue("c.job", priority=9, run_at=now - dt.timedelta(seconds=5))
+    low_same = await eq.enqueue("c.job", priority=0, run_at=now - dt.timedelta(seconds=10))
+    await eq.enqueue("c.job", priority=99, delay=3600)  # not due
+
+    first = await eq.backend.claim_jobs(2, "w", None)
+    rest = await eq.backend.claim_jobs(10, "w", None)
+    assert [c.id for c in first] == [high_early, high_late]
+    assert [c.id for c in rest] == [low, low_same]
+    assert {(c.attempts, c.claims) for c in first + rest} == {(1, 1)}
+    job = await eq.get_job(low)
+    assert job is not None and job.status.value == "running" and job.worker_id == "w"
+    assert job.started_at is not None
+    assert await eq.backend.claim_jobs(10, "w", None) == []
+
+
+async def test_claim_only_the_queues_asked_for(eq: Soniq) -> None:
+    a = await eq.enqueue("c.job", queue="a")
+    b = await eq.enqueue("c.job", queue="b")
+    c = await eq.enqueue("c.job", queue="c")
+    assert [j.id for j in await eq.backend.claim_jobs(10, "w", ["b"])] == [b]
+    assert [j.id for j in await eq.backend.claim_jobs(10, "w", ["c", "a"])] == [a, c]
+    assert await eq.backend.claim_jobs(10, "w", []) == []
+
+
+async def test_claimed_job_carries_what_the_worker_needs(eq: Soniq) -> None:
+    job_id = await eq.enqueue("c.job", n=1, queue="q", max_retries=4, timeout=2.5)
+    [claimed] = await eq.backend.claim_jobs(1, "w", None)
+    assert (claimed.id, claimed.name, claimed.queue, claimed.args) == (
+        job_id,
+        "c.job",
+        "q",
+        {"n": 1},
+    )
+    assert (claimed.attempts, claimed.max_retries, claimed.timeout) == (1, 4, 2.5)
+
+
+# -- finish: fenced by worker and attempt --------------------------------------------------
+
+
+async def _claimed(eq: Soniq, **options: Any) -> int:
+    job_id = await eq.enqueue("c.job", **options)
+    [claimed] = await eq.backend.claim_jobs(1, "w", None)
+    assert claimed.id == job_id
+    return job_id
+
+
+async def _finish(eq: Soniq, outcome: Outcome, worker: str = "w", keep: bool = True) -> None:
+    await eq.backend.finish_jobs([outcome], worker, keep=keep)
+
+
+async def test_finish_is_fenced_by_worker_and_attempt(eq: Soniq) -> None:
+    job_id = await _claimed(eq)
+    await _finish(eq, outcomes.succeeded(job_id, 1, None), worker="other")
+    await _finish(eq, outcomes.succeeded(job_id, 2, None))
+    job = await eq.get_job(job_id)
+    assert job is not None and job.status.value == "running"  # neither write applied
+    await _finish(eq, outcomes.succeeded(job_id, 1, {"ok": True}))
+    job = await eq.get_job(job_id)
+    assert job is not None
+    assert row(job)[3:] == ("done", 0, 1, 1, 3, None, None, False, {"ok": True})
+    assert job.finished_at is not None and job.worker_id == "w"
+
+
+async def test_fail_retry_and_give_up(eq: Soniq) -> None:
+    job_id = await _claimed(eq, max_retries=1)
+    error = RuntimeError("boom")
+    retry = outcomes.failed(job_id, 1, 1, error, lambda: 0.5)
+    assert retry.retry_in is not None
+    await _finish(eq, retry)
+    job = await eq.get_job(job_id)
+    assert job is not None
+    assert (job.status.value, job.attempts, job.last_error) == ("queued", 1, "RuntimeError: boom")
+    assert job.worker_id is None and job.finished_at is None
+    assert job.run_at > dt.datetime.now(UTC)  # backed off
+    assert await eq.backend.claim_jobs(1, "w", None) == []
+
+    await _finish(eq, attrs.evolve(retry, retry_in=0.0))  # no longer this run: ignored
+    fresh = await eq.enqueue("c.job", max_retries=0)
+    [claimed] = await eq.backend.claim_jobs(1, "w", None)
+    assert claimed.id == fresh
+    await _finish(eq, outcomes.failed(fresh, 1, 0, error, lambda: 0.5))
+    job = await eq.get_job(fresh)
+    assert job is not None and (job.status.value, job.attempts) == ("failed", 1)
+    assert job.finished_at is not None
+
+
+async def test_finished_jobs_are_deleted_without_retention(eq: Soniq) -> None:
+    done = await _claimed(eq)
+    await _finish(eq, outcomes.succeeded(done, 1, None), keep=False)
+    assert await eq.get_job(done) is None
+    retried = await _claimed(eq)
+    await _finish(eq, outcomes.failed(retried, 1, 3, ValueError("x"), lambda: 0.5), keep=False)
+    job = await eq.get_job(retried)
+    assert job is not None and job.status.value == "queued"  # a retry is not finished
+
+
+async def test_cancel_a_running_job_records_the_request(eq: Soniq) -> None:
+    job_id = await _claimed(eq)
+    assert await eq.cancel_job(job_id) is True
+    job = await eq.get_job(job_id)
+    assert job is not None and (job.status.value, job.cancel_requested) == ("running", True)
+    ops = eq.backend.maintenance()
+    try:
+        assert ops.cancel_requests("w") == [job_id]
+        assert ops.cancel_requests("other") == []
+    finally:
+        ops.close()
+    await _finish(eq, outcomes.cancelled(job_id, 1))
+    job = await eq.get_job(job_id)
+    assert job is not None and job.status.value == "cancelled"
+
+
+# -- put back: release, rescue, reconcile ------------------------------------------------------
+
+
+async def test_release_puts_back_without_counting(eq: Soniq) -> None:
+    job_id = await _claimed(eq)
+    await _finish(eq, outcomes.released(job_id, 1))
+    job = await eq.get_job(job_id)
+    assert job is not None
+    assert (job.status.value, job.attempts, job.claims, job.worker_id) == ("queued", 0, 1, None)
+
+
+async def test_rescue_puts_back_the_jobs_of_unknown_workers_counting_the_attempt(
+    eq: Soniq,
+) -> None:
+    await eq.backend.register_worker("alive", "h", 1, None, 1)
+    mine = await eq.enqueue("c.job")
+    theirs = await eq.enqueue("c.job")
+    last_try = await eq.enqueue("c.job", max_retries=0)
+    assert [c.id for c in await eq.backend.claim_jobs(1, "alive", None)] == [mine]
+    assert [c.id for c in await eq.backend.claim_jobs(2, "ghost", None)] == [theirs, last_try]
+    ops = eq.backend.maintenance()
+    try:
+        assert sorted(ops.rescue_stale(30)) == [(theirs, "queued"), (last_try, "failed")]
+    finally:
+        ops.close()
+    rows = {i: await eq.get_job(i) for i in (mine, theirs, last_try)}
+    assert rows[mine] is not None and rows[mine].status.value == "running"
+    lost = "WorkerLost: worker ghost stopped heartbeating"
+    for job_id, status in ((theirs, "queued"), (last_try, "failed")):
+        job = rows[job_id]
+        assert job is not None
+        assert (job.status.value, job.attempts, job.last_error) == (status, 1, lost)
+
+
+async def test_reconcile_puts_back_what_the_worker_does_not_hold(eq: Soniq) -> None:
+    held = await eq.enqueue("c.job")
+    lost = await eq.enqueue("c.job")
+    await eq.backend.claim_jobs(2, "w", None)
+    assert await eq.backend.reconcile("w", [held]) == 1
+    kept, put_back = await eq.get_job(held), await eq.get_job(lost)
+    assert kept is not None and kept.status.value == "running"
+    assert put_back is not None
+    assert (put_back.status.value, put_back.attempts, put_back.claims) == ("queued", 0, 0)
+    assert await eq.backend.reconcile("w", [held]) == 0
+
+
+# -- workers and pruning ----------------------------------------------------------------------
+
+
+async def test_heartbeat_register_and_unregister(eq: Soniq) -> None:
+    await eq.backend.register_worker("w1", "host", 42, ["a", "b"], 3)
+    ops = eq.backend.maintenance()
+    try:
+        assert ops.heartbeat("w1") is True
+        assert ops.heartbeat("nobody") is False
+        await eq.backend.unregister_worker("w1")
+        assert ops.heartbeat("w1") is False
+        ops.register_worker("w1", "host", 42, None, 3)  # the heartbeat re-registers
+        assert ops.heartbeat("w1") is True
+    finally:
+        ops.close()
+
+
+async def test_prune_deletes_finished_jobs_in_batches(eq: Soniq) -> None:
+    finished = [await _claimed(eq) for _ in range(3)]
+    for job_id in finished:
+        await _finish(eq, outcomes.succeeded(job_id, 1, None))
+    cancelled = await eq.enqueue("c.job")
+    await eq.cancel_job(cancelled)
+    waiting = await eq.enqueue("c.job")
+    ops = eq.backend.maintenance()
+    try:
+        assert ops.prune_finished(3600, 10) == 0  # none is an hour old
+        assert ops.prune_finished(-1, 2) == 2
+        assert ops.prune_finished(-1, 10) == 2
+        assert ops.prune_finished(-1, 10) == 0
+    finally:
+        ops.close()
+    assert [await eq.get_job(i) for i in [*finished, cancelled]] == [None] * 4
+    assert await eq.get_job(waiting) is not None
