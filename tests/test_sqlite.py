@@ -677,6 +677,7 @@ async def test_schema_is_versioned_and_checked(tmp_path: Path) -> None:
         newer.sync.close()
 
 
+@pytest.mark.slow
 def test_processes_migrating_one_new_file_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/jobs.db"
     procs = [
