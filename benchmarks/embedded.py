@@ -198,7 +198,7 @@ def settings(tmp: Path) -> dict[str, dict[str, str]]:
         app = ej.make_soniq(str(tmp / f"settings-soniq-{level}.db"), level)
         app.sync.ensure_initialized()
         backend = app.sync.backend
-        conn = soniq_sqlite.connect(backend.path, backend.synchronous)  # type: ignore[attr-defined]
+        conn = backend.database.connect()  # type: ignore[attr-defined]
         try:
             out[f"soniq {level}"] = _pragmas(conn)
         finally:

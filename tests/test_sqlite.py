@@ -33,6 +33,9 @@ from soniq.core import outcomes
 from soniq.core.jobs import JobSpec
 from soniq.core.sql import sqlite as sq
 from soniq.drivers import sqlite as driver
+from soniq.drivers.sqlite import backends as sqlite_backends
+from soniq.drivers.sqlite import connection as sqlite_connection
+from soniq.drivers.sqlite import writes as sqlite_writes
 from tests.conftest import async_wait_until, wait_until
 from tests.sqlite_app import read_log
 
@@ -174,7 +177,7 @@ async def test_the_url_chooses_the_synchronous_level_of_every_connection(
         levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
         return conn
 
-    monkeypatch.setattr(driver, "connect", connect)
+    monkeypatch.setattr(sqlite_connection, "connect", connect)
     eq = Soniq(f"sqlite:///{tmp_path}/jobs.db{query}")
     try:
         await eq.ensure_initialized()
@@ -231,7 +234,7 @@ def traced_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         conn.set_trace_callback(statements.append)
         return conn
 
-    monkeypatch.setattr(driver, "connect", connect)
+    monkeypatch.setattr(sqlite_connection, "connect", connect)
     return statements
 
 
@@ -292,11 +295,11 @@ def test_writes_failed_together_each_get_their_own_copy_of_the_error() -> None:
     def raise_locked() -> None:
         raise sqlite3.OperationalError("database is locked")
 
-    writes = [driver._Write(_failing_write, None, linger=False) for _ in range(3)]
+    writes = [sqlite_writes.Write(_failing_write, None, linger=False) for _ in range(3)]
     try:
         raise_locked()
     except sqlite3.OperationalError as exc:
-        driver._fail_unsettled(writes, exc)
+        sqlite_writes._fail_unsettled(writes, exc)
         original = exc
     errors = [w.future.exception(timeout=0) for w in writes]
     assert len({id(e) for e in errors}) == 3 and original not in errors
@@ -317,7 +320,7 @@ async def test_a_write_that_fails_unexpectedly_reaches_its_caller(
     """Should the thread's write loop itself ever raise (a bug), the waiting caller
     gets the error instead of waiting forever, and the next write works."""
 
-    monkeypatch.setattr(driver, "run_together", _broken_write_loop)
+    monkeypatch.setattr(sqlite_writes, "run_together", _broken_write_loop)
     with pytest.raises(RuntimeError, match="boom"):
         await asyncio.wait_for(eq.enqueue("some.job"), 10)
     monkeypatch.undo()
@@ -337,11 +340,11 @@ def test_a_caller_cancelling_while_the_write_loop_fails_keeps_the_others_settled
                 self.cancel()  # the caller's task is cancelled at this very moment
             return finished
 
-    monkeypatch.setattr(driver, "run_together", _broken_write_loop)
-    thread = driver._SqliteThread(driver.SqliteFile(str(tmp_path / "jobs.db"), "NORMAL"))
-    first = driver._Write(lambda: sq.get_job(1), None, False)
+    monkeypatch.setattr(sqlite_writes, "run_together", _broken_write_loop)
+    thread = sqlite_writes.WriteThread(driver.SqliteFile(str(tmp_path / "jobs.db"), "NORMAL"))
+    first = sqlite_writes.Write(lambda: sq.get_job(1), None, False)
     first.future = CancelledOnLook()
-    second = driver._Write(lambda: sq.get_job(1), None, False)
+    second = sqlite_writes.Write(lambda: sq.get_job(1), None, False)
     thread.writes = [first, second]
     thread._run_writes()
     assert first.future.cancelled()
@@ -418,7 +421,7 @@ def test_a_sync_line_longer_than_a_group_commits_in_several_turns_in_order(
 ) -> None:
     """A leader whose own write is beyond the group it took commits that group, then
     waits its turn again: every write is committed once, in the order they came."""
-    monkeypatch.setattr(driver, "MAX_GROUP", 2)
+    monkeypatch.setattr(sqlite_writes, "MAX_GROUP", 2)
     statements = traced_connections(monkeypatch)
     with sync_leader_held_by_a_lock(tmp_path, 7) as (eq, turns, pool, first, locker):
         later = queue_enqueues(eq, turns, pool, range(1, 7))
@@ -440,14 +443,14 @@ def test_a_sync_leader_interrupted_tells_its_group_and_the_line_goes_on(
     """The thread committing a group is interrupted: it raises the interruption, the
     others hear that their outcome is unknown (not the interruption itself), and the
     next writer is not held up."""
-    real_run_together = driver.run_together
+    real_run_together = sqlite_writes.run_together
 
     def interrupted_when_grouped(conn: sqlite3.Connection, writes: Any) -> None:
         if len(writes) > 1:
             raise Interrupted
         real_run_together(conn, writes)
 
-    monkeypatch.setattr(driver, "run_together", interrupted_when_grouped)
+    monkeypatch.setattr(sqlite_writes, "run_together", interrupted_when_grouped)
     with sync_leader_held_by_a_lock(tmp_path, 3) as (eq, turns, pool, first, locker):
         grouped = queue_enqueues(eq, turns, pool, range(1, 3))
         locker.execute("COMMIT")
@@ -541,7 +544,7 @@ async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(
     eq: Soniq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
-    monkeypatch.setattr(driver, "LINGER", 5.0)  # a slow machine still groups them
+    monkeypatch.setattr(sqlite_writes, "LINGER", 5.0)  # a slow machine still groups them
     await eq.enqueue_many("some.job", [{"n": n} for n in range(4)])
     claimed = await backend.claim_jobs(2, "w", None)
     statements: list[str] = []
@@ -555,7 +558,7 @@ async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(
     assert len(more) == 2
     assert statements.count("COMMIT") == 1
     # Alone, completions are written all the same, at most LINGER later.
-    monkeypatch.setattr(driver, "LINGER", 0.002)
+    monkeypatch.setattr(sqlite_writes, "LINGER", 0.002)
     done = [outcomes.succeeded(c.id, c.attempts, None) for c in more]
     await asyncio.wait_for(backend.finish_jobs(done, "w", keep=True), 5)
     for c in claimed + more:
@@ -854,10 +857,10 @@ async def test_an_enqueue_in_this_process_wakes_the_worker_at_once(eq: Soniq) ->
     async def wake(n: int) -> None:
         done.append(n)
 
-    key = driver._key(db_path(eq))
+    key = sqlite_connection._key(db_path(eq))
 
     async def listening() -> bool:
-        return bool(driver._listeners.get(key))
+        return bool(sqlite_backends._listeners.get(key))
 
     async def ran() -> bool:
         return done == [1]

@@ -1,0 +1,461 @@
+"""The SQLite backends: :class:`SqliteBackend` (``eq``), :class:`SqliteSyncBackend`
+(``eq.sync``) and :class:`SqliteMaintenance` (a worker's heartbeat thread), and how
+an enqueue wakes the workers of this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any, NoReturn, TypeVar
+
+from soniq.core import outcomes as outcome_of
+from soniq.core.errors import ConfigurationError
+from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.outcomes import Outcome
+from soniq.core.sql import sqlite as sq
+from soniq.core.sql.sqlite import Operation
+from soniq.drivers._common import sync_owner
+from soniq.drivers.sqlite.connection import (
+    SYNCHRONOUS,
+    SqliteDatabase,
+    SqliteFile,
+    migrate,
+    run,
+)
+from soniq.drivers.sqlite.writes import Write, WriteThread, WriteTurns
+
+T = TypeVar("T")
+
+#: How long a worker's claim waits for more of its running jobs to free their slots
+#: (``claim_gather``): one claim for all of them is one commit instead of several.
+CLAIM_GATHER = 0.001
+#: Idle connections a :class:`SqliteSyncBackend` keeps for its callers' threads.
+MAX_IDLE = 4
+
+#: Connections inherited from the parent process after a fork: never used and never
+#: closed in the child (closing could checkpoint or unlock behind the parent's back).
+_inherited: list[sqlite3.Connection] = []
+
+
+# -- waking this process's workers -------------------------------------------------
+
+_Listener = tuple[asyncio.AbstractEventLoop, Callable[[str], None]]
+_listeners_lock = threading.Lock()
+_listeners: dict[str, list[_Listener]] = {}
+
+
+def _add_listener(key: str, listener: _Listener) -> None:
+    with _listeners_lock:
+        _listeners.setdefault(key, []).append(listener)
+
+
+def _remove_listener(key: str, listener: _Listener) -> None:
+    with _listeners_lock:
+        found = _listeners.get(key, [])
+        with contextlib.suppress(ValueError):
+            found.remove(listener)
+        if not found:
+            _listeners.pop(key, None)
+
+
+def _wake(key: str, queues: str) -> None:
+    """Tell the workers of this process that listen on the database ``key`` (on their
+    loops)."""
+    with _listeners_lock:
+        targets = list(_listeners.get(key, ()))
+    for listener in targets:
+        loop, callback = listener
+        try:
+            loop.call_soon_threadsafe(callback, queues)
+        except RuntimeError:  # its loop is closed: it will never listen again
+            _remove_listener(key, listener)
+
+
+def _inserted_ids(key: str, inserted: sq.Inserted) -> list[int]:
+    """Once an insert committed: wake this process's workers, hand back the ids."""
+    if inserted.wake is not None:
+        _wake(key, inserted.wake)
+    return inserted.ids
+
+
+def _refuse_connection(name: str) -> NoReturn:
+    raise ValueError(
+        f"connection=: transactional enqueue needs PostgreSQL; the {name} backend has no "
+        "caller's transaction to join. Leave connection= out, or use a postgresql:// "
+        "database_url"
+    )
+
+
+def _no_pool(name: str) -> NoReturn:
+    raise ConfigurationError(
+        f"the {name} backend has no connection pool to lend: acquire() needs a "
+        "postgresql:// database_url"
+    )
+
+
+def _database(database: str | SqliteDatabase, synchronous: str) -> SqliteDatabase:
+    return SqliteFile(database, synchronous) if isinstance(database, str) else database
+
+
+# -- the heartbeat thread's session --------------------------------------------------
+
+
+class SqliteMaintenance:
+    """A worker's heartbeat thread's operations, on a connection of its own."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        self._conn = database.connect()
+        self._clock = database.clock
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Refresh the heartbeat; False if the worker was declared dead meanwhile."""
+        return run(self._conn, sq.heartbeat(worker_id, self._clock()))
+
+    def register_worker(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str] | None,
+        concurrency: int,
+    ) -> None:
+        """Record the worker (again)."""
+        op = sq.register_worker(worker_id, hostname, pid, queues, concurrency, self._clock())
+        run(self._conn, op)
+
+    def cancel_requests(self, worker_id: str) -> list[int]:
+        """Ids of the worker's running jobs whose cancellation was requested."""
+        return run(self._conn, sq.cancel_requests(worker_id))
+
+    def rescue_stale(self, stale_after: float) -> list[tuple[int, str]]:
+        """Put back the running jobs of dead workers: (id, new status) pairs."""
+        return run(self._conn, sq.rescue_stale(stale_after, self._clock()))
+
+    def prune_finished(self, older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
+        return run(self._conn, sq.prune_finished(older_than, limit, self._clock()))
+
+    def close(self) -> None:
+        """Close the session's connection."""
+        self._conn.close()
+
+
+# -- async ---------------------------------------------------------------------------
+
+
+class SqliteBackend:
+    """The async backend of ``sqlite:///path``: every operation runs on this backend's
+    own thread and connection, so the event loop never blocks on SQLite. Usable from
+    any event loop; after a fork the child opens a new thread and connection."""
+
+    accepts_connections = False
+    claim_lanes = 1
+    claim_gather = CLAIM_GATHER
+
+    def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
+        #: Where the jobs are (a path is a file with this ``synchronous`` level).
+        self.database = _database(database, synchronous)
+        self.name = self.database.name
+        self._lock = threading.Lock()
+        self._current: WriteThread | None = None
+        self._owner: object = None
+
+    @property
+    def path(self) -> str:
+        """The database file (for ``memory://``, the database's name in this process)."""
+        return self.database.path
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
+        _no_pool(self.name)
+
+    # -- plumbing
+
+    def _thread(self) -> WriteThread:
+        with self._lock:
+            owner = sync_owner()
+            current = self._current
+            if current is None or self._owner != owner:
+                if current is not None and current.conn is not None:
+                    _inherited.append(current.conn)  # the parent's: leave it alone
+                current = self._current = WriteThread(self.database)
+                self._owner = owner
+            return current
+
+    def _submit(self, work: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        while True:  # a thread being closed takes nothing new: the next one does
+            future = self._thread().submit(work)
+            if future is not None:
+                return future
+
+    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self._submit(work))
+
+    def _write(
+        self,
+        build: Callable[[], Operation[Any]],
+        committed: Callable[[Any], T] | None = None,
+        *,
+        linger: bool = False,
+    ) -> Future[T]:
+        """Queue a write for the thread; the writes that queue while it is busy commit
+        together (:func:`run_together`). A ``linger`` write (a worker's completions)
+        alone in the queue waits up to :data:`LINGER` seconds for another to commit
+        with: the worker's next claim almost always follows at once."""
+        write = Write(build, committed, linger)
+        while not self._thread().write(write):  # that thread is being closed
+            pass
+        return write.future
+
+    async def _commit(
+        self,
+        build: Callable[[], Operation[Any]],
+        committed: Callable[[Any], T] | None = None,
+        *,
+        linger: bool = False,
+    ) -> T:
+        """:meth:`_write`, awaited."""
+        return await asyncio.wrap_future(self._write(build, committed, linger=linger))
+
+    # -- operations
+
+    async def migrate(self, *, apply: bool) -> int:
+        """Create or upgrade the schema (``apply=False``: only check it)."""
+        return await self._call(lambda conn: migrate(conn, self.database.clock(), apply=apply))
+
+    async def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
+        """Insert the jobs of one enqueue call; ids in input order."""
+        if conn is not None:
+            _refuse_connection(self.name)
+        return await self._commit(
+            lambda: sq.insert_jobs(spec, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """The job, or None."""
+        op = sq.get_job(job_id)  # validates the id here, not on the thread
+        return await self._call(lambda conn: run(conn, op))
+
+    async def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
+        """Queued jobs, optionally of one name and/or queue, by id."""
+        if conn is not None:
+            _refuse_connection(self.name)
+        op = sq.list_jobs(name, queue)
+        return await self._call(lambda c: run(c, op))
+
+    async def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job, or request cancellation of a running one."""
+        # Built here, not on the thread: it validates the id.
+        op = sq.cancel_job(job_id, self.database.clock())
+        return await self._commit(lambda: op)
+
+    async def claim_jobs(
+        self, limit: int, worker_id: str, queues: Sequence[str] | None
+    ) -> list[Claimed]:
+        """Claim up to ``limit`` ready jobs for ``worker_id``.
+
+        If the caller is cancelled while the claim runs on the thread, the claim still
+        completes there; the jobs it took are then put back (attempt not counted), as
+        nobody will run them. A claim cancelled before it started never runs.
+        """
+        future: Future[list[Claimed]] = self._write(
+            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock())
+        )
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: self._put_back(f, worker_id))
+            raise
+
+    def _put_back(self, future: Future[list[Claimed]], worker_id: str) -> None:
+        """Release the jobs of a claim nobody received (called when the claim ends:
+        on the SQLite thread, or at once if it had ended)."""
+        if future.cancelled() or future.exception() is not None or not future.result():
+            return
+        released = [outcome_of.released(c.id, c.attempts) for c in future.result()]
+        clock = self.database.clock
+        self._write(lambda: sq.finish_jobs(released, worker_id, keep=True, now=clock()))
+
+    @contextlib.asynccontextmanager
+    async def worker_session(self) -> AsyncIterator[SqliteBackend]:
+        """No connection to hold: a worker's loops use the backend itself."""
+        yield self
+
+    async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
+        """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
+        finished ones)."""
+        await self._commit(
+            lambda: sq.finish_jobs(outcomes, worker_id, keep=keep, now=self.database.clock()),
+            linger=True,
+        )
+
+    async def register_worker(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: Sequence[str] | None,
+        concurrency: int,
+    ) -> None:
+        """Record a worker; its heartbeat starts now."""
+        await self._commit(
+            lambda: sq.register_worker(
+                worker_id, hostname, pid, queues, concurrency, self.database.clock()
+            )
+        )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped cleanly."""
+        await self._commit(lambda: sq.unregister_worker(worker_id))
+
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        """Put back the worker's running jobs that it does not hold; how many."""
+        return await self._commit(lambda: sq.reconcile(worker_id, held))
+
+    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
+        """Call ``on_notify(queues)`` on this loop when this process enqueues due jobs
+        on the same file (any Soniq, any thread), until cancelled. Other processes
+        cannot be heard: the worker's polling finds their jobs."""
+        listener = (asyncio.get_running_loop(), on_notify)
+        _add_listener(self.database.key, listener)
+        try:
+            on_ready()
+            await listener[0].create_future()  # forever: only cancellation ends it
+        finally:
+            _remove_listener(self.database.key, listener)
+
+    def maintenance(self) -> SqliteMaintenance:
+        """A blocking session on a connection of its own, for the heartbeat thread."""
+        return SqliteMaintenance(self.database)
+
+    async def close(self) -> None:
+        """Close the connection and end the thread, after what was queued on them; a
+        later call opens new ones."""
+        with self._lock:
+            thread, self._current = self._current, None
+            mine = self._owner == sync_owner()
+        if thread is None or not mine:
+            return
+        await asyncio.wrap_future(thread.close())
+
+
+# -- blocking ------------------------------------------------------------------------
+
+
+class SqliteSyncBackend:
+    """The blocking backend of ``sqlite:///path`` (``eq.sync``). Safe to call from
+    several threads at once: reads take a connection of a small pool each; writes
+    commit in turns, grouped (:class:`WriteTurns`)."""
+
+    accepts_connections = False
+
+    def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
+        #: Where the jobs are (a path is a file with this ``synchronous`` level).
+        self.database = _database(database, synchronous)
+        self.name = self.database.name
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._owner: object = sync_owner()
+        self._generation = 0  # bumped by close(): connections of before are not kept
+        self._turns = WriteTurns()
+
+    @property
+    def path(self) -> str:
+        """The database file (for ``memory://``, the database's name in this process)."""
+        return self.database.path
+
+    def acquire(self) -> AbstractContextManager[Any]:
+        """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
+        _no_pool(self.name)
+
+    def _adopt_after_fork(self) -> None:
+        """Under ``self._lock``: after a fork, the parent's idle connections stay its own
+        and its line of writes is not ours (the threads in it are not in this process)."""
+        if self._owner != sync_owner():
+            _inherited.extend(self._idle)
+            self._idle, self._owner = [], sync_owner()
+            self._turns = WriteTurns()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._adopt_after_fork()
+            generation = self._generation
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self.database.connect()
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                keep = (
+                    generation == self._generation
+                    and not conn.in_transaction
+                    and len(self._idle) < MAX_IDLE
+                )
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    def _run(self, op: Operation[T]) -> T:
+        with self._connection() as conn:
+            return run(conn, op)
+
+    def _commit(
+        self, build: Callable[[], Operation[Any]], committed: Callable[[Any], T] | None = None
+    ) -> T:
+        """Run a write in turn (:class:`WriteTurns`); ``committed`` maps its value
+        once it is committed."""
+        with self._lock:
+            self._adopt_after_fork()
+            turns = self._turns
+        result: T = turns.write(build, committed, self._connection)
+        return result
+
+    def migrate(self, *, apply: bool) -> int:
+        """Create or upgrade the schema (``apply=False``: only check it)."""
+        with self._connection() as conn:
+            return migrate(conn, self.database.clock(), apply=apply)
+
+    def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
+        """Insert the jobs of one enqueue call; ids in input order."""
+        if conn is not None:
+            _refuse_connection(self.name)
+        return self._commit(
+            lambda: sq.insert_jobs(spec, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+
+    def get_job(self, job_id: int) -> Job | None:
+        """The job, or None."""
+        return self._run(sq.get_job(job_id))
+
+    def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
+        """Queued jobs, optionally of one name and/or queue, by id."""
+        if conn is not None:
+            _refuse_connection(self.name)
+        return self._run(sq.list_jobs(name, queue))
+
+    def cancel_job(self, job_id: int) -> bool:
+        """Cancel a queued job, or request cancellation of a running one."""
+        # Built here, in the caller: it validates the id.
+        op = sq.cancel_job(job_id, self.database.clock())
+        return self._commit(lambda: op)
+
+    def close(self) -> None:
+        """Close the idle connections (busy ones close when their call returns)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+            mine = self._owner == sync_owner()
+        if mine:
+            for conn in idle:
+                conn.close()

@@ -1,0 +1,344 @@
+"""Group commit: writes that queue up while a connection is busy commit together, in
+one transaction, each in a savepoint (:func:`run_together`). Two lines feed it:
+
+- :class:`WriteThread`, the async backend's one thread: the event loop queues writes
+  for it, and those that queue while it commits go in its next transaction; a
+  worker's completions (``linger``) wait up to :data:`LINGER` for its next claim.
+- :class:`WriteTurns`, the blocking backend's callers' threads: they wait in line, and
+  one of them at a time commits the front of the line on its own thread.
+
+Both are needed: the async backend must never run SQLite on the event loop's thread
+(so it owns a thread), while blocking callers already have threads of their own, and
+handing their writes to another thread would cost each a hand-off.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from soniq.core.sql.sqlite import Operation
+from soniq.drivers.sqlite.connection import SqliteDatabase, _drive, _roll_back, _translated, run
+
+T = TypeVar("T")
+log = logging.getLogger("soniq")
+
+#: How long a worker's completions wait for its next claim, to commit with it: one
+#: fsync for both halves the commits of a busy worker; an idle one writes them late by
+#: this much.
+LINGER = 0.002
+#: Most writes one turn of a :class:`WriteTurns` commits together.
+MAX_GROUP = 64
+
+
+class Write:
+    """A write waiting for the backend's thread: how to build its operation (on the
+    thread, so it reads the clock when it runs), what to do with its value once
+    committed, and the future its caller waits on."""
+
+    __slots__ = ("build", "committed", "future", "linger")
+
+    def __init__(
+        self,
+        build: Callable[[], Operation[Any]],
+        committed: Callable[[Any], Any] | None,
+        linger: bool,
+    ) -> None:
+        self.build = build
+        self.committed = committed
+        self.linger = linger
+        self.future: Future[Any] = Future()
+
+    def settle(self, value: Any) -> None:
+        try:
+            if self.committed is not None:
+                value = self.committed(value)
+        except BaseException as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(value)
+
+
+def _fail_unsettled(writes: Sequence[Write], exc: BaseException) -> None:
+    """Give ``exc`` to each write not settled yet, a copy each (their callers may
+    raise it in several threads at once, and raising an exception rewrites its
+    traceback). Only one thread settles a write, but a caller may cancel a pending
+    one at any moment: that one is left alone."""
+    for write in writes:
+        future = write.future
+        if future.done():
+            continue
+        with contextlib.suppress(InvalidStateError):
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(_own_copy(exc))
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` with its traceback, cause and context (where it was raised)."""
+    try:
+        clone = copy.copy(exc)
+    except Exception:  # an exception class that cannot be rebuilt from its args
+        return exc
+    clone.__cause__ = exc.__cause__
+    clone.__context__ = exc.__context__
+    clone.__suppress_context__ = exc.__suppress_context__
+    return clone.with_traceback(exc.__traceback__)
+
+
+def _interrupted(exc: BaseException) -> RuntimeError:
+    """What the other writes of a group hear when the thread committing them is
+    interrupted (KeyboardInterrupt, a signal handler's SystemExit): that thread
+    raises the interruption itself."""
+    return RuntimeError(
+        f"the thread committing this write was interrupted ({type(exc).__name__}) "
+        "before its outcome was known: it may or may not have been committed"
+    )
+
+
+def run_together(conn: sqlite3.Connection, writes: Sequence[Write]) -> None:
+    """Run the writes that queued up while the thread was busy in one ``BEGIN
+    IMMEDIATE`` transaction: one commit, so one fsync at ``synchronous=FULL``, for all
+    (group commit: a worker's completions and its next claim usually travel
+    together). Each runs in a savepoint, so one that fails is undone alone and only
+    its caller sees the error. Results are handed out after ``COMMIT``: nobody hears
+    of a write that could still be lost. An interruption (KeyboardInterrupt, a signal
+    handler's exception) rolls back and propagates: :func:`commit_together` tells the
+    writes."""
+    # A caller cancelled before its write started does not want it (a claim nobody
+    # would run); once started, a write cannot be cancelled.
+    live = [w for w in writes if w.future.set_running_or_notify_cancel()]
+    if not live:
+        return
+    if len(live) == 1:  # alone: as the operation asks (a lone enqueue needs no BEGIN)
+        write = live[0]
+        try:
+            value = run(conn, write.build())
+        except Exception as exc:
+            write.future.set_exception(exc)
+        else:
+            write.settle(value)
+        return
+    outcomes: list[tuple[Write, Any, BaseException | None]] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for write in live:
+            conn.execute("SAVEPOINT soniq_write")
+            try:
+                value = _drive(conn, write.build())
+            except Exception as exc:
+                conn.execute("ROLLBACK TO soniq_write")
+                outcomes.append((write, None, _translated(exc)))
+            else:
+                outcomes.append((write, value, None))
+            conn.execute("RELEASE soniq_write")
+        conn.execute("COMMIT")
+    except Exception as exc:
+        _roll_back(conn)
+        _fail_unsettled(live, _translated(exc))
+        return
+    except BaseException:
+        _roll_back(conn)
+        raise
+    for write, value, error in outcomes:
+        if error is not None:
+            write.future.set_exception(error)
+        else:
+            write.settle(value)
+
+
+def commit_together(
+    connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    writes: Sequence[Write],
+) -> None:
+    """:func:`run_together` on a connection of ``connection()``, and every write settled
+    whatever happens: when no database can be opened, each caller hears why; should
+    run_together itself fail (a bug), each hears that rather than wait forever; when
+    this thread is interrupted, each hears that its outcome is unknown, and the
+    interruption propagates."""
+    opened = False
+    try:
+        with connection() as conn:
+            opened = True
+            run_together(conn, writes)
+    except Exception as exc:
+        if opened:
+            log.exception("SQLite writes failed unexpectedly")
+        _fail_unsettled(writes, exc)
+    except BaseException as exc:
+        _fail_unsettled(writes, _interrupted(exc))
+        raise
+
+
+class WriteThread:
+    """One thread of a :class:`SqliteBackend`, its connection and its queue of writes.
+    The backend replaces it after ``close()`` or a fork; what was queued on it runs on
+    it, before it closes."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        self.database = database
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
+        self.conn: sqlite3.Connection | None = None  # used on the thread only
+        self.writes_changed = threading.Condition()
+        self.writes: list[Write] = []  # queued for the thread's next transaction
+        self.closing = False
+
+    def submit(self, work: Callable[[sqlite3.Connection], T]) -> Future[T] | None:
+        """Run ``work`` on the thread with its connection; None once closing."""
+        with self.writes_changed:
+            if self.closing:
+                return None
+            return self.executor.submit(self._on_thread, work)
+
+    def write(self, write: Write) -> bool:
+        """Queue ``write`` for the thread's next transaction; False once closing."""
+        with self.writes_changed:
+            if self.closing:
+                return False
+            self.writes.append(write)
+            if len(self.writes) == 1:
+                # Submitted under the lock, so never after close()'s last task.
+                self.executor.submit(self._run_writes)
+            elif not write.linger:
+                self.writes_changed.notify()
+        return True
+
+    def close(self) -> Future[None]:
+        """Take nothing new, close the connection after what was queued, end."""
+        with self.writes_changed:
+            self.closing = True
+            done = self.executor.submit(self._close_connection)
+        self.executor.shutdown(wait=False)
+        return done
+
+    def _connection(self) -> sqlite3.Connection:
+        if self.conn is None:
+            self.conn = self.database.connect()
+        return self.conn
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # a failed rollback: do not reuse the connection
+                self.conn = None
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._connected() as conn:
+            return work(conn)
+
+    def _run_writes(self) -> None:
+        with self.writes_changed:
+            self.writes_changed.wait_for(
+                lambda: not all(w.linger for w in self.writes), timeout=LINGER
+            )
+            writes, self.writes = self.writes, []
+        commit_together(self._connected, writes)
+
+    def _close_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
+class WriteTurns:
+    """The writes of a :class:`SqliteSyncBackend`'s threads, committed in turns.
+
+    Threads that each took SQLite's write lock on a connection of their own would
+    fight for it in SQLite's busy handler, which sleeps 1, 2, 5, ... up to 100 ms at a
+    time however soon the lock frees (a loser can wait most of a second while others
+    win), and each would pay a commit (an fsync at FULL) of its own. Here they queue
+    in Python instead, first come first served. One of the waiting threads at a time
+    leads: it takes the writes at the front of the line (up to :data:`MAX_GROUP`,
+    its own among them unless the line is longer) and commits them in one
+    transaction on its own thread (:func:`run_together`: one commit, each write in a
+    savepoint so a failing one fails alone); then any waiting thread whose write is
+    not done leads the next turn. A thread writing alone leads at once and runs its
+    write as if there were no line.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._line: collections.deque[Write] = collections.deque()  # not taken yet
+        self._leading = False
+
+    def write(
+        self,
+        build: Callable[[], Operation[Any]],
+        committed: Callable[[Any], Any] | None,
+        connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    ) -> Any:
+        """Commit ``build()``'s operation in turn, perhaps with others, and return its
+        value (mapped by ``committed`` once committed). A writer that finds nobody
+        writing and nobody waiting runs its operation at once, as if there were no
+        line: the common case of one thread pays for no future and no hand-off."""
+        leading = False
+        try:
+            with self._changed:
+                if not self._leading and not self._line:
+                    leading = True  # before the flag: the finally clears it
+                    self._leading = True
+            if leading:
+                with connection() as conn:
+                    value = run(conn, build())
+        finally:
+            if leading:
+                self._hand_over()
+        if leading:
+            return value if committed is None else committed(value)
+        return self._write_in_line(Write(build, committed, linger=False), connection)
+
+    def _write_in_line(
+        self,
+        write: Write,
+        connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    ) -> Any:
+        queued = False
+        while True:
+            leading = False
+            group: list[Write] = []
+            try:
+                with self._changed:
+                    try:
+                        if not queued:
+                            self._line.append(write)
+                            queued = True
+                        while self._leading and not write.future.done():
+                            self._changed.wait()
+                    except BaseException:
+                        # Interrupted (KeyboardInterrupt, a signal handler's
+                        # SystemExit): dropped, unless a leader has taken it.
+                        with contextlib.suppress(ValueError):
+                            self._line.remove(write)
+                        raise
+                    if write.future.done():
+                        break
+                    leading = True  # before the flag: the finally clears it
+                    self._leading = True
+                    group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
+                commit_together(connection, group)
+            except BaseException as exc:
+                if leading:  # interrupted before commit_together took the group over
+                    _fail_unsettled(group, _interrupted(exc))
+                raise
+            finally:
+                if leading:
+                    self._hand_over()
+        return write.future.result()
+
+    def _hand_over(self) -> None:
+        """End this thread's turn: a waiting thread whose write is not done leads next."""
+        with self._changed:
+            self._leading = False
+            self._changed.notify_all()
