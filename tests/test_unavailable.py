@@ -497,3 +497,54 @@ def test_the_worker_starts_when_the_database_comes_back(
         f'SELECT status FROM "{schema}".soniq_jobs WHERE id = %s', (job_id,)
     ).fetchone()
     assert status == ("done",)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_an_exhausted_pool_fails_after_acquire_timeout(
+    driver: str, database_url: str, schema: str
+) -> None:
+    """The one connection is lent and not given back: the next call waits
+    acquire_timeout for it, then raises (and works again once it is back)."""
+    eq = Soniq(database_url, driver=driver, schema=schema, pool_size=1, acquire_timeout=0.5)
+    await eq.ensure_initialized()
+    async with eq.backend.acquire():
+        start = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match=r"acquire_timeout|PoolTimeout"):
+            await eq.get_job(1)
+        assert 0.4 < time.monotonic() - start < BOUND
+    assert await eq.get_job(1) is None
+    await eq.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_exhausted_sync_pool_fails_after_acquire_timeout(database_url: str, schema: str) -> None:
+    eq = Soniq(database_url, schema=schema, pool_size=1, acquire_timeout=0.5)
+    eq.sync.ensure_initialized()
+    with eq.sync.backend.acquire():
+        start = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            eq.sync.get_job(1)
+        assert 0.4 < time.monotonic() - start < BOUND
+    assert eq.sync.get_job(1) is None
+    eq.sync.close()
+
+
+def test_the_wait_flag_and_setting_are_validated() -> None:
+    from soniq.cli import _parser
+
+    args = _parser().parse_args(["worker", "m:eq", "--wait-for-database", "0"])
+    assert args.wait_for_database == 0
+    assert _parser().parse_args(["worker", "m:eq"]).wait_for_database == 60
+    for bad in ("-1", "inf", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["worker", "m:eq", "--wait-for-database", bad])
+
+
+@pytest.mark.parametrize("wait", [-1, float("nan"), "60", True])
+async def test_run_worker_refuses_a_bad_wait(wait: object) -> None:
+    from soniq import ConfigurationError
+
+    eq = Soniq("memory://")
+    with pytest.raises(ConfigurationError, match="wait_for_database"):
+        await eq.run_worker(burst=True, wait_for_database=wait)  # type: ignore[arg-type]
