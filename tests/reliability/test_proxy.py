@@ -28,7 +28,6 @@ from tests.reliability.proxy import FaultProxy
 from tests.reliability.test_pg_restart import (
     BOUND,
     PROMISED_OPTIONS,
-    UNAVAILABLE_PENDING,
     _faces,
     _timed_calls,
 )
@@ -159,7 +158,6 @@ def test_workers_recover_from_a_half_open_link(
     assert alive == 2 and codes == [0, 0], f"{codes}:\n{workers.output()}"
 
 
-@UNAVAILABLE_PENDING
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("mode", "options", "bound"),
