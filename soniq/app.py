@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
-from soniq.core.errors import ConfigurationError
+from soniq.core.errors import ConfigurationError, DatabaseUnavailable
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.sql.postgres import PostgresQueries, quote_ident
-from soniq.drivers._common import split_postgres_url
+from soniq.drivers._common import redact_url, scrub, split_postgres_url
 from soniq.drivers.base import AsyncBackend, SyncBackend
 from soniq.drivers.embedded import (
     DEFAULT_SQLITE_URL,
@@ -41,40 +43,90 @@ log = logging.getLogger("soniq")
 # and psycopg costs ~0.3 s, which an embedded user's process (and worker start) need
 # not pay.
 _ASYNC_DRIVERS = ("asyncpg", "psycopg")
+#: Defaults of ``Soniq(connect_timeout=..., acquire_timeout=...)``, in seconds.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_ACQUIRE_TIMEOUT = 10.0
 
 
-def _postgres_async_driver(kind: str, dsn: str, schema: str, max_size: int) -> AsyncBackend:
+def _postgres_async_driver(kind: str, config: _Config) -> AsyncBackend:
+    options: dict[str, Any] = {
+        "schema": config.schema,
+        "max_size": config.pool_size,
+        "connect_timeout": config.connect_timeout,
+        "acquire_timeout": config.acquire_timeout,
+    }
     if kind == "asyncpg":
         from soniq.drivers.asyncpg import AsyncpgDriver
 
-        return AsyncpgDriver(dsn, schema=schema, max_size=max_size)
+        return AsyncpgDriver(config.dsn, **options)
     from soniq.drivers.psycopg_async import PsycopgAsyncDriver
 
-    return PsycopgAsyncDriver(dsn, schema=schema, max_size=max_size)
+    return PsycopgAsyncDriver(config.dsn, **options)
+
+
+def _seconds(name: str, value: object) -> float:
+    """``value`` as a positive, finite number of seconds, or ConfigurationError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 class _Config:
     """What both colours share: where the database is, the schema, the jobs."""
 
     def __init__(
-        self, database_url: str | None, driver: str | None, schema: str, pool_size: int
+        self,
+        database_url: str | None,
+        driver: str | None,
+        schema: str,
+        pool_size: int,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
     ) -> None:
         url = database_url if database_url is not None else os.environ.get("SONIQ_DATABASE_URL")
         if url is None:
             url = DEFAULT_SQLITE_URL
+        try:
+            self._read(url, database_url, driver, schema, pool_size)
+            message = None
+        except ConfigurationError as exc:
+            # Whatever parsed the URL may have quoted it: never show its password.
+            message = scrub(str(exc), url)
+            if message == str(exc):
+                raise
+        if message is not None:  # raised here, the quoting error is not its __context__
+            raise ConfigurationError(message)
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.acquire_timeout = _seconds("acquire_timeout", acquire_timeout)
+
+    def _read(
+        self,
+        url: str,
+        database_url: str | None,
+        driver: str | None,
+        schema: str,
+        pool_size: int,
+    ) -> None:
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError(f"pool_size must be an int >= 1, got {pool_size!r}")
         self.pool_size = pool_size
+        #: The URL as messages and reprs may show it (no password).
+        self.shown_url = redact_url(url)
         self.registry = Registry()
         self.kind, self.location = embedded_location(url)
         if self.kind != "postgres":
             if driver is not None:
                 raise ConfigurationError(
-                    f"driver={driver!r} applies to PostgreSQL; {url!r} is {self.kind}"
+                    f"driver={driver!r} applies to PostgreSQL; {self.shown_url!r} is {self.kind}"
                 )
             if schema != "public":
                 raise ConfigurationError(
-                    f"schema={schema!r} applies to PostgreSQL; {url!r} is {self.kind}, "
+                    f"schema={schema!r} applies to PostgreSQL; {self.shown_url!r} is {self.kind}, "
                     "whose tables are not in schemas (use another file instead)"
                 )
             if self.kind == "sqlite" and database_url is None:
@@ -104,6 +156,14 @@ class Soniq:
     says the same. ``sqlite:///path.db`` and ``memory://`` choose the embedded
     backends. ``Soniq()`` reads ``SONIQ_DATABASE_URL``, and without it uses the SQLite
     file ``soniq.db`` in the working directory (its absolute path is logged).
+
+    On PostgreSQL, ``connect_timeout`` (seconds, default 5) bounds opening a
+    connection, and ``acquire_timeout`` (default 10) waiting for one of the pool's;
+    a call that needs the database fails past them with
+    :class:`soniq.DatabaseUnavailable`, which names host, port and database. (psycopg
+    rounds ``connect_timeout`` up to whole seconds, at least 2, per address of the
+    host.) A connection passed as ``connection=`` is the caller's: Soniq sets no
+    timeout on it.
     """
 
     def __init__(
@@ -113,8 +173,16 @@ class Soniq:
         driver: str | None = None,
         schema: str = "public",
         pool_size: int = 10,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
     ) -> None:
-        self._adopt(_Config(database_url, driver, schema, pool_size))
+        self._adopt(
+            _Config(database_url, driver, schema, pool_size, connect_timeout, acquire_timeout)
+        )
+
+    def __repr__(self) -> str:
+        cfg = self._config
+        return f"Soniq({cfg.shown_url!r}, driver={cfg.driver!r}, schema={cfg.schema!r})"
 
     def _adopt(self, config: _Config) -> None:
         self._config = config
@@ -129,7 +197,7 @@ class Soniq:
         cfg = self._config
         if kind in EMBEDDED:
             return embedded_backend(cfg.location)
-        return _postgres_async_driver(kind, cfg.dsn, cfg.schema, cfg.pool_size)
+        return _postgres_async_driver(kind, cfg)
 
     @property
     def sync(self) -> SyncSoniq:
@@ -245,6 +313,7 @@ class Soniq:
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
         burst: bool = False,
+        wait_for_database: float = 0,
         **settings: Any,
     ) -> None:
         """Run a worker in this event loop until the task is cancelled (or, with
@@ -253,11 +322,45 @@ class Soniq:
         :class:`soniq.WorkerConfig` fields (``poll_interval``, ``listen``,
         ``stale_after``, ``shutdown_timeout``, ``retention``, ...). Installs no signal
         handler: the CLI does that.
+
+        ``wait_for_database`` (seconds, default 0): when the database is unavailable
+        at start, retry with back-off for up to that long, logging a WARNING per try,
+        before raising :class:`soniq.DatabaseUnavailable` (``soniq worker`` waits 60 s
+        by default; ``--wait-for-database``).
         """
         config = WorkerConfig(queues=queues, concurrency=concurrency, burst=burst, **settings)
-        await self.ensure_initialized()
+        await self._initialize_waiting(wait_for_database)
         worker = Worker(backend=self.backend, registry=self.registry, config=config)
         await worker.run()
+
+    async def _initialize_waiting(self, wait: float) -> None:
+        """:meth:`ensure_initialized`, retried with back-off (0.5 s doubling to 5 s)
+        while the database is unavailable, for up to ``wait`` seconds."""
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            raise ConfigurationError(
+                f"wait_for_database must be a number of seconds >= 0, got {wait!r}"
+            )
+        deadline = time.monotonic() + wait
+        delay = 0.5
+        while True:
+            try:
+                await self.ensure_initialized()
+                return
+            except DatabaseUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if wait:
+                        raise DatabaseUnavailable(
+                            f"{exc} (gave up after waiting {wait:g} s)",
+                            host=exc.host,
+                            port=exc.port,
+                            database=exc.database,
+                        ) from exc
+                    raise
+                pause = min(delay, left)
+                log.warning("%s; retrying in %.1f s (giving up in %.1f s)", exc, pause, left)
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:
         """Close Soniq's pools (the async one, and the sync twin's if it was used)."""
@@ -296,10 +399,18 @@ class SyncSoniq:
             from soniq.drivers.psycopg_sync import PsycopgSyncDriver
 
             self.backend = PsycopgSyncDriver(
-                config.dsn, schema=config.schema, max_size=config.pool_size
+                config.dsn,
+                schema=config.schema,
+                max_size=config.pool_size,
+                connect_timeout=config.connect_timeout,
+                acquire_timeout=config.acquire_timeout,
             )
         self._psycopg2_runner: Psycopg2Runner | None = None
         self._initialized = False
+
+    def __repr__(self) -> str:
+        cfg = self._config
+        return f"SyncSoniq({cfg.shown_url!r}, schema={cfg.schema!r})"
 
     def ensure_initialized(self, *, migrate: bool = True) -> None:
         """Blocking :meth:`Soniq.ensure_initialized`."""
@@ -343,6 +454,7 @@ class SyncSoniq:
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
         burst: bool = False,
+        wait_for_database: float = 0,
         **settings: Any,
     ) -> None:
         """Blocking :meth:`Soniq.run_worker`: runs the same asyncio worker with
@@ -353,7 +465,11 @@ class SyncSoniq:
         async def run() -> None:
             try:
                 await app.run_worker(
-                    queues=queues, concurrency=concurrency, burst=burst, **settings
+                    queues=queues,
+                    concurrency=concurrency,
+                    burst=burst,
+                    wait_for_database=wait_for_database,
+                    **settings,
                 )
             finally:
                 await app.close()

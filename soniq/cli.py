@@ -3,7 +3,10 @@
 ``soniq worker module:eq [--queues a,b] [--concurrency N] [--burst]`` runs a worker
 for the Soniq instance ``eq`` of ``module``. SIGTERM or SIGINT stops it gracefully
 (running jobs get ``--shutdown-timeout`` seconds, then are put back) and it exits 0;
-a second signal exits at once with status 1.
+a second signal exits at once with status 1. When the database is unavailable at
+start, the worker retries with back-off for ``--wait-for-database`` seconds (default
+60; 0 fails at once), logging a WARNING that names host, port and database per try,
+then exits 1 with a one-line message.
 
 ``soniq migrate --database-url URL [--schema S]`` applies pending migrations;
 ``soniq migrate --sql [--schema S]`` prints the DDL instead, for projects that migrate
@@ -66,8 +69,26 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds between polls when no NOTIFY arrives (default 1)",
     )
+    worker.add_argument(
+        "--wait-for-database",
+        type=_non_negative_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="when the database is unavailable at start, retry for this long before "
+        "exiting 1 (default 60; 0 = fail at once)",
+    )
     worker.add_argument("--log-level", default="INFO", help="DEBUG shows a line per job")
     return parser
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +178,7 @@ def _worker(args: argparse.Namespace) -> int:
                 stale_after=args.stale_after,
                 heartbeat_interval=args.heartbeat_interval,
                 poll_interval=args.poll_interval,
+                wait_for_database=args.wait_for_database,
             )
         except asyncio.CancelledError:
             pass

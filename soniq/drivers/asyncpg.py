@@ -3,6 +3,9 @@
 Owns a lazily created ``asyncpg.Pool``, bound to the running event loop and replaced
 after a fork or on another loop; runs core statements on it or on a caller's
 connection. ``$n`` placeholders.
+
+Every connection it opens has ``connect_timeout``, every checkout from its pool
+``acquire_timeout``; a failure of either is :class:`soniq.DatabaseUnavailable`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ from asyncpg.pool import PoolConnectionProxy
 from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
-from soniq.drivers._common import async_owner, schema_missing
+from soniq.drivers._common import Target, async_owner, redact_url, schema_missing
 from soniq.drivers.postgres_async import PostgresAsyncOps
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (asyncpg.Connection, PoolConnectionProxy)
+
+#: What opening or checking out a connection raises when the server is down, silent,
+#: refuses us (starting up, too many clients, authentication) or the name does not
+#: resolve. Mapped to DatabaseUnavailable; statements' own errors are not.
+_CANNOT_CONNECT = (OSError, TimeoutError, asyncpg.PostgresError)
 
 
 class AsyncpgDriver(PostgresAsyncOps):
@@ -31,8 +39,19 @@ class AsyncpgDriver(PostgresAsyncOps):
 
     name = "asyncpg"
 
-    def __init__(self, dsn: str, *, schema: str, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self.dsn = dsn
+        #: Host, port, database and timeouts, for errors (see :class:`Target`).
+        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
         self.queries = PostgresQueries(schema, "numeric")
         self.migrations = MigrationPlan(schema)
         self._min_size = min_size
@@ -40,13 +59,23 @@ class AsyncpgDriver(PostgresAsyncOps):
         self._pool: asyncpg.Pool | None = None
         self._owner: object = None
 
+    def __repr__(self) -> str:
+        return f"AsyncpgDriver({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+
     async def _get_pool(self) -> asyncpg.Pool:
         owner = async_owner()
         if self._pool is not None and self._owner == owner:
             return self._pool
-        pool = await asyncpg.create_pool(
-            self.dsn, min_size=self._min_size, max_size=self._max_size, reset=_keep_session
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                reset=_keep_session,
+                timeout=self.target.connect_timeout,  # each connect, the pool's refills too
+            )
+        except _CANNOT_CONNECT as exc:
+            raise self.target.unavailable(exc) from exc
         if self._pool is not None and self._owner == owner:  # another task won the race
             await pool.close()
             return self._pool
@@ -55,20 +84,36 @@ class AsyncpgDriver(PostgresAsyncOps):
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
-        """Borrow a raw ``asyncpg`` connection from Soniq's pool. It is reset
-        (transaction, LISTENs, settings, advisory locks) when given back."""
+        """Borrow a raw ``asyncpg`` connection from Soniq's pool. It is reset when
+        given back (an open transaction rolled back; settings and role, LISTENs and
+        their callbacks, advisory locks, cursors, temporary tables): the next
+        borrower, or Soniq's own statements, find it as the pool made it."""
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
+        conn = await self._checkout(pool)
+        try:
+            yield conn
+        finally:
             try:
-                yield conn
+                await _reset_lent(conn)
             finally:
-                if not conn.is_closed():
-                    await conn.reset()
+                await pool.release(conn)
+
+    async def _checkout(self, pool: asyncpg.Pool) -> Any:
+        """A connection of the pool within ``acquire_timeout`` (a refill within
+        ``connect_timeout``), or DatabaseUnavailable."""
+        try:
+            if pool.get_idle_size():
+                # A connection is free, so there is no wait to bound, and the hot
+                # path arms no timer (a timed acquire and its release cost ~13 us).
+                return await pool.acquire()
+            return await pool.acquire(timeout=self.target.acquire_timeout)
+        except _CANNOT_CONNECT as exc:
+            raise self.target.unavailable(exc, timed_out=self.target.acquire_timed_out()) from exc
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Any]:
         """A connection outside the pool, closed on exit."""
-        conn = await asyncpg.connect(self.dsn)
+        conn = await self._connect()
         try:
             yield conn
         finally:
@@ -80,11 +125,23 @@ class AsyncpgDriver(PostgresAsyncOps):
                 conn.terminate()
                 raise
 
+    async def _connect(self) -> Any:
+        """A new connection within ``connect_timeout``, or DatabaseUnavailable."""
+        try:
+            return await asyncpg.connect(self.dsn, timeout=self.target.connect_timeout)
+        except _CANNOT_CONNECT as exc:
+            raise self.target.unavailable(exc) from exc
+
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
-        return await self.fetch_own(await self._get_pool(), query)
+        pool = await self._get_pool()
+        conn = await self._checkout(pool)
+        try:
+            return await self.fetch_own(conn, query)
+        finally:
+            await pool.release(conn)
 
     async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
-        """On a connection of :meth:`connect`, or on the pool."""
+        """On a connection of :meth:`connect` (or one checked out of the pool)."""
         try:
             return await conn.fetch(query.sql, *query.params)  # type: ignore[no-any-return]
         except asyncpg.UndefinedTableError as exc:
@@ -105,7 +162,7 @@ class AsyncpgDriver(PostgresAsyncOps):
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
-        conn = await asyncpg.connect(self.dsn)
+        conn = await self._connect()
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
@@ -124,12 +181,35 @@ class AsyncpgDriver(PostgresAsyncOps):
 
     def maintenance(self) -> PostgresMaintenance:
         """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(self.dsn, self.queries.schema)
+        return PostgresMaintenance(self.dsn, self.queries.schema, self.target)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+async def _reset_lent(conn: Any) -> None:
+    """Undo what a borrower of :meth:`AsyncpgDriver.acquire` may have changed, or
+    terminate the connection (the pool reconnects) when that cannot be done.
+
+    Not ``DISCARD ALL``: it would drop the prepared statements of asyncpg's statement
+    cache behind its back. ``Connection.reset`` (advisory locks, cursors, LISTENs,
+    settings) plus what it leaves out (session authorization, temporary tables,
+    sequence state) instead; a transaction left open is rolled back first, quietly
+    (``reset`` would report it through the loop's exception handler)."""
+    if conn.is_closed():
+        return
+    try:
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        await conn.reset()
+        await conn.execute("SET SESSION AUTHORIZATION DEFAULT; DISCARD TEMP; DISCARD SEQUENCES")
+    except Exception:
+        conn.terminate()  # not lent again half reset
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def _keep_session(conn: Any) -> None:

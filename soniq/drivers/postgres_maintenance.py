@@ -10,16 +10,24 @@ from typing import Any
 import psycopg
 
 from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.drivers._common import Target, libpq_connect_timeout
 
 
 class PostgresMaintenance:
-    """One connection; every method is one statement. Raises on a lost connection
-    (the heartbeat opens a new session)."""
+    """One connection, opened within the driver's ``connect_timeout`` (else
+    :class:`soniq.DatabaseUnavailable`); every method is one statement. Raises on a
+    lost connection (the heartbeat opens a new session)."""
 
-    def __init__(self, dsn: str, schema: str) -> None:
-        self._conn: psycopg.Connection[Any] = psycopg.connect(
-            dsn, autocommit=True, connect_timeout=10, application_name="soniq heartbeat"
-        )
+    def __init__(self, dsn: str, schema: str, target: Target) -> None:
+        try:
+            self._conn: psycopg.Connection[Any] = psycopg.connect(
+                dsn,
+                autocommit=True,
+                connect_timeout=libpq_connect_timeout(target.connect_timeout),
+                application_name="soniq heartbeat",
+            )
+        except psycopg.OperationalError as exc:
+            raise target.unavailable(exc) from exc
         self._queries = PostgresQueries(schema, "format")
 
     def _fetch(self, query: Query) -> list[Any]:

@@ -3,6 +3,10 @@
 This file is the source of ``psycopg_sync.py``, which ``tools/unasync.py`` generates
 from it; CI fails when the generated file is out of date. Write code here that the
 plain renames in that tool turn into correct blocking code.
+
+Every connection it opens has ``connect_timeout`` (libpq's: whole seconds, at least
+2), every checkout from its pool ``acquire_timeout``; a failure of either is
+:class:`soniq.DatabaseUnavailable`.
 """
 
 from __future__ import annotations
@@ -15,12 +19,19 @@ import psycopg
 import psycopg.sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
-from soniq.drivers._common import async_owner, has_unread_input, schema_missing
+from soniq.drivers._common import (
+    Target,
+    async_owner,
+    has_unread_input,
+    libpq_connect_timeout,
+    redact_url,
+    schema_missing,
+)
 from soniq.drivers.postgres_async import PostgresAsyncOps
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
@@ -33,8 +44,23 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
 
     name = "psycopg"
 
-    def __init__(self, dsn: str, *, schema: str, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self.dsn = dsn
+        #: Host, port, database and timeouts, for errors (see :class:`Target`).
+        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": libpq_connect_timeout(connect_timeout),
+        }
         self.queries = PostgresQueries(schema, "format")
         self.migrations = MigrationPlan(schema)
         self._min_size = min_size
@@ -42,43 +68,83 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
         self._pool: AsyncConnectionPool[Any] | None = None
         self._owner: object = None
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+
     async def _get_pool(self) -> AsyncConnectionPool[Any]:
         owner = async_owner()
         if self._pool is not None and self._owner == owner:
             return self._pool
+        # One connection of our own first: a server that is down, silent or refusing
+        # fails here, within connect_timeout and in libpq's words. (The pool would
+        # retry in the background until its timeout and then say only PoolTimeout.)
+        await (await self._connect()).close()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.dsn,
             min_size=self._min_size,
             max_size=self._max_size,
-            kwargs={"autocommit": True},
+            kwargs=self._connect_kwargs,
             open=False,
             name="soniq",
             check=_check_connection,
+            timeout=self.target.acquire_timeout,  # getconn's default
         )
-        await pool.open(wait=True)
+        try:
+            await pool.open(wait=True, timeout=self.target.acquire_timeout)
+        except PoolTimeout as exc:
+            await pool.close()
+            raise self.target.unavailable(exc) from exc
         if self._pool is not None and self._owner == owner:  # another caller won the race
             await pool.close()
             return self._pool
         self._pool, self._owner = pool, owner
         return pool
 
+    async def _checkout(self, pool: AsyncConnectionPool[Any]) -> Any:
+        """A connection of the pool within ``acquire_timeout``, or DatabaseUnavailable."""
+        try:
+            return await pool.getconn()
+        except PoolTimeout as exc:
+            raise self.target.unavailable(exc) from exc
+
+    async def _connect(self) -> Any:
+        """A new autocommit connection within ``connect_timeout``, or
+        DatabaseUnavailable."""
+        try:
+            return await psycopg.AsyncConnection.connect(self.dsn, **self._connect_kwargs)
+        except psycopg.OperationalError as exc:
+            raise self.target.unavailable(exc) from exc
+
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
-        """Borrow a raw ``psycopg.AsyncConnection`` (autocommit) from Soniq's pool."""
+        """Borrow a raw ``psycopg.AsyncConnection`` (autocommit) from Soniq's pool.
+        It is reset when given back (transaction, settings, LISTENs, advisory locks,
+        temporary tables, the connection's Python-side options): the next borrower,
+        or Soniq's own statements, find it as the pool made it."""
         pool = await self._get_pool()
-        async with pool.connection() as conn:
+        conn = await self._checkout(pool)
+        options = (conn.row_factory, conn.cursor_factory, conn.prepare_threshold)
+        try:
             yield conn
+        finally:
+            try:
+                await _reset_lent(conn, options)
+            finally:
+                await pool.putconn(conn)
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Any]:
         """A connection outside the pool (autocommit), closed on exit."""
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+        async with await self._connect() as conn:
             yield conn
 
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = await self._get_pool()
-        async with pool.connection() as conn:
+        conn = await self._checkout(pool)
+        try:
             return await self._execute(conn, query)
+        finally:
+            await pool.putconn(conn)
 
     async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         return await self._execute(conn, query)
@@ -107,7 +173,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+        async with await self._connect() as conn:
             await conn.execute(
                 psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.queries.channel))
             )
@@ -116,17 +182,63 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
                 on_notify(notify.payload)
 
     async def migrate(self, *, apply: bool) -> int:
-        async with self.acquire() as conn, conn.transaction():
-            return await _run(conn, migration_steps(self.migrations, apply=apply))
+        pool = await self._get_pool()
+        conn = await self._checkout(pool)
+        try:
+            async with conn.transaction():
+                return await _run(conn, migration_steps(self.migrations, apply=apply))
+        finally:
+            await pool.putconn(conn)
 
     def maintenance(self) -> PostgresMaintenance:
         """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(self.dsn, self.queries.schema)
+        return PostgresMaintenance(self.dsn, self.queries.schema, self.target)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+async def _reset_lent(conn: psycopg.AsyncConnection[Any], options: tuple[Any, ...]) -> None:
+    """Undo what a borrower of :meth:`PsycopgAsyncDriver.acquire` may have changed, or
+    close the connection (the pool then replaces it) when that cannot be done.
+
+    The session is reset with ``DISCARD ALL``, as PgBouncer does: settings and role,
+    LISTENs, advisory locks, temporary tables, cursors, and the prepared statements
+    the borrower made. It also drops psycopg's own prepared statements, which is
+    correct here: psycopg sees the ``DISCARD ALL`` command status and forgets them
+    (``_preparing.py``), so it prepares again instead of executing names that are
+    gone. (asyncpg, which does not know, gets its own narrower ``Connection.reset``.)
+    """
+    if conn.closed:
+        return
+    try:
+        status = conn.info.transaction_status
+        if status == TransactionStatus.ACTIVE:  # a query or COPY left running
+            await conn.close()
+            return
+        if status != TransactionStatus.IDLE:
+            await conn.rollback()
+        if not conn.autocommit:
+            await conn.set_autocommit(True)
+        if conn.isolation_level is not None:
+            await conn.set_isolation_level(None)
+        if conn.read_only is not None:
+            await conn.set_read_only(None)
+        if conn.deferrable is not None:
+            await conn.set_deferrable(None)
+        conn.row_factory, conn.cursor_factory, conn.prepare_threshold = options
+        await conn.execute("DISCARD ALL", prepare=False)
+        # Notifications that arrived after the borrower's last read wait in psycopg's
+        # backlog; the next notifies() would return them.
+        async for _ in conn.notifies(timeout=0):
+            pass
+    except Exception:
+        await conn.close()  # not lent again half reset: the pool replaces it
+    except BaseException:
+        await conn.close()
+        raise
 
 
 async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:

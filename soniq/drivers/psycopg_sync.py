@@ -13,12 +13,19 @@ import psycopg
 import psycopg.sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
-from soniq.drivers._common import sync_owner, has_unread_input, schema_missing
+from soniq.drivers._common import (
+    Target,
+    sync_owner,
+    has_unread_input,
+    libpq_connect_timeout,
+    redact_url,
+    schema_missing,
+)
 from soniq.drivers.postgres_sync import PostgresSyncOps
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
@@ -31,8 +38,23 @@ class PsycopgSyncDriver(PostgresSyncOps):
 
     name = "psycopg"
 
-    def __init__(self, dsn: str, *, schema: str, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self.dsn = dsn
+        #: Host, port, database and timeouts, for errors (see :class:`Target`).
+        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": libpq_connect_timeout(connect_timeout),
+        }
         self.queries = PostgresQueries(schema, "format")
         self.migrations = MigrationPlan(schema)
         self._min_size = min_size
@@ -40,43 +62,83 @@ class PsycopgSyncDriver(PostgresSyncOps):
         self._pool: ConnectionPool[Any] | None = None
         self._owner: object = None
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+
     def _get_pool(self) -> ConnectionPool[Any]:
         owner = sync_owner()
         if self._pool is not None and self._owner == owner:
             return self._pool
+        # One connection of our own first: a server that is down, silent or refusing
+        # fails here, within connect_timeout and in libpq's words. (The pool would
+        # retry in the background until its timeout and then say only PoolTimeout.)
+        (self._connect()).close()
         pool: ConnectionPool[Any] = ConnectionPool(
             self.dsn,
             min_size=self._min_size,
             max_size=self._max_size,
-            kwargs={"autocommit": True},
+            kwargs=self._connect_kwargs,
             open=False,
             name="soniq",
             check=_check_connection,
+            timeout=self.target.acquire_timeout,  # getconn's default
         )
-        pool.open(wait=True)
+        try:
+            pool.open(wait=True, timeout=self.target.acquire_timeout)
+        except PoolTimeout as exc:
+            pool.close()
+            raise self.target.unavailable(exc) from exc
         if self._pool is not None and self._owner == owner:  # another caller won the race
             pool.close()
             return self._pool
         self._pool, self._owner = pool, owner
         return pool
 
+    def _checkout(self, pool: ConnectionPool[Any]) -> Any:
+        """A connection of the pool within ``acquire_timeout``, or DatabaseUnavailable."""
+        try:
+            return pool.getconn()
+        except PoolTimeout as exc:
+            raise self.target.unavailable(exc) from exc
+
+    def _connect(self) -> Any:
+        """A new autocommit connection within ``connect_timeout``, or
+        DatabaseUnavailable."""
+        try:
+            return psycopg.Connection.connect(self.dsn, **self._connect_kwargs)
+        except psycopg.OperationalError as exc:
+            raise self.target.unavailable(exc) from exc
+
     @contextmanager
     def acquire(self) -> Iterator[Any]:
-        """Borrow a raw ``psycopg.Connection`` (autocommit) from Soniq's pool."""
+        """Borrow a raw ``psycopg.Connection`` (autocommit) from Soniq's pool.
+        It is reset when given back (transaction, settings, LISTENs, advisory locks,
+        temporary tables, the connection's Python-side options): the next borrower,
+        or Soniq's own statements, find it as the pool made it."""
         pool = self._get_pool()
-        with pool.connection() as conn:
+        conn = self._checkout(pool)
+        options = (conn.row_factory, conn.cursor_factory, conn.prepare_threshold)
+        try:
             yield conn
+        finally:
+            try:
+                _reset_lent(conn, options)
+            finally:
+                pool.putconn(conn)
 
     @contextmanager
     def connect(self) -> Iterator[Any]:
         """A connection outside the pool (autocommit), closed on exit."""
-        with psycopg.Connection.connect(self.dsn, autocommit=True) as conn:
+        with self._connect() as conn:
             yield conn
 
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = self._get_pool()
-        with pool.connection() as conn:
+        conn = self._checkout(pool)
+        try:
             return self._execute(conn, query)
+        finally:
+            pool.putconn(conn)
 
     def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         return self._execute(conn, query)
@@ -105,7 +167,7 @@ class PsycopgSyncDriver(PostgresSyncOps):
     def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
-        with psycopg.Connection.connect(self.dsn, autocommit=True) as conn:
+        with self._connect() as conn:
             conn.execute(
                 psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.queries.channel))
             )
@@ -114,17 +176,63 @@ class PsycopgSyncDriver(PostgresSyncOps):
                 on_notify(notify.payload)
 
     def migrate(self, *, apply: bool) -> int:
-        with self.acquire() as conn, conn.transaction():
-            return _run(conn, migration_steps(self.migrations, apply=apply))
+        pool = self._get_pool()
+        conn = self._checkout(pool)
+        try:
+            with conn.transaction():
+                return _run(conn, migration_steps(self.migrations, apply=apply))
+        finally:
+            pool.putconn(conn)
 
     def maintenance(self) -> PostgresMaintenance:
         """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(self.dsn, self.queries.schema)
+        return PostgresMaintenance(self.dsn, self.queries.schema, self.target)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+
+
+def _reset_lent(conn: psycopg.Connection[Any], options: tuple[Any, ...]) -> None:
+    """Undo what a borrower of :meth:`PsycopgSyncDriver.acquire` may have changed, or
+    close the connection (the pool then replaces it) when that cannot be done.
+
+    The session is reset with ``DISCARD ALL``, as PgBouncer does: settings and role,
+    LISTENs, advisory locks, temporary tables, cursors, and the prepared statements
+    the borrower made. It also drops psycopg's own prepared statements, which is
+    correct here: psycopg sees the ``DISCARD ALL`` command status and forgets them
+    (``_preparing.py``), so it prepares again instead of executing names that are
+    gone. (asyncpg, which does not know, gets its own narrower ``Connection.reset``.)
+    """
+    if conn.closed:
+        return
+    try:
+        status = conn.info.transaction_status
+        if status == TransactionStatus.ACTIVE:  # a query or COPY left running
+            conn.close()
+            return
+        if status != TransactionStatus.IDLE:
+            conn.rollback()
+        if not conn.autocommit:
+            conn.set_autocommit(True)
+        if conn.isolation_level is not None:
+            conn.set_isolation_level(None)
+        if conn.read_only is not None:
+            conn.set_read_only(None)
+        if conn.deferrable is not None:
+            conn.set_deferrable(None)
+        conn.row_factory, conn.cursor_factory, conn.prepare_threshold = options
+        conn.execute("DISCARD ALL", prepare=False)
+        # Notifications that arrived after the borrower's last read wait in psycopg's
+        # backlog; the next notifies() would return them.
+        for _ in conn.notifies(timeout=0):
+            pass
+    except Exception:
+        conn.close()  # not lent again half reset: the pool replaces it
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _check_connection(conn: psycopg.Connection[Any]) -> None:

@@ -81,6 +81,7 @@ class Workers:
         self.logs = logs
         self.args = args
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logfiles: list[Path] = []
         self.started = 0
         self.kills = 0
         logs.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,9 @@ class Workers:
     def start(self, count: int = 1) -> None:
         for _ in range(count):
             self.started += 1
-            log = open(self.logs / f"worker-{self.started}.log", "wb")  # noqa: SIM115
+            path = self.logs / f"worker-{self.started}.log"
+            log = open(path, "wb")  # noqa: SIM115
+            self.logfiles.append(path)
             self.procs.append(
                 subprocess.Popen(
                     [
@@ -118,12 +121,23 @@ class Workers:
         victim = rng.choice(victims)
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
-        self.procs.remove(victim)
+        index = self.procs.index(victim)
+        del self.procs[index], self.logfiles[index]
         self.kills += 1
         self.start()
 
     def stop(self, timeout: float = 30) -> list[int | None]:
-        """SIGTERM all, wait (bounded), SIGKILL what is left; the exit codes."""
+        """SIGTERM all, wait (bounded), SIGKILL what is left; the exit codes.
+
+        A worker replaced a moment ago may still be importing, before the CLI installs
+        its signal handlers (SIGTERM would kill it, -15, having claimed nothing): each
+        gets up to 15 s to log that it started first."""
+        deadline = time.monotonic() + 15
+        for proc, log in zip(self.procs, self.logfiles, strict=True):
+            while proc.poll() is None and time.monotonic() < deadline:
+                if b" started: " in log.read_bytes():
+                    break
+                time.sleep(0.1)
         for proc in self.alive():
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -191,7 +205,7 @@ def wait_until_done(
                 f"after {timeout:.0f}s only {dict(counts)} of {total} jobs; workers:\n"
                 + (workers.output() if workers else "")
             )
-        time.sleep(0.25)
+        time.sleep(0.25 if total < 10_000 else 0.5)
 
 
 def rerun_patterns(url: str, schema: str) -> dict[str, int]:
@@ -230,11 +244,16 @@ def reruns(per_job: collections.Counter[int]) -> int:
 
 
 def check_none_lost(url: str, schema: str, ids: Sequence[int]) -> collections.Counter[int]:
-    """Every job is done and ran at least once; the runs per job."""
+    """Every job is done and ran at least once, and no run was invisible: a job never
+    ran more often than its ``claims`` column says it was started (a second run shows
+    as ``claims`` > 1). The runs per job."""
     with psycopg.connect(url, autocommit=True) as conn:
         counts = statuses(conn, schema)
         per_job = runs_per_job(conn, schema)
+        claims = dict(conn.execute(f'SELECT id, claims FROM "{schema}".soniq_jobs').fetchall())
     assert counts == {"done": len(ids)}, counts
     never_ran = [i for i in ids if per_job[i] == 0]
     assert not never_ran, f"{len(never_ran)} jobs done without a run: {never_ran[:10]}"
+    hidden = {i: (per_job[i], claims[i]) for i in ids if per_job[i] > claims[i]}
+    assert not hidden, f"{len(hidden)} jobs ran more often than claimed (runs, claims): {hidden}"
     return per_job

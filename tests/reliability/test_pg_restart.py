@@ -39,13 +39,6 @@ SCHEMA = "rel"
 # configurable, with a few seconds by default.
 BOUND = 10.0
 PROMISED_OPTIONS = {"connect_timeout": 2.0, "acquire_timeout": 3.0}
-UNAVAILABLE_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 part 2 in flight: Soniq(connect_timeout=, acquire_timeout=) and "
-    "soniq.DatabaseUnavailable raised by the drivers when the database cannot be reached "
-    "(today: TypeError for the options; without them psycopg blocks 30 s and raises "
-    "PoolTimeout, asyncpg raises ConnectionRefusedError)",
-)
 
 
 @pytest.mark.timeout(240)
@@ -126,6 +119,36 @@ def test_an_idle_worker_survives_the_database_down_for_20_seconds(
     )
     assert alive == 1 and codes == [0], f"{codes}:\n{workers.output()}"
     assert reruns(per_job) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_started_while_the_database_is_down_waits_for_it(
+    pg_cluster: Cluster, cluster_url: str, tmp_path: Path
+) -> None:
+    """``soniq worker --wait-for-database 60`` started with the server stopped retries,
+    logs why, and runs jobs once the server is back (5 s later)."""
+    prepare(cluster_url, SCHEMA)
+    workers = Workers(
+        cluster_url, SCHEMA, tmp_path / "logs", "--wait-for-database", "60", *FAST_WORKER
+    )
+    pg_cluster.stop("fast")
+    try:
+        workers.start(1)
+        time.sleep(5)
+    finally:
+        pg_cluster.start()
+    try:
+        assert workers.alive(), f"the worker gave up:\n{workers.output()}"
+        ids = enqueue_records(cluster_url, SCHEMA, 20)
+        took = wait_until_done(cluster_url, SCHEMA, 20, 60, workers=workers)
+    finally:
+        codes = workers.stop()
+    check_none_lost(cluster_url, SCHEMA, ids)
+    report(
+        "worker_started_while_down", down_seconds=5, jobs=20, seconds_after_return=round(took, 1)
+    )
+    assert codes == [0], f"{codes}:\n{workers.output()}"
+    assert "WARNING" in workers.output(), "the worker waited without saying why"
 
 
 def _faces(url: str, **options: Any) -> dict[str, Any]:
@@ -227,7 +250,6 @@ def test_enqueue_succeeds_after_the_database_returns(pg_cluster: Cluster, cluste
     assert len(set(ids)) == 6
 
 
-@UNAVAILABLE_PENDING
 @pytest.mark.timeout(120)
 def test_enqueue_while_the_database_is_down_fails_within_the_bound(
     pg_cluster: Cluster, cluster_url: str

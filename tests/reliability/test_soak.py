@@ -1,5 +1,5 @@
 """The soak: ``SONIQ_SOAK_JOBS`` jobs (100,000 by default) drained by 4 worker
-processes, once with a random worker SIGKILLed every 1-4 s (replaced at once), once
+processes, once with a random worker SIGKILLed every 2-5 s (replaced at once), once
 without. With kills every job ends ``done`` (a killed worker's claims are rescued and
 run again: at-least-once); without kills each job runs exactly once."""
 
@@ -42,12 +42,12 @@ def drain(url: str, schema: str, logs: Path, *, kill: bool) -> dict[str, object]
     enqueued = time.monotonic() - started
     workers = Workers(url, schema, logs, "--concurrency", "10", *FAST_WORKER)
     rng = random.Random(SEED)
-    next_kill = [rng.uniform(1, 4)]
+    next_kill = [rng.uniform(2, 5)]
 
     def killer(elapsed: float) -> None:
         if kill and elapsed >= next_kill[0]:
             workers.kill_one(rng)
-            next_kill[0] = elapsed + rng.uniform(1, 4)
+            next_kill[0] = elapsed + rng.uniform(2, 5)
 
     workers.start(WORKERS)
     try:

@@ -1,0 +1,175 @@
+"""A connection lent by ``eq.backend.acquire()`` / ``eq.sync.backend.acquire()`` comes
+back clean: with ``pool_size=1`` the next borrower gets the same server session and
+sees nothing of the previous borrower's (settings, LISTENs, an open transaction,
+advisory locks, temporary tables), on asyncpg, psycopg async and the sync twin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from soniq import Soniq
+
+PROBE = """
+SELECT pg_backend_pid(),
+       current_setting('application_name'),
+       current_setting('statement_timeout'),
+       (SELECT count(*) FROM pg_listening_channels()),
+       (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+       (SELECT count(*) FROM pg_class WHERE relpersistence = 't'
+            AND relnamespace = pg_my_temp_schema())
+"""
+
+DIRTY = [
+    "SET application_name = 'borrower one'",
+    "SET statement_timeout = '123s'",
+    "LISTEN borrower_one",
+    "SELECT pg_advisory_lock(4242)",
+    "CREATE TEMP TABLE borrower_one_scratch (x int)",
+]
+
+
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _assert_clean(row: tuple[object, ...] | None, pid: int) -> None:
+    assert row is not None
+    assert row[0] == pid, "the pool lent another session: the test proves nothing"
+    assert row[1] != "borrower one"
+    assert row[2] == "0"  # statement_timeout back to the server's default
+    assert row[3:] == (0, 0, 0), row
+
+
+async def _fetchrow(conn: object, sql: str) -> tuple[object, ...]:
+    if isinstance(conn, psycopg.AsyncConnection):
+        cur = await conn.execute(sql)
+        row = await cur.fetchone()
+        assert row is not None
+        return tuple(row)
+    return tuple(await conn.fetchrow(sql))  # type: ignore[attr-defined]
+
+
+async def test_the_next_borrower_sees_a_clean_session(
+    driver: str, database_url: str, schema: str
+) -> None:
+    eq = Soniq(database_url, driver=driver, schema=schema, pool_size=1)
+    await eq.ensure_initialized()
+    async with eq.backend.acquire() as conn:
+        pid = (await _fetchrow(conn, "SELECT pg_backend_pid()"))[0]
+        for statement in DIRTY:
+            await conn.execute(statement)
+        # ... and leaves a transaction open, with a lock of its own in it.
+        if isinstance(conn, psycopg.AsyncConnection):
+            await conn.set_autocommit(False)
+            await conn.execute("SELECT pg_advisory_xact_lock(4343)")
+        else:
+            await conn.execute("BEGIN; SELECT pg_advisory_xact_lock(4343)")
+    async with eq.backend.acquire() as conn:
+        _assert_clean(await _fetchrow(conn, PROBE), pid)
+        if isinstance(conn, psycopg.AsyncConnection):
+            assert conn.autocommit
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        else:
+            assert not conn.is_in_transaction()
+
+    # Soniq's own statements run on that session afterwards, as before.
+    @eq.job(name="after_lending")
+    async def after_lending() -> None: ...
+
+    job_id = await eq.enqueue(after_lending)
+    assert (await eq.get_job(job_id)) is not None
+    await eq.close()
+
+
+async def test_a_psycopg_borrowers_python_side_options_are_undone(
+    database_url: str, schema: str
+) -> None:
+    """What psycopg keeps on the connection object (row factory, isolation, read
+    only, prepared-statement threshold, unread notifications) does not reach the next
+    borrower either."""
+    from psycopg.rows import dict_row, tuple_row
+
+    eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
+    await eq.ensure_initialized()
+    async with eq.backend.acquire() as conn:
+        conn.row_factory = dict_row
+        conn.prepare_threshold = None
+        await conn.set_autocommit(False)
+        await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+        await conn.set_read_only(True)
+        await conn.execute("LISTEN borrower_one")
+        await conn.commit()
+        await conn.execute("NOTIFY borrower_one, 'stale'")
+        await conn.commit()  # the notification now waits in psycopg's backlog
+    async with eq.backend.acquire() as conn:
+        assert conn.row_factory is tuple_row
+        assert conn.prepare_threshold == 5
+        assert conn.autocommit and conn.read_only is None and conn.isolation_level is None
+        await conn.execute("LISTEN borrower_two")
+        stale = [n async for n in conn.notifies(timeout=0.05)]
+        assert stale == []
+    await eq.close()
+
+
+async def test_prepared_statements_survive_the_reset(database_url: str, schema: str) -> None:
+    """DISCARD ALL drops the server's prepared statements; psycopg notices and
+    prepares again, so Soniq's statements (prepared after a few runs) keep working on
+    a connection that was lent."""
+    eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
+    await eq.ensure_initialized()
+
+    @eq.job(name="prepared")
+    async def prepared() -> None: ...
+
+    for _ in range(8):  # past psycopg's prepare_threshold (5)
+        await eq.get_job(await eq.enqueue(prepared))
+    async with eq.backend.acquire() as conn:
+        names = await (await conn.execute("SELECT count(*) FROM pg_prepared_statements")).fetchone()
+        assert names is not None and names[0] > 0, "nothing was prepared: the test proves nothing"
+    for _ in range(8):
+        assert (await eq.get_job(await eq.enqueue(prepared))) is not None
+    await eq.close()
+
+
+@pytest.fixture
+def lone_sync(database_url: str, schema: str) -> Iterator[Soniq]:
+    eq = Soniq(database_url, schema=schema, pool_size=1)
+    eq.sync.ensure_initialized()
+    yield eq
+    eq.sync.close()
+
+
+def test_the_sync_twin_lends_clean_sessions(lone_sync: Soniq) -> None:
+    from psycopg.rows import dict_row, tuple_row
+
+    with lone_sync.sync.backend.acquire() as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        for statement in DIRTY:
+            conn.execute(statement)
+        conn.row_factory = dict_row
+        conn.set_autocommit(False)
+        conn.execute("SELECT pg_advisory_xact_lock(4343)")  # a transaction left open
+    with lone_sync.sync.backend.acquire() as conn:
+        assert conn.row_factory is tuple_row and conn.autocommit
+        _assert_clean(conn.execute(PROBE).fetchone(), pid)
+
+    @lone_sync.job(name="after_lending_sync")
+    def after_lending_sync() -> None: ...
+
+    job_id = lone_sync.sync.enqueue(after_lending_sync)
+    assert lone_sync.sync.get_job(job_id) is not None
+
+
+def test_a_borrower_that_breaks_the_session_gets_it_replaced(lone_sync: Soniq) -> None:
+    """A connection that cannot be reset (its backend was terminated under the
+    borrower) is closed, not lent again; the pool makes a new one."""
+    with lone_sync.sync.backend.acquire() as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with psycopg.connect(lone_sync.sync.backend.dsn, autocommit=True) as other:  # type: ignore[attr-defined]
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with lone_sync.sync.backend.acquire() as conn:
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
