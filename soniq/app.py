@@ -21,7 +21,7 @@ from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
-from soniq.core.sql.postgres import PostgresQueries, quote_ident
+from soniq.core.sql.postgres import quote_ident
 from soniq.drivers._common import redact_url, scrub, split_postgres_url
 from soniq.drivers.base import AsyncBackend, SyncBackend
 from soniq.drivers.embedded import (
@@ -34,7 +34,7 @@ from soniq.drivers.embedded import (
 from soniq.worker import Worker, WorkerConfig
 
 if TYPE_CHECKING:
-    from soniq.drivers.psycopg2_compat import Psycopg2Runner
+    from soniq.drivers.connections import CallerConnections
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("soniq")
@@ -101,6 +101,7 @@ class _Config:
                 raise
         if message is not None:  # raised here, the quoting error is not its __context__
             raise ConfigurationError(message)
+        self._callers: CallerConnections | None = None
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.acquire_timeout = _seconds("acquire_timeout", acquire_timeout)
 
@@ -145,6 +146,21 @@ class _Config:
         quote_ident(schema)  # validates
         self.schema = schema
 
+    def callers(self) -> CallerConnections:
+        """What runs statements on callers' connections (``connection=``); PostgreSQL
+        only: elsewhere there is no caller's transaction to join (ValueError)."""
+        if self.kind in EMBEDDED:
+            raise ValueError(
+                f"connection=: transactional enqueue needs PostgreSQL; the {self.kind} "
+                "backend has no caller's transaction to join. Enqueue without "
+                "connection=, or use a postgresql:// database_url"
+            )
+        if self._callers is None:
+            from soniq.drivers.connections import CallerConnections
+
+            self._callers = CallerConnections(self.dsn, self.schema)
+        return self._callers
+
 
 class Soniq:
     """A job queue on PostgreSQL, or on an embedded SQLite file or in memory.
@@ -184,20 +200,22 @@ class Soniq:
         cfg = self._config
         return f"Soniq({cfg.shown_url!r}, driver={cfg.driver!r}, schema={cfg.schema!r})"
 
+    @classmethod
+    def _of(cls, config: _Config) -> Soniq:
+        app = cls.__new__(cls)
+        app._adopt(config)
+        return app
+
     def _adopt(self, config: _Config) -> None:
         self._config = config
         self.registry = config.registry
         #: The async driver of Soniq's own pool; ``eq.backend.acquire()`` borrows from it.
-        self.backend: AsyncBackend = self._driver(self._config.driver)
-        self._others: dict[str, AsyncBackend] = {self.backend.name: self.backend}
+        if config.kind in EMBEDDED:
+            self.backend: AsyncBackend = embedded_backend(config.location)
+        else:
+            self.backend = _postgres_async_driver(config.driver, config)
         self._sync: SyncSoniq | None = None
         self._initialized = False
-
-    def _driver(self, kind: str) -> AsyncBackend:
-        cfg = self._config
-        if kind in EMBEDDED:
-            return embedded_backend(cfg.location)
-        return _postgres_async_driver(kind, cfg)
 
     @property
     def sync(self) -> SyncSoniq:
@@ -364,22 +382,14 @@ class Soniq:
 
     async def close(self) -> None:
         """Close Soniq's pools (the async one, and the sync twin's if it was used)."""
-        for driver in self._others.values():
-            await driver.close()
+        await self.backend.close()
         if self._sync is not None:
             self._sync.close()
 
     async def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
             return await self.backend.insert_jobs(spec)
-        _check_accepts_connections(self.backend)
-        from soniq.drivers import connections
-
-        kind, raw = await connections.resolve_async(connection)
-        driver = self._others.get(kind)
-        if driver is None:
-            driver = self._others[kind] = self._driver(kind)
-        return await driver.insert_jobs(spec, raw)
+        return await self._config.callers().insert_jobs(spec, connection)
 
 
 class SyncSoniq:
@@ -405,7 +415,6 @@ class SyncSoniq:
                 connect_timeout=config.connect_timeout,
                 acquire_timeout=config.acquire_timeout,
             )
-        self._psycopg2_runner: Psycopg2Runner | None = None
         self._initialized = False
 
     def __repr__(self) -> str:
@@ -459,8 +468,7 @@ class SyncSoniq:
     ) -> None:
         """Blocking :meth:`Soniq.run_worker`: runs the same asyncio worker with
         ``asyncio.run`` (async jobs on its loop, sync jobs in threads)."""
-        app = Soniq.__new__(Soniq)
-        app._adopt(self._config)
+        app = self.async_twin()
 
         async def run() -> None:
             try:
@@ -476,6 +484,13 @@ class SyncSoniq:
 
         asyncio.run(run())
 
+    def async_twin(self) -> Soniq:
+        """A new :class:`Soniq` on this one's configuration: the same jobs and the same
+        database, with pools of its own (bound to the loop that first uses them), for
+        async work started from blocking code (``run_worker``, ``soniq.testing``'s
+        ``drain``). Close it when done."""
+        return Soniq._of(self._config)
+
     def close(self) -> None:
         """Close the twin's pool."""
         self.backend.close()
@@ -483,31 +498,7 @@ class SyncSoniq:
     def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
             return self.backend.insert_jobs(spec)
-        _check_accepts_connections(self.backend)
-        from soniq.drivers import connections
-
-        kind, raw = connections.resolve_sync(connection)
-        if kind == "psycopg":
-            return self.backend.insert_jobs(spec, raw)
-        return self._psycopg2.insert_jobs(spec, raw)
-
-    @property
-    def _psycopg2(self) -> Psycopg2Runner:
-        """Runs Soniq's statements on psycopg2 connections (made on first use)."""
-        if self._psycopg2_runner is None:
-            from soniq.drivers.psycopg2_compat import Psycopg2Runner
-
-            self._psycopg2_runner = Psycopg2Runner(PostgresQueries(self._config.schema, "format"))
-        return self._psycopg2_runner
-
-
-def _check_accepts_connections(backend: Any) -> None:
-    if not backend.accepts_connections:
-        raise ValueError(
-            f"connection=: transactional enqueue needs PostgreSQL; the {backend.name} "
-            "backend has no caller's transaction to join. Enqueue without connection=, "
-            "or use a postgresql:// database_url"
-        )
+        return self._config.callers().insert_jobs_sync(spec, connection)
 
 
 def _as_batch(args: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

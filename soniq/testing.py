@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 
@@ -70,16 +70,6 @@ _SHOWN = 25  # jobs listed in a failure message
 
 
 # -- listing ---------------------------------------------------------------------
-
-
-class _AsyncLister(Protocol):
-    async def list_jobs(
-        self, name: str | None, queue: str | None, conn: Any = None
-    ) -> list[Job]: ...
-
-
-class _SyncLister(Protocol):
-    def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]: ...
 
 
 @overload
@@ -122,45 +112,17 @@ def enqueued_jobs(
 
 
 async def _list_async(eq: Soniq, name: str | None, queue: str | None, conn: Any) -> list[Job]:
-    backend: Any = eq.backend
-    lister: _AsyncLister = _lister(backend)
     if conn is None:
-        return await lister.list_jobs(name, queue)
-    _check_accepts_connections(backend)
-    # PostgreSQL's drivers are imported when a test first hands in a connection.
-    from soniq.drivers import connections
-    from soniq.drivers.asyncpg import AsyncpgDriver
-    from soniq.drivers.psycopg_async import PsycopgAsyncDriver
-
-    kind, raw = await connections.resolve_async(conn)
-    if kind == backend.name:
-        return await lister.list_jobs(name, queue, raw)
-    # The caller's connection belongs to the other async driver: run its statement
-    # there (fetch_on needs no pool, so nothing is opened).
-    other = AsyncpgDriver if kind == "asyncpg" else PsycopgAsyncDriver
-    driver = other(backend.dsn, schema=backend.queries.schema)
-    return await driver.list_jobs(name, queue, raw)
+        return await eq.backend.list_jobs(name, queue)
+    _check_accepts_connections(eq.backend)
+    return await eq._config.callers().list_jobs(name, queue, conn)
 
 
 def _list_sync(eq: SyncSoniq, name: str | None, queue: str | None, conn: Any) -> list[Job]:
-    backend: Any = eq.backend
-    lister: _SyncLister = _lister(backend)
     if conn is None:
-        return lister.list_jobs(name, queue)
-    _check_accepts_connections(backend)
-    from soniq.drivers import connections
-    from soniq.drivers.psycopg2_compat import Psycopg2Runner
-
-    kind, raw = connections.resolve_sync(conn)
-    if kind == "psycopg":
-        return lister.list_jobs(name, queue, raw)
-    return Psycopg2Runner(backend.queries).list_jobs(name, queue, raw)
-
-
-def _lister(backend: Any) -> Any:
-    if not hasattr(backend, "list_jobs"):
-        raise TypeError(f"soniq.testing: the {backend.name} backend cannot list jobs")
-    return backend
+        return eq.backend.list_jobs(name, queue)
+    _check_accepts_connections(eq.backend)
+    return eq._config.callers().list_jobs_sync(name, queue, conn)
 
 
 def _check_accepts_connections(backend: Any) -> None:
@@ -665,7 +627,7 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
             "drain(eq.sync) blocks and cannot run inside an event loop; in async code "
             "use `await drain(eq)`"
         )
-    app = _async_twin(eq)
+    app = eq.async_twin()
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     try:
@@ -697,14 +659,6 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
             run(app.close())
         finally:
             loop.close()
-
-
-def _async_twin(eq: SyncSoniq) -> Soniq:
-    """An async Soniq on the same configuration (same jobs, same memory store), as
-    ``SyncSoniq.run_worker`` makes one; closed by the caller."""
-    app = Soniq.__new__(Soniq)
-    app._adopt(eq._config)
-    return app
 
 
 # -- time ------------------------------------------------------------------------

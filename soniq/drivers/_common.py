@@ -209,31 +209,25 @@ def schema_missing(schema: str, exc: BaseException) -> SchemaNotReadyError:
     )
 
 
+#: The connection errors of every driver imported so far (see
+#: :func:`register_connection_errors`); OSError covers sockets and DatabaseUnavailable.
+_connection_errors: tuple[type[BaseException], ...] = (OSError, DatabaseUnavailable)
+
+
+def register_connection_errors(*classes: type[BaseException]) -> None:
+    """Called by each driver module when it is imported: these of its errors mean the
+    connection is gone or the server is (re)starting, so the same statement may pass
+    on a new connection. Each driver knows its own, and no driver is imported to ask."""
+    global _connection_errors
+    new = tuple(c for c in classes if c not in _connection_errors)
+    _connection_errors = (*_connection_errors, *new)
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors after which the same statement can succeed on a new connection
-    (a dropped or terminated connection, a server restarting, a pool timeout)."""
-    import sqlite3
-
-    import asyncpg
-    import psycopg
-
-    return isinstance(
-        exc,
-        (
-            OSError,
-            ConnectionError,
-            asyncpg.PostgresConnectionError,
-            asyncpg.InterfaceError,
-            asyncpg.AdminShutdownError,
-            asyncpg.CannotConnectNowError,
-            # asyncpg can report a connection killed under a running query this way.
-            asyncpg.exceptions._base.InternalClientError,
-            psycopg.OperationalError,
-            psycopg.InterfaceError,
-            # SQLite: "database is locked" past the busy timeout; the next try may pass.
-            sqlite3.OperationalError,
-        ),
-    )
+    (a dropped or terminated connection, a server restarting, a pool timeout, a busy
+    SQLite database), as the drivers in use classify them."""
+    return isinstance(exc, _connection_errors)
 
 
 def has_unread_input(fileno: int) -> bool:

@@ -21,9 +21,24 @@ from asyncpg.pool import PoolConnectionProxy
 from soniq.core.errors import ConnectionStateError
 from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
 from soniq.core.sql.postgres import PostgresQueries, Query
-from soniq.drivers._common import Target, async_owner, redact_url, schema_missing
+from soniq.drivers._common import (
+    Target,
+    async_owner,
+    redact_url,
+    register_connection_errors,
+    schema_missing,
+)
 from soniq.drivers.postgres_async import PostgresAsyncOps
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
+
+register_connection_errors(
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    # asyncpg can report a connection killed under a running query this way.
+    asyncpg.exceptions._base.InternalClientError,
+)
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (asyncpg.Connection, PoolConnectionProxy)

@@ -6,8 +6,9 @@ unwrapped here: SQLAlchemy ``Session``/``AsyncSession``/``Connection``/
 libraries are recognised by the module of the object's class, so none of them is
 imported unless the caller already uses it.
 
-The result names the driver that must run the statement: the driver follows the
-connection, not Soniq's own pool.
+The driver follows the connection, not Soniq's own pool: :class:`CallerConnections`
+turns a caller's connection into the driver that runs Soniq's statement on it, so the
+facade asks once.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import asyncpg
 import psycopg
 
 from soniq.core.errors import ConnectionStateError
+from soniq.core.jobs import Job, JobSpec
 from soniq.drivers import asyncpg as asyncpg_driver
-from soniq.drivers.psycopg2_compat import is_psycopg2_connection
+from soniq.drivers.psycopg2_compat import Psycopg2Runner, is_psycopg2_connection
 
 AsyncKind = Literal["asyncpg", "psycopg"]
 SyncKind = Literal["psycopg", "psycopg2"]
@@ -158,3 +160,64 @@ def _looks_async(conn: Any) -> bool:
         or module.startswith("tortoise.")
         or (module.startswith("sqlalchemy.") and "asyncio" in module)
     )
+
+
+class CallerConnections:
+    """Runs Soniq's statements on the connections callers hand in (``connection=``),
+    for both faces of one Soniq: the connection's type picks the driver that runs the
+    statement there, made once per type. Nothing here opens a pool: a caller's
+    connection is used as it is, inside its own transaction."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._runners: dict[type[Any], Any] = {}
+
+    def _runner(self, kind: type[Any]) -> Any:
+        runner = self._runners.get(kind)
+        if runner is None:
+            if kind is Psycopg2Runner:
+                from soniq.core.sql.postgres import PostgresQueries
+
+                runner = Psycopg2Runner(PostgresQueries(self._schema, "format"))
+            else:
+                runner = kind(self._dsn, schema=self._schema)
+            self._runners[kind] = runner
+        return runner
+
+    async def _async(self, conn: Any) -> tuple[Any, Any]:
+        kind, raw = await resolve_async(conn)
+        if kind == "asyncpg":
+            return self._runner(asyncpg_driver.AsyncpgDriver), raw
+        from soniq.drivers.psycopg_async import PsycopgAsyncDriver
+
+        return self._runner(PsycopgAsyncDriver), raw
+
+    def _sync(self, conn: Any) -> tuple[Any, Any]:
+        kind, raw = resolve_sync(conn)
+        if kind == "psycopg2":
+            return self._runner(Psycopg2Runner), raw
+        from soniq.drivers.psycopg_sync import PsycopgSyncDriver
+
+        return self._runner(PsycopgSyncDriver), raw
+
+    async def insert_jobs(self, spec: JobSpec, conn: Any) -> list[int]:
+        """Insert on ``conn`` (any accepted async connection); ids in input order."""
+        runner, raw = await self._async(conn)
+        return await runner.insert_jobs(spec, raw)  # type: ignore[no-any-return]
+
+    async def list_jobs(self, name: str | None, queue: str | None, conn: Any) -> list[Job]:
+        """Queued jobs as ``conn`` sees them (its own transaction's included)."""
+        runner, raw = await self._async(conn)
+        return await runner.list_jobs(name, queue, raw)  # type: ignore[no-any-return]
+
+    def insert_jobs_sync(self, spec: JobSpec, conn: Any) -> list[int]:
+        """:meth:`insert_jobs` on a blocking connection (psycopg, psycopg2, Django,
+        SQLAlchemy)."""
+        runner, raw = self._sync(conn)
+        return runner.insert_jobs(spec, raw)  # type: ignore[no-any-return]
+
+    def list_jobs_sync(self, name: str | None, queue: str | None, conn: Any) -> list[Job]:
+        """:meth:`list_jobs` on a blocking connection."""
+        runner, raw = self._sync(conn)
+        return runner.list_jobs(name, queue, raw)  # type: ignore[no-any-return]

@@ -10,7 +10,9 @@ from typing import Any
 import psycopg
 
 from soniq.core.sql.postgres import PostgresQueries, Query
-from soniq.drivers._common import Target, libpq_connect_timeout
+from soniq.drivers._common import Target, libpq_connect_timeout, register_connection_errors
+
+register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
 
 
 class PostgresMaintenance:

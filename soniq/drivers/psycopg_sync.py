@@ -24,10 +24,13 @@ from soniq.drivers._common import (
     has_unread_input,
     libpq_connect_timeout,
     redact_url,
+    register_connection_errors,
     schema_missing,
 )
 from soniq.drivers.postgres_sync import PostgresSyncOps
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
+
+register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (psycopg.Connection,)

@@ -20,9 +20,13 @@ import attrs
 from soniq.core.errors import ConfigurationError, SchemaNotReadyError
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation, Result
+from soniq.drivers._common import register_connection_errors
 
 T = TypeVar("T")
 log = logging.getLogger("soniq")
+
+# "database is locked" past the busy timeout: the next try may pass.
+register_connection_errors(sqlite3.OperationalError)
 
 BUSY_TIMEOUT_MS = 5000
 #: The ``synchronous`` levels a SQLite URL may ask for; the first is the default.
