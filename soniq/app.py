@@ -143,7 +143,10 @@ class _Config:
                 f"driver={driver!r} contradicts the URL scheme (+{url_driver}); pass one"
             )
         self.driver = driver or (url_driver if url_driver in _ASYNC_DRIVERS else "asyncpg")
-        quote_ident(schema)  # validates
+        try:
+            quote_ident(schema)  # validates
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         self.schema = schema
 
     def callers(self) -> CallerConnections:

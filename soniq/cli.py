@@ -77,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         help="when the database is unavailable at start, retry for this long before "
         "exiting 1 (default 60; 0 = fail at once)",
     )
-    worker.add_argument("--log-level", default="INFO", help="DEBUG shows a line per job")
+    worker.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="DEBUG shows a line per job (default INFO)",
+    )
     return parser
 
 
@@ -136,7 +142,12 @@ def load_app(spec: str) -> Any:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     module = importlib.import_module(module_name)
-    app = getattr(module, attribute, None)
+    if not hasattr(module, attribute):
+        raise SystemExit(
+            f"soniq worker: module {module_name!r} has no attribute {attribute!r} "
+            f"(the Soniq instance, as in {module_name}:eq)"
+        )
+    app = getattr(module, attribute)
     if not isinstance(app, Soniq):
         raise SystemExit(f"soniq worker: {spec} is {type(app).__name__}, not a Soniq instance")
     return app
@@ -144,7 +155,7 @@ def load_app(spec: str) -> Any:
 
 def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = load_app(args.app)
     queues = [q for q in args.queues.split(",") if q] if args.queues else None

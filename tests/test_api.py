@@ -224,16 +224,7 @@ async def test_missing_schema_says_to_migrate(database_url: str) -> None:
         ({"database_url": "postgresql://h:notaport/db"}, "malformed"),
         ({"database_url": "postgresql://h/db", "driver": "pg8000"}, "driver must be"),
         ({"database_url": "postgresql+asyncpg://h/db", "driver": "psycopg"}, "contradicts"),
-        pytest.param(
-            {"database_url": "postgresql://h/db", "schema": ""},
-            "schema",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="defect: an empty schema raises a plain ValueError, not the "
-                "ConfigurationError documented for invalid constructor arguments",
-            ),
-        ),
+        ({"database_url": "postgresql://h/db", "schema": ""}, "schema"),
         ({"database_url": "postgresql://h/db", "pool_size": 0}, "pool_size"),
         ({"database_url": "sqlite://jobs.db"}, "sqlite:///relative"),
         ({"database_url": "memory://named"}, "memory://"),

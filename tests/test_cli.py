@@ -86,7 +86,8 @@ def test_worker_flags_are_parsed() -> None:
         ]
     )
     assert (args.queues, args.concurrency, args.burst) == ("mail,reports", 3, True)
-    assert (args.no_listen, args.shutdown_timeout, args.log_level) == (True, 2.5, "debug")
+    # Any case is accepted; the level is read in upper case.
+    assert (args.no_listen, args.shutdown_timeout, args.log_level) == (True, 2.5, "DEBUG")
 
 
 @pytest.mark.parametrize(
@@ -133,15 +134,8 @@ def test_load_app_of_a_missing_module_names_it() -> None:
 def test_load_app_of_something_else_says_what_it_is(worker_app: Any) -> None:
     with pytest.raises(SystemExit, match=r"tests.worker_app:URL is str, not a Soniq instance"):
         load_app("tests.worker_app:URL")
-    with pytest.raises(SystemExit, match=r"tests.worker_app:no_such_name .*not a Soniq instance"):
-        load_app("tests.worker_app:no_such_name")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a missing attribute is reported as 'is NoneType, not a Soniq "
-    "instance' (getattr's default), not as missing",
-)
 def test_load_app_of_a_missing_attribute_says_it_is_missing(worker_app: Any) -> None:
     with pytest.raises(SystemExit, match="no_such_name"):
         try:
@@ -283,11 +277,6 @@ def test_an_app_that_does_not_load_exits_1(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an unknown --log-level ends in a ValueError traceback from "
-    "logging.basicConfig (exit 1), not a usage error (exit 2)",
-)
 def test_an_unknown_log_level_is_a_usage_error(worker_app: Any, soniq_processes: Spawn) -> None:
     code, out = worker(soniq_processes, "--burst", "--log-level", "LOUD").finish(30)
     assert (code, "Traceback" in out) == (2, False), out

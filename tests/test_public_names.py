@@ -94,7 +94,7 @@ BAD_SETTINGS = [
     ({"summary_interval": 0}, "summary_interval must be a positive number"),
     ({"stale_after": 1, "heartbeat_interval": 1}, "stale_after must exceed two heartbeat"),
     ({"stale_after": 4, "heartbeat_interval": 2}, "stale_after must exceed two heartbeat"),
-    ({"retention": -5}, "retention must be >= 0 or None"),
+    ({"retention": -5}, "retention must be seconds >= 0"),
     ({"queues": []}, "^queues"),
     ({"queues": ""}, "^queues"),
     ({"queues": ["mail", ""]}, "^queues"),
@@ -121,12 +121,6 @@ async def test_run_worker_refuses_them_before_doing_anything(
         await eq.run_worker(no_such_setting=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect: WorkerConfig accepts NaN for every duration (NaN <= 0 is False), "
-    "e.g. poll_interval=nan or stale_after=nan",
-)
 def test_nan_durations_are_refused() -> None:
     accepted = []
     for field in ("poll_interval", "heartbeat_interval", "stale_after", "shutdown_timeout"):
@@ -138,12 +132,6 @@ def test_nan_durations_are_refused() -> None:
     assert accepted == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="defect: retention of the wrong type ends in a raw TypeError from a "
-    "comparison ('<' not supported...), not a ConfigurationError naming retention",
-)
 def test_a_retention_of_the_wrong_type_is_named() -> None:
     with pytest.raises(ConfigurationError, match="retention"):
         WorkerConfig(retention="1 week")  # type: ignore[arg-type]

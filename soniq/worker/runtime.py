@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -50,8 +51,12 @@ log = logging.getLogger("soniq.worker")
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if not _is_number(value) or not value > 0 or not math.isfinite(value):
         raise ConfigurationError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _queues(value: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -94,8 +99,14 @@ class WorkerConfig:
     def __attrs_post_init__(self) -> None:
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
             raise ConfigurationError(f"concurrency must be an int, got {self.concurrency!r}")
-        if self.retention is not None and self.retention < 0:
-            raise ConfigurationError(f"retention must be >= 0 or None, got {self.retention!r}")
+        retention = self.retention
+        if retention is not None and (
+            not _is_number(retention) or not retention >= 0 or math.isinf(retention)
+        ):
+            raise ConfigurationError(
+                f"retention must be seconds >= 0 (0: delete at completion) or None "
+                f"(keep forever), got {retention!r}"
+            )
         if self.stale_after <= 2 * self.heartbeat_interval:
             raise ConfigurationError(
                 "stale_after must exceed two heartbeat intervals, or live workers would "
