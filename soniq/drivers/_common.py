@@ -8,10 +8,12 @@ import math
 import os
 import re
 import select
+from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable, SchemaNotReadyError
 
+_Member = TypeVar("_Member")
 _fork_generation = 0
 
 
@@ -221,6 +223,13 @@ def register_connection_errors(*classes: type[BaseException]) -> None:
     global _connection_errors
     new = tuple(c for c in classes if c not in _connection_errors)
     _connection_errors = (*_connection_errors, *new)
+
+
+def async_only(member: _Member) -> _Member:
+    """Marks a member of an async driver module that only the worker uses (it runs on
+    asyncio): ``tools/unasync.py`` leaves it out of the blocking twin, so the generated
+    file carries nothing that nothing calls."""
+    return member
 
 
 def is_connection_error(exc: BaseException) -> bool:

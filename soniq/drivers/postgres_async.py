@@ -15,6 +15,7 @@ from soniq.core import serialize
 from soniq.core.jobs import Claimed, Job, JobSpec
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.postgres import PostgresQueries, Query, ids_in_input_order, job_from_row
+from soniq.drivers._common import async_only
 
 
 class PostgresAsyncOps:
@@ -52,14 +53,17 @@ class PostgresAsyncOps:
     async def cancel_job(self, job_id: int) -> bool:
         return bool(await self.fetch(self.queries.cancel_job(job_id)))
 
+    @async_only
     async def claim_jobs(
         self, limit: int, worker_id: str, queues: Sequence[str] | None
     ) -> list[Claimed]:
         return _claimed(await self.fetch(self.queries.claim_jobs(limit, worker_id, queues)))
 
+    @async_only
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         await self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
 
+    @async_only
     @asynccontextmanager
     async def worker_session(self) -> AsyncIterator[PinnedWorkerOps]:
         """Claims or completions on a connection of their own, held throughout (not
@@ -67,14 +71,17 @@ class PostgresAsyncOps:
         async with self.connect() as conn:
             yield PinnedWorkerOps(self, conn)
 
+    @async_only
     def connect(self) -> AbstractAsyncContextManager[Any]:
         raise NotImplementedError
 
+    @async_only
     async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         """Run ``query`` on a connection from :meth:`connect` (the driver's own errors
         come through, so a lost connection reads as one)."""
         raise NotImplementedError
 
+    @async_only
     async def register_worker(
         self,
         worker_id: str,
@@ -87,13 +94,16 @@ class PostgresAsyncOps:
             self.queries.register_worker(worker_id, hostname, pid, queues, concurrency)
         )
 
+    @async_only
     async def unregister_worker(self, worker_id: str) -> None:
         await self.fetch(self.queries.unregister_worker(worker_id))
 
+    @async_only
     async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         return len(await self.fetch(self.queries.reconcile(worker_id, held)))
 
 
+@async_only
 class PinnedWorkerOps:
     """A worker loop's claims and completions on one connection."""
 
@@ -112,6 +122,7 @@ class PinnedWorkerOps:
         await self._ops.fetch_own(self._conn, query)
 
 
+@async_only
 def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
     args = serialize.loads_each([r[3] for r in rows])
     return [

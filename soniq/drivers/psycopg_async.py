@@ -26,6 +26,7 @@ from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_step
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import (
     Target,
+    async_only,
     async_owner,
     has_unread_input,
     libpq_connect_timeout,
@@ -135,6 +136,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             finally:
                 await pool.putconn(conn)
 
+    @async_only
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Any]:
         """A connection outside the pool (autocommit), closed on exit."""
@@ -149,6 +151,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
         finally:
             await pool.putconn(conn)
 
+    @async_only
     async def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         return await self._execute(conn, query)
 
@@ -173,6 +176,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             # Statements without RETURNING (register, unregister) produce no rows.
             return await cur.fetchall() if cur.description is not None else []
 
+    @async_only
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects)."""
@@ -193,6 +197,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
         finally:
             await pool.putconn(conn)
 
+    @async_only
     def maintenance(self) -> PostgresMaintenance:
         """A blocking session of its own for the worker's heartbeat thread."""
         return PostgresMaintenance(self.dsn, self.queries.schema, self.target)

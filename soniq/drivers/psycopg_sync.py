@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Callable, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,15 +20,14 @@ from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_step
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import (
     Target,
-    sync_owner,
     has_unread_input,
     libpq_connect_timeout,
     redact_url,
     register_connection_errors,
     schema_missing,
+    sync_owner,
 )
 from soniq.drivers.postgres_sync import PostgresSyncOps
-from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -129,12 +128,6 @@ class PsycopgSyncDriver(PostgresSyncOps):
             finally:
                 pool.putconn(conn)
 
-    @contextmanager
-    def connect(self) -> Iterator[Any]:
-        """A connection outside the pool (autocommit), closed on exit."""
-        with self._connect() as conn:
-            yield conn
-
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = self._get_pool()
         conn = self._checkout(pool)
@@ -142,9 +135,6 @@ class PsycopgSyncDriver(PostgresSyncOps):
             return self._execute(conn, query)
         finally:
             pool.putconn(conn)
-
-    def fetch_own(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
-        return self._execute(conn, query)
 
     def fetch_on(self, conn: Any, query: Query) -> Sequence[Sequence[Any]]:
         if conn.closed:
@@ -167,17 +157,6 @@ class PsycopgSyncDriver(PostgresSyncOps):
             # Statements without RETURNING (register, unregister) produce no rows.
             return cur.fetchall() if cur.description is not None else []
 
-    def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
-        """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
-        raises when the connection is lost (the caller reconnects)."""
-        with self._connect() as conn:
-            conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.queries.channel))
-            )
-            on_ready()
-            for notify in conn.notifies():
-                on_notify(notify.payload)
-
     def migrate(self, *, apply: bool) -> int:
         pool = self._get_pool()
         conn = self._checkout(pool)
@@ -186,10 +165,6 @@ class PsycopgSyncDriver(PostgresSyncOps):
                 return _run(conn, migration_steps(self.migrations, apply=apply))
         finally:
             pool.putconn(conn)
-
-    def maintenance(self) -> PostgresMaintenance:
-        """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(self.dsn, self.queries.schema, self.target)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
