@@ -141,7 +141,15 @@ def load_app(spec: str) -> Any:
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # the app's own import failed: its traceback says where
+        raise SystemExit(
+            f"soniq worker: no module named {exc.name!r} (from {spec!r}); run the worker "
+            "from your project's directory, or put it on PYTHONPATH"
+        ) from None
     if not hasattr(module, attribute):
         raise SystemExit(
             f"soniq worker: module {module_name!r} has no attribute {attribute!r} "

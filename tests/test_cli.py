@@ -127,8 +127,18 @@ def test_load_app_wants_module_colon_attribute(spec: str) -> None:
 
 
 def test_load_app_of_a_missing_module_names_it() -> None:
-    with pytest.raises(ModuleNotFoundError, match=r"No module named 'tests\.no_such_module'"):
+    with pytest.raises(SystemExit, match=r"no module named 'tests\.no_such_module'.*PYTHONPATH"):
         load_app("tests.no_such_module:eq")
+
+
+def test_an_import_error_inside_the_app_keeps_its_traceback(tmp_path: Any) -> None:
+    (tmp_path / "broken_app.py").write_text("import no_such_dependency_of_the_app\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ModuleNotFoundError, match="no_such_dependency_of_the_app"):
+            load_app("broken_app:eq")
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def test_load_app_of_something_else_says_what_it_is(worker_app: Any) -> None:
@@ -266,7 +276,7 @@ def test_migrate_exit_statuses(database_url: str, schema: str, soniq_processes: 
     [
         ("tests.worker_app", "expected module:attribute"),
         ("tests.worker_app:URL", "is str, not a Soniq instance"),
-        ("tests.no_such_module:eq", "No module named 'tests.no_such_module'"),
+        ("tests.no_such_module:eq", "no module named 'tests.no_such_module'"),
     ],
 )
 def test_an_app_that_does_not_load_exits_1(

@@ -342,7 +342,7 @@ def star_args(*numbers: int) -> None: ...
     ("func", "match"),
     [
         (positional_only, "parameter 'n' is positional-only"),
-        (star_args, "parameter 'numbers' is positional-only"),
+        (star_args, "parameter 'numbers' is \\*args"),
     ],
 )
 def test_parameters_a_keyword_call_cannot_fill_are_refused(func: Any, match: str) -> None:

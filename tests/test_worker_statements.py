@@ -135,31 +135,6 @@ def test_prune_deletes_old_finished_jobs_in_batches(db: Any, pg: psycopg.Connect
 
 
 @pytest.mark.timeout(60)
-async def test_poll_only_mode_finds_jobs(database_url: str, schema: str) -> None:
-    """listen=False (PgBouncer transaction pooling): jobs are found by polling. The job
-    is due half a second after enqueue, so no NOTIFY is sent for it at all: only a
-    poll can find it."""
-    import asyncio
-
-    eq = Soniq(database_url, schema=schema)
-    ran = asyncio.Event()
-
-    @eq.job
-    async def ping() -> None:
-        ran.set()
-
-    await eq.ensure_initialized()
-    worker = asyncio.create_task(eq.run_worker(listen=False, poll_interval=0.1))
-    try:
-        await eq.enqueue(ping, delay=0.5)
-        await asyncio.wait_for(ran.wait(), timeout=10)
-    finally:
-        worker.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await worker
-        await eq.close()
-
-
 @pytest.mark.parametrize("keep", [True, False], ids=["keep", "delete"])
 @pytest.mark.parametrize("rows", [0, 100_000])
 def test_finish_never_reads_the_running_index_in_a_generic_plan(

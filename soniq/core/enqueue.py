@@ -171,9 +171,10 @@ def _describe_signature(
             any_keyword = True
             continue
         if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL):
+            what = "positional-only" if param.kind is param.POSITIONAL_ONLY else "*args"
             raise JobDefinitionError(
-                f"job {name!r}: parameter {param.name!r} is positional-only; jobs are "
-                "called with keyword arguments, so make it a normal parameter"
+                f"job {name!r}: parameter {param.name!r} is {what}; jobs are called "
+                "with keyword arguments, so make it a normal parameter"
             )
         if param.name in RESERVED_OPTIONS:
             raise JobDefinitionError(
