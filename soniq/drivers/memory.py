@@ -510,6 +510,9 @@ class MemoryMaintenance:
         """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
         return self.store.prune_finished(older_than, limit)
 
+    def abort(self) -> None:
+        """Nothing to abort: no call waits on a connection."""
+
     def close(self) -> None:
         """Nothing to close."""
 

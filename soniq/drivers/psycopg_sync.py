@@ -27,7 +27,7 @@ from soniq.drivers._common import (
     schema_missing,
 )
 from soniq.drivers.postgres_sync import PostgresSyncOps
-from soniq.drivers.postgres_maintenance import PostgresMaintenance
+from soniq.drivers.postgres_maintenance import PostgresMaintenance, shutdown_socket
 
 #: What a caller may hand to ``enqueue(connection=...)`` for this driver.
 CONNECTION_TYPES = (psycopg.Connection,)
@@ -128,9 +128,20 @@ class PsycopgSyncDriver(PostgresSyncOps):
 
     @contextmanager
     def connect(self) -> Iterator[Any]:
-        """A connection outside the pool (autocommit), closed on exit."""
-        with self._connect() as conn:
+        """A connection outside the pool (autocommit), closed on exit (no ROLLBACK or
+        COMMIT first: a broken or abandoned connection is just let go)."""
+        conn = self._connect()
+        try:
             yield conn
+        finally:
+            conn.close()
+
+    def abort_own(self, conn: Any) -> None:
+        """Abandon a connection at once: its socket is shut down (not closed: the
+        descriptor stays the connection's until it is closed), so a statement
+        waiting on it fails with ``OperationalError`` instead of waiting on, as
+        psycopg's own cancellation would (it asks the server, then waits 5 s more)."""
+        shutdown_socket(conn)
 
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = self._get_pool()

@@ -50,16 +50,6 @@ def proxy(cluster_url: str) -> Any:
         yield made
 
 
-HALF_OPEN_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="a half-open connection (the server's answers stop arriving, nothing closes) "
-    "is waited on forever: nothing bounds a call on an established connection (TCP "
-    "keepalives would not see it: the peer still acknowledges), so the heartbeat thread, "
-    "claim lanes and completer block, the worker never heartbeats again and ignores "
-    "SIGTERM; its jobs come back only through another worker's rescue",
-)
-
-
 def drain_through_fault(
     mode: str,
     proxy: FaultProxy,
@@ -147,7 +137,6 @@ def test_a_half_open_link_loses_no_job(proxy: FaultProxy, cluster_url: str, tmp_
     )
 
 
-@HALF_OPEN_PENDING
 @pytest.mark.timeout(120)
 def test_workers_recover_from_a_half_open_link(
     proxy: FaultProxy, cluster_url: str, tmp_path: Path
