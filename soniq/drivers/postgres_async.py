@@ -126,6 +126,11 @@ class PinnedWorkerOps:
         query = self._ops.queries.finish_jobs(outcomes, worker_id, keep=keep)
         await self._ops.fetch_own(self._conn, query)
 
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        """:meth:`PostgresAsyncOps.reconcile` on this session's connection."""
+        query = self._ops.queries.reconcile(worker_id, held)
+        return len(await self._ops.fetch_own(self._conn, query))
+
     def abort(self) -> None:
         """Abandon the connection now: a statement waiting on it fails at once as on a
         lost connection (the worker's ``command_timeout`` calls this). The session is

@@ -322,7 +322,7 @@ class Worker:
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
             try:
                 if self._reconcile_needed:
-                    await self._reconcile()
+                    await self._reconcile(session)
                     continue
                 self._reserved += free
                 self._no_claim_in_flight.clear()
@@ -386,24 +386,39 @@ class Worker:
                 _resolve(waiter)
         self._idlers = staying
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, session: _Session) -> None:
         """Put back what a lost claim reply may have claimed, with no claim of another
-        lane in flight (its rows are claimed but not known to this worker yet)."""
+        lane in flight (its rows are claimed but not known to this worker yet). On the
+        lane's session when it can (bounded as a claim is), else on the pool."""
         self._reconcile_needed = False
         self._claims_open.clear()
         try:
             await self._no_claim_in_flight.wait()
-            # Jobs whose outcome is on its way (pending, or in the completer's write
-            # right now) are held too: putting them back would run them again.
-            held = [*self._running, *(o.job_id for o in (*self._pending, *self._writing))]
+            on_session: Any = None
             try:
-                put_back = await asyncio.wait_for(
-                    self._backend.reconcile(self.id, held), self.config.command_timeout
-                )
-            except asyncio.TimeoutError:
-                raise TimeoutError(
-                    f"reconcile: no answer within command_timeout={self.config.command_timeout:g}s"
-                ) from None
+                ops = await session.ops()
+                on_session = getattr(ops, "reconcile", None)
+                # Jobs whose outcome is on its way (pending, or in the completer's write
+                # right now) are held too: putting them back would run them again.
+                held = [*self._running, *(o.job_id for o in (*self._pending, *self._writing))]
+                if on_session is not None:
+                    with session.bounded():
+                        put_back = await on_session(self.id, held)
+                else:
+                    put_back = await asyncio.wait_for(
+                        self._backend.reconcile(self.id, held), self.config.command_timeout
+                    )
+            except Exception as exc:
+                await session.drop(exc)
+                lost = session.timed_out()
+                if on_session is None and isinstance(exc, asyncio.TimeoutError):
+                    lost = TimeoutError(
+                        "reconcile: no answer within "
+                        f"command_timeout={self.config.command_timeout:g}s"
+                    )
+                if lost is None:
+                    raise
+                raise lost from exc
         finally:
             self._claims_open.set()
         if put_back:
