@@ -24,7 +24,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from soniq import JobStatus, Soniq
+from soniq import ConfigurationError, JobStatus, Soniq, WorkerConfig
+from soniq.cli import main
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
 from tests.conftest import async_wait_until
 
@@ -307,3 +308,39 @@ async def _beat_since(app: Soniq, schema: str, since: Any) -> bool:
             assert row is not None
             return bool(row[0])
         return bool(await conn.fetchval(sql + "$1", since))
+
+
+# -- the setting ------------------------------------------------------------------------
+
+
+def test_command_timeout_defaults_and_checks() -> None:
+    """10 s by default, a third of stale_after when that is shorter; positive and
+    below stale_after, or a ConfigurationError naming it."""
+    assert WorkerConfig().command_timeout == 10.0
+    assert WorkerConfig(stale_after=3, heartbeat_interval=0.5).command_timeout == 1.0
+    assert WorkerConfig(command_timeout=0.25).command_timeout == 0.25
+    for bad in (0, -1, "2", True, 30.0, 45):
+        with pytest.raises(ConfigurationError, match="command_timeout"):
+            WorkerConfig(command_timeout=bad)
+
+
+def test_the_cli_passes_command_timeout(
+    worker_app: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--command-timeout`` reaches the worker's settings (absent, the default holds);
+    a value the worker refuses is a one-line exit 1."""
+    seen: list[dict[str, Any]] = []
+
+    async def record(self: Soniq, **settings: Any) -> None:
+        seen.append(settings)
+
+    original = Soniq.run_worker
+    monkeypatch.setattr(Soniq, "run_worker", record)
+    assert main(["worker", "tests.worker_app:eq", "--command-timeout", "2.5"]) == 0
+    assert main(["worker", "tests.worker_app:eq"]) == 0
+    assert seen[0]["command_timeout"] == 2.5 and "command_timeout" not in seen[1]
+    monkeypatch.setattr(Soniq, "run_worker", original)
+    code = main(["worker", "tests.worker_app:eq", "--stale-after", "5", "--command-timeout", "5"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("soniq worker: command_timeout must be below stale_after"), err
