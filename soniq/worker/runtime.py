@@ -281,10 +281,15 @@ class Worker:
         # it claims, again and again, until its heartbeat registers it again.
         unconfirmed_limit = self.config.stale_after - self.config.command_timeout
         paused = False
+        # An abandoned claim may still reach the server and run later (a link that
+        # held its bytes): reconcile once more a while after one.
+        recheck_at: float | None = None
         while not self._stopping:
             if not self._claims_open.is_set():  # another lane is reconciling
                 await self._claims_open.wait()
                 continue
+            if recheck_at is not None and self._loop.time() >= recheck_at:
+                recheck_at, self._reconcile_needed = None, True
             if self._heartbeat.unconfirmed_for() > unconfirmed_limit:
                 if not paused:
                     log.warning(
@@ -335,6 +340,7 @@ class Worker:
                     lost = session.timed_out()
                     if lost is None:
                         raise
+                    recheck_at = self._loop.time() + self.config.stale_after
                     raise lost from exc
                 finally:
                     self._reserved -= free
