@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between polls when no NOTIFY arrives (default 1)",
     )
     worker.add_argument(
+        "--command-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a statement of the worker's own with no answer for this long is given up and "
+        "its connection abandoned (default 10, or a third of --stale-after if shorter; "
+        "below --stale-after)",
+    )
+    worker.add_argument(
         "--wait-for-database",
         type=_non_negative_seconds,
         default=60.0,
@@ -198,6 +207,11 @@ def _worker(args: argparse.Namespace) -> int:
                 heartbeat_interval=args.heartbeat_interval,
                 poll_interval=args.poll_interval,
                 wait_for_database=args.wait_for_database,
+                **(
+                    {}
+                    if args.command_timeout is None
+                    else {"command_timeout": args.command_timeout}
+                ),
             )
         except asyncio.CancelledError:
             pass

@@ -140,6 +140,11 @@ class AsyncpgDriver(PostgresAsyncOps):
                 conn.terminate()
                 raise
 
+    def abort_own(self, conn: Any) -> None:
+        """Abandon a connection at once (``terminate``: no goodbye, no wait); a
+        statement waiting on it fails with ``ConnectionDoesNotExistError``."""
+        conn.terminate()
+
     async def _connect(self) -> Any:
         """A new connection within ``connect_timeout``, or DatabaseUnavailable."""
         try:
@@ -152,6 +157,12 @@ class AsyncpgDriver(PostgresAsyncOps):
         conn = await self._checkout(pool)
         try:
             return await self.fetch_own(conn, query)
+        except asyncio.CancelledError:
+            # Cancelled in flight (a worker's command_timeout, a caller's own timeout):
+            # the answer may never come (a silent link), so the connection is
+            # terminated rather than released, which would wait for it.
+            conn.terminate()
+            raise
         finally:
             await pool.release(conn)
 

@@ -43,6 +43,13 @@ class MaintenanceSession(Protocol):
     def prune_finished(self, older_than: float, limit: int) -> int:
         """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
 
+    def abort(self) -> None:
+        """Make a call that waits on the session's connection now, in another thread,
+        fail at once as on a lost connection (the heartbeat's watchdog calls this when
+        a call outlasts the worker's ``command_timeout``). Called only while a call is
+        in flight; the session is then closed and a new one opened. A session with no
+        link to lose (an embedded database) does nothing."""
+
     def close(self) -> None:
         """Close the session's connection."""
 

@@ -67,12 +67,28 @@ class PostgresAsyncOps:
     @asynccontextmanager
     async def worker_session(self) -> AsyncIterator[PinnedWorkerOps]:
         """Claims or completions on a connection of their own, held throughout (not
-        one of the pool's: a worker's loops must not starve a small pool)."""
+        one of the pool's: a worker's loops must not starve a small pool). Left with
+        an error (a statement failed, or went unanswered and was aborted), the
+        connection is abandoned (:meth:`abort_own`), not closed politely: a goodbye
+        on a silent link could wait too."""
         async with self.connect() as conn:
-            yield PinnedWorkerOps(self, conn)
+            ops = PinnedWorkerOps(self, conn)
+            try:
+                yield ops
+            except BaseException:
+                ops.abort()
+                raise
 
     @async_only
     def connect(self) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    @async_only
+    def abort_own(self, conn: Any) -> None:
+        """Abandon a connection of :meth:`connect` at once, from the thread that runs
+        its statements, without a word to the server and without waiting: a
+        statement waiting on it fails as on a lost connection. Closing it is left to
+        its owner."""
         raise NotImplementedError
 
     @async_only
@@ -120,6 +136,17 @@ class PinnedWorkerOps:
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         query = self._ops.queries.finish_jobs(outcomes, worker_id, keep=keep)
         await self._ops.fetch_own(self._conn, query)
+
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        """:meth:`PostgresAsyncOps.reconcile` on this session's connection."""
+        query = self._ops.queries.reconcile(worker_id, held)
+        return len(await self._ops.fetch_own(self._conn, query))
+
+    def abort(self) -> None:
+        """Abandon the connection now: a statement waiting on it fails at once as on a
+        lost connection (the worker's ``command_timeout`` calls this). The session is
+        unusable afterwards."""
+        self._ops.abort_own(self._conn)
 
 
 @async_only

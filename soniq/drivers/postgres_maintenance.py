@@ -4,6 +4,9 @@ stop the heartbeat)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +16,19 @@ from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import Target, libpq_connect_timeout, register_connection_errors
 
 register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
+
+#: TCP settings of the heartbeat's connection: a peer that vanished (a host gone, a
+#: NAT mapping expired) is found by the kernel, not waited on forever. Keepalives probe
+#: an idle link (after 5 s, every 2 s, given up after 3 unanswered probes), and data
+#: left unacknowledged for 10 s drops the connection (Linux's TCP_USER_TIMEOUT). A link
+#: whose peer still acknowledges but never answers is the watchdog's job (:meth:`abort`).
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 
 class PostgresMaintenance:
@@ -27,6 +43,7 @@ class PostgresMaintenance:
                 autocommit=True,
                 connect_timeout=libpq_connect_timeout(target.connect_timeout),
                 application_name="soniq heartbeat",
+                **KEEPALIVES,
             )
         except psycopg.OperationalError as exc:
             raise target.unavailable(exc) from exc
@@ -60,5 +77,25 @@ class PostgresMaintenance:
         query = self._queries.prune_finished(older_than, limit)
         return self._conn.execute(query.sql, query.params).rowcount
 
+    def abort(self) -> None:
+        """Shut the connection's socket down, from another thread while a call waits
+        on it: the call fails at once with ``OperationalError``. Only while a call is
+        in flight (the caller makes sure): the descriptor is the connection's until
+        :meth:`close`."""
+        shutdown_socket(self._conn)
+
     def close(self) -> None:
         self._conn.close()
+
+
+def shutdown_socket(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Shut down the socket of a psycopg connection, in both directions, without
+    closing its descriptor (which stays the connection's, so it cannot be reused by
+    another socket under libpq's feet): whoever waits on it wakes up to an end of
+    file. A connection that is closed already is left alone."""
+    with contextlib.suppress(Exception):
+        if conn.closed:
+            return
+        fd = conn.fileno()
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)

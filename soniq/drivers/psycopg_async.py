@@ -35,7 +35,7 @@ from soniq.drivers._common import (
     schema_missing,
 )
 from soniq.drivers.postgres_async import PostgresAsyncOps
-from soniq.drivers.postgres_maintenance import PostgresMaintenance
+from soniq.drivers.postgres_maintenance import PostgresMaintenance, shutdown_socket
 
 register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -139,9 +139,21 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
     @async_only
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Any]:
-        """A connection outside the pool (autocommit), closed on exit."""
-        async with await self._connect() as conn:
+        """A connection outside the pool (autocommit), closed on exit (no ROLLBACK or
+        COMMIT first: a broken or abandoned connection is just let go)."""
+        conn = await self._connect()
+        try:
             yield conn
+        finally:
+            await conn.close()
+
+    @async_only
+    def abort_own(self, conn: Any) -> None:
+        """Abandon a connection at once: its socket is shut down (not closed: the
+        descriptor stays the connection's until it is closed), so a statement
+        waiting on it fails with ``OperationalError`` instead of waiting on, as
+        psycopg's own cancellation would (it asks the server, then waits 5 s more)."""
+        shutdown_socket(conn)
 
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         pool = await self._get_pool()

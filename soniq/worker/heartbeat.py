@@ -4,6 +4,12 @@ event loop cannot make its worker look dead and get its work run twice.
 Each beat refreshes this worker's row, collects cancellation requests for its running
 jobs, rescues the jobs of workers whose heartbeat is stale, and prunes old finished
 jobs. Losing the connection is logged and retried with back-off.
+
+No call may wait forever on a connection that went silent (a half-open link: the
+server's answers stop arriving and nothing closes): a watchdog thread aborts the
+session (:meth:`MaintenanceSession.abort`) when one call has been in flight for
+longer than ``command_timeout``, so that the call fails and the heartbeat reconnects
+well before the worker would be declared dead.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import MaintenanceSession
@@ -20,6 +27,8 @@ from soniq.drivers.base import MaintenanceSession
 log = logging.getLogger("soniq.worker")
 
 PRUNE_BATCH = 5000
+
+T = TypeVar("T")
 
 
 class Heartbeat(threading.Thread):
@@ -35,6 +44,7 @@ class Heartbeat(threading.Thread):
         stale_after: float,
         retention: float | None,
         on_cancel: Callable[[Sequence[int]], object],
+        command_timeout: float | None = None,
     ) -> None:
         super().__init__(name=f"soniq-heartbeat-{identity[0][:8]}", daemon=True)
         self._open_session = open_session
@@ -46,14 +56,41 @@ class Heartbeat(threading.Thread):
         self._on_cancel = on_cancel
         self._stopped = threading.Event()
         self._next_prune = 0.0
+        #: A call longer than this is aborted (default as WorkerConfig's).
+        self._command_timeout = (
+            command_timeout if command_timeout is not None else min(10.0, stale_after / 3)
+        )
+        # The call in flight, for the watchdog: its session and its deadline. Set and
+        # cleared under the lock, and the watchdog aborts under it, so a session is
+        # aborted only while its call runs (never after it was closed).
+        self._lock = threading.Lock()
+        self._in_flight: tuple[MaintenanceSession, float] | None = None
+        self._watch = threading.Event()
+        #: Calls aborted by the watchdog (for tests and logs).
+        self.aborted = 0
+        # When the last beat that reached the database started (monotonic); the
+        # worker registered just before this thread was made.
+        self._confirmed = time.monotonic()
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the thread and wait for it (bounded)."""
         self._stopped.set()
+        self._watch.set()
         if self.is_alive():
             self.join(timeout)
 
     def run(self) -> None:
+        watchdog = threading.Thread(
+            target=self._watchdog, name=f"{self.name}-watchdog", daemon=True
+        )
+        watchdog.start()
+        try:
+            self._beat_forever()
+        finally:
+            self._stopped.set()
+            self._watch.set()
+
+    def _beat_forever(self) -> None:
         session: MaintenanceSession | None = None
         failures = 0
         while not self._stopped.is_set():
@@ -79,17 +116,60 @@ class Heartbeat(threading.Thread):
         if session is not None:
             session.close()
 
+    def _bounded(self, session: MaintenanceSession, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, a call on ``session``, watched: aborted by the watchdog
+        if it outlasts ``command_timeout``."""
+        with self._lock:
+            self._in_flight = (session, time.monotonic() + self._command_timeout)
+        self._watch.set()
+        try:
+            return call(*args)
+        finally:
+            with self._lock:
+                self._in_flight = None
+
+    def _watchdog(self) -> None:
+        """Abort the session of a call in flight past its deadline; sleeps otherwise."""
+        while not self._stopped.is_set():
+            self._watch.clear()
+            with self._lock:
+                in_flight = self._in_flight
+                wait: float | None = None
+                if in_flight is not None:
+                    session, deadline = in_flight
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        self._in_flight, wait = None, None
+                        self.aborted += 1
+                        log.warning(
+                            "heartbeat: no answer within command_timeout=%gs; abandoning "
+                            "its connection",
+                            self._command_timeout,
+                        )
+                        session.abort()
+            self._watch.wait(wait)
+
+    def unconfirmed_for(self) -> float:
+        """Seconds since the start of the last beat that reached the database: past
+        ``stale_after`` other workers may have declared this one dead, and would put
+        back what it claims until it registers again (the worker claims nothing
+        meanwhile)."""
+        return time.monotonic() - self._confirmed
+
     def beat(self, session: MaintenanceSession) -> None:
         """One pass: heartbeat, cancellation requests, rescue, prune."""
-        if not session.heartbeat(self._worker_id):
+        call = self._bounded
+        started = time.monotonic()
+        if not call(session, session.heartbeat, self._worker_id):
             # Declared dead (a pause longer than the stale timeout): our jobs were put
             # back and their late finishes will be fenced off. Register again.
             log.warning("worker %s was declared dead; registering again", self._worker_id)
-            session.register_worker(*self._identity)
-        requested = session.cancel_requests(self._worker_id)
+            call(session, session.register_worker, *self._identity)
+        self._confirmed = started
+        requested = call(session, session.cancel_requests, self._worker_id)
         if requested:
             self._on_cancel(requested)
-        rescued = session.rescue_stale(self._stale_after)
+        rescued = call(session, session.rescue_stale, self._stale_after)
         if rescued:
             log.warning(
                 "rescued %d job(s) of dead workers: %s",
@@ -99,7 +179,7 @@ class Heartbeat(threading.Thread):
         if self._retention and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + max(60.0, self._interval)
             for _ in range(20):  # bounded per beat; the next beat goes on
-                deleted = session.prune_finished(self._retention, PRUNE_BATCH)
+                deleted = call(session, session.prune_finished, self._retention, PRUNE_BATCH)
                 if deleted:
                     log.debug("pruned %d finished job(s)", deleted)
                 if deleted < PRUNE_BATCH:

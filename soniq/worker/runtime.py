@@ -95,6 +95,15 @@ class WorkerConfig:
     retention: float | None = 7 * 24 * 3600.0
     #: Log a summary line at INFO this often.
     summary_interval: float = attrs.field(default=60.0, validator=_positive)
+    #: A statement of the worker's own (a claim, a batch of outcomes, a heartbeat,
+    #: reconcile, register) that gets no answer within this long is given up: its
+    #: connection is abandoned at once (a link that went silent, a half-open
+    #: connection, is never waited on) and the worker reconnects and goes on. Default:
+    #: 10 s, or a third of ``stale_after`` when that is shorter; below ``stale_after``.
+    command_timeout: float = attrs.field(
+        default=attrs.Factory(lambda self: min(10.0, self.stale_after / 3), takes_self=True),
+        validator=_positive,
+    )
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
@@ -112,6 +121,12 @@ class WorkerConfig:
                 "stale_after must exceed two heartbeat intervals, or live workers would "
                 f"be declared dead (stale_after={self.stale_after}, "
                 f"heartbeat_interval={self.heartbeat_interval})"
+            )
+        if self.command_timeout >= self.stale_after:
+            raise ConfigurationError(
+                "command_timeout must be below stale_after, or a worker waiting on a "
+                f"silent connection would be declared dead (command_timeout="
+                f"{self.command_timeout}, stale_after={self.stale_after})"
             )
 
 
@@ -170,16 +185,19 @@ class Worker:
             self.config.queues,
             self.config.concurrency,
         )
-        await self._backend.register_worker(*identity)
+        bound = self.config.command_timeout
+        await asyncio.wait_for(self._backend.register_worker(*identity), bound)
         heartbeat = Heartbeat(
             open_session=self._backend.maintenance,
             identity=identity,
             interval=self.config.heartbeat_interval,
             stale_after=self.config.stale_after,
             retention=self.config.retention,
+            command_timeout=bound,
             on_cancel=lambda ids: loop.call_soon_threadsafe(self._cancel_requested, ids),
         )
         heartbeat.start()
+        self._heartbeat = heartbeat
         helpers = [loop.create_task(self._complete_forever(), name="soniq-completer")]
         if self.config.listen:
             helpers.append(loop.create_task(self._listen_forever(), name="soniq-listener"))
@@ -231,7 +249,9 @@ class Worker:
         self._threads.shutdown()
         await asyncio.to_thread(heartbeat.stop)
         try:
-            await self._backend.unregister_worker(self.id)
+            await asyncio.wait_for(
+                self._backend.unregister_worker(self.id), self.config.command_timeout
+            )
         except Exception as exc:  # the rows are rescued by others in time anyway
             log.warning("could not unregister worker %s: %s", self.id, exc)
         log.info("worker %s stopped", self.id)
@@ -257,17 +277,37 @@ class Worker:
     async def _claim_lane(self, cap: int) -> None:
         """Claim up to ``cap`` jobs (never more than the free slots, counting those
         other lanes are claiming) in one statement, start them, repeat."""
-        async with _Session(self._backend) as session:
+        async with _Session(self._backend, self.config.command_timeout) as session:
             await self._claim_forever(cap, session)
 
     async def _claim_forever(self, cap: int, session: _Session) -> None:
         failures = 0
         gather = self._backend.claim_gather
         gather_until: float | None = None
+        # Claim only while the heartbeat is confirmed recently enough that no other
+        # worker can have declared this one dead: they would put back (and count) what
+        # it claims, again and again, until its heartbeat registers it again.
+        unconfirmed_limit = self.config.stale_after - self.config.command_timeout
+        paused = False
+        # An abandoned claim may still reach the server and run later (a link that
+        # held its bytes): reconcile once more a while after one.
+        recheck_at: float | None = None
         while not self._stopping:
             if not self._claims_open.is_set():  # another lane is reconciling
                 await self._claims_open.wait()
                 continue
+            if recheck_at is not None and self._loop.time() >= recheck_at:
+                recheck_at, self._reconcile_needed = None, True
+            if self._heartbeat.unconfirmed_for() > unconfirmed_limit:
+                if not paused:
+                    log.warning(
+                        "heartbeat not confirmed for %.1fs: claiming nothing until it is",
+                        self._heartbeat.unconfirmed_for(),
+                    )
+                paused = True
+                await asyncio.sleep(min(self.config.heartbeat_interval, 0.2))
+                continue
+            paused = False
             free = min(cap, self.config.concurrency - len(self._running) - self._reserved)
             # Idle, with another lane's claim in flight: a second claim would most
             # likely find nothing (a wake-up usually means one new job). Under load the
@@ -295,16 +335,21 @@ class Worker:
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
             try:
                 if self._reconcile_needed:
-                    await self._reconcile()
+                    await self._reconcile(session)
                     continue
                 self._reserved += free
                 self._no_claim_in_flight.clear()
                 try:
                     ops = await session.ops()
-                    rows = await ops.claim_jobs(free, self.id, self.config.queues)
-                except Exception:
-                    await session.drop()
-                    raise
+                    with session.bounded():
+                        rows = await ops.claim_jobs(free, self.id, self.config.queues)
+                except Exception as exc:
+                    await session.drop(exc)
+                    lost = session.timed_out()
+                    if lost is None:
+                        raise
+                    recheck_at = self._loop.time() + self.config.stale_after
+                    raise lost from exc
                 finally:
                     self._reserved -= free
                     if not self._reserved:
@@ -355,17 +400,39 @@ class Worker:
                 _resolve(waiter)
         self._idlers = staying
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, session: _Session) -> None:
         """Put back what a lost claim reply may have claimed, with no claim of another
-        lane in flight (its rows are claimed but not known to this worker yet)."""
+        lane in flight (its rows are claimed but not known to this worker yet). On the
+        lane's session when it can (bounded as a claim is), else on the pool."""
         self._reconcile_needed = False
         self._claims_open.clear()
         try:
             await self._no_claim_in_flight.wait()
-            # Jobs whose outcome is on its way (pending, or in the completer's write
-            # right now) are held too: putting them back would run them again.
-            held = [*self._running, *(o.job_id for o in (*self._pending, *self._writing))]
-            put_back = await self._backend.reconcile(self.id, held)
+            on_session: Any = None
+            try:
+                ops = await session.ops()
+                on_session = getattr(ops, "reconcile", None)
+                # Jobs whose outcome is on its way (pending, or in the completer's write
+                # right now) are held too: putting them back would run them again.
+                held = [*self._running, *(o.job_id for o in (*self._pending, *self._writing))]
+                if on_session is not None:
+                    with session.bounded():
+                        put_back = await on_session(self.id, held)
+                else:
+                    put_back = await asyncio.wait_for(
+                        self._backend.reconcile(self.id, held), self.config.command_timeout
+                    )
+            except Exception as exc:
+                await session.drop(exc)
+                lost = session.timed_out()
+                if on_session is None and isinstance(exc, asyncio.TimeoutError):
+                    lost = TimeoutError(
+                        "reconcile: no answer within "
+                        f"command_timeout={self.config.command_timeout:g}s"
+                    )
+                if lost is None:
+                    raise
+                raise lost from exc
         finally:
             self._claims_open.set()
         if put_back:
@@ -561,7 +628,7 @@ class Worker:
         self._flush_needed.set()
 
     async def _complete_forever(self) -> None:
-        async with _Session(self._backend) as session:
+        async with _Session(self._backend, self.config.command_timeout) as session:
             await self._complete(session)
 
     async def _complete(self, session: _Session) -> None:
@@ -575,11 +642,13 @@ class Worker:
                 self._writing = batch
                 try:
                     ops = await session.ops()
-                    await ops.finish_jobs(batch, self.id, keep=keep)
+                    with session.bounded():
+                        await ops.finish_jobs(batch, self.id, keep=keep)
                     failures = 0
-                except Exception as exc:
+                except Exception as error:
                     self._pending[:0], self._writing = batch, []
-                    await session.drop()
+                    await session.drop(error)
+                    exc = session.timed_out() or error
                     if not is_connection_error(exc):
                         log.exception("writing %d outcome(s) failed", len(batch))
                     else:
@@ -665,25 +734,67 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
 
 class _Session:
     """A worker loop's backend session (:meth:`AsyncBackend.worker_session`), opened
-    on first use and dropped after an error, so that the next use opens a new one."""
+    on first use and dropped after an error, so that the next use opens a new one.
 
-    def __init__(self, backend: AsyncBackend) -> None:
+    A statement run under :meth:`bounded` that gets no answer within ``timeout``
+    seconds has its connection abandoned at once: the session's ``abort()`` (the
+    PostgreSQL drivers' sessions have one; an embedded database has no link to lose)
+    makes the statement fail as on a lost connection, and the caller's retry takes
+    over. One timer per statement, that is per claim batch or per flush."""
+
+    def __init__(self, backend: AsyncBackend, timeout: float) -> None:
         self._backend = backend
+        self._timeout = timeout
         self._context: contextlib.AbstractAsyncContextManager[WorkerOps] | None = None
         self._ops: WorkerOps | None = None
+        self._abort: Any = None
+        self._expired = False
 
     async def ops(self) -> WorkerOps:
         if self._ops is None:
             context = self._backend.worker_session()
             self._ops = await context.__aenter__()
             self._context = context
+            self._abort = getattr(self._ops, "abort", None)
         return self._ops
 
-    async def drop(self) -> None:
-        context, self._context, self._ops = self._context, None, None
+    @contextlib.contextmanager
+    def bounded(self) -> Any:
+        """Abandon the connection if the statement in this block outlasts the timeout."""
+        self._expired = False
+        if self._abort is None:
+            yield
+            return
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, self._abort)
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expire(self, abort: Any) -> None:
+        self._expired = True
+        abort()
+
+    def timed_out(self) -> TimeoutError | None:
+        """The error to report for a statement's failure when the timeout abandoned
+        its connection (else None)."""
+        if not self._expired:
+            return None
+        self._expired = False
+        return TimeoutError(
+            f"no answer within command_timeout={self._timeout:g}s; the connection was abandoned"
+        )
+
+    async def drop(self, error: BaseException | None = None) -> None:
+        """Forget the session; after an ``error`` its connection is abandoned, not
+        closed politely (a goodbye on a silent link could wait too)."""
+        context, self._context, self._ops, self._abort = self._context, None, None, None
         if context is not None:
             with contextlib.suppress(Exception):
-                await context.__aexit__(None, None, None)
+                if error is None:
+                    await context.__aexit__(None, None, None)
+                else:
+                    await context.__aexit__(type(error), error, error.__traceback__)
 
     async def __aenter__(self) -> _Session:
         return self

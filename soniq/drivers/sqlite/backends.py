@@ -141,6 +141,10 @@ class SqliteMaintenance:
         """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
         return run(self._conn, sq.prune_finished(older_than, limit, self._clock()))
 
+    def abort(self) -> None:
+        """Nothing to do: a local file has no link that can go silent (a locked
+        database is bounded by the busy timeout)."""
+
     def close(self) -> None:
         """Close the session's connection."""
         self._conn.close()
