@@ -89,6 +89,16 @@ def new_soniq(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **kwarg
     return Soniq(url, driver=kind, schema=schema, **kwargs)
 
 
+@pytest.fixture(params=BACKENDS)
+async def any_eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
+    """A migrated Soniq on each backend of :data:`BACKENDS` (:func:`new_soniq`), closed
+    afterwards."""
+    app = new_soniq(request.param, request, tmp_path)
+    await app.ensure_initialized()
+    yield app
+    await app.close()
+
+
 def soniq_command() -> list[str]:
     """The ``soniq`` console script of this environment, as users run it (nox and the
     dev virtualenv install the package, which puts the script next to Python);

@@ -10,24 +10,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from soniq import Backoff, JobStatus, PermanentError, Soniq, current_job
-from tests.conftest import BACKENDS, async_wait_until, new_soniq
+from tests.conftest import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=BACKENDS)
-async def eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
-    app = new_soniq(request.param, request, tmp_path)
-    await app.ensure_initialized()
-    yield app
-    await app.close()
+@pytest.fixture
+def eq(any_eq: Soniq) -> Soniq:
+    """Every test here runs on every backend."""
+    return any_eq
 
 
 class Runs:

@@ -9,28 +9,10 @@ done its work; the next run shows ``claims > attempts`` on the job, in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from soniq import Soniq
 from soniq.core import outcomes
-
-
-@pytest.fixture(params=["asyncpg", "psycopg", "sqlite", "memory"])
-async def any_eq(
-    request: pytest.FixtureRequest, tmp_path: Path, database_url: str, schema: str
-) -> AsyncIterator[Soniq]:
-    if request.param == "sqlite":
-        eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
-    elif request.param == "memory":
-        eq = Soniq("memory://")
-    else:
-        eq = Soniq(database_url, driver=request.param, schema=schema)
-    await eq.ensure_initialized()
-    yield eq
-    await eq.close()
 
 
 async def test_a_run_put_back_uncounted_shows_as_a_second_claim(any_eq: Soniq) -> None:

@@ -80,15 +80,6 @@ async def face(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     await eq.close()
 
 
-@pytest.fixture(params=BACKENDS)
-async def eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
-    """A backend whose async face runs the worker's operations too."""
-    app = new_soniq(request.param, request, tmp_path)
-    await app.ensure_initialized()
-    yield app
-    await app.close()
-
-
 def row(job: Job) -> tuple[Any, ...]:
     """What every backend must agree on about a job."""
     return (
@@ -171,21 +162,23 @@ async def test_cancel_queued_finished_and_unknown(face: Face) -> None:
 
 
 @pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
-async def test_insert_in_a_callers_transaction(eq: Soniq, database_url: str, commit: bool) -> None:
-    if eq.backend.name not in ("asyncpg", "psycopg"):
+async def test_insert_in_a_callers_transaction(
+    any_eq: Soniq, database_url: str, commit: bool
+) -> None:
+    if any_eq.backend.name not in ("asyncpg", "psycopg"):
         with pytest.raises(ValueError, match="needs PostgreSQL"):
-            await eq.enqueue("c.job", connection=object())
+            await any_eq.enqueue("c.job", connection=object())
         return
-    conn = await _connect(eq.backend.name, database_url)
+    conn = await _connect(any_eq.backend.name, database_url)
     try:
         tx = conn.transaction()
-        await tx.start() if eq.backend.name == "asyncpg" else await tx.__aenter__()
+        await tx.start() if any_eq.backend.name == "asyncpg" else await tx.__aenter__()
         ids = [
-            await eq.enqueue("c.job", connection=conn, n=1),
-            *await eq.enqueue_many("c.job", [{"n": 2}, {"n": 3}], connection=conn),
+            await any_eq.enqueue("c.job", connection=conn, n=1),
+            *await any_eq.enqueue_many("c.job", [{"n": 2}, {"n": 3}], connection=conn),
         ]
-        assert await eq.get_job(ids[0]) is None  # not committed: invisible outside
-        if eq.backend.name == "asyncpg":
+        assert await any_eq.get_job(ids[0]) is None  # not committed: invisible outside
+        if any_eq.backend.name == "asyncpg":
             await (tx.commit() if commit else tx.rollback())
         elif commit:
             await tx.__aexit__(None, None, None)
@@ -193,17 +186,17 @@ async def test_insert_in_a_callers_transaction(eq: Soniq, database_url: str, com
             await tx.__aexit__(RuntimeError, RuntimeError("roll back"), None)
     finally:
         await conn.close()
-    found = [await eq.get_job(i) for i in ids]
+    found = [await any_eq.get_job(i) for i in ids]
     if commit:
         assert [j.args if j else None for j in found] == [{"n": 1}, {"n": 2}, {"n": 3}]
     else:
         assert found == [None, None, None]
 
     with psycopg.connect(database_url) as sync_conn:  # the sync twin's face
-        sync_id = eq.sync.enqueue("c.job", connection=sync_conn, n=4)
+        sync_id = any_eq.sync.enqueue("c.job", connection=sync_conn, n=4)
         if not commit:
             sync_conn.rollback()
-    assert (eq.sync.get_job(sync_id) is None) is not commit
+    assert (any_eq.sync.get_job(sync_id) is None) is not commit
 
 
 async def _connect(driver: str, url: str) -> Any:
@@ -217,37 +210,37 @@ async def _connect(driver: str, url: str) -> Any:
 # -- claim ----------------------------------------------------------------------------------
 
 
-async def test_claim_by_priority_then_run_at_then_id_skipping_future_jobs(eq: Soniq) -> None:
+async def test_claim_by_priority_then_run_at_then_id_skipping_future_jobs(any_eq: Soniq) -> None:
     now = dt.datetime.now(UTC)
-    low = await eq.enqueue("c.job", priority=0, run_at=now - dt.timedelta(seconds=10))
-    high_late = await eq.enqueue("c.job", priority=9, run_at=now - dt.timedelta(seconds=1))
-    high_early = await eq.enqueue("c.job", priority=9, run_at=now - dt.timedelta(seconds=5))
-    low_same = await eq.enqueue("c.job", priority=0, run_at=now - dt.timedelta(seconds=10))
-    await eq.enqueue("c.job", priority=99, delay=3600)  # not due
+    low = await any_eq.enqueue("c.job", priority=0, run_at=now - dt.timedelta(seconds=10))
+    high_late = await any_eq.enqueue("c.job", priority=9, run_at=now - dt.timedelta(seconds=1))
+    high_early = await any_eq.enqueue("c.job", priority=9, run_at=now - dt.timedelta(seconds=5))
+    low_same = await any_eq.enqueue("c.job", priority=0, run_at=now - dt.timedelta(seconds=10))
+    await any_eq.enqueue("c.job", priority=99, delay=3600)  # not due
 
-    first = await eq.backend.claim_jobs(2, "w", None)
-    rest = await eq.backend.claim_jobs(10, "w", None)
+    first = await any_eq.backend.claim_jobs(2, "w", None)
+    rest = await any_eq.backend.claim_jobs(10, "w", None)
     assert [c.id for c in first] == [high_early, high_late]
     assert [c.id for c in rest] == [low, low_same]
     assert {(c.attempts, c.claims) for c in first + rest} == {(1, 1)}
-    job = await eq.get_job(low)
+    job = await any_eq.get_job(low)
     assert job is not None and job.status.value == "running" and job.worker_id == "w"
     assert job.started_at is not None
-    assert await eq.backend.claim_jobs(10, "w", None) == []
+    assert await any_eq.backend.claim_jobs(10, "w", None) == []
 
 
-async def test_claim_only_the_queues_asked_for(eq: Soniq) -> None:
-    a = await eq.enqueue("c.job", queue="a")
-    b = await eq.enqueue("c.job", queue="b")
-    c = await eq.enqueue("c.job", queue="c")
-    assert [j.id for j in await eq.backend.claim_jobs(10, "w", ["b"])] == [b]
-    assert [j.id for j in await eq.backend.claim_jobs(10, "w", ["c", "a"])] == [a, c]
-    assert await eq.backend.claim_jobs(10, "w", []) == []
+async def test_claim_only_the_queues_asked_for(any_eq: Soniq) -> None:
+    a = await any_eq.enqueue("c.job", queue="a")
+    b = await any_eq.enqueue("c.job", queue="b")
+    c = await any_eq.enqueue("c.job", queue="c")
+    assert [j.id for j in await any_eq.backend.claim_jobs(10, "w", ["b"])] == [b]
+    assert [j.id for j in await any_eq.backend.claim_jobs(10, "w", ["c", "a"])] == [a, c]
+    assert await any_eq.backend.claim_jobs(10, "w", []) == []
 
 
-async def test_claimed_job_carries_what_the_worker_needs(eq: Soniq) -> None:
-    job_id = await eq.enqueue("c.job", n=1, queue="q", max_retries=4, timeout=2.5)
-    [claimed] = await eq.backend.claim_jobs(1, "w", None)
+async def test_claimed_job_carries_what_the_worker_needs(any_eq: Soniq) -> None:
+    job_id = await any_eq.enqueue("c.job", n=1, queue="q", max_retries=4, timeout=2.5)
+    [claimed] = await any_eq.backend.claim_jobs(1, "w", None)
     assert (claimed.id, claimed.name, claimed.queue, claimed.args) == (
         job_id,
         "c.job",
@@ -260,105 +253,105 @@ async def test_claimed_job_carries_what_the_worker_needs(eq: Soniq) -> None:
 # -- finish: fenced by worker and attempt --------------------------------------------------
 
 
-async def _claimed(eq: Soniq, **options: Any) -> int:
-    job_id = await eq.enqueue("c.job", **options)
-    [claimed] = await eq.backend.claim_jobs(1, "w", None)
+async def _claimed(any_eq: Soniq, **options: Any) -> int:
+    job_id = await any_eq.enqueue("c.job", **options)
+    [claimed] = await any_eq.backend.claim_jobs(1, "w", None)
     assert claimed.id == job_id
     return job_id
 
 
-async def _finish(eq: Soniq, outcome: Outcome, worker: str = "w", keep: bool = True) -> None:
-    await eq.backend.finish_jobs([outcome], worker, keep=keep)
+async def _finish(any_eq: Soniq, outcome: Outcome, worker: str = "w", keep: bool = True) -> None:
+    await any_eq.backend.finish_jobs([outcome], worker, keep=keep)
 
 
-async def test_finish_is_fenced_by_worker_and_attempt(eq: Soniq) -> None:
-    job_id = await _claimed(eq)
-    await _finish(eq, outcomes.succeeded(job_id, 1, None), worker="other")
-    await _finish(eq, outcomes.succeeded(job_id, 2, None))
-    job = await eq.get_job(job_id)
+async def test_finish_is_fenced_by_worker_and_attempt(any_eq: Soniq) -> None:
+    job_id = await _claimed(any_eq)
+    await _finish(any_eq, outcomes.succeeded(job_id, 1, None), worker="other")
+    await _finish(any_eq, outcomes.succeeded(job_id, 2, None))
+    job = await any_eq.get_job(job_id)
     assert job is not None and job.status.value == "running"  # neither write applied
-    await _finish(eq, outcomes.succeeded(job_id, 1, {"ok": True}))
-    job = await eq.get_job(job_id)
+    await _finish(any_eq, outcomes.succeeded(job_id, 1, {"ok": True}))
+    job = await any_eq.get_job(job_id)
     assert job is not None
     assert row(job)[3:] == ("done", 0, 1, 1, 3, None, None, False, {"ok": True})
     assert job.finished_at is not None and job.worker_id == "w"
 
 
-async def test_fail_retry_and_give_up(eq: Soniq) -> None:
-    job_id = await _claimed(eq, max_retries=1)
+async def test_fail_retry_and_give_up(any_eq: Soniq) -> None:
+    job_id = await _claimed(any_eq, max_retries=1)
     error = RuntimeError("boom")
     retry = outcomes.failed(job_id, 1, 1, error, lambda: 0.5)
     assert retry.retry_in is not None
-    await _finish(eq, retry)
-    job = await eq.get_job(job_id)
+    await _finish(any_eq, retry)
+    job = await any_eq.get_job(job_id)
     assert job is not None
     assert (job.status.value, job.attempts, job.last_error) == ("queued", 1, "RuntimeError: boom")
     assert job.worker_id is None and job.finished_at is None
     assert job.run_at > dt.datetime.now(UTC)  # backed off
-    assert await eq.backend.claim_jobs(1, "w", None) == []
+    assert await any_eq.backend.claim_jobs(1, "w", None) == []
 
-    await _finish(eq, attrs.evolve(retry, retry_in=0.0))  # no longer this run: ignored
-    fresh = await eq.enqueue("c.job", max_retries=0)
-    [claimed] = await eq.backend.claim_jobs(1, "w", None)
+    await _finish(any_eq, attrs.evolve(retry, retry_in=0.0))  # no longer this run: ignored
+    fresh = await any_eq.enqueue("c.job", max_retries=0)
+    [claimed] = await any_eq.backend.claim_jobs(1, "w", None)
     assert claimed.id == fresh
-    await _finish(eq, outcomes.failed(fresh, 1, 0, error, lambda: 0.5))
-    job = await eq.get_job(fresh)
+    await _finish(any_eq, outcomes.failed(fresh, 1, 0, error, lambda: 0.5))
+    job = await any_eq.get_job(fresh)
     assert job is not None and (job.status.value, job.attempts) == ("failed", 1)
     assert job.finished_at is not None
 
 
-async def test_finished_jobs_are_deleted_without_retention(eq: Soniq) -> None:
-    done = await _claimed(eq)
-    await _finish(eq, outcomes.succeeded(done, 1, None), keep=False)
-    assert await eq.get_job(done) is None
-    retried = await _claimed(eq)
-    await _finish(eq, outcomes.failed(retried, 1, 3, ValueError("x"), lambda: 0.5), keep=False)
-    job = await eq.get_job(retried)
+async def test_finished_jobs_are_deleted_without_retention(any_eq: Soniq) -> None:
+    done = await _claimed(any_eq)
+    await _finish(any_eq, outcomes.succeeded(done, 1, None), keep=False)
+    assert await any_eq.get_job(done) is None
+    retried = await _claimed(any_eq)
+    await _finish(any_eq, outcomes.failed(retried, 1, 3, ValueError("x"), lambda: 0.5), keep=False)
+    job = await any_eq.get_job(retried)
     assert job is not None and job.status.value == "queued"  # a retry is not finished
 
 
-async def test_cancel_a_running_job_records_the_request(eq: Soniq) -> None:
-    job_id = await _claimed(eq)
-    assert await eq.cancel_job(job_id) is True
-    job = await eq.get_job(job_id)
+async def test_cancel_a_running_job_records_the_request(any_eq: Soniq) -> None:
+    job_id = await _claimed(any_eq)
+    assert await any_eq.cancel_job(job_id) is True
+    job = await any_eq.get_job(job_id)
     assert job is not None and (job.status.value, job.cancel_requested) == ("running", True)
-    ops = eq.backend.maintenance()
+    ops = any_eq.backend.maintenance()
     try:
         assert ops.cancel_requests("w") == [job_id]
         assert ops.cancel_requests("other") == []
     finally:
         ops.close()
-    await _finish(eq, outcomes.cancelled(job_id, 1))
-    job = await eq.get_job(job_id)
+    await _finish(any_eq, outcomes.cancelled(job_id, 1))
+    job = await any_eq.get_job(job_id)
     assert job is not None and job.status.value == "cancelled"
 
 
 # -- put back: release, rescue, reconcile ------------------------------------------------------
 
 
-async def test_release_puts_back_without_counting(eq: Soniq) -> None:
-    job_id = await _claimed(eq)
-    await _finish(eq, outcomes.released(job_id, 1))
-    job = await eq.get_job(job_id)
+async def test_release_puts_back_without_counting(any_eq: Soniq) -> None:
+    job_id = await _claimed(any_eq)
+    await _finish(any_eq, outcomes.released(job_id, 1))
+    job = await any_eq.get_job(job_id)
     assert job is not None
     assert (job.status.value, job.attempts, job.claims, job.worker_id) == ("queued", 0, 1, None)
 
 
 async def test_rescue_puts_back_the_jobs_of_unknown_workers_counting_the_attempt(
-    eq: Soniq,
+    any_eq: Soniq,
 ) -> None:
-    await eq.backend.register_worker("alive", "h", 1, None, 1)
-    mine = await eq.enqueue("c.job")
-    theirs = await eq.enqueue("c.job")
-    last_try = await eq.enqueue("c.job", max_retries=0)
-    assert [c.id for c in await eq.backend.claim_jobs(1, "alive", None)] == [mine]
-    assert [c.id for c in await eq.backend.claim_jobs(2, "ghost", None)] == [theirs, last_try]
-    ops = eq.backend.maintenance()
+    await any_eq.backend.register_worker("alive", "h", 1, None, 1)
+    mine = await any_eq.enqueue("c.job")
+    theirs = await any_eq.enqueue("c.job")
+    last_try = await any_eq.enqueue("c.job", max_retries=0)
+    assert [c.id for c in await any_eq.backend.claim_jobs(1, "alive", None)] == [mine]
+    assert [c.id for c in await any_eq.backend.claim_jobs(2, "ghost", None)] == [theirs, last_try]
+    ops = any_eq.backend.maintenance()
     try:
         assert sorted(ops.rescue_stale(30)) == [(theirs, "queued"), (last_try, "failed")]
     finally:
         ops.close()
-    rows = {i: await eq.get_job(i) for i in (mine, theirs, last_try)}
+    rows = {i: await any_eq.get_job(i) for i in (mine, theirs, last_try)}
     assert rows[mine] is not None and rows[mine].status.value == "running"
     lost = "WorkerLost: worker ghost stopped heartbeating"
     for job_id, status in ((theirs, "queued"), (last_try, "failed")):
@@ -367,28 +360,28 @@ async def test_rescue_puts_back_the_jobs_of_unknown_workers_counting_the_attempt
         assert (job.status.value, job.attempts, job.last_error) == (status, 1, lost)
 
 
-async def test_reconcile_puts_back_what_the_worker_does_not_hold(eq: Soniq) -> None:
-    held = await eq.enqueue("c.job")
-    lost = await eq.enqueue("c.job")
-    await eq.backend.claim_jobs(2, "w", None)
-    assert await eq.backend.reconcile("w", [held]) == 1
-    kept, put_back = await eq.get_job(held), await eq.get_job(lost)
+async def test_reconcile_puts_back_what_the_worker_does_not_hold(any_eq: Soniq) -> None:
+    held = await any_eq.enqueue("c.job")
+    lost = await any_eq.enqueue("c.job")
+    await any_eq.backend.claim_jobs(2, "w", None)
+    assert await any_eq.backend.reconcile("w", [held]) == 1
+    kept, put_back = await any_eq.get_job(held), await any_eq.get_job(lost)
     assert kept is not None and kept.status.value == "running"
     assert put_back is not None
     assert (put_back.status.value, put_back.attempts, put_back.claims) == ("queued", 0, 0)
-    assert await eq.backend.reconcile("w", [held]) == 0
+    assert await any_eq.backend.reconcile("w", [held]) == 0
 
 
 # -- workers and pruning ----------------------------------------------------------------------
 
 
-async def test_heartbeat_register_and_unregister(eq: Soniq) -> None:
-    await eq.backend.register_worker("w1", "host", 42, ["a", "b"], 3)
-    ops = eq.backend.maintenance()
+async def test_heartbeat_register_and_unregister(any_eq: Soniq) -> None:
+    await any_eq.backend.register_worker("w1", "host", 42, ["a", "b"], 3)
+    ops = any_eq.backend.maintenance()
     try:
         assert ops.heartbeat("w1") is True
         assert ops.heartbeat("nobody") is False
-        await eq.backend.unregister_worker("w1")
+        await any_eq.backend.unregister_worker("w1")
         assert ops.heartbeat("w1") is False
         ops.register_worker("w1", "host", 42, None, 3)  # the heartbeat re-registers
         assert ops.heartbeat("w1") is True
@@ -396,14 +389,14 @@ async def test_heartbeat_register_and_unregister(eq: Soniq) -> None:
         ops.close()
 
 
-async def test_prune_deletes_finished_jobs_in_batches(eq: Soniq) -> None:
-    finished = [await _claimed(eq) for _ in range(3)]
+async def test_prune_deletes_finished_jobs_in_batches(any_eq: Soniq) -> None:
+    finished = [await _claimed(any_eq) for _ in range(3)]
     for job_id in finished:
-        await _finish(eq, outcomes.succeeded(job_id, 1, None))
-    cancelled = await eq.enqueue("c.job")
-    await eq.cancel_job(cancelled)
-    waiting = await eq.enqueue("c.job")
-    ops = eq.backend.maintenance()
+        await _finish(any_eq, outcomes.succeeded(job_id, 1, None))
+    cancelled = await any_eq.enqueue("c.job")
+    await any_eq.cancel_job(cancelled)
+    waiting = await any_eq.enqueue("c.job")
+    ops = any_eq.backend.maintenance()
     try:
         assert ops.prune_finished(3600, 10) == 0  # none is an hour old
         assert ops.prune_finished(-1, 2) == 2
@@ -411,5 +404,5 @@ async def test_prune_deletes_finished_jobs_in_batches(eq: Soniq) -> None:
         assert ops.prune_finished(-1, 10) == 0
     finally:
         ops.close()
-    assert [await eq.get_job(i) for i in [*finished, cancelled]] == [None] * 4
-    assert await eq.get_job(waiting) is not None
+    assert [await any_eq.get_job(i) for i in [*finished, cancelled]] == [None] * 4
+    assert await any_eq.get_job(waiting) is not None

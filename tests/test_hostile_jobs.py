@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +22,7 @@ import pytest
 from soniq import JobStatus, Soniq
 from soniq.core import limits, outcomes
 from tests import hostile_app
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import Process, wait_until
 
 
 @pytest.fixture(params=["sqlite", "asyncpg"])
@@ -113,15 +110,8 @@ def hostile_env(database_url: str, schema: str) -> Iterator[dict[str, str]]:
     yield env
 
 
-def _worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "soniq", "worker", "tests.hostile_app:eq", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _worker(env: dict[str, str], *args: str) -> Process:
+    return Process(["worker", "tests.hostile_app:eq", *args], env=env)
 
 
 def _status(pg: psycopg.Connection[Any], schema: str, job_id: int) -> tuple[str, str | None]:
@@ -146,18 +136,19 @@ def test_system_exit_in_a_job_does_not_end_the_worker_process(
         eq.sync.close()
     proc = _worker(hostile_env, "--concurrency", "2", "--poll-interval", "0.2")
     try:
-        deadline = time.monotonic() + 30
-        while _status(pg, schema, later)[0] != "done":
-            assert proc.poll() is None, f"the worker exited: {proc.communicate()[0]}"
-            assert time.monotonic() < deadline, "the job after the exits never ran"
-            time.sleep(0.05)
+
+        def later_done() -> bool:
+            assert proc.proc.poll() is None, f"the worker exited: {proc.output}"
+            return _status(pg, schema, later)[0] == "done"
+
+        wait_until(later_done, 30, "the job after the exits")
         for job_id in exits:
             assert _status(pg, schema, job_id) == ("failed", "SystemExit: 3")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        code, out = proc.finish(30)
     finally:
         proc.kill()
-    assert proc.returncode == 0, out
+    assert code == 0, out
 
 
 @pytest.mark.slow
@@ -173,25 +164,20 @@ def test_stuck_sync_jobs_are_reported_and_do_not_hold_up_shutdown(
         eq.sync.close()
     # A grace period far longer than the test may wait: shutdown must not use it.
     proc = _worker(hostile_env, "--concurrency", "2", "--shutdown-timeout", "600")
-    assert proc.stdout is not None
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 30
-        while not any("2 of 2 slots held by timed-out jobs" in line for line in lines):
-            assert time.monotonic() < deadline, "".join(lines)
-            line = proc.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
+        proc.wait_for_output("2 of 2 slots held by timed-out jobs", 30)
         timed_out = ("failed", "JobTimeout: job ran past its timeout of 0.2s")
-        while any(_status(pg, schema, job_id) != timed_out for job_id in stuck):
-            assert time.monotonic() < deadline, [_status(pg, schema, i) for i in stuck]
-            time.sleep(0.05)
+        wait_until(
+            lambda: all(_status(pg, schema, job_id) == timed_out for job_id in stuck),
+            30,
+            "both stuck jobs recorded as timed out",
+        )
         stopped_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        code, out = proc.finish(30)
         took = time.monotonic() - stopped_at
     finally:
         proc.kill()
-    assert proc.returncode == 0, out
+    assert code == 0, out
     assert "waiting up to" not in out, out  # nothing left whose outcome is to come
     assert took < 30, f"shutdown took {took:.1f}s"

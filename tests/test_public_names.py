@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -30,7 +28,7 @@ from soniq import (
     WorkerConfig,
     current_job,
 )
-from tests.conftest import BACKENDS, async_wait_until, new_soniq
+from tests.conftest import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,14 +141,6 @@ def test_a_retention_of_the_wrong_type_is_named() -> None:
 
 
 # -- JobContext and current_job() ------------------------------------------------------
-
-
-@pytest.fixture(params=BACKENDS)
-async def any_eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
-    eq = new_soniq(request.param, request, tmp_path)
-    await eq.ensure_initialized()
-    yield eq
-    await eq.close()
 
 
 def fields(ctx: JobContext) -> dict[str, Any]:
