@@ -116,9 +116,9 @@ async def test_a_psycopg_borrowers_python_side_options_are_undone(
 
 
 async def test_prepared_statements_survive_the_reset(database_url: str, schema: str) -> None:
-    """DISCARD ALL drops the server's prepared statements; psycopg notices and
-    prepares again, so Soniq's statements (prepared after a few runs) keep working on
-    a connection that was lent."""
+    """The reset keeps the server's prepared statements, so Soniq's statements
+    (prepared by psycopg after a few runs) keep working on a connection that was
+    lent."""
     eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
     await eq.ensure_initialized()
 
@@ -133,6 +133,41 @@ async def test_prepared_statements_survive_the_reset(database_url: str, schema: 
     for _ in range(8):
         assert (await eq.get_job(await eq.enqueue(prepared))) is not None
     await eq.close()
+
+
+async def test_a_borrower_that_prepares_can_borrow_again(database_url: str, schema: str) -> None:
+    """Found by the benchmark's transactional case: a borrower whose own queries get
+    prepared (past psycopg's threshold), lent the same connection again and again,
+    must not be handed psycopg names the reset dropped on the server
+    ("prepared statement _pg3_1 does not exist")."""
+    eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
+    await eq.ensure_initialized()
+    try:
+        for loan in range(4):
+            async with eq.backend.acquire() as conn:
+                for _ in range(8):  # past psycopg's prepare_threshold (5)
+                    cur = await conn.execute("SELECT %s::int + 1", (loan,))
+                    assert await cur.fetchone() == (loan + 1,)
+        # The benchmark's pattern: one statement and an enqueue per loan, in a
+        # transaction, loan after loan.
+        for loan in range(20):
+            async with eq.backend.acquire() as conn, conn.transaction():
+                cur = await conn.execute("SELECT %s::int + 1", (loan,))
+                assert await cur.fetchone() == (loan + 1,)
+                await eq.enqueue("lent.job", connection=conn, n=loan)
+    finally:
+        await eq.close()
+
+
+def test_a_sync_borrower_that_prepares_can_borrow_again(lone_sync: Soniq) -> None:
+    for loan in range(4):
+        with lone_sync.sync.backend.acquire() as conn:
+            for _ in range(8):
+                assert conn.execute("SELECT %s::int + 1", (loan,)).fetchone() == (loan + 1,)
+    for loan in range(20):
+        with lone_sync.sync.backend.acquire() as conn, conn.transaction():
+            assert conn.execute("SELECT %s::int + 1", (loan,)).fetchone() == (loan + 1,)
+            lone_sync.sync.enqueue("lent.job", connection=conn, n=loan)
 
 
 @pytest.fixture

@@ -220,16 +220,25 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             await pool.close()
 
 
+#: DISCARD ALL but DEALLOCATE ALL (see :func:`_reset_lent`), in its order.
+_RESET_SESSION = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES"
+)
+
+
 async def _reset_lent(conn: psycopg.AsyncConnection[Any], options: tuple[Any, ...]) -> None:
     """Undo what a borrower of :meth:`PsycopgAsyncDriver.acquire` may have changed, or
     close the connection (the pool then replaces it) when that cannot be done.
 
-    The session is reset with ``DISCARD ALL``, as PgBouncer does: settings and role,
-    LISTENs, advisory locks, temporary tables, cursors, and the prepared statements
-    the borrower made. It also drops psycopg's own prepared statements, which is
-    correct here: psycopg sees the ``DISCARD ALL`` command status and forgets them
-    (``_preparing.py``), so it prepares again instead of executing names that are
-    gone. (asyncpg, which does not know, gets its own narrower ``Connection.reset``.)
+    The session is reset as ``DISCARD ALL`` would, except for prepared statements:
+    settings and role, LISTENs, advisory locks, cursors, cached plans, temporary
+    tables and sequences. Prepared statements stay: psycopg prepares the borrower's
+    frequent queries itself and notices a ``DISCARD ALL`` only sometimes (not when
+    the command is already in its statement counts), so dropping them on the server
+    made a later loan run a name that was gone ("prepared statement _pg3_4 does not
+    exist", found by the benchmark's transactional case). (asyncpg gets its own
+    ``Connection.reset``.)
     """
     if conn.closed:
         return
@@ -249,7 +258,7 @@ async def _reset_lent(conn: psycopg.AsyncConnection[Any], options: tuple[Any, ..
         if conn.deferrable is not None:
             await conn.set_deferrable(None)
         conn.row_factory, conn.cursor_factory, conn.prepare_threshold = options
-        await conn.execute("DISCARD ALL", prepare=False)
+        await conn.execute(_RESET_SESSION, prepare=False)
         # Notifications that arrived after the borrower's last read wait in psycopg's
         # backlog; the next notifies() would return them.
         async for _ in conn.notifies(timeout=0):
