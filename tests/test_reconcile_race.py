@@ -35,11 +35,6 @@ class _Faults:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
-    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
-        put_back = await self._backend.reconcile(worker_id, held)
-        self.reconciled.set()
-        return put_back  # type: ignore[no-any-return]
-
     @contextlib.asynccontextmanager
     async def worker_session(self) -> AsyncIterator[Any]:
         async with self._backend.worker_session() as ops:
@@ -60,6 +55,14 @@ class _FaultyOps:
         self._faults.finish_started.set()
         await self._faults.let_finish.wait()
         await self._ops.finish_jobs(outcomes, worker_id, keep=keep)
+
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        put_back = await self._ops.reconcile(worker_id, held)
+        self._faults.reconciled.set()
+        return put_back  # type: ignore[no-any-return]
+
+    def abort(self) -> None:
+        self._ops.abort()
 
 
 @pytest.mark.timeout(60)

@@ -65,6 +65,15 @@ class WorkerOps(Protocol):
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt."""
 
+    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
+        """Put back the worker's running jobs that it does not hold; how many."""
+
+    def abort(self) -> None:
+        """Abandon the session's connection at once (no goodbye, no wait), so that a
+        statement waiting on it fails as on a lost connection: what the worker does
+        when one gets no answer within ``command_timeout``. A no-op where there is no
+        link to lose."""
+
 
 class AsyncBackend(Protocol):
     """Where jobs live, seen from async code."""

@@ -408,28 +408,16 @@ class Worker:
         self._claims_open.clear()
         try:
             await self._no_claim_in_flight.wait()
-            on_session: Any = None
             try:
                 ops = await session.ops()
-                on_session = getattr(ops, "reconcile", None)
                 # Jobs whose outcome is on its way (pending, or in the completer's write
                 # right now) are held too: putting them back would run them again.
                 held = [*self._running, *(o.job_id for o in (*self._pending, *self._writing))]
-                if on_session is not None:
-                    with session.bounded():
-                        put_back = await on_session(self.id, held)
-                else:
-                    put_back = await asyncio.wait_for(
-                        self._backend.reconcile(self.id, held), self.config.command_timeout
-                    )
+                with session.bounded():
+                    put_back = await ops.reconcile(self.id, held)
             except Exception as exc:
                 await session.drop(exc)
                 lost = session.timed_out()
-                if on_session is None and isinstance(exc, asyncio.TimeoutError):
-                    lost = TimeoutError(
-                        "reconcile: no answer within "
-                        f"command_timeout={self.config.command_timeout:g}s"
-                    )
                 if lost is None:
                     raise
                 raise lost from exc
@@ -737,17 +725,15 @@ class _Session:
     on first use and dropped after an error, so that the next use opens a new one.
 
     A statement run under :meth:`bounded` that gets no answer within ``timeout``
-    seconds has its connection abandoned at once: the session's ``abort()`` (the
-    PostgreSQL drivers' sessions have one; an embedded database has no link to lose)
-    makes the statement fail as on a lost connection, and the caller's retry takes
-    over. One timer per statement, that is per claim batch or per flush."""
+    seconds has its connection abandoned at once: the session's ``abort()`` makes the
+    statement fail as on a lost connection, and the caller's retry takes over. One
+    timer per statement, that is per claim batch or per flush."""
 
     def __init__(self, backend: AsyncBackend, timeout: float) -> None:
         self._backend = backend
         self._timeout = timeout
         self._context: contextlib.AbstractAsyncContextManager[WorkerOps] | None = None
         self._ops: WorkerOps | None = None
-        self._abort: Any = None
         self._expired = False
 
     async def ops(self) -> WorkerOps:
@@ -755,25 +741,25 @@ class _Session:
             context = self._backend.worker_session()
             self._ops = await context.__aenter__()
             self._context = context
-            self._abort = getattr(self._ops, "abort", None)
         return self._ops
 
     @contextlib.contextmanager
     def bounded(self) -> Any:
         """Abandon the connection if the statement in this block outlasts the timeout."""
         self._expired = False
-        if self._abort is None:
+        ops = self._ops
+        if ops is None:  # nothing opened: nothing to bound
             yield
             return
-        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, self._abort)
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, ops)
         try:
             yield
         finally:
             timer.cancel()
 
-    def _expire(self, abort: Any) -> None:
+    def _expire(self, ops: WorkerOps) -> None:
         self._expired = True
-        abort()
+        ops.abort()
 
     def timed_out(self) -> TimeoutError | None:
         """The error to report for a statement's failure when the timeout abandoned
@@ -788,7 +774,7 @@ class _Session:
     async def drop(self, error: BaseException | None = None) -> None:
         """Forget the session; after an ``error`` its connection is abandoned, not
         closed politely (a goodbye on a silent link could wait too)."""
-        context, self._context, self._ops, self._abort = self._context, None, None, None
+        context, self._context, self._ops = self._context, None, None
         if context is not None:
             with contextlib.suppress(Exception):
                 if error is None:

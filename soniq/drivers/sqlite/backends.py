@@ -292,6 +292,10 @@ class SqliteBackend:
         """No connection to hold: a worker's loops use the backend itself."""
         yield self
 
+    def abort(self) -> None:
+        """Nothing to abandon (a worker session's ``abort``): a local database has no
+        link that can go silent, and a lock is bounded by the busy timeout."""
+
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
         finished ones)."""
