@@ -44,7 +44,7 @@ class Heartbeat(threading.Thread):
         stale_after: float,
         retention: float | None,
         on_cancel: Callable[[Sequence[int]], object],
-        command_timeout: float | None = None,
+        command_timeout: float,
     ) -> None:
         super().__init__(name=f"soniq-heartbeat-{identity[0][:8]}", daemon=True)
         self._open_session = open_session
@@ -56,10 +56,8 @@ class Heartbeat(threading.Thread):
         self._on_cancel = on_cancel
         self._stopped = threading.Event()
         self._next_prune = 0.0
-        #: A call longer than this is aborted (default as WorkerConfig's).
-        self._command_timeout = (
-            command_timeout if command_timeout is not None else min(10.0, stale_after / 3)
-        )
+        #: A call longer than this is aborted (WorkerConfig.command_timeout).
+        self._command_timeout = command_timeout
         # The call in flight, for the watchdog: its session and its deadline. Set and
         # cleared under the lock, and the watchdog aborts under it, so a session is
         # aborted only while its call runs (never after it was closed).
