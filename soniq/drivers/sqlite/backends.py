@@ -11,7 +11,6 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
@@ -92,15 +91,29 @@ def _refuse_connection(name: str) -> NoReturn:
     )
 
 
-def _no_pool(name: str) -> NoReturn:
-    raise ConfigurationError(
-        f"the {name} backend has no connection pool to lend: acquire() needs a "
-        "postgresql:// database_url"
-    )
+class _OnDatabase:
+    """What both SQLite backends are: a database (a path is a file with this
+    ``synchronous`` level), named after it, with no pool to lend and no caller's
+    transaction to join."""
 
+    accepts_connections = False
 
-def _database(database: str | SqliteDatabase, synchronous: str) -> SqliteDatabase:
-    return SqliteFile(database, synchronous) if isinstance(database, str) else database
+    def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
+        #: Where the jobs are.
+        self.database = SqliteFile(database, synchronous) if isinstance(database, str) else database
+        self.name = self.database.name
+
+    @property
+    def path(self) -> str:
+        """The database file (for ``memory://``, the database's name in this process)."""
+        return self.database.path
+
+    def acquire(self) -> NoReturn:
+        """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
+        raise ConfigurationError(
+            f"the {self.name} backend has no connection pool to lend: acquire() needs a "
+            "postgresql:// database_url"
+        )
 
 
 # -- the heartbeat thread's session --------------------------------------------------
@@ -153,31 +166,19 @@ class SqliteMaintenance:
 # -- async ---------------------------------------------------------------------------
 
 
-class SqliteBackend:
+class SqliteBackend(_OnDatabase):
     """The async backend of ``sqlite:///path``: every operation runs on this backend's
     own thread and connection, so the event loop never blocks on SQLite. Usable from
     any event loop; after a fork the child opens a new thread and connection."""
 
-    accepts_connections = False
     claim_lanes = 1
     claim_gather = CLAIM_GATHER
 
     def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
-        #: Where the jobs are (a path is a file with this ``synchronous`` level).
-        self.database = _database(database, synchronous)
-        self.name = self.database.name
+        super().__init__(database, synchronous=synchronous)
         self._lock = threading.Lock()
         self._current: WriteThread | None = None
         self._owner: object = None
-
-    @property
-    def path(self) -> str:
-        """The database file (for ``memory://``, the database's name in this process)."""
-        return self.database.path
-
-    def acquire(self) -> AbstractAsyncContextManager[Any]:
-        """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
-        _no_pool(self.name)
 
     # -- plumbing
 
@@ -357,31 +358,18 @@ class SqliteBackend:
 # -- blocking ------------------------------------------------------------------------
 
 
-class SqliteSyncBackend:
+class SqliteSyncBackend(_OnDatabase):
     """The blocking backend of ``sqlite:///path`` (``eq.sync``). Safe to call from
     several threads at once: reads take a connection of a small pool each; writes
     commit in turns, grouped (:class:`WriteTurns`)."""
 
-    accepts_connections = False
-
     def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
-        #: Where the jobs are (a path is a file with this ``synchronous`` level).
-        self.database = _database(database, synchronous)
-        self.name = self.database.name
+        super().__init__(database, synchronous=synchronous)
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._owner: object = sync_owner()
         self._generation = 0  # bumped by close(): connections of before are not kept
         self._turns = WriteTurns()
-
-    @property
-    def path(self) -> str:
-        """The database file (for ``memory://``, the database's name in this process)."""
-        return self.database.path
-
-    def acquire(self) -> AbstractContextManager[Any]:
-        """Raises :class:`ConfigurationError`: there is no connection pool to lend."""
-        _no_pool(self.name)
 
     def _adopt_after_fork(self) -> None:
         """Under ``self._lock``: after a fork, the parent's idle connections stay its own
