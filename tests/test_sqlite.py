@@ -495,6 +495,45 @@ def test_a_sync_writer_interrupted_in_line_leaves_it_and_the_line_goes_on(
     assert rows == [('{"n":0}',), ('{"n":2}',)]
 
 
+def test_sync_writes_share_one_connection_that_close_ends_and_a_later_write_reopens(
+    tmp_path: Path,
+) -> None:
+    """``eq.sync``'s writes commit on the line's one connection (no pool checkout per
+    write); ``close()`` closes it, and the next write opens a new one."""
+    eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
+    eq.sync.ensure_initialized()
+    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    first = eq.sync.enqueue("some.job", n=0)
+    conn = turns.writer.conn
+    assert conn is not None
+    assert eq.sync.enqueue("some.job", n=1) == first + 1
+    assert eq.sync.cancel_job(first) is True
+    assert turns.writer.conn is conn
+    eq.sync.close()
+    assert turns.writer.conn is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")  # closed, not only forgotten
+    assert eq.sync.enqueue("some.job", n=2) == first + 2
+    assert turns.writer.conn is not None and turns.writer.conn is not conn
+    eq.sync.close()
+
+
+def test_closing_while_a_sync_write_waits_closes_its_connection_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    """``close()`` during a turn does not pull the connection from under the writer:
+    the write commits, then the connection is closed."""
+    with sync_leader_held_by_a_lock(tmp_path, 1) as (eq, turns, _, first, locker):
+        conn = turns.writer.conn
+        eq.sync.close()
+        assert turns.writer.conn is conn  # in use
+        locker.execute("COMMIT")
+        job_id = first.result(timeout=20)
+        wait_until(lambda: turns.writer.conn is None, 10, "the connection to close")
+        job = eq.sync.get_job(job_id)
+        assert job is not None and job.args == {"n": 0}
+
+
 def test_a_sync_write_in_a_forked_child_does_not_wait_behind_the_parents_line(
     tmp_path: Path,
 ) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Generator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import attrs
 
@@ -47,8 +47,11 @@ UTC = dt.timezone.utc
 _MAX_ID = 2**63 - 1
 
 
-@attrs.frozen
-class Step:
+# Step, Result and Inserted are named tuples, not attrs classes: an enqueue makes one
+# of each, and a tuple is the cheapest immutable record to build.
+
+
+class Step(NamedTuple):
     """One statement. With ``many``, ``params`` is a list of parameter tuples for
     ``executemany``."""
 
@@ -57,8 +60,7 @@ class Step:
     many: bool = False
 
 
-@attrs.frozen
-class Result:
+class Result(NamedTuple):
     """What a step gave back: its rows (empty for DML), the rows it changed, and the
     rowid of the row a one-row ``INSERT`` (not ``many``) added."""
 
@@ -79,8 +81,7 @@ class Operation(Generic[T]):
     immediate: bool
 
 
-@attrs.frozen
-class Inserted:
+class Inserted(NamedTuple):
     """The ids of one enqueue call, in input order, and the queue to wake (None when
     nothing new is due now: a dedupe hit or a job scheduled for later)."""
 
@@ -304,6 +305,9 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
     shared = (spec.priority, run_at, spec.max_retries, spec.dedupe_key, spec.timeout, now)
     values = [(spec.name, spec.queue, serialize.dumps(args), *shared) for args in spec.args]
     wake = spec.queue if run_at <= now else None
+    if len(values) == 1 and spec.dedupe_key is None:
+        # One job without a dedupe key is one INSERT: no BEGIN IMMEDIATE needed.
+        return Operation(_insert_one(values[0], wake), immediate=False)
 
     def steps() -> Steps[Inserted]:
         if spec.dedupe_key is not None:
@@ -315,10 +319,8 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
             )
             if held.rows:
                 return Inserted([held.rows[0][0]], None)
-        if len(values) == 1:
-            inserted = yield Step(INSERT_JOB, values[0])
-            assert inserted.lastrowid is not None
-            return Inserted([inserted.lastrowid], wake)
+            if len(values) == 1:
+                return (yield from _insert_one(values[0], wake))
         yield Step(INSERT_JOB, values, many=True)
         last = (yield Step("SELECT last_insert_rowid()")).rows[0][0]
         # With AUTOINCREMENT each new row gets max(ever used) + 1, and the write lock is
@@ -326,9 +328,13 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
         ids = list(range(last - len(values) + 1, last + 1))
         return Inserted(ids, wake)
 
-    # One job without a dedupe key is one INSERT: no BEGIN IMMEDIATE needed.
-    alone = len(values) == 1 and spec.dedupe_key is None
-    return Operation(steps(), immediate=not alone)
+    return Operation(steps(), immediate=True)
+
+
+def _insert_one(values: tuple[Any, ...], wake: str | None) -> Steps[Inserted]:
+    inserted = yield Step(INSERT_JOB, values)
+    assert inserted.lastrowid is not None
+    return Inserted([inserted.lastrowid], wake)
 
 
 def get_job(job_id: int) -> Operation[Job | None]:

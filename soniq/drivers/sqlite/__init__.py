@@ -8,8 +8,9 @@ What runs where:
   own connection (a one-thread executor per backend), so the event loop never waits on
   SQLite I/O, a busy lock or an fsync.
 - :class:`SqliteSyncBackend` (``eq.sync``) blocks, on its caller's thread; any number
-  of threads may call it at once: each operation on a connection of a small pool, and
-  its enqueues and cancellations in turns, grouped (``writes.WriteTurns``).
+  of threads may call it at once: each read on a connection of a small pool, and
+  its enqueues and cancellations in turns, grouped, on one connection kept for
+  writing (``writes.WriteTurns``).
 - :class:`SqliteMaintenance` is a worker's heartbeat thread's own connection.
 
 The statements and what they mean live in :mod:`soniq.core.sql.sqlite`; this package

@@ -66,6 +66,10 @@ def _remove_listener(key: str, listener: _Listener) -> None:
 def _wake(key: str, queues: str) -> None:
     """Tell the workers of this process that listen on the database ``key`` (on their
     loops)."""
+    # Read without the lock first: most enqueues have nobody to wake. A listener that
+    # starts meanwhile claims once it is listening, so it misses no job.
+    if key not in _listeners:
+        return
     with _listeners_lock:
         targets = list(_listeners.get(key, ()))
     for listener in targets:
@@ -369,15 +373,17 @@ class SqliteSyncBackend(_OnDatabase):
         self._idle: list[sqlite3.Connection] = []
         self._owner: object = sync_owner()
         self._generation = 0  # bumped by close(): connections of before are not kept
-        self._turns = WriteTurns()
+        self._turns = WriteTurns(self.database.connect)
 
     def _adopt_after_fork(self) -> None:
         """Under ``self._lock``: after a fork, the parent's idle connections stay its own
         and its line of writes is not ours (the threads in it are not in this process)."""
         if self._owner != sync_owner():
             _inherited.extend(self._idle)
+            if self._turns.writer.conn is not None:
+                _inherited.append(self._turns.writer.conn)
             self._idle, self._owner = [], sync_owner()
-            self._turns = WriteTurns()
+            self._turns = WriteTurns(self.database.connect)
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -410,10 +416,12 @@ class SqliteSyncBackend(_OnDatabase):
     ) -> T:
         """Run a write in turn (:class:`WriteTurns`); ``committed`` maps its value
         once it is committed."""
-        with self._lock:
-            self._adopt_after_fork()
-            turns = self._turns
-        result: T = turns.write(build, committed, self._connection)
+        turns = self._turns
+        if self._owner != sync_owner():  # changes only in a forked child: read unlocked
+            with self._lock:
+                self._adopt_after_fork()
+                turns = self._turns
+        result: T = turns.write(build, committed)
         return result
 
     def migrate(self, *, apply: bool) -> int:
@@ -447,11 +455,13 @@ class SqliteSyncBackend(_OnDatabase):
         return self._commit(lambda: op)
 
     def close(self) -> None:
-        """Close the idle connections (busy ones close when their call returns)."""
+        """Close the idle connections (busy ones close when their call returns); a
+        later call opens new ones."""
         with self._lock:
             idle, self._idle = self._idle, []
             self._generation += 1
             mine = self._owner == sync_owner()
         if mine:
+            self._turns.close()
             for conn in idle:
                 conn.close()

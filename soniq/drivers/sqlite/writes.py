@@ -22,7 +22,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from soniq.core.sql.sqlite import Operation
@@ -155,7 +154,7 @@ def run_together(conn: sqlite3.Connection, writes: Sequence[Write]) -> None:
 
 
 def commit_together(
-    connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    connection: Callable[[], contextlib.AbstractContextManager[sqlite3.Connection]],
     writes: Sequence[Write],
 ) -> None:
     """:func:`run_together` on a connection of ``connection()``, and every write settled
@@ -177,6 +176,45 @@ def commit_together(
         raise
 
 
+class Writer:
+    """The one connection that a line of writes commits on, opened on first use:
+    used by one thread at a time (a :class:`WriteThread`'s thread, or the thread
+    whose turn it is in :class:`WriteTurns`), so a write takes no connection from a
+    pool. A connection left in a transaction (its rollback failed) is not reused."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self.conn: sqlite3.Connection | None = None
+
+    def open(self) -> sqlite3.Connection:
+        """The connection (opened now if it is not)."""
+        if self.conn is None:
+            self.conn = self._connect()
+        return self.conn
+
+    def check(self, conn: sqlite3.Connection) -> None:
+        """After a use of ``conn``: drop it if it is still in a transaction."""
+        if conn.in_transaction:
+            self.conn = None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    @contextlib.contextmanager
+    def connected(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for one use."""
+        conn = self.open()
+        try:
+            yield conn
+        finally:
+            self.check(conn)
+
+    def close(self) -> None:
+        """Close the connection; a later use opens a new one."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
 class WriteThread:
     """One thread of a :class:`SqliteBackend`, its connection and its queue of writes.
     The backend replaces it after ``close()`` or a fork; what was queued on it runs on
@@ -185,7 +223,7 @@ class WriteThread:
     def __init__(self, database: SqliteDatabase) -> None:
         self.database = database
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
-        self.conn: sqlite3.Connection | None = None  # used on the thread only
+        self.writer = Writer(database.connect)  # used on the thread only
         self.writes_changed = threading.Condition()
         self.writes: list[Write] = []  # queued for the thread's next transaction
         self.closing = False
@@ -218,24 +256,13 @@ class WriteThread:
         self.executor.shutdown(wait=False)
         return done
 
-    def _connection(self) -> sqlite3.Connection:
-        if self.conn is None:
-            self.conn = self.database.connect()
-        return self.conn
-
-    @contextlib.contextmanager
-    def _connected(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connection()
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:  # a failed rollback: do not reuse the connection
-                self.conn = None
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+    @property
+    def conn(self) -> sqlite3.Connection | None:
+        """The thread's connection, if open."""
+        return self.writer.conn
 
     def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with self._connected() as conn:
+        with self.writer.connected() as conn:
             return work(conn)
 
     def _run_writes(self) -> None:
@@ -244,12 +271,10 @@ class WriteThread:
                 lambda: not all(w.linger for w in self.writes), timeout=LINGER
             )
             writes, self.writes = self.writes, []
-        commit_together(self._connected, writes)
+        commit_together(self.writer.connected, writes)
 
     def _close_connection(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
+        self.writer.close()
 
 
 class WriteTurns:
@@ -262,22 +287,24 @@ class WriteTurns:
     in Python instead, first come first served. One of the waiting threads at a time
     leads: it takes the writes at the front of the line (up to :data:`MAX_GROUP`,
     its own among them unless the line is longer) and commits them in one
-    transaction on its own thread (:func:`run_together`: one commit, each write in a
-    savepoint so a failing one fails alone); then any waiting thread whose write is
-    not done leads the next turn. A thread writing alone leads at once and runs its
-    write as if there were no line.
+    transaction on its own thread, on the line's one connection (:func:`run_together`:
+    one commit, each write in a savepoint so a failing one fails alone); then any
+    waiting thread whose write is not done leads the next turn. A thread writing
+    alone leads at once and runs its write as if there were no line.
     """
 
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._line: collections.deque[Write] = collections.deque()  # not taken yet
+        self._waiting = 0  # threads waiting for a turn to end
         self._leading = False
+        self._closing = False  # close the connection when this turn ends
+        #: The line's connection, used by the leading thread only.
+        self.writer = Writer(connect)
 
     def write(
-        self,
-        build: Callable[[], Operation[Any]],
-        committed: Callable[[Any], Any] | None,
-        connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
+        self, build: Callable[[], Operation[Any]], committed: Callable[[Any], Any] | None
     ) -> Any:
         """Commit ``build()``'s operation in turn, perhaps with others, and return its
         value (mapped by ``committed`` once committed). A writer that finds nobody
@@ -285,25 +312,24 @@ class WriteTurns:
         line: the common case of one thread pays for no future and no hand-off."""
         leading = False
         try:
-            with self._changed:
+            with self._lock:
                 if not self._leading and not self._line:
                     leading = True  # before the flag: the finally clears it
                     self._leading = True
             if leading:
-                with connection() as conn:
+                conn = self.writer.open()
+                try:
                     value = run(conn, build())
+                finally:
+                    self.writer.check(conn)
         finally:
             if leading:
                 self._hand_over()
         if leading:
             return value if committed is None else committed(value)
-        return self._write_in_line(Write(build, committed, linger=False), connection)
+        return self._write_in_line(Write(build, committed, linger=False))
 
-    def _write_in_line(
-        self,
-        write: Write,
-        connection: Callable[[], AbstractContextManager[sqlite3.Connection]],
-    ) -> Any:
+    def _write_in_line(self, write: Write) -> Any:
         queued = False
         while True:
             leading = False
@@ -314,8 +340,12 @@ class WriteTurns:
                         if not queued:
                             self._line.append(write)
                             queued = True
-                        while self._leading and not write.future.done():
-                            self._changed.wait()
+                        self._waiting += 1
+                        try:
+                            while self._leading and not write.future.done():
+                                self._changed.wait()
+                        finally:
+                            self._waiting -= 1
                     except BaseException:
                         # Interrupted (KeyboardInterrupt, a signal handler's
                         # SystemExit): dropped, unless a leader has taken it.
@@ -327,7 +357,7 @@ class WriteTurns:
                     leading = True  # before the flag: the finally clears it
                     self._leading = True
                     group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
-                commit_together(connection, group)
+                commit_together(self.writer.connected, group)
             except BaseException as exc:
                 if leading:  # interrupted before commit_together took the group over
                     _fail_unsettled(group, _interrupted(exc))
@@ -339,6 +369,19 @@ class WriteTurns:
 
     def _hand_over(self) -> None:
         """End this thread's turn: a waiting thread whose write is not done leads next."""
-        with self._changed:
+        with self._lock:
             self._leading = False
-            self._changed.notify_all()
+            if self._closing:
+                self._closing = False
+                self.writer.close()
+            if self._waiting:
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Close the line's connection, now or when the current turn ends; a later
+        write opens a new one."""
+        with self._changed:
+            if self._leading:
+                self._closing = True
+            else:
+                self.writer.close()
