@@ -36,6 +36,7 @@ from soniq.drivers import sqlite as driver
 from soniq.drivers.sqlite import backends as sqlite_backends
 from soniq.drivers.sqlite import connection as sqlite_connection
 from soniq.drivers.sqlite import writes as sqlite_writes
+from soniq.worker import runtime
 from tests.conftest import async_wait_until, wait_until
 from tests.sqlite_app import read_log
 
@@ -608,10 +609,10 @@ async def test_completions_wait_briefly_for_the_next_claim_and_commit_with_it(
 async def test_a_claim_waits_for_running_jobs_to_free_their_slots_too(
     eq: Soniq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each claim is a commit here, so with jobs running a claim waits (claim_gather)
+    """Each claim is a commit here, so with jobs running a claim waits (CLAIM_GATHER)
     for the other slots: one claim of 2, not two claims of 1."""
     backend: driver.SqliteBackend = eq.backend  # type: ignore[assignment]
-    monkeypatch.setattr(backend, "claim_gather", 30.0)  # longer than this test
+    monkeypatch.setattr(runtime, "CLAIM_GATHER", 30.0)  # longer than this test
     limits: list[int] = []
     real_claim = backend.claim_jobs
 

@@ -82,13 +82,12 @@ class AsyncBackend(Protocol):
     #: Whether enqueue accepts ``connection=`` (only PostgreSQL has a caller's
     #: transaction to join).
     accepts_connections: bool
-    #: Claims a worker keeps in flight at once. A server overlaps them with running
-    #: jobs; an embedded database serialises writers, so it gets one.
-    claim_lanes: int
-    #: Seconds a claim waits, while jobs run, for the other slots to free so that one
-    #: claim fills them all: worth it where each claim costs a commit of a one-writer
-    #: database (0 on a server, whose claims are cheap and overlap).
-    claim_gather: float
+
+    @property
+    def one_writer(self) -> bool:
+        """The database commits one writer at a time (an embedded file), so each of a
+        worker's claims is a commit that waits its turn; a server runs them side by
+        side. The worker tunes its claims to it."""
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         """A raw connection of the backend's own pool."""

@@ -24,8 +24,12 @@ class PostgresAsyncOps:
     queries: PostgresQueries
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
-    claim_lanes = 2
-    claim_gather = 0.0
+
+    @property
+    @async_only
+    def one_writer(self) -> bool:
+        """False: the server runs a worker's claims side by side."""
+        return False
 
     async def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError

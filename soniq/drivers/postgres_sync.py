@@ -16,8 +16,6 @@ class PostgresSyncOps:
     queries: PostgresQueries
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
-    claim_lanes = 2
-    claim_gather = 0.0
 
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError

@@ -49,6 +49,11 @@ from soniq.worker.threads import DaemonThreadPool
 
 log = logging.getLogger("soniq.worker")
 
+#: How long a claim on a one-writer database (:attr:`AsyncBackend.one_writer`) waits,
+#: while jobs run, for more of them to free their slots: one claim for all of them is
+#: one commit instead of several. (A server's claims are cheap and overlap: no wait.)
+CLAIM_GATHER = 0.001
+
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not _is_number(value) or not value > 0 or not math.isfinite(value):
@@ -261,9 +266,12 @@ class Worker:
     async def _fetch_forever(self) -> None:
         """Claim in lanes until stopped; returns when a lane does (``burst``: nothing
         ready and nothing running), re-raising a lane's error."""
+        # A server overlaps two claims with the running jobs; where each claim is a
+        # commit of a one-writer database, a second one would only wait its turn.
+        lane_count = 1 if self._backend.one_writer else 2
         lanes = [
             asyncio.ensure_future(self._claim_lane(cap))
-            for cap in _lane_caps(self.config.concurrency, self._backend.claim_lanes)
+            for cap in _lane_caps(self.config.concurrency, lane_count)
         ]
         try:
             done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_COMPLETED)
@@ -282,7 +290,7 @@ class Worker:
 
     async def _claim_forever(self, cap: int, session: _Session) -> None:
         failures = 0
-        gather = self._backend.claim_gather
+        gather = CLAIM_GATHER if self._backend.one_writer else 0.0
         gather_until: float | None = None
         # Claim only while the heartbeat is confirmed recently enough that no other
         # worker can have declared this one dead: they would put back (and count) what
@@ -322,7 +330,7 @@ class Worker:
                 await asyncio.sleep(0)
                 continue
             if gather and free < cap and self._running:
-                # Each claim costs a commit here (claim_gather): give the running jobs
+                # Each claim costs a commit here (CLAIM_GATHER): give the running jobs
                 # a moment to free their slots too, so that one claim fills them all.
                 now = self._loop.time()
                 if gather_until is None:

@@ -57,7 +57,6 @@ The package's modules: :mod:`.connection` (settings, databases, running an opera
 """
 
 from soniq.drivers.sqlite.backends import (
-    CLAIM_GATHER,
     SqliteBackend,
     SqliteMaintenance,
     SqliteSyncBackend,
@@ -77,7 +76,6 @@ from soniq.drivers.sqlite.writes import LINGER, MAX_GROUP
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
-    "CLAIM_GATHER",
     "LINGER",
     "MAX_GROUP",
     "SYNCHRONOUS",

@@ -31,9 +31,6 @@ from soniq.drivers.sqlite.writes import Write, WriteThread, WriteTurns
 
 T = TypeVar("T")
 
-#: How long a worker's claim waits for more of its running jobs to free their slots
-#: (``claim_gather``): one claim for all of them is one commit instead of several.
-CLAIM_GATHER = 0.001
 #: Idle connections a :class:`SqliteSyncBackend` keeps for its callers' threads.
 MAX_IDLE = 4
 
@@ -175,8 +172,7 @@ class SqliteBackend(_OnDatabase):
     own thread and connection, so the event loop never blocks on SQLite. Usable from
     any event loop; after a fork the child opens a new thread and connection."""
 
-    claim_lanes = 1
-    claim_gather = CLAIM_GATHER
+    one_writer = True
 
     def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
         super().__init__(database, synchronous=synchronous)
