@@ -10,6 +10,10 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
   with a plain ``INSERT`` for the job row.
 * ``many``: one call that enqueues a batch (20,000 by default). Raw baseline:
   ``INSERT ... SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[])``.
+* ``concurrent``: N jobs enqueued one by one by 64 coroutines at once (async drivers)
+  or 16 threads (``psycopg-sync``), through a pool of 10 connections on every side:
+  a web server's requests. Raw baseline: the plain ``INSERT`` per call. Soniq merges
+  the calls that wait (group commit, ``soniq.drivers.insert_lines``).
 
 Beside them, the peers doing the same with their own documented calls: pgqueuer on
 asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
@@ -35,6 +39,7 @@ import gc
 import json
 import re
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,13 +59,57 @@ from benchmarks._common import (
 from soniq import Soniq
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")
-CASES = ("single", "tx", "many")
+CASES = ("single", "tx", "many", "concurrent")
+COROUTINES = 64  # async callers of the concurrent case
+THREADS = 16  # blocking callers of the concurrent case
 JOB_NAME = "benchmarks.noop"
 QUEUE = "default"
 CHANNEL = "soniq:public"  # Soniq's channel for schema "public"; nobody listens here
 
 TARGET_SINGLE_RATIO = 0.85  # asyncpg: soniq single enqueue / raw plain INSERT
 TARGET_MANY_RATE = 100_000.0  # asyncpg: enqueue_many, jobs/s
+TARGET_CONCURRENT_RAW = 4.0  # every driver: soniq concurrent / raw per-call INSERT
+TARGET_CONCURRENT_PEER = 8.0  # every driver: soniq concurrent / its peer
+
+
+async def _in_coroutines(n: int, one: Callable[[int], Awaitable[Any]]) -> float:
+    """Seconds for :data:`COROUTINES` coroutines to make the calls ``one(i)``, i < n."""
+
+    async def caller(k: int) -> None:
+        for i in range(k, n, COROUTINES):
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(k) for k in range(COROUTINES)))
+    return time.perf_counter() - start
+
+
+def _in_threads(n: int, one: Callable[[int], Any]) -> float:
+    """Seconds for :data:`THREADS` threads, started before the clock, to make the calls
+    ``one(i)``, i < n; the first error raised in a thread is raised here."""
+    ready = threading.Barrier(THREADS + 1)
+    errors: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        ready.wait()
+        try:
+            for i in range(k, n, THREADS):
+                one(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return elapsed
+
 
 # The raw statements, with asyncpg's $n placeholders; psycopg gets them as %s.
 ORDERS_DDL = """
@@ -155,6 +204,12 @@ class RawAsyncpg:
                 await conn.fetchval(INSERT_SQL, JOB_NAME, QUEUE, _dumps({"n": order_id}))
         return time.perf_counter() - start
 
+    async def concurrent(self, n: int) -> float:
+        fetchval = self.pool.fetchval  # type: ignore[union-attr]
+        return await _in_coroutines(
+            n, lambda i: fetchval(INSERT_SQL, JOB_NAME, QUEUE, _dumps({"n": i}))
+        )
+
     async def many(self, n: int) -> float:
         args = _batch_args(n)
         pool = self.pool
@@ -189,6 +244,17 @@ class RawPsycopgAsync:
 
     async def single_notify(self, n: int) -> float:
         return await self._single(n, NOTIFY_SQL_F)
+
+    async def concurrent(self, n: int) -> float:
+        pool = self.pool
+        assert pool is not None
+
+        async def one(i: int) -> None:
+            async with pool.connection() as conn:
+                cur = await conn.execute(INSERT_SQL_F, (JOB_NAME, QUEUE, _dumps({"n": i})))
+                await cur.fetchone()
+
+        return await _in_coroutines(n, one)
 
     async def _single(self, n: int, statement: str) -> float:
         pool = self.pool
@@ -253,6 +319,16 @@ class RawPsycopgSync:
     def single_notify(self, n: int) -> float:
         return self._single(n, NOTIFY_SQL_F)
 
+    def concurrent(self, n: int) -> float:
+        pool = self.pool
+        assert pool is not None
+
+        def one(i: int) -> None:
+            with pool.connection() as conn:
+                conn.execute(INSERT_SQL_F, (JOB_NAME, QUEUE, _dumps({"n": i}))).fetchone()
+
+        return _in_threads(n, one)
+
     def _single(self, n: int, statement: str) -> float:
         pool = self.pool
         assert pool is not None
@@ -307,6 +383,10 @@ class SoniqAsync:
             await enqueue(noop, n=i)
         return time.perf_counter() - start
 
+    async def concurrent(self, n: int) -> float:
+        enqueue = self.eq.enqueue
+        return await _in_coroutines(n, lambda i: enqueue(noop, n=i))
+
     async def tx(self, n: int) -> float:
         eq = self.eq
         start = time.perf_counter()
@@ -352,6 +432,10 @@ class SoniqSync:
         for i in range(n):
             enqueue(noop, n=i)
         return time.perf_counter() - start
+
+    def concurrent(self, n: int) -> float:
+        enqueue = self.sync.enqueue
+        return _in_threads(n, lambda i: enqueue(noop, n=i))
 
     def tx(self, n: int) -> float:
         sync = self.sync
@@ -399,6 +483,10 @@ class PgqueuerAsyncpg:
         for i in range(n):
             await enqueue(JOB_NAME, _dumps({"n": i}).encode())
         return time.perf_counter() - start
+
+    async def concurrent(self, n: int) -> float:
+        enqueue = self.queries.enqueue
+        return await _in_coroutines(n, lambda i: enqueue(JOB_NAME, _dumps({"n": i}).encode()))
 
     async def tx(self, n: int) -> float:
         from pgqueuer import AsyncpgDriver, Queries
@@ -450,6 +538,10 @@ class ProcrastinateAsync:
             await defer(n=i)
         return time.perf_counter() - start
 
+    async def concurrent(self, n: int) -> float:
+        defer = self.task.defer_async
+        return await _in_coroutines(n, lambda i: defer(n=i))
+
     async def tx(self, n: int) -> float:
         pool, task = self.app.connector.pool, self.task  # type: ignore[attr-defined]
         start = time.perf_counter()
@@ -494,6 +586,10 @@ class ProcrastinateSync:
         for i in range(n):
             defer(n=i)
         return time.perf_counter() - start
+
+    def concurrent(self, n: int) -> float:
+        defer = self.task.defer
+        return _in_threads(n, lambda i: defer(n=i))
 
     def tx(self, n: int) -> float:
         pool, task = self.app.connector.pool, self.task  # type: ignore[attr-defined]
@@ -574,16 +670,19 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
         peer = PEERS[driver]
         db = f"{driver}-{peer}"
         sync = driver == "psycopg-sync"
+        callers = f"{THREADS} threads" if sync else f"{COROUTINES} coroutines"
         peer_plan = {
             "pgqueuer": {
                 "single": "pgqueuer Queries.enqueue (own pool)",
                 "tx": "pgqueuer BEGIN; order; Queries(conn).enqueue; COMMIT",
                 "many": "pgqueuer Queries.enqueue(lists)",
+                "concurrent": f"pgqueuer Queries.enqueue, {COROUTINES} coroutines",
             },
             "procrastinate": {
                 "single": f"procrastinate {'defer' if sync else 'defer_async'} (own pool)",
                 "tx": "procrastinate BEGIN; order; configure(connection=).defer; COMMIT",
                 "many": f"procrastinate {'batch_defer' if sync else 'batch_defer_async'}",
+                "concurrent": f"procrastinate {'defer' if sync else 'defer_async'}, {callers}",
             },
         }[peer]
         plan = {
@@ -599,6 +698,10 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
             "many": [
                 ("raw", "raw INSERT ... SELECT unnest(...)", raw, "many"),
                 ("soniq", "soniq enqueue_many", soniq, "many"),
+            ],
+            "concurrent": [
+                ("raw", f"raw INSERT per call, {callers}", raw, "concurrent"),
+                ("soniq", f"soniq enqueue, {callers}", soniq, "concurrent"),
             ],
         }
         if peers:
@@ -630,6 +733,13 @@ RATIOS = {
         ("soniq", "procrastinate"),
     ],
     "many": [
+        ("soniq", "raw"),
+        ("pgqueuer", "raw"),
+        ("procrastinate", "raw"),
+        ("soniq", "pgqueuer"),
+        ("soniq", "procrastinate"),
+    ],
+    "concurrent": [
         ("soniq", "raw"),
         ("pgqueuer", "raw"),
         ("procrastinate", "raw"),
@@ -852,6 +962,23 @@ def _targets(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, A
                 "met": ratio is not None and ratio >= TARGET_SINGLE_RATIO,
             }
         )
+    for driver in dict.fromkeys(m.driver for m in plan):
+        soniq = f"{driver}/concurrent/soniq"
+        for other, target in (
+            ("raw", TARGET_CONCURRENT_RAW),
+            (PEERS[driver], TARGET_CONCURRENT_PEER),
+        ):
+            if {soniq, f"{driver}/concurrent/{other}"} <= have:
+                ratios = paired_ratios(series[soniq], series[f"{driver}/concurrent/{other}"])
+                ratio = Series(ratios).median if ratios else None
+                out.append(
+                    {
+                        "what": f"{driver} concurrent enqueue / {other}",
+                        "value": None if ratio is None else round(ratio, 3),
+                        "target": f">= {target}",
+                        "met": ratio is not None and ratio >= target,
+                    }
+                )
     if "asyncpg/many/soniq" in have:
         many = series["asyncpg/many/soniq"]
         rate = many.median if many.rates and not many.failure else None

@@ -55,6 +55,7 @@ RENAMES = {
     "PostgresAsyncOps": "PostgresSyncOps",
     "soniq.drivers.postgres_async": "soniq.drivers.postgres_sync",
     "async_owner": "sync_owner",
+    "AsyncInsertLine": "SyncInsertLine",
 }
 
 _Edit = tuple[int, int, str]  # (start offset, end offset, replacement)

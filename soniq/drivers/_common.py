@@ -4,6 +4,7 @@ turning driver errors into Soniq's."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import os
 import re
@@ -245,3 +246,17 @@ def has_unread_input(fileno: int) -> bool:
     (terminated backend, restart), which a pool must find before handing it out."""
     readable, _, _ = select.select([fileno], [], [], 0)
     return bool(readable)
+
+
+def own_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` with its traceback, cause and context (where it was raised),
+    for one of several callers who share one failure: each may raise it in its own
+    thread at once, and raising an exception rewrites its traceback."""
+    try:
+        clone = copy.copy(exc)
+    except Exception:  # an exception class that cannot be rebuilt from its args
+        return exc
+    clone.__cause__ = exc.__cause__
+    clone.__context__ = exc.__context__
+    clone.__suppress_context__ = exc.__suppress_context__
+    return clone.with_traceback(exc.__traceback__)

@@ -14,14 +14,24 @@ from typing import Any
 from soniq.core import serialize
 from soniq.core.jobs import Claimed, Job, JobSpec
 from soniq.core.outcomes import Outcome
-from soniq.core.sql.postgres import PostgresQueries, Query, ids_in_input_order, job_from_row
-from soniq.drivers._common import async_only
+from soniq.core.sql.postgres import (
+    PostgresQueries,
+    Query,
+    group_ids,
+    ids_in_input_order,
+    job_from_row,
+)
+from soniq.drivers._common import async_only, async_owner
+from soniq.drivers.insert_lines import AsyncInsertLine
 
 
 class PostgresAsyncOps:
     """Mixed into a driver that provides ``queries``, ``fetch`` and ``fetch_on``."""
 
     queries: PostgresQueries
+    _max_size: int  # the pool's: as many merged enqueues in flight at most
+    _line: AsyncInsertLine | None = None
+    _line_owner: object = None
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
 
@@ -38,10 +48,29 @@ class PostgresAsyncOps:
         raise NotImplementedError
 
     async def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
-        """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order."""
+        """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order.
+        One job on Soniq's own pool goes through the enqueue line, merged with the
+        enqueues of this process that are waiting (:mod:`soniq.drivers.insert_lines`)."""
+        if conn is None and len(spec.args) == 1:
+            return [await self.insert_line().insert(spec)]
         query = self.queries.insert_jobs(spec)
         rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
         return ids_in_input_order(rows)
+
+    def insert_line(self) -> AsyncInsertLine:
+        """The line of enqueues on Soniq's pool: one per event loop (per process in
+        blocking code), like the pool."""
+        owner = async_owner()
+        if self._line is None or self._line_owner != owner:
+            self._line = AsyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
+            self._line_owner = owner
+        return self._line
+
+    async def _insert_alone(self, spec: JobSpec) -> int:
+        return ids_in_input_order(await self.fetch(self.queries.insert_jobs(spec)))[0]
+
+    async def _insert_group(self, specs: Sequence[JobSpec]) -> list[int]:
+        return group_ids(specs, await self.fetch(self.queries.insert_group(specs)))
 
     async def get_job(self, job_id: int) -> Job | None:
         rows = await self.fetch(self.queries.get_job(job_id))

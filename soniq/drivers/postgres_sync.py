@@ -7,13 +7,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from soniq.core.jobs import Job, JobSpec
-from soniq.core.sql.postgres import PostgresQueries, Query, ids_in_input_order, job_from_row
+from soniq.core.sql.postgres import (
+    PostgresQueries,
+    Query,
+    group_ids,
+    ids_in_input_order,
+    job_from_row,
+)
+from soniq.drivers._common import sync_owner
+from soniq.drivers.insert_lines import SyncInsertLine
 
 
 class PostgresSyncOps:
     """Mixed into a driver that provides ``queries``, ``fetch`` and ``fetch_on``."""
 
     queries: PostgresQueries
+    _max_size: int  # the pool's: as many merged enqueues in flight at most
+    _line: SyncInsertLine | None = None
+    _line_owner: object = None
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
 
@@ -24,10 +35,29 @@ class PostgresSyncOps:
         raise NotImplementedError
 
     def insert_jobs(self, spec: JobSpec, conn: Any = None) -> list[int]:
-        """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order."""
+        """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order.
+        One job on Soniq's own pool goes through the enqueue line, merged with the
+        enqueues of this process that are waiting (:mod:`soniq.drivers.insert_lines`)."""
+        if conn is None and len(spec.args) == 1:
+            return [self.insert_line().insert(spec)]
         query = self.queries.insert_jobs(spec)
         rows = self.fetch(query) if conn is None else self.fetch_on(conn, query)
         return ids_in_input_order(rows)
+
+    def insert_line(self) -> SyncInsertLine:
+        """The line of enqueues on Soniq's pool: one per event loop (per process in
+        blocking code), like the pool."""
+        owner = sync_owner()
+        if self._line is None or self._line_owner != owner:
+            self._line = SyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
+            self._line_owner = owner
+        return self._line
+
+    def _insert_alone(self, spec: JobSpec) -> int:
+        return ids_in_input_order(self.fetch(self.queries.insert_jobs(spec)))[0]
+
+    def _insert_group(self, specs: Sequence[JobSpec]) -> list[int]:
+        return group_ids(specs, self.fetch(self.queries.insert_group(specs)))
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self.fetch(self.queries.get_job(job_id))

@@ -152,6 +152,30 @@ WITH ins AS (
 SELECT id, CASE WHEN inserted AND run_at <= statement_timestamp()
                 THEN pg_notify('{channel_literal}', queue) END
 FROM ins""")
+        # The enqueues of several callers merged (group commit, see insert_group): each
+        # row has options of its own, so each is a record of one JSON document.
+        self._insert_group = render(f"""
+WITH ins AS (
+    INSERT INTO {jobs} AS j
+        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
+    SELECT r.name, r.queue, r.args, r.priority,
+           coalesce(r.run_at, statement_timestamp() + r.delay * interval '1 second'),
+           r.max_retries, r.dedupe_key, r.timeout
+    FROM ROWS FROM (jsonb_to_recordset($1::text::jsonb) AS (
+        name text, queue text, args jsonb, priority int, run_at timestamptz, delay float8,
+        max_retries int, dedupe_key text, timeout float8)) WITH ORDINALITY AS r(
+        name, queue, args, priority, run_at, delay, max_retries, dedupe_key, timeout, ord)
+    ORDER BY r.ord
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
+    DO UPDATE SET dedupe_key = excluded.dedupe_key
+    RETURNING j.id, j.dedupe_key, j.queue, j.run_at, (j.xmax = 0) AS inserted
+),
+wake AS (
+    SELECT CASE WHEN count(*) > 0
+           THEN pg_notify('{channel_literal}', string_agg(DISTINCT queue, ',')) END
+    FROM ins WHERE inserted AND run_at <= statement_timestamp()
+)
+SELECT ins.id, ins.dedupe_key FROM ins, wake""")
         self._get_job = render(f"SELECT {JOB_COLUMNS} FROM {jobs} WHERE id = $1::text::bigint")
         # For test assertions (soniq.testing), also on a caller's connection: a NULL
         # filter matches every row, so each parameter appears once.
@@ -338,6 +362,33 @@ DELETE FROM {jobs} WHERE id IN (
             return Query(self._insert_one, (spec.name, spec.queue, args, *options))
         return Query(self._insert, (spec.name, spec.queue, *options, args))
 
+    def insert_group(self, specs: Sequence[JobSpec]) -> Query:
+        """Insert the jobs of several one-job enqueue calls in one statement (group
+        commit); :func:`group_ids` reads each call's id back from its rows. Calls with
+        the same ``dedupe_key`` share one row (a statement may not upsert one row
+        twice), so they get the same id."""
+        rows = []
+        keys: set[str] = set()
+        for spec in specs:
+            if spec.dedupe_key is not None:
+                if spec.dedupe_key in keys:
+                    continue
+                keys.add(spec.dedupe_key)
+            rows.append(
+                {
+                    "name": spec.name,
+                    "queue": spec.queue,
+                    "args": spec.args[0],
+                    "priority": spec.priority,
+                    "run_at": _iso(spec.run_at),
+                    "delay": spec.delay,
+                    "max_retries": spec.max_retries,
+                    "dedupe_key": spec.dedupe_key,
+                    "timeout": spec.timeout,
+                }
+            )
+        return Query(self._insert_group, (serialize.dumps(rows),))
+
     def get_job(self, job_id: int) -> Query:
         """Select one job by id (no row when it does not exist)."""
         return Query(self._get_job, (str(_job_id(job_id)),))
@@ -430,6 +481,15 @@ def ids_in_input_order(rows: Sequence[Sequence[Any]]) -> list[int]:
     occur in a single-job call, where order is moot.
     """
     return sorted(row[0] for row in rows)
+
+
+def group_ids(specs: Sequence[JobSpec], rows: Sequence[Sequence[Any]]) -> list[int]:
+    """Each call's id from the rows of :meth:`PostgresQueries.insert_group`, in the
+    order of ``specs``: a keyed call's by its key, the others' in ascending order
+    (identity values are drawn as rows are inserted, in input order)."""
+    by_key = {row[1]: row[0] for row in rows if row[1] is not None}
+    unkeyed = iter(sorted(row[0] for row in rows if row[1] is None))
+    return [by_key[s.dedupe_key] if s.dedupe_key is not None else next(unkeyed) for s in specs]
 
 
 def _fill(template: str, **values: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import logging
 import sqlite3
 import threading
@@ -25,6 +24,7 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from soniq.core.sql.sqlite import Operation
+from soniq.drivers._common import own_copy
 from soniq.drivers.sqlite.connection import SqliteDatabase, _drive, _roll_back, _translated, run
 
 T = TypeVar("T")
@@ -77,19 +77,7 @@ def _fail_unsettled(writes: Sequence[Write], exc: BaseException) -> None:
             continue
         with contextlib.suppress(InvalidStateError):
             if future.running() or future.set_running_or_notify_cancel():
-                future.set_exception(_own_copy(exc))
-
-
-def _own_copy(exc: BaseException) -> BaseException:
-    """A copy of ``exc`` with its traceback, cause and context (where it was raised)."""
-    try:
-        clone = copy.copy(exc)
-    except Exception:  # an exception class that cannot be rebuilt from its args
-        return exc
-    clone.__cause__ = exc.__cause__
-    clone.__context__ = exc.__context__
-    clone.__suppress_context__ = exc.__suppress_context__
-    return clone.with_traceback(exc.__traceback__)
+                future.set_exception(own_copy(exc))
 
 
 def _interrupted(exc: BaseException) -> RuntimeError:

@@ -1,0 +1,211 @@
+"""Group commit of concurrent enqueues on PostgreSQL (``soniq.drivers.insert_lines``):
+the calls that wait while the line's statements are in flight go out as one
+statement, each caller getting its own id once its row is committed.
+
+Every test holds the job table with ``LOCK TABLE ... IN EXCLUSIVE MODE`` from another
+connection (inserts wait, reads do not), so that the line's first statements are
+stuck in flight and the other calls are known to wait in line: what is merged is
+decided, not left to timing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from soniq import Soniq
+from soniq.drivers.insert_lines import MAX_IN_FLIGHT
+from tests.conftest import async_wait_until, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.contextmanager
+def table_locked(database_url: str, schema: str) -> Iterator[psycopg.Connection[Any]]:
+    """Inserts into the schema's job table wait until the block ends (or the yielded
+    connection commits)."""
+    with psycopg.connect(database_url) as conn:
+        table = sql.Identifier(schema, "soniq_jobs")
+        conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
+        try:
+            yield conn
+        finally:
+            conn.commit()
+
+
+def count_jobs(pg: psycopg.Connection[Any], schema: str, where: str = "true") -> int:
+    query = sql.SQL("SELECT count(*) FROM {} WHERE " + where).format(
+        sql.Identifier(schema, "soniq_jobs")
+    )
+    row = pg.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _waiting_on_lock(pg: psycopg.Connection[Any], text: str) -> bool:
+    row = pg.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+        (f"%{text}%",),
+    ).fetchone()
+    return row is not None and row[0] > 0
+
+
+async def line_waiting(eq: Soniq, waiting: int) -> None:
+    line = eq.backend.insert_line()  # type: ignore[attr-defined]
+    await async_wait_until(
+        lambda: line._in_flight == MAX_IN_FLIGHT and len(line._line) == waiting,
+        10,
+        f"{MAX_IN_FLIGHT} statements in flight and {waiting} calls in line",
+    )
+
+
+async def test_waiting_enqueues_go_out_together_and_each_caller_gets_its_own_ids(
+    eq: Soniq, database_url: str, schema: str
+) -> None:
+    async def caller(k: int) -> list[int]:
+        return [await eq.enqueue("app.job", k=k, i=i) for i in range(3)]
+
+    with table_locked(database_url, schema):
+        callers = [asyncio.ensure_future(caller(k)) for k in range(12)]
+        await line_waiting(eq, 12 - MAX_IN_FLIGHT)
+    results = await asyncio.wait_for(asyncio.gather(*callers), 30)
+    for k, ids in enumerate(results):
+        assert ids == sorted(ids)
+        for i, job_id in enumerate(ids):
+            job = await eq.get_job(job_id)
+            assert job is not None and job.args == {"k": k, "i": i}
+    assert len({i for ids in results for i in ids}) == 36
+    batches = eq.backend.insert_line().batches  # type: ignore[attr-defined]
+    assert max(batches) >= 12 - MAX_IN_FLIGHT  # the line went out as one
+
+
+async def test_a_merged_statement_that_fails_retries_its_calls_alone(
+    eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    """A row the database refuses (here a CHECK constraint of the table's owner)
+    fails its own call only; the others of its statement are committed."""
+    pg.execute(
+        sql.SQL("ALTER TABLE {} ADD CONSTRAINT no_bad CHECK (args->>'bad' IS NULL)").format(
+            sql.Identifier(schema, "soniq_jobs")
+        )
+    )
+    with table_locked(database_url, schema):
+        calls = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(6)]
+        bad = asyncio.ensure_future(eq.enqueue("app.job", i=6, bad=True))
+        more = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(7, 9)]
+        await line_waiting(eq, 9 - MAX_IN_FLIGHT)
+    ids = await asyncio.wait_for(asyncio.gather(*calls, *more), 30)
+    with pytest.raises(Exception, match="no_bad"):
+        await asyncio.wait_for(bad, 30)
+    assert len(set(ids)) == 8
+    assert count_jobs(pg, schema) == 8
+
+
+async def test_calls_with_one_dedupe_key_in_one_statement_share_one_job(
+    eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    with table_locked(database_url, schema):
+        first = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(MAX_IN_FLIGHT)]
+        keyed = [
+            asyncio.ensure_future(eq.enqueue("app.job", i=i, dedupe_key=f"k{i % 2}"))
+            for i in range(6)
+        ]
+        await line_waiting(eq, 6)
+    await asyncio.wait_for(asyncio.gather(*first), 30)
+    ids = await asyncio.wait_for(asyncio.gather(*keyed), 30)
+    assert ids[0] == ids[2] == ids[4] and ids[1] == ids[3] == ids[5] and ids[0] != ids[1]
+    job = await eq.get_job(ids[0])
+    assert job is not None and job.args == {"i": 0}  # the first call's arguments
+    assert count_jobs(pg, schema, "dedupe_key IS NOT NULL") == 2
+
+
+async def test_a_caller_cancelled_while_it_waits_in_line_is_not_enqueued(
+    eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    with table_locked(database_url, schema):
+        first = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(MAX_IN_FLIGHT)]
+        kept = asyncio.ensure_future(eq.enqueue("app.job", i=10))
+        dropped = asyncio.ensure_future(eq.enqueue("app.job", i=11))
+        await line_waiting(eq, 2)
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+    await asyncio.wait_for(asyncio.gather(*first, kept), 30)
+    assert count_jobs(pg, schema, "args->>'i' = '11'") == 0
+    assert count_jobs(pg, schema) == MAX_IN_FLIGHT + 1
+
+
+async def test_a_connection_killed_under_a_merged_statement_answers_every_caller(
+    eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    """The statements in flight lose their connections before they commit: each of
+    their callers gets the connection error, nothing is retried (so nothing can be
+    committed twice), and the calls still in line go out afterwards."""
+    with table_locked(database_url, schema):
+        stuck = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(MAX_IN_FLIGHT)]
+        await line_waiting(eq, 0)
+        merged = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(10, 15)]
+        await line_waiting(eq, 5)
+        # The first statement to end sends the line: kill the stuck ones' backends.
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE '%soniq_jobs%'"
+        )
+        outcomes = await asyncio.wait_for(asyncio.gather(*stuck, return_exceptions=True), 30)
+        assert all(isinstance(o, Exception) for o in outcomes), outcomes
+        await async_wait_until(
+            lambda: _waiting_on_lock(pg, "jsonb_to_recordset"), 10, "the merged statement sent"
+        )
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE '%jsonb_to_recordset%'"
+        )
+    answers = await asyncio.wait_for(asyncio.gather(*merged, return_exceptions=True), 30)
+    assert all(isinstance(a, Exception) for a in answers), answers
+    assert count_jobs(pg, schema) == 0  # killed before commit, and never retried
+    assert await eq.enqueue("app.job", i=99) > 0  # the line goes on
+
+
+def test_threads_of_eq_sync_go_out_together(sync_eq: Soniq, database_url: str, schema: str) -> None:
+    results: dict[int, list[int]] = {}
+
+    def caller(k: int) -> None:
+        results[k] = [sync_eq.sync.enqueue("app.job", k=k, i=i) for i in range(3)]
+
+    line = sync_eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+    with table_locked(database_url, schema):
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for thread in threads:
+            thread.start()
+        wait_until(
+            lambda: line._in_flight == MAX_IN_FLIGHT and len(line._line) == 8 - MAX_IN_FLIGHT,
+            10,
+            "the line to form",
+        )
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results) == list(range(8))
+    for k, ids in results.items():
+        assert ids == sorted(ids)
+        job = sync_eq.sync.get_job(ids[2])
+        assert job is not None and job.args == {"k": k, "i": 2}
+    assert max(line.batches) >= 8 - MAX_IN_FLIGHT  # the line went out as one
+
+
+async def test_enqueues_on_a_callers_connection_never_join_the_line(
+    eq: Soniq, database_url: str, schema: str
+) -> None:
+    async with eq.backend.acquire() as conn:
+        if eq.backend.name == "asyncpg":
+            async with conn.transaction():
+                await eq.enqueue("app.job", connection=conn, i=1)
+        else:
+            async with conn.transaction():
+                await eq.enqueue("app.job", connection=conn, i=1)
+    assert not eq.backend.insert_line().batches  # type: ignore[attr-defined]
