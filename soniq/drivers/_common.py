@@ -260,3 +260,13 @@ def own_copy(exc: BaseException) -> BaseException:
     clone.__context__ = exc.__context__
     clone.__suppress_context__ = exc.__suppress_context__
     return clone.with_traceback(exc.__traceback__)
+
+
+def interrupted(exc: BaseException) -> RuntimeError:
+    """What the other callers of a group hear when the thread committing it for them
+    is interrupted (KeyboardInterrupt, a signal handler's SystemExit): that thread
+    raises the interruption itself."""
+    return RuntimeError(
+        f"the thread committing this write was interrupted ({type(exc).__name__}) "
+        "before its outcome was known: it may or may not have been committed"
+    )

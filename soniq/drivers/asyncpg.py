@@ -19,12 +19,10 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from soniq.core.errors import ConnectionStateError
-from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
-from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.core.sql.migrate import MigrationSteps, migration_steps
+from soniq.core.sql.postgres import Query
 from soniq.drivers._common import (
-    Target,
     async_owner,
-    redact_url,
     register_connection_errors,
     schema_missing,
 )
@@ -54,28 +52,8 @@ class AsyncpgDriver(PostgresAsyncOps):
 
     name = "asyncpg"
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        schema: str,
-        min_size: int = 1,
-        max_size: int = 10,
-        connect_timeout: float = 5.0,
-        acquire_timeout: float = 10.0,
-    ) -> None:
-        self.dsn = dsn
-        #: Host, port, database and timeouts, for errors (see :class:`Target`).
-        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
-        self.queries = PostgresQueries(schema, "numeric")
-        self.migrations = MigrationPlan(schema)
-        self._min_size = min_size
-        self._max_size = max_size
-        self._pool: asyncpg.Pool | None = None
-        self._owner: object = None
-
-    def __repr__(self) -> str:
-        return f"AsyncpgDriver({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+    paramstyle = "numeric"
+    _pool: asyncpg.Pool | None
 
     async def _get_pool(self) -> asyncpg.Pool:
         owner = async_owner()

@@ -3,30 +3,59 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from soniq.core.jobs import Job, JobSpec
+from soniq.core.sql.migrate import MigrationPlan
 from soniq.core.sql.postgres import (
+    ParamStyle,
     PostgresQueries,
     Query,
     group_ids,
     ids_in_input_order,
     job_from_row,
 )
-from soniq.drivers._common import sync_owner
+from soniq.drivers._common import Target, redact_url, sync_owner
 from soniq.drivers.insert_lines import SyncInsertLine
 
 
 class PostgresSyncOps:
-    """Mixed into a driver that provides ``queries``, ``fetch`` and ``fetch_on``."""
+    """The base of a PostgreSQL driver: its settings, and the operations, which run
+    on the driver's ``fetch`` (Soniq's pool) and ``fetch_on`` (a caller's
+    connection). The pool itself (``_pool``, bound to ``_owner``) is the driver's."""
 
-    queries: PostgresQueries
-    _max_size: int  # the pool's: as many merged enqueues in flight at most
-    _line: SyncInsertLine | None = None
-    _line_owner: object = None
+    #: The placeholders of the driver's statements (see ``PostgresQueries``).
+    paramstyle: ParamStyle
     #: Enqueue accepts ``connection=`` (transactional enqueue).
     accepts_connections = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        #: Host, port, database and timeouts, for errors (see :class:`Target`).
+        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
+        self.queries = PostgresQueries(schema, self.paramstyle)
+        self.migrations = MigrationPlan(schema)
+        self._min_size = min_size
+        self._max_size = max_size  # also the most merged enqueues in flight
+        self._pool: Any = None  # the driver's pool, opened on first use
+        self._owner: object = None
+        self._line: SyncInsertLine | None = None
+        self._line_owner: object = None
+        self._line_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
 
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError
@@ -48,10 +77,14 @@ class PostgresSyncOps:
         """The line of enqueues on Soniq's pool: one per event loop (per process in
         blocking code), like the pool."""
         owner = sync_owner()
-        if self._line is None or self._line_owner != owner:
-            self._line = SyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
-            self._line_owner = owner
-        return self._line
+        line = self._line
+        if line is not None and self._line_owner == owner:
+            return line
+        with self._line_lock:  # two threads must not make two lines (sync face)
+            if self._line is None or self._line_owner != owner:
+                self._line = SyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
+                self._line_owner = owner
+            return self._line
 
     def _insert_alone(self, spec: JobSpec) -> int:
         return ids_in_input_order(self.fetch(self.queries.insert_jobs(spec)))[0]

@@ -22,15 +22,13 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from soniq.core.errors import ConnectionStateError
-from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
-from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.core.sql.migrate import MigrationSteps, migration_steps
+from soniq.core.sql.postgres import Query
 from soniq.drivers._common import (
-    Target,
     async_only,
     async_owner,
     has_unread_input,
     libpq_connect_timeout,
-    redact_url,
     register_connection_errors,
     schema_missing,
 )
@@ -48,32 +46,16 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
 
     name = "psycopg"
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        schema: str,
-        min_size: int = 1,
-        max_size: int = 10,
-        connect_timeout: float = 5.0,
-        acquire_timeout: float = 10.0,
-    ) -> None:
-        self.dsn = dsn
-        #: Host, port, database and timeouts, for errors (see :class:`Target`).
-        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
-        self._connect_kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "connect_timeout": libpq_connect_timeout(connect_timeout),
-        }
-        self.queries = PostgresQueries(schema, "format")
-        self.migrations = MigrationPlan(schema)
-        self._min_size = min_size
-        self._max_size = max_size
-        self._pool: AsyncConnectionPool[Any] | None = None
-        self._owner: object = None
+    paramstyle = "format"
+    _pool: AsyncConnectionPool[Any] | None
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+    @property
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """Every connection Soniq's pool opens is autocommit, and bounded in time."""
+        return {
+            "autocommit": True,
+            "connect_timeout": libpq_connect_timeout(self.target.connect_timeout),
+        }
 
     async def _get_pool(self) -> AsyncConnectionPool[Any]:
         owner = async_owner()

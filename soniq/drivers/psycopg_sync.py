@@ -16,13 +16,11 @@ from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from soniq.core.errors import ConnectionStateError
-from soniq.core.sql.migrate import MigrationPlan, MigrationSteps, migration_steps
-from soniq.core.sql.postgres import PostgresQueries, Query
+from soniq.core.sql.migrate import MigrationSteps, migration_steps
+from soniq.core.sql.postgres import Query
 from soniq.drivers._common import (
-    Target,
     has_unread_input,
     libpq_connect_timeout,
-    redact_url,
     register_connection_errors,
     schema_missing,
     sync_owner,
@@ -40,32 +38,16 @@ class PsycopgSyncDriver(PostgresSyncOps):
 
     name = "psycopg"
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        schema: str,
-        min_size: int = 1,
-        max_size: int = 10,
-        connect_timeout: float = 5.0,
-        acquire_timeout: float = 10.0,
-    ) -> None:
-        self.dsn = dsn
-        #: Host, port, database and timeouts, for errors (see :class:`Target`).
-        self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
-        self._connect_kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "connect_timeout": libpq_connect_timeout(connect_timeout),
-        }
-        self.queries = PostgresQueries(schema, "format")
-        self.migrations = MigrationPlan(schema)
-        self._min_size = min_size
-        self._max_size = max_size
-        self._pool: ConnectionPool[Any] | None = None
-        self._owner: object = None
+    paramstyle = "format"
+    _pool: ConnectionPool[Any] | None
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+    @property
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """Every connection Soniq's pool opens is autocommit, and bounded in time."""
+        return {
+            "autocommit": True,
+            "connect_timeout": libpq_connect_timeout(self.target.connect_timeout),
+        }
 
     def _get_pool(self) -> ConnectionPool[Any]:
         owner = sync_owner()

@@ -24,7 +24,7 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from soniq.core.sql.sqlite import Operation
-from soniq.drivers._common import own_copy
+from soniq.drivers._common import interrupted, own_copy
 from soniq.drivers.sqlite.connection import SqliteDatabase, _drive, _roll_back, _translated, run
 
 T = TypeVar("T")
@@ -78,16 +78,6 @@ def _fail_unsettled(writes: Sequence[Write], exc: BaseException) -> None:
         with contextlib.suppress(InvalidStateError):
             if future.running() or future.set_running_or_notify_cancel():
                 future.set_exception(own_copy(exc))
-
-
-def _interrupted(exc: BaseException) -> RuntimeError:
-    """What the other writes of a group hear when the thread committing them is
-    interrupted (KeyboardInterrupt, a signal handler's SystemExit): that thread
-    raises the interruption itself."""
-    return RuntimeError(
-        f"the thread committing this write was interrupted ({type(exc).__name__}) "
-        "before its outcome was known: it may or may not have been committed"
-    )
 
 
 def run_together(conn: sqlite3.Connection, writes: Sequence[Write]) -> None:
@@ -160,7 +150,7 @@ def commit_together(
             log.exception("SQLite writes failed unexpectedly")
         _fail_unsettled(writes, exc)
     except BaseException as exc:
-        _fail_unsettled(writes, _interrupted(exc))
+        _fail_unsettled(writes, interrupted(exc))
         raise
 
 
@@ -348,7 +338,7 @@ class WriteTurns:
                 commit_together(self.writer.connected, group)
             except BaseException as exc:
                 if leading:  # interrupted before commit_together took the group over
-                    _fail_unsettled(group, _interrupted(exc))
+                    _fail_unsettled(group, interrupted(exc))
                 raise
             finally:
                 if leading:
