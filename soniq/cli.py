@@ -153,7 +153,8 @@ def load_app(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is None or not module_name.startswith(exc.name):
+        missing = exc.name
+        if missing is None or not (module_name + ".").startswith(missing + "."):
             raise  # the app's own import failed: its traceback says where
         raise SystemExit(
             f"soniq worker: no module named {exc.name!r} (from {spec!r}); run the worker "

@@ -141,6 +141,20 @@ def test_an_import_error_inside_the_app_keeps_its_traceback(tmp_path: Any) -> No
         sys.path.remove(str(tmp_path))
 
 
+def test_a_missing_module_whose_name_prefixes_the_apps_keeps_its_traceback(
+    tmp_path: Any,
+) -> None:
+    """``myapp_extra`` importing a missing ``myapp`` is the app's own failure, not a
+    wrong path: the name is a prefix of the app's as text, not as a package."""
+    (tmp_path / "broken_app_extra.py").write_text("import broken_app\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ModuleNotFoundError, match="'broken_app'"):
+            load_app("broken_app_extra:eq")
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
 def test_load_app_of_something_else_says_what_it_is(worker_app: Any) -> None:
     with pytest.raises(SystemExit, match=r"tests.worker_app:URL is str, not a Soniq instance"):
         load_app("tests.worker_app:URL")
