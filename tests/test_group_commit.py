@@ -199,13 +199,24 @@ def test_threads_of_eq_sync_go_out_together(sync_eq: Soniq, database_url: str, s
 
 
 async def test_enqueues_on_a_callers_connection_never_join_the_line(
-    eq: Soniq, database_url: str, schema: str
+    eq: Soniq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with eq.backend.acquire() as conn:
-        if eq.backend.name == "asyncpg":
-            async with conn.transaction():
-                await eq.enqueue("app.job", connection=conn, i=1)
-        else:
-            async with conn.transaction():
-                await eq.enqueue("app.job", connection=conn, i=1)
-    assert not eq.backend.insert_line().batches  # type: ignore[attr-defined]
+    def no_line() -> None:
+        raise AssertionError("an enqueue on a caller's connection reached the line")
+
+    monkeypatch.setattr(eq.backend, "insert_line", no_line)
+    async with eq.backend.acquire() as conn, conn.transaction():
+        job_id = await eq.enqueue("app.job", connection=conn, i=1)
+    assert await eq.get_job(job_id) is not None
+
+
+def test_sync_enqueues_on_a_callers_connection_never_join_the_line(
+    sync_eq: Soniq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_line() -> None:
+        raise AssertionError("an enqueue on a caller's connection reached the line")
+
+    monkeypatch.setattr(sync_eq.sync.backend, "insert_line", no_line)
+    with sync_eq.sync.backend.acquire() as conn, conn.transaction():
+        job_id = sync_eq.sync.enqueue("app.job", connection=conn, i=1)
+    assert sync_eq.sync.get_job(job_id) is not None
