@@ -22,7 +22,7 @@ from soniq.core.errors import ConfigurationError, DatabaseUnavailable
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.sql.postgres import quote_ident
-from soniq.drivers._common import redact_url, scrub, split_postgres_url
+from soniq.drivers._common import redact_url, split_postgres_url
 from soniq.drivers.base import AsyncBackend, SyncBackend
 from soniq.drivers.embedded import (
     DEFAULT_SQLITE_URL,
@@ -48,20 +48,14 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_ACQUIRE_TIMEOUT = 10.0
 
 
-def _postgres_async_driver(kind: str, config: _Config) -> AsyncBackend:
-    options: dict[str, Any] = {
-        "schema": config.schema,
-        "max_size": config.pool_size,
-        "connect_timeout": config.connect_timeout,
-        "acquire_timeout": config.acquire_timeout,
-    }
-    if kind == "asyncpg":
+def _postgres_async_driver(config: _Config) -> AsyncBackend:
+    if config.driver == "asyncpg":
         from soniq.drivers.asyncpg import AsyncpgDriver
 
-        return AsyncpgDriver(config.dsn, **options)
+        return AsyncpgDriver(config.dsn, **config.driver_options())
     from soniq.drivers.psycopg_async import PsycopgAsyncDriver
 
-    return PsycopgAsyncDriver(config.dsn, **options)
+    return PsycopgAsyncDriver(config.dsn, **config.driver_options())
 
 
 def _seconds(name: str, value: object) -> float:
@@ -85,22 +79,13 @@ class _Config:
         driver: str | None,
         schema: str,
         pool_size: int,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        connect_timeout: float,
+        acquire_timeout: float,
     ) -> None:
         url = database_url if database_url is not None else os.environ.get("SONIQ_DATABASE_URL")
         if url is None:
             url = DEFAULT_SQLITE_URL
-        try:
-            self._read(url, database_url, driver, schema, pool_size)
-            message = None
-        except ConfigurationError as exc:
-            # Whatever parsed the URL may have quoted it: never show its password.
-            message = scrub(str(exc), url)
-            if message == str(exc):
-                raise
-        if message is not None:  # raised here, the quoting error is not its __context__
-            raise ConfigurationError(message)
+        self._read(url, database_url, driver, schema, pool_size)
         self._callers: CallerConnections | None = None
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.acquire_timeout = _seconds("acquire_timeout", acquire_timeout)
@@ -148,6 +133,15 @@ class _Config:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.schema = schema
+
+    def driver_options(self) -> dict[str, Any]:
+        """The settings of a PostgreSQL driver of Soniq's own pool."""
+        return {
+            "schema": self.schema,
+            "max_size": self.pool_size,
+            "connect_timeout": self.connect_timeout,
+            "acquire_timeout": self.acquire_timeout,
+        }
 
     def callers(self) -> CallerConnections:
         """What runs statements on callers' connections (``connection=``); PostgreSQL
@@ -203,12 +197,6 @@ class Soniq:
         cfg = self._config
         return f"Soniq({cfg.shown_url!r}, driver={cfg.driver!r}, schema={cfg.schema!r})"
 
-    @classmethod
-    def _of(cls, config: _Config) -> Soniq:
-        app = cls.__new__(cls)
-        app._adopt(config)
-        return app
-
     def _adopt(self, config: _Config) -> None:
         self._config = config
         self.registry = config.registry
@@ -216,7 +204,7 @@ class Soniq:
         if config.kind in EMBEDDED:
             self.backend: AsyncBackend = embedded_backend(config.location)
         else:
-            self.backend = _postgres_async_driver(config.driver, config)
+            self.backend = _postgres_async_driver(config)
         self._sync: SyncSoniq | None = None
         self._initialized = False
 
@@ -411,13 +399,7 @@ class SyncSoniq:
         else:
             from soniq.drivers.psycopg_sync import PsycopgSyncDriver
 
-            self.backend = PsycopgSyncDriver(
-                config.dsn,
-                schema=config.schema,
-                max_size=config.pool_size,
-                connect_timeout=config.connect_timeout,
-                acquire_timeout=config.acquire_timeout,
-            )
+            self.backend = PsycopgSyncDriver(config.dsn, **config.driver_options())
         self._initialized = False
 
     def __repr__(self) -> str:
@@ -492,7 +474,9 @@ class SyncSoniq:
         database, with pools of its own (bound to the loop that first uses them), for
         async work started from blocking code (``run_worker``, ``soniq.testing``'s
         ``drain``). Close it when done."""
-        return Soniq._of(self._config)
+        app = Soniq.__new__(Soniq)
+        app._adopt(self._config)
+        return app
 
     def close(self) -> None:
         """Close the twin's pool."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from soniq.core.errors import ConfigurationError
+from soniq.drivers._common import redact_url
 
 if TYPE_CHECKING:
     from soniq.drivers.base import AsyncBackend, SyncBackend
@@ -23,13 +24,13 @@ def _sqlite_file(url: str) -> SqliteDatabase:
     path, _, query = rest.partition("?")
     if not path:
         raise ConfigurationError(
-            f"database_url {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            f"database_url {redact_url(url)!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
     synchronous = SYNCHRONOUS_LEVELS[0]
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key != "synchronous" or value.upper() not in SYNCHRONOUS_LEVELS:
             raise ConfigurationError(
-                f"database_url {url!r}: the one SQLite option is ?synchronous=full "
+                f"database_url {redact_url(url)!r}: the one SQLite option is ?synchronous=full "
                 "(the default) or ?synchronous=normal"
             )
         synchronous = value.upper()
@@ -43,13 +44,15 @@ def embedded_location(url: str) -> tuple[str, Any]:
     if url.startswith("sqlite:"):
         if not url.startswith("sqlite:///"):
             raise ConfigurationError(
-                f"database_url {url!r}: write sqlite:///relative/path.db or "
+                f"database_url {redact_url(url)!r}: write sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db"
             )
         return "sqlite", _sqlite_file(url)
     if url.startswith("memory:"):
         if url.rstrip("/") != "memory:":
-            raise ConfigurationError(f"database_url {url!r}: the memory URL is memory://")
+            raise ConfigurationError(
+                f"database_url {redact_url(url)!r}: the memory URL is memory://"
+            )
         from soniq.drivers.sqlite import SqliteMemory
 
         return "memory", SqliteMemory()

@@ -36,10 +36,10 @@ class PostgresSyncOps:
         dsn: str,
         *,
         schema: str,
+        max_size: int,
+        connect_timeout: float,
+        acquire_timeout: float,
         min_size: int = 1,
-        max_size: int = 10,
-        connect_timeout: float = 5.0,
-        acquire_timeout: float = 10.0,
     ) -> None:
         self.dsn = dsn
         #: Host, port, database and timeouts, for errors (see :class:`Target`).
