@@ -52,7 +52,7 @@ MAX_NESTING_DEPTH = 100
 
 #: Characters of JSON in one job's arguments (JSON is written ASCII-only, so this is
 #: also bytes): 1,000,000, the same as the job result that is kept
-#: (``soniq.core.outcomes.MAX_RESULT_CHARS``). A queue row is read by every claim and
+#: (:data:`MAX_RESULT_CHARS`). A queue row is read by every claim and
 #: rewritten at every status change; PostgreSQL's jsonb would take 255 MiB, but data
 #: that large belongs in a table, a file or object storage, with its id as argument.
 MAX_ARGS_JSON_CHARS = 1_000_000

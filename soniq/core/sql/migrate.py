@@ -83,7 +83,7 @@ class MigrationPlan:
         return f"SELECT version FROM {quote_ident(self.schema)}.soniq_migrations"
 
     @property
-    def current_version(self) -> str:
+    def table_exists(self) -> str:
         """Select whether the migrations table exists (then :attr:`max_version` reads
         the version); no DDL."""
         table = f"{quote_ident(self.schema)}.soniq_migrations"
@@ -135,7 +135,7 @@ def migration_steps(plan: MigrationPlan, *, apply: bool) -> MigrationSteps:
     A driver runs the steps inside one transaction. When the schema is already current
     nothing is locked and no DDL is sent. Returns the schema version.
     """
-    exists = (yield Statement(plan.current_version, returns_rows=True))[0][0]
+    exists = (yield Statement(plan.table_exists, returns_rows=True))[0][0]
     version = (yield Statement(plan.max_version, returns_rows=True))[0][0] if exists else 0
     if version == LATEST_VERSION:
         return version
