@@ -1,9 +1,7 @@
-"""Developer tasks: `nox -s tests tests_oldest reliability lint types imports` is what
-CI runs."""
+"""Developer tasks: `nox -s tests tests_oldest reliability lint types imports` and
+`nox -s bench -- --quick` are what CI runs."""
 
 from __future__ import annotations
-
-import os
 
 import nox
 
@@ -45,10 +43,6 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
-#: Jobs of the reliability soak (with and without kills), unless SONIQ_SOAK_JOBS says.
-SOAK_JOBS = "100000"
-
-
 @nox.session
 def reliability(session: nox.Session) -> None:
     """The fault matrix of docs/reliability.md, with real worker processes and a
@@ -63,8 +57,15 @@ def reliability(session: nox.Session) -> None:
         "tests/reliability",
         "--durations=5",
         *session.posargs,
-        env={"SONIQ_SOAK_JOBS": os.environ.get("SONIQ_SOAK_JOBS", SOAK_JOBS)},
     )
+
+
+@nox.session
+def coverage(session: nox.Session) -> None:
+    """The test suite measured by coverage (configured in pyproject.toml: the worker
+    and CLI processes the tests start count too); prints the lines missed."""
+    session.install(*TEST_DEPS, "pytest-cov>=5", "coverage>=7.10")
+    session.run("pytest", "--cov", "--cov-report=term", *session.posargs)
 
 
 @nox.session(python="3.10")

@@ -59,7 +59,7 @@ def drain(url: str, schema: str, logs: Path, *, kill: bool) -> dict[str, object]
         "jobs": JOBS,
         "workers": WORKERS,
         "kills": workers.kills,
-        "lost": 0,
+        "lost": sum(1 for i in ids if per_job[i] == 0),  # 0: check_none_lost asserted it
         "reruns": reruns(per_job),
         "jobs_run_more_than_once": sum(1 for c in per_job.values() if c > 1),
         "attempts_of_reruns": rerun_patterns(url, schema),
