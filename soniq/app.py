@@ -155,7 +155,7 @@ class _Config:
         if self._callers is None:
             from soniq.drivers.connections import CallerConnections
 
-            self._callers = CallerConnections(self.dsn, self.schema)
+            self._callers = CallerConnections(self.dsn, self.driver_options())
         return self._callers
 
 

@@ -463,6 +463,36 @@ def test_django_atomic_block(django_connection: Any, schema: str, database_url: 
         eq.sync.close()
 
 
+def test_drain_of_eq_sync_runs_jobs_inside_djangos_open_transaction(
+    django_connection: Any, schema: str, database_url: str
+) -> None:
+    """What a Django ``TestCase`` does: the jobs run on the calling thread, inside
+    its atomic block, and see what it wrote (the drain closes none of its
+    connections, as the worker does around its jobs)."""
+    from django.db import transaction
+
+    eq = Soniq(database_url, schema=schema)
+    seen: list[int] = []
+
+    @eq.job(name="reads_django")
+    def reads_django() -> None:
+        with django_connection.cursor() as cur:
+            cur.execute("SELECT count(*) FROM drain_probe")
+            seen.append(cur.fetchone()[0])
+
+    eq.sync.ensure_initialized()
+    try:
+        eq.sync.enqueue(reads_django)
+        with transaction.atomic():
+            with django_connection.cursor() as cur:
+                cur.execute("CREATE TEMP TABLE drain_probe AS SELECT 1 AS x")
+            assert drain(eq.sync, raise_errors=True) == DrainResult(done=1)
+            assert seen == [1]
+            transaction.set_rollback(True)
+    finally:
+        eq.sync.close()
+
+
 # -- the documentation's examples ----------------------------------------------------
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "testing.md"

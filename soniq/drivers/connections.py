@@ -168,9 +168,9 @@ class CallerConnections:
     statement there, made once per type. Nothing here opens a pool: a caller's
     connection is used as it is, inside its own transaction."""
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    def __init__(self, dsn: str, options: dict[str, Any]) -> None:
         self._dsn = dsn
-        self._schema = schema
+        self._options = options  # a driver's settings (``_Config.driver_options``)
         self._runners: dict[type[Any], Any] = {}
 
     def _runner(self, kind: type[Any]) -> Any:
@@ -179,9 +179,9 @@ class CallerConnections:
             if kind is Psycopg2Runner:
                 from soniq.core.sql.postgres import PostgresQueries
 
-                runner = Psycopg2Runner(PostgresQueries(self._schema, "format"))
+                runner = Psycopg2Runner(PostgresQueries(self._options["schema"], "format"))
             else:
-                runner = kind(self._dsn, schema=self._schema)
+                runner = kind(self._dsn, **self._options)
             self._runners[kind] = runner
         return runner
 

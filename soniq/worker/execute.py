@@ -24,7 +24,6 @@ from typing import Any
 
 import attrs
 
-from soniq.contrib.django import close_stale_connections
 from soniq.core import outcomes
 from soniq.core.errors import JobTimeout
 from soniq.core.jobs import JobDefinition
@@ -58,23 +57,15 @@ class JobRun:
         return self.returned(value)
 
     def run_sync(self) -> Outcome:
-        """Call the body (a plain function) on this thread, as ``current_job()``, with
-        Django's stale connections closed before and after."""
+        """Call the body (a plain function) on this thread, as ``current_job()``."""
         token = context.enter(self.context)
         try:
-            close_stale_connections()
             value = self.definition.func(**self.args)
         except BaseException as exc:  # whatever a job raises is its outcome
-            outcome = self.raised(exc)
-        else:
-            outcome = self.returned(value)
+            return self.raised(exc)
         finally:
             context.leave(token)
-        try:
-            close_stale_connections()
-        except Exception:
-            log.warning("job %s: closing Django's old connections failed", self.context.id)
-        return outcome
+        return self.returned(value)
 
     def returned(self, value: Any) -> Outcome:
         """The body returned ``value``."""

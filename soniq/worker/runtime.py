@@ -34,6 +34,7 @@ from typing import Any
 
 import attrs
 
+from soniq.contrib.django import close_stale_connections
 from soniq.core import outcomes
 from soniq.core.enqueue import Registry, check_queue
 from soniq.core.errors import ConfigurationError
@@ -493,9 +494,21 @@ class Worker:
         """On a pool thread. Hands the outcome back to the loop, whatever happens."""
         started = time.monotonic()
         try:
+            # As Django does around a request: never a connection the server closed.
+            # (Not in soniq.testing's drain: a test's connection is inside its
+            # transaction, and Django would close it.)
+            close_stale_connections()
             outcome = running.run.run_sync()
         except BaseException as exc:  # a bug of ours: the job must still end
             outcome = running.run.failed(exc)
+        try:
+            close_stale_connections()
+        except Exception:
+            log.warning(
+                "job %s: closing Django's old connections failed",
+                running.run.context.id,
+                exc_info=True,
+            )
         elapsed = time.monotonic() - started
         # One wake-up of the loop for the outcomes of all the threads that finish
         # before it runs: each wake-up is a system call, and threads finish together.
