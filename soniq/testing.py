@@ -540,12 +540,11 @@ class _Drain:
 async def _run_async_job(run: JobRun) -> tuple[Outcome, BaseException | None]:
     """An async job on this loop; past its timeout cancelled and failed with
     :class:`JobTimeout`. Interruptions of the drain itself propagate."""
-    timeout = run.context.timeout
-    if not timeout:
-        return await run.run_async(), run.error
+    # In a task of its own even without a timeout: the body catches whatever it
+    # raises, so awaited here it would swallow the drain's own cancellation.
     task = asyncio.ensure_future(run.run_async())
     try:
-        finished, _ = await asyncio.wait({task}, timeout=timeout)
+        finished, _ = await asyncio.wait({task}, timeout=run.context.timeout or None)
     except BaseException:
         task.cancel()
         raise

@@ -309,6 +309,27 @@ async def test_drain_sync_runs_sync_jobs_on_the_calling_thread() -> None:
         drain(eq.sync)
 
 
+async def test_cancelling_a_drain_stops_it_and_puts_its_job_back() -> None:
+    """The drain's own cancellation (a test's timeout) is not the job's failure: it
+    propagates at once, and the job goes back to the queue, its attempt not counted."""
+    eq = Soniq("memory://")
+    started = asyncio.Event()
+
+    @eq.job(name="t.forever")
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    job_id = await eq.enqueue(forever)
+    drained = asyncio.ensure_future(drain(eq))
+    await asyncio.wait_for(started.wait(), 10)
+    drained.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(drained, 10)
+    job = await eq.get_job(job_id)
+    assert job is not None and job.status == JobStatus.QUEUED and job.attempts == 0
+
+
 async def test_fake_clock_makes_scheduled_jobs_and_retries_due() -> None:
     eq = Soniq("memory://")
     clock = FakeClock(dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))
