@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg import sql
 
 from soniq import Soniq
+from soniq.core.jobs import JobSpec
+from soniq.core.sql.postgres import PostgresQueries, group_ids
+from soniq.drivers import insert_lines
 from soniq.drivers.insert_lines import MAX_IN_FLIGHT
 from tests.conftest import async_wait_until, wait_until
 
@@ -220,3 +226,52 @@ def test_sync_enqueues_on_a_callers_connection_never_join_the_line(
     with sync_eq.sync.backend.acquire() as conn, conn.transaction():
         job_id = sync_eq.sync.enqueue("app.job", connection=conn, i=1)
     assert sync_eq.sync.get_job(job_id) is not None
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True),  # an OperationalError
+        (psycopg.errors.QueryCanceled("statement timeout"), True),  # so is this
+        (psycopg.errors.CheckViolation("check"), True),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock detected"), True),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), False),
+        (psycopg.errors.AdminShutdown("terminating connection"), False),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"), False),
+    ],
+)
+def test_a_merged_statement_is_retried_call_by_call_only_when_it_surely_rolled_back(
+    error: Exception, retried: bool
+) -> None:
+    """A statement the server refused rolled back, whatever class the driver files it
+    under: safe to send each call again. A lost connection leaves the commit unknown:
+    every caller hears the error, and nothing is sent twice."""
+    futures = [Future(), Future()]
+    assert insert_lines._retry_each(futures, error) is retried
+    for future in futures:
+        if retried:
+            assert not future.done()
+        else:
+            assert type(future.exception(0)) is type(error)
+
+
+def test_a_merged_statement_upserts_its_keys_in_key_order() -> None:
+    """Two merged statements in flight lock the dedupe keys they share in the same
+    order, so they cannot deadlock; the ids still come back per call."""
+    specs = [
+        JobSpec("a", "q", ({"n": 0},)),
+        JobSpec("a", "q", ({"n": 1},), dedupe_key="k2"),
+        JobSpec("a", "q", ({"n": 2},)),
+        JobSpec("a", "q", ({"n": 3},), dedupe_key="k1"),
+        JobSpec("a", "q", ({"n": 4},), dedupe_key="k2"),
+    ]
+    (doc,) = PostgresQueries("public", "numeric").insert_group(specs).params
+    rows = json.loads(doc)
+    assert [(r["dedupe_key"], r["args"]["n"]) for r in rows] == [
+        ("k1", 3),
+        ("k2", 1),
+        (None, 0),
+        (None, 2),
+    ]
+    returned = [(11, "k1"), (10, "k2"), (12, None), (13, None)]
+    assert group_ids(specs, returned) == [12, 10, 13, 11, 10]

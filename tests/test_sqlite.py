@@ -370,7 +370,7 @@ def sync_leader_held_by_a_lock(
     try:
         locker.execute("BEGIN IMMEDIATE")
         first = pool.submit(eq.sync.enqueue, "some.job", n=0)
-        wait_until(lambda: turns._leading and not turns._line, 10, "enqueue 0 to lead")
+        wait_until(lambda: turns._in_flight and not turns._line, 10, "enqueue 0 to lead")
         yield eq, turns, pool, first, locker
     finally:
         locker.close()
@@ -461,7 +461,7 @@ def test_a_sync_leader_interrupted_tells_its_group_and_the_line_goes_on(
         assert "may or may not have been committed" in str(
             next(e for e in errors if isinstance(e, RuntimeError))
         )
-        assert not turns._leading
+        assert not turns._in_flight
         assert eq.sync.enqueue("some.job", n=3) > 0
 
 
@@ -503,19 +503,19 @@ def test_sync_writes_share_one_connection_that_close_ends_and_a_later_write_reop
     write); ``close()`` closes it, and the next write opens a new one."""
     eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
     eq.sync.ensure_initialized()
-    turns = eq.sync.backend._turns  # type: ignore[attr-defined]
+    writer = eq.sync.backend._writer  # type: ignore[attr-defined]
     first = eq.sync.enqueue("some.job", n=0)
-    conn = turns.writer.conn
+    conn = writer.conn
     assert conn is not None
     assert eq.sync.enqueue("some.job", n=1) == first + 1
     assert eq.sync.cancel_job(first) is True
-    assert turns.writer.conn is conn
+    assert writer.conn is conn
     eq.sync.close()
-    assert turns.writer.conn is None
+    assert writer.conn is None
     with pytest.raises(sqlite3.ProgrammingError):
         conn.execute("SELECT 1")  # closed, not only forgotten
     assert eq.sync.enqueue("some.job", n=2) == first + 2
-    assert turns.writer.conn is not None and turns.writer.conn is not conn
+    assert writer.conn is not None and writer.conn is not conn
     eq.sync.close()
 
 
@@ -524,13 +524,14 @@ def test_closing_while_a_sync_write_waits_closes_its_connection_when_it_ends(
 ) -> None:
     """``close()`` during a turn does not pull the connection from under the writer:
     the write commits, then the connection is closed."""
-    with sync_leader_held_by_a_lock(tmp_path, 1) as (eq, turns, _, first, locker):
-        conn = turns.writer.conn
+    with sync_leader_held_by_a_lock(tmp_path, 1) as (eq, _, _, first, locker):
+        writer = eq.sync.backend._writer  # type: ignore[attr-defined]
+        conn = writer.conn
         eq.sync.close()
-        assert turns.writer.conn is conn  # in use
+        assert writer.conn is conn  # in use
         locker.execute("COMMIT")
         job_id = first.result(timeout=20)
-        wait_until(lambda: turns.writer.conn is None, 10, "the connection to close")
+        wait_until(lambda: writer.conn is None, 10, "the connection to close")
         job = eq.sync.get_job(job_id)
         assert job is not None and job.args == {"n": 0}
 
@@ -545,7 +546,7 @@ def test_a_sync_write_in_a_forked_child_does_not_wait_behind_the_parents_line(
     eq = Soniq(f"sqlite:///{tmp_path}/jobs.db")
     eq.sync.ensure_initialized()
     turns = eq.sync.backend._turns  # type: ignore[attr-defined]
-    turns._leading = True  # another thread of the parent is writing
+    turns._in_flight = 1  # another thread of the parent is writing
     try:
         pid = os.fork()
         if pid == 0:  # the child: nobody here will ever take that write's turn
@@ -557,7 +558,7 @@ def test_a_sync_write_in_a_forked_child_does_not_wait_behind_the_parents_line(
                 os._exit(code)
         assert wait_for_child(pid, 30) == 0
     finally:
-        turns._leading = False
+        turns._in_flight = 0
         eq.sync.close()
     with contextlib.closing(sqlite3.connect(str(tmp_path / "jobs.db"))) as conn:
         assert conn.execute("SELECT args FROM soniq_jobs").fetchall() == [('{"n":1}',)]

@@ -233,6 +233,16 @@ def async_only(member: _Member) -> _Member:
     return member
 
 
+def rolled_back(exc: BaseException) -> bool:
+    """True when the server refused the statement and rolled it back (the error
+    carries a SQLSTATE, as both drivers' server errors do, and not one of a lost
+    connection or a server shutting down): nothing of it was committed, so running it
+    again cannot commit anything twice. psycopg files a deadlock or a statement
+    timeout under the same class as a lost connection; the SQLSTATE tells them apart."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and not state.startswith(("08", "57P"))
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors after which the same statement can succeed on a new connection
     (a dropped or terminated connection, a server restarting, a pool timeout, a busy
@@ -263,10 +273,10 @@ def own_copy(exc: BaseException) -> BaseException:
 
 
 def interrupted(exc: BaseException) -> RuntimeError:
-    """What the other callers of a group hear when the thread committing it for them
-    is interrupted (KeyboardInterrupt, a signal handler's SystemExit): that thread
-    raises the interruption itself."""
+    """What the other callers of a group hear when the thread (or task) committing it
+    for them is interrupted (KeyboardInterrupt, a signal handler's SystemExit, a
+    cancellation): that one raises the interruption itself."""
     return RuntimeError(
-        f"the thread committing this write was interrupted ({type(exc).__name__}) "
-        "before its outcome was known: it may or may not have been committed"
+        f"committing this write was interrupted ({type(exc).__name__}) before its "
+        "outcome was known: it may or may not have been committed"
     )

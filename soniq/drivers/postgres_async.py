@@ -57,8 +57,7 @@ class PostgresAsyncOps:
         self._max_size = max_size  # also the most merged enqueues in flight
         self._pool: Any = None  # the driver's pool, opened on first use
         self._owner: object = None
-        self._line: AsyncInsertLine | None = None
-        self._line_owner: object = None
+        self._line: tuple[object, AsyncInsertLine] | None = None
         self._line_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -90,14 +89,15 @@ class PostgresAsyncOps:
         """The line of enqueues on Soniq's pool: one per event loop (per process in
         blocking code), like the pool."""
         owner = async_owner()
-        line = self._line
-        if line is not None and self._line_owner == owner:
-            return line
-        with self._line_lock:  # two threads must not make two lines (sync face)
-            if self._line is None or self._line_owner != owner:
-                self._line = AsyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
-                self._line_owner = owner
-            return self._line
+        bound = self._line  # (owner, line), read as one: loops in several threads
+        if bound is not None and bound[0] == owner:
+            return bound[1]
+        with self._line_lock:  # two threads must not make two lines
+            bound = self._line
+            if bound is None or bound[0] != owner:
+                line = AsyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
+                bound = self._line = (owner, line)
+            return bound[1]
 
     async def _insert_alone(self, spec: JobSpec) -> int:
         return ids_in_input_order(await self.fetch(self.queries.insert_jobs(spec)))[0]

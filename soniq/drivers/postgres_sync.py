@@ -50,8 +50,7 @@ class PostgresSyncOps:
         self._max_size = max_size  # also the most merged enqueues in flight
         self._pool: Any = None  # the driver's pool, opened on first use
         self._owner: object = None
-        self._line: SyncInsertLine | None = None
-        self._line_owner: object = None
+        self._line: tuple[object, SyncInsertLine] | None = None
         self._line_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -77,14 +76,15 @@ class PostgresSyncOps:
         """The line of enqueues on Soniq's pool: one per event loop (per process in
         blocking code), like the pool."""
         owner = sync_owner()
-        line = self._line
-        if line is not None and self._line_owner == owner:
-            return line
-        with self._line_lock:  # two threads must not make two lines (sync face)
-            if self._line is None or self._line_owner != owner:
-                self._line = SyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
-                self._line_owner = owner
-            return self._line
+        bound = self._line  # (owner, line), read as one: loops in several threads
+        if bound is not None and bound[0] == owner:
+            return bound[1]
+        with self._line_lock:  # two threads must not make two lines
+            bound = self._line
+            if bound is None or bound[0] != owner:
+                line = SyncInsertLine(self._insert_alone, self._insert_group, self._max_size)
+                bound = self._line = (owner, line)
+            return bound[1]
 
     def _insert_alone(self, spec: JobSpec) -> int:
         return ids_in_input_order(self.fetch(self.queries.insert_jobs(spec)))[0]

@@ -366,27 +366,29 @@ DELETE FROM {jobs} WHERE id IN (
         """Insert the jobs of several one-job enqueue calls in one statement (group
         commit); :func:`group_ids` reads each call's id back from its rows. Calls with
         the same ``dedupe_key`` share one row (a statement may not upsert one row
-        twice), so they get the same id."""
-        rows = []
-        keys: set[str] = set()
+        twice), so they get the same id. Keyed rows go first, in key order: two
+        statements in flight lock the keys they share in the same order, so they
+        cannot deadlock."""
+        keyed: dict[str, JobSpec] = {}
         for spec in specs:
             if spec.dedupe_key is not None:
-                if spec.dedupe_key in keys:
-                    continue
-                keys.add(spec.dedupe_key)
-            rows.append(
-                {
-                    "name": spec.name,
-                    "queue": spec.queue,
-                    "args": spec.args[0],
-                    "priority": spec.priority,
-                    "run_at": _iso(spec.run_at),
-                    "delay": spec.delay,
-                    "max_retries": spec.max_retries,
-                    "dedupe_key": spec.dedupe_key,
-                    "timeout": spec.timeout,
-                }
-            )
+                keyed.setdefault(spec.dedupe_key, spec)
+        ordered = [keyed[key] for key in sorted(keyed)]
+        ordered += [spec for spec in specs if spec.dedupe_key is None]
+        rows = [
+            {
+                "name": spec.name,
+                "queue": spec.queue,
+                "args": spec.args[0],
+                "priority": spec.priority,
+                "run_at": _iso(spec.run_at),
+                "delay": spec.delay,
+                "max_retries": spec.max_retries,
+                "dedupe_key": spec.dedupe_key,
+                "timeout": spec.timeout,
+            }
+            for spec in ordered
+        ]
         return Query(self._insert_group, (serialize.dumps(rows),))
 
     def get_job(self, job_id: int) -> Query:

@@ -10,7 +10,7 @@ What runs where:
 - :class:`SqliteSyncBackend` (``eq.sync``) blocks, on its caller's thread; any number
   of threads may call it at once: each read on a connection of a small pool, and
   its enqueues and cancellations in turns, grouped, on one connection kept for
-  writing (``writes.WriteTurns``).
+  writing (a ``soniq.drivers.lines.ThreadLine``).
 - :class:`SqliteMaintenance` is a worker's heartbeat thread's own connection.
 
 The statements and what they mean live in :mod:`soniq.core.sql.sqlite`; this package
@@ -43,7 +43,7 @@ while it is busy commit in one transaction (``writes.run_together``), and a work
 completions wait up to :data:`LINGER` for its next claim, so a busy worker pays one
 commit for both. The enqueues and cancellations that several threads make through one
 sync backend queue the same way, and one of those threads commits them
-(``writes.WriteTurns``); other connections to the file (another backend, another
+(a ``soniq.drivers.lines.ThreadLine``); other connections to the file (another backend, another
 process, the heartbeat's) still meet them in SQLite's busy handler. An enqueue of one
 job (no dedupe key) is one ``INSERT`` with no ``BEGIN`` when it runs alone, and joins
 the shared transaction when others queued with it.

@@ -20,6 +20,8 @@ from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation
 from soniq.drivers._common import sync_owner
+from soniq.drivers.lines import ThreadLine
+from soniq.drivers.sqlite import writes
 from soniq.drivers.sqlite.connection import (
     SYNCHRONOUS,
     SqliteDatabase,
@@ -27,7 +29,7 @@ from soniq.drivers.sqlite.connection import (
     migrate,
     run,
 )
-from soniq.drivers.sqlite.writes import Write, WriteThread, WriteTurns
+from soniq.drivers.sqlite.writes import Write, Writer, WriteThread, commit_together
 
 T = TypeVar("T")
 
@@ -183,12 +185,15 @@ class SqliteBackend(_OnDatabase):
     # -- plumbing
 
     def _thread(self) -> WriteThread:
+        current = self._current
+        if current is not None and self._owner == sync_owner():  # the common case
+            return current
         with self._lock:
             owner = sync_owner()
             current = self._current
             if current is None or self._owner != owner:
-                if current is not None and current.conn is not None:
-                    _inherited.append(current.conn)  # the parent's: leave it alone
+                if current is not None and current.writer.conn is not None:
+                    _inherited.append(current.writer.conn)  # the parent's: leave it alone
                 current = self._current = WriteThread(self.database)
                 self._owner = owner
             return current
@@ -350,7 +355,11 @@ class SqliteBackend(_OnDatabase):
         with self._lock:
             thread, self._current = self._current, None
             mine = self._owner == sync_owner()
-        if thread is None or not mine:
+        if thread is None:
+            return
+        if not mine:  # a forked child: the parent's connection is left alone
+            if thread.writer.conn is not None:
+                _inherited.append(thread.writer.conn)
             return
         await asyncio.wrap_future(thread.close())
 
@@ -361,7 +370,8 @@ class SqliteBackend(_OnDatabase):
 class SqliteSyncBackend(_OnDatabase):
     """The blocking backend of ``sqlite:///path`` (``eq.sync``). Safe to call from
     several threads at once: reads take a connection of a small pool each; writes
-    commit in turns, grouped (:class:`WriteTurns`)."""
+    commit in turns, grouped, on one connection kept for writing (a
+    :class:`~soniq.drivers.lines.ThreadLine`, one write at a time)."""
 
     def __init__(self, database: str | SqliteDatabase, *, synchronous: str = SYNCHRONOUS) -> None:
         super().__init__(database, synchronous=synchronous)
@@ -369,17 +379,26 @@ class SqliteSyncBackend(_OnDatabase):
         self._idle: list[sqlite3.Connection] = []
         self._owner: object = sync_owner()
         self._generation = 0  # bumped by close(): connections of before are not kept
-        self._turns = WriteTurns(self.database.connect)
+        self._new_line()
+
+    def _new_line(self) -> None:
+        self._writer = Writer(self.database.connect)
+        self._turns: ThreadLine[Write] = ThreadLine(
+            functools.partial(commit_together, self._writer.connected),
+            max_in_flight=1,
+            max_batch=writes.MAX_GROUP,
+        )
 
     def _adopt_after_fork(self) -> None:
-        """Under ``self._lock``: after a fork, the parent's idle connections stay its own
-        and its line of writes is not ours (the threads in it are not in this process)."""
+        """Under ``self._lock``: after a fork, the parent's connections stay its own
+        (never used nor closed here), and its line of writes is not ours (the threads
+        in it are not in this process)."""
         if self._owner != sync_owner():
             _inherited.extend(self._idle)
-            if self._turns.writer.conn is not None:
-                _inherited.append(self._turns.writer.conn)
+            if self._writer.conn is not None:
+                _inherited.append(self._writer.conn)
             self._idle, self._owner = [], sync_owner()
-            self._turns = WriteTurns(self.database.connect)
+            self._new_line()
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -410,15 +429,23 @@ class SqliteSyncBackend(_OnDatabase):
     def _commit(
         self, build: Callable[[], Operation[Any]], committed: Callable[[Any], T] | None = None
     ) -> T:
-        """Run a write in turn (:class:`WriteTurns`); ``committed`` maps its value
-        once it is committed."""
-        turns = self._turns
+        """Run a write in turn, perhaps with others (one transaction, each in a
+        savepoint); ``committed`` maps its value once it is committed. A writer
+        alone runs its operation at once on the write connection."""
         if self._owner != sync_owner():  # changes only in a forked child: read unlocked
             with self._lock:
                 self._adopt_after_fork()
-                turns = self._turns
-        result: T = turns.write(build, committed)
-        return result
+        writer = self._writer
+
+        def alone() -> T:
+            conn = writer.begin()
+            try:
+                value = run(conn, build())
+            finally:
+                writer.end(conn)
+            return value if committed is None else committed(value)
+
+        return self._turns.run(alone, lambda: Write(build, committed, linger=False))
 
     def migrate(self, *, apply: bool) -> int:
         """Create or upgrade the schema (``apply=False``: only check it)."""
@@ -454,10 +481,9 @@ class SqliteSyncBackend(_OnDatabase):
         """Close the idle connections (busy ones close when their call returns); a
         later call opens new ones."""
         with self._lock:
+            self._adopt_after_fork()  # in a forked child: the parent's are left alone
             idle, self._idle = self._idle, []
             self._generation += 1
-            mine = self._owner == sync_owner()
-        if mine:
-            self._turns.close()
-            for conn in idle:
-                conn.close()
+        self._writer.close()
+        for conn in idle:
+            conn.close()

@@ -4,8 +4,9 @@ one transaction, each in a savepoint (:func:`run_together`). Two lines feed it:
 - :class:`WriteThread`, the async backend's one thread: the event loop queues writes
   for it, and those that queue while it commits go in its next transaction; a
   worker's completions (``linger``) wait up to :data:`LINGER` for its next claim.
-- :class:`WriteTurns`, the blocking backend's callers' threads: they wait in line, and
-  one of them at a time commits the front of the line on its own thread.
+- the blocking backend's callers' threads wait in a
+  :class:`~soniq.drivers.lines.ThreadLine`, and one of them at a time commits the
+  front of the line on its own thread (:func:`commit_together`).
 
 Both are needed: the async backend must never run SQLite on the event loop's thread
 (so it owns a thread), while blocking callers already have threads of their own, and
@@ -14,7 +15,6 @@ handing their writes to another thread would cost each a hand-off.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import sqlite3
@@ -34,7 +34,7 @@ log = logging.getLogger("soniq")
 #: fsync for both halves the commits of a busy worker; an idle one writes them late by
 #: this much.
 LINGER = 0.002
-#: Most writes one turn of a :class:`WriteTurns` commits together.
+#: Most writes one turn of the blocking backend's line commits together.
 MAX_GROUP = 64
 
 
@@ -157,38 +157,58 @@ def commit_together(
 class Writer:
     """The one connection that a line of writes commits on, opened on first use:
     used by one thread at a time (a :class:`WriteThread`'s thread, or the thread
-    whose turn it is in :class:`WriteTurns`), so a write takes no connection from a
-    pool. A connection left in a transaction (its rollback failed) is not reused."""
+    whose turn it is in the blocking backend's line), so a write takes no connection
+    from a pool. A connection left in a transaction (its rollback failed) is not
+    reused; one asked to close while in use closes when that use ends."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
+        self._lock = threading.Lock()
+        self._busy = False
+        self._close_after = False
         self.conn: sqlite3.Connection | None = None
 
-    def open(self) -> sqlite3.Connection:
-        """The connection (opened now if it is not)."""
-        if self.conn is None:
-            self.conn = self._connect()
+    def begin(self) -> sqlite3.Connection:
+        """The connection for one use (opened now if it is not); :meth:`end` after."""
+        with self._lock:
+            self._busy = True
+        try:
+            if self.conn is None:
+                self.conn = self._connect()
+        except BaseException:
+            self.end(None)
+            raise
         return self.conn
 
-    def check(self, conn: sqlite3.Connection) -> None:
-        """After a use of ``conn``: drop it if it is still in a transaction."""
-        if conn.in_transaction:
-            self.conn = None
+    def end(self, conn: sqlite3.Connection | None) -> None:
+        """After a use of ``conn``: drop it if it is still in a transaction, and close
+        it if that was asked meanwhile."""
+        with self._lock:
+            self._busy = False
+            closing = self._close_after or (conn is not None and conn.in_transaction)
+            self._close_after = False
+            if closing:
+                conn, self.conn = self.conn, None
+        if closing and conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
     @contextlib.contextmanager
     def connected(self) -> Iterator[sqlite3.Connection]:
         """The connection, for one use."""
-        conn = self.open()
+        conn = self.begin()
         try:
             yield conn
         finally:
-            self.check(conn)
+            self.end(conn)
 
     def close(self) -> None:
-        """Close the connection; a later use opens a new one."""
-        conn, self.conn = self.conn, None
+        """Close the connection, now or when its use ends; a later use opens another."""
+        with self._lock:
+            if self._busy:
+                self._close_after = True
+                return
+            conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
 
@@ -199,7 +219,6 @@ class WriteThread:
     it, before it closes."""
 
     def __init__(self, database: SqliteDatabase) -> None:
-        self.database = database
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="soniq-sqlite")
         self.writer = Writer(database.connect)  # used on the thread only
         self.writes_changed = threading.Condition()
@@ -230,14 +249,9 @@ class WriteThread:
         """Take nothing new, close the connection after what was queued, end."""
         with self.writes_changed:
             self.closing = True
-            done = self.executor.submit(self._close_connection)
+            done = self.executor.submit(self.writer.close)
         self.executor.shutdown(wait=False)
         return done
-
-    @property
-    def conn(self) -> sqlite3.Connection | None:
-        """The thread's connection, if open."""
-        return self.writer.conn
 
     def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with self.writer.connected() as conn:
@@ -250,116 +264,3 @@ class WriteThread:
             )
             writes, self.writes = self.writes, []
         commit_together(self.writer.connected, writes)
-
-    def _close_connection(self) -> None:
-        self.writer.close()
-
-
-class WriteTurns:
-    """The writes of a :class:`SqliteSyncBackend`'s threads, committed in turns.
-
-    Threads that each took SQLite's write lock on a connection of their own would
-    fight for it in SQLite's busy handler, which sleeps 1, 2, 5, ... up to 100 ms at a
-    time however soon the lock frees (a loser can wait most of a second while others
-    win), and each would pay a commit (an fsync at FULL) of its own. Here they queue
-    in Python instead, first come first served. One of the waiting threads at a time
-    leads: it takes the writes at the front of the line (up to :data:`MAX_GROUP`,
-    its own among them unless the line is longer) and commits them in one
-    transaction on its own thread, on the line's one connection (:func:`run_together`:
-    one commit, each write in a savepoint so a failing one fails alone); then any
-    waiting thread whose write is not done leads the next turn. A thread writing
-    alone leads at once and runs its write as if there were no line.
-    """
-
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._line: collections.deque[Write] = collections.deque()  # not taken yet
-        self._waiting = 0  # threads waiting for a turn to end
-        self._leading = False
-        self._closing = False  # close the connection when this turn ends
-        #: The line's connection, used by the leading thread only.
-        self.writer = Writer(connect)
-
-    def write(
-        self, build: Callable[[], Operation[Any]], committed: Callable[[Any], Any] | None
-    ) -> Any:
-        """Commit ``build()``'s operation in turn, perhaps with others, and return its
-        value (mapped by ``committed`` once committed). A writer that finds nobody
-        writing and nobody waiting runs its operation at once, as if there were no
-        line: the common case of one thread pays for no future and no hand-off."""
-        leading = False
-        try:
-            with self._lock:
-                if not self._leading and not self._line:
-                    leading = True  # before the flag: the finally clears it
-                    self._leading = True
-            if leading:
-                conn = self.writer.open()
-                try:
-                    value = run(conn, build())
-                finally:
-                    self.writer.check(conn)
-        finally:
-            if leading:
-                self._hand_over()
-        if leading:
-            return value if committed is None else committed(value)
-        return self._write_in_line(Write(build, committed, linger=False))
-
-    def _write_in_line(self, write: Write) -> Any:
-        queued = False
-        while True:
-            leading = False
-            group: list[Write] = []
-            try:
-                with self._changed:
-                    try:
-                        if not queued:
-                            self._line.append(write)
-                            queued = True
-                        self._waiting += 1
-                        try:
-                            while self._leading and not write.future.done():
-                                self._changed.wait()
-                        finally:
-                            self._waiting -= 1
-                    except BaseException:
-                        # Interrupted (KeyboardInterrupt, a signal handler's
-                        # SystemExit): dropped, unless a leader has taken it.
-                        with contextlib.suppress(ValueError):
-                            self._line.remove(write)
-                        raise
-                    if write.future.done():
-                        break
-                    leading = True  # before the flag: the finally clears it
-                    self._leading = True
-                    group = [self._line.popleft() for _ in range(min(MAX_GROUP, len(self._line)))]
-                commit_together(self.writer.connected, group)
-            except BaseException as exc:
-                if leading:  # interrupted before commit_together took the group over
-                    _fail_unsettled(group, interrupted(exc))
-                raise
-            finally:
-                if leading:
-                    self._hand_over()
-        return write.future.result()
-
-    def _hand_over(self) -> None:
-        """End this thread's turn: a waiting thread whose write is not done leads next."""
-        with self._lock:
-            self._leading = False
-            if self._closing:
-                self._closing = False
-                self.writer.close()
-            if self._waiting:
-                self._changed.notify_all()
-
-    def close(self) -> None:
-        """Close the line's connection, now or when the current turn ends; a later
-        write opens a new one."""
-        with self._changed:
-            if self._leading:
-                self._closing = True
-            else:
-                self.writer.close()
