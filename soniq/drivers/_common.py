@@ -71,10 +71,20 @@ def split_postgres_url(url: str) -> tuple[str, str | None]:
             "parse (one host, a numeric port; percent-encode special characters in the "
             "user name and password, e.g. / as %2F and @ as %40)"
         )
+    if _BAD_ESCAPE.search(rest):
+        # libpq refuses these (asyncpg lets them through) quoting the text around
+        # them, which can be the password: refused here, for every driver, in our words.
+        raise ConfigurationError(
+            f"database_url {redact_url(url)!r} is malformed: a space or a % that does not "
+            "start a percent-escape; write a space as %20 and % itself as %25"
+        )
     driver = match[3]
     if driver == "psycopg_async":
         driver = "psycopg"
     return "postgresql://" + rest, driver
+
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|\s")
 
 
 # Secrets in a URL or conninfo string: the password of the user-info part (the text
@@ -191,6 +201,13 @@ class Target:
             host=self.host,
             port=self.port,
             database=self.database,
+        )
+
+    def misconfigured(self, exc: BaseException) -> ConfigurationError:
+        """The :class:`ConfigurationError` for a URL the driver refused (raise it
+        ``from None``: the driver's own message may quote the password)."""
+        return ConfigurationError(
+            f"database_url refused by the driver: {scrub(str(exc), self._dsn)}"
         )
 
     def acquire_timed_out(self) -> str:

@@ -47,6 +47,8 @@ class PostgresMaintenance:
             )
         except psycopg.OperationalError as exc:
             raise target.unavailable(exc) from exc
+        except psycopg.ProgrammingError as exc:  # libpq refused the URL, perhaps quoting it
+            raise target.misconfigured(exc) from None
         self._queries = PostgresQueries(schema, "format")
 
     def _fetch(self, query: Query) -> list[Any]:

@@ -100,6 +100,8 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             return await psycopg.AsyncConnection.connect(self.dsn, **self._connect_kwargs)
         except psycopg.OperationalError as exc:
             raise self.target.unavailable(exc) from exc
+        except psycopg.ProgrammingError as exc:  # libpq refused the URL, perhaps quoting it
+            raise self.target.misconfigured(exc) from None
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:

@@ -92,6 +92,8 @@ class PsycopgSyncDriver(PostgresSyncOps):
             return psycopg.Connection.connect(self.dsn, **self._connect_kwargs)
         except psycopg.OperationalError as exc:
             raise self.target.unavailable(exc) from exc
+        except psycopg.ProgrammingError as exc:  # libpq refused the URL, perhaps quoting it
+            raise self.target.misconfigured(exc) from None
 
     @contextmanager
     def acquire(self) -> Iterator[Any]:
