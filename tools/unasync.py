@@ -124,8 +124,15 @@ class _Finder(ast.NodeVisitor):
 
     def visit_Constant(self, node: ast.Constant) -> None:
         """Docstrings and messages name the twin too (whole words only)."""
-        if not isinstance(node.value, str):
-            return
+        if isinstance(node.value, str):
+            self._rename_words(node)
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
+        """An f-string is renamed as one piece of text, its replacement fields too:
+        before Python 3.12 the positions of its inner nodes are not reliable."""
+        self._rename_words(node)
+
+    def _rename_words(self, node: ast.expr) -> None:
         start = self.offset(node.lineno, node.col_offset)
         end = self.offset(node.end_lineno or node.lineno, node.end_col_offset or 0)
         text = self.source[start:end]
@@ -175,6 +182,11 @@ class _Finder(ast.NodeVisitor):
         if node.attr in RENAMES:
             self.rename(node, node.attr)
 
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            if alias.name in RENAMES:
+                self.rename(alias, alias.name)
+
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.module in RENAMES:
             line = self.lines[node.lineno - 1]
@@ -221,8 +233,8 @@ def _formatted(text: str) -> str:
             cwd=ROOT,
             check=False,
         )
-        if done.returncode not in (0, 1):
-            raise SystemExit(f"unasync: ruff failed: {done.stderr}")
+        if done.returncode != 0 or not done.stdout:
+            raise SystemExit(f"unasync: ruff {args[0]} failed: {done.stderr.strip()}")
         text = done.stdout
     return text
 
