@@ -15,19 +15,36 @@ Modes (``proxy.mode = ...``, effective at once, for open and new connections):
   never closes), like a peer whose NAT mapping expired. New connections after the mode
   returns to ``pass`` work.
 
+Besides the modes, :meth:`FaultProxy.silence` half-opens the connections open at that
+moment, one way (the server's bytes to them vanish, the client's still reach the
+server), while new connections pass: a link that silently drops one direction.
+
 The proxy runs an asyncio loop in a daemon thread, so tests drive it from plain code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 MODES = ("pass", "drop", "stall", "slow", "half_open")
+T = TypeVar("T")
+
+
+class _Link:
+    """One proxied connection's fate: ``silent``, the server's bytes to it vanish
+    (:meth:`FaultProxy.silence`); ``dead``, it lost bytes in ``half_open`` mode and
+    swallows both ways."""
+
+    silent = False
+    dead = False
 
 
 class FaultProxy:
@@ -45,6 +62,7 @@ class FaultProxy:
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._links: set[_Link] = set()
         self._mode_changed: asyncio.Event | None = None
 
     # -- control, from any thread ---------------------------------------------------
@@ -57,8 +75,6 @@ class FaultProxy:
     def mode(self, value: str) -> None:
         if value not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {value!r}")
-        assert self._loop is not None, "start() the proxy first"
-        done = threading.Event()
 
         def apply() -> None:
             self._mode = value
@@ -68,10 +84,49 @@ class FaultProxy:
             assert self._mode_changed is not None
             self._mode_changed.set()
             self._mode_changed = asyncio.Event()
-            done.set()
 
-        self._loop.call_soon_threadsafe(apply)
-        done.wait(10)
+        self._on_loop(apply)
+
+    def silence(self) -> int:
+        """Half-open every connection open now, for good and one way: the server's
+        bytes to it vanish, the client's still reach the server, nothing is closed.
+        Connections opened afterwards pass. How many were silenced."""
+
+        def apply() -> int:
+            links = [link for link in self._links if not link.silent]
+            for link in links:
+                link.silent = True
+            return len(links)
+
+        return self._on_loop(apply)
+
+    def connections(self) -> int:
+        """How many connections are open now and pass bytes (neither silenced nor
+        dead): 0 once ``drop`` has closed them all."""
+        return self._on_loop(
+            lambda: sum(1 for link in self._links if not (link.silent or link.dead))
+        )
+
+    def through(self, url: str) -> str:
+        """``url`` (a PostgreSQL URL) pointing at the proxy instead of its server."""
+        parts = urlsplit(url)
+        user, at, _ = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{user}{at}127.0.0.1:{self.port}"))
+
+    def _on_loop(self, call: Callable[[], T]) -> T:
+        """Run ``call`` on the proxy's loop (which owns its state) and return its
+        result."""
+        assert self._loop is not None, "start() the proxy first"
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return future.result(10)
 
     @contextlib.contextmanager
     def fault(self, mode: str) -> Iterator[None]:
@@ -157,16 +212,18 @@ class FaultProxy:
             self._abort(c_writer)
             return
         self._writers.add(s_writer)
-        dead = asyncio.Event()  # a half-open connection that lost bytes
+        link = _Link()
+        self._links.add(link)
         pumps = [
-            asyncio.ensure_future(self._pump(c_reader, s_writer, "up", dead)),
-            asyncio.ensure_future(self._pump(s_reader, c_writer, "down", dead)),
+            asyncio.ensure_future(self._pump(c_reader, s_writer, "up", link)),
+            asyncio.ensure_future(self._pump(s_reader, c_writer, "down", link)),
         ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             pass  # the proxy is stopping
         finally:
+            self._links.discard(link)
             for pump in pumps:
                 pump.cancel()
             for writer in (c_writer, s_writer):
@@ -180,7 +237,7 @@ class FaultProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         direction: str,
-        dead: asyncio.Event,
+        link: _Link,
     ) -> None:
         while True:
             try:
@@ -191,11 +248,11 @@ class FaultProxy:
                 return
             while True:
                 mode = self._mode
-                if dead.is_set():
+                if link.dead or (link.silent and direction == "down"):
                     chunk = b""  # swallowed for good
                     break
                 if mode == "half_open" and direction == "down":
-                    dead.set()
+                    link.dead = True
                     chunk = b""
                     break
                 if mode == "stall":
