@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from soniq import Soniq
+from soniq import JobStatus, Soniq
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -72,6 +72,12 @@ async def async_wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def status_of(eq: Soniq, job_id: int) -> JobStatus | None:
+    """The job's status, or None when there is no such job (any more)."""
+    job = await eq.get_job(job_id)
+    return None if job is None else job.status
 
 
 def new_soniq(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **kwargs: Any) -> Soniq:

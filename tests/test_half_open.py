@@ -4,10 +4,10 @@ not wait on such a connection forever: its statements are bounded by
 ``command_timeout`` (the connection is then abandoned and opened again), its heartbeat
 by a watchdog that aborts the call in flight.
 
-The links go silent through :class:`SilentRelay`, a real TCP relay to the test
-server: after ``silence()`` the server's answers on the connections open at that
-moment are dropped (what the client sends still reaches the server), nothing is
-closed, and connections opened afterwards pass.
+The links go silent through the reliability tests' :class:`FaultProxy`, a real TCP
+relay to the test server: after ``silence()`` the server's answers on the connections
+open at that moment are dropped (what the client sends still reaches the server),
+nothing is closed, and connections opened afterwards pass.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -27,7 +25,8 @@ import pytest
 from soniq import ConfigurationError, JobStatus, Soniq, WorkerConfig
 from soniq.cli import main
 from soniq.drivers.postgres_maintenance import PostgresMaintenance
-from tests.conftest import async_wait_until
+from tests.conftest import async_wait_until, status_of
+from tests.reliability.proxy import FaultProxy
 
 COMMAND_TIMEOUT = 1.0
 WORKER = {
@@ -40,101 +39,12 @@ WORKER = {
 }
 
 
-class _Link:
-    def __init__(self, client: socket.socket, server: socket.socket) -> None:
-        self.client = client
-        self.server = server
-        self.silent = False
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        for sock in (self.client, self.server):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
-class SilentRelay:
-    """A TCP relay from 127.0.0.1:``port`` to ``upstream``, whose open connections
-    :meth:`silence` turns half-open."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._links: list[_Link] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="silent-relay", daemon=True).start()
-
-    def url(self, database_url: str) -> str:
-        info = psycopg.conninfo.conninfo_to_dict(database_url)
-        password = f":{info['password']}" if info.get("password") else ""
-        return f"postgresql://{info['user']}{password}@127.0.0.1:{self.port}/{info['dbname']}"
-
-    def open_links(self) -> int:
-        with self._lock:
-            return sum(1 for link in self._links if not link.closed and not link.silent)
-
-    def silence(self) -> int:
-        """Drop the server's bytes on every connection open now, for good; how many."""
-        with self._lock:
-            links = [link for link in self._links if not link.closed and not link.silent]
-            for link in links:
-                link.silent = True
-        return len(links)
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            links, self._links = self._links, []
-        for link in links:
-            link.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            link = _Link(client, server)
-            with self._lock:
-                self._links.append(link)
-            for args in ((link, client, server, False), (link, server, client, True)):
-                threading.Thread(target=self._pump, args=args, daemon=True).start()
-
-    def _pump(self, link: _Link, source: socket.socket, sink: socket.socket, down: bool) -> None:
-        while True:
-            try:
-                chunk = source.recv(65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                link.close()  # one side closed: so does the other (the server's backend ends)
-                return
-            if down and link.silent:
-                continue  # the server's answer vanishes
-            try:
-                sink.sendall(chunk)
-            except OSError:
-                link.close()
-                return
-
-
 @pytest.fixture
-def relay(database_url: str) -> Iterator[SilentRelay]:
+def relay(database_url: str) -> Iterator[FaultProxy]:
+    """A proxy to the test server whose open connections ``silence()`` half-opens."""
     info = psycopg.conninfo.conninfo_to_dict(database_url)
-    made = SilentRelay(info.get("host", "127.0.0.1"), int(info.get("port", 5432)))
-    try:
+    with FaultProxy(info.get("host", "127.0.0.1"), int(info.get("port", 5432))) as made:
         yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture
@@ -164,16 +74,11 @@ def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
-async def status_of(app: Soniq, job_id: int) -> JobStatus | None:
-    job = await app.get_job(job_id)
-    return None if job is None else job.status
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_a_worker_whose_connections_go_silent_recovers(
     driver: str,
-    relay: SilentRelay,
+    relay: FaultProxy,
     direct: Soniq,
     database_url: str,
     schema: str,
@@ -184,7 +89,7 @@ async def test_a_worker_whose_connections_go_silent_recovers(
     after command_timeout, and the worker claims, runs and records later jobs on new
     connections, each job once."""
     caplog.set_level(logging.INFO, logger="soniq")
-    app = Soniq(relay.url(database_url), driver=driver, schema=schema, connect_timeout=2)
+    app = Soniq(relay.through(database_url), driver=driver, schema=schema, connect_timeout=2)
     runs: list[int] = []
 
     for eq in (app, direct):
@@ -226,10 +131,11 @@ async def _is(value: Any, wanted: Any) -> bool:
 
 @pytest.mark.timeout(60)
 async def test_a_heartbeat_whose_connection_goes_silent_reconnects(
-    relay: SilentRelay,
+    relay: FaultProxy,
     direct: Soniq,
     database_url: str,
     schema: str,
+    pg: psycopg.Connection,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -242,7 +148,7 @@ async def test_a_heartbeat_whose_connection_goes_silent_reconnects(
     monkeypatch.setattr(
         backend,
         "maintenance",
-        lambda: PostgresMaintenance(relay.url(database_url), schema, backend.target),
+        lambda: PostgresMaintenance(relay.through(database_url), schema, backend.target),
     )
     release = asyncio.Event()
 
@@ -256,7 +162,7 @@ async def test_a_heartbeat_whose_connection_goes_silent_reconnects(
         await async_wait_until(
             lambda: _is(status_of(direct, job_id), JobStatus.RUNNING), 20, "the job to run"
         )
-        await async_wait_until(relay.open_links, 20, "the heartbeat's connection")
+        await async_wait_until(relay.connections, 20, "the heartbeat's connection")
         assert relay.silence() == 1
         started = time.monotonic()
         await async_wait_until(
@@ -267,9 +173,12 @@ async def test_a_heartbeat_whose_connection_goes_silent_reconnects(
         aborted = time.monotonic() - started
         # The silent call's UPDATE reached the server (only its answer was lost): a
         # beat counts from the abort on.
-        aborted_at = await _now(direct)
+        aborted_at = pg.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         await async_wait_until(
-            lambda: _beat_since(direct, schema, aborted_at),
+            lambda: pg.execute(
+                f'SELECT count(*) FROM "{schema}".soniq_workers WHERE heartbeat_at > %s',
+                (aborted_at,),
+            ).fetchone()[0],  # type: ignore[index]
             10,
             "a heartbeat on a new connection",
         )
@@ -277,7 +186,7 @@ async def test_a_heartbeat_whose_connection_goes_silent_reconnects(
         print(f"\nheartbeat: aborted after {aborted:.1f}s, beating again after {beating:.1f}s")
         assert beating < WORKER["stale_after"]
         assert messages(caplog, "heartbeat connection restored")
-        assert relay.open_links() == 1  # the new connection, through the relay too
+        assert relay.connections() == 1  # the new connection, through the relay too
         assert not messages(caplog, "declared dead")
         assert not messages(caplog, "rescued")
         assert await status_of(direct, job_id) == JobStatus.RUNNING
@@ -287,27 +196,6 @@ async def test_a_heartbeat_whose_connection_goes_silent_reconnects(
         )
     job = await direct.get_job(job_id)
     assert job is not None and job.attempts == 1 and job.result == "released", job
-
-
-async def _now(app: Soniq) -> Any:
-    async with app.backend.acquire() as conn:
-        if isinstance(conn, psycopg.AsyncConnection):
-            cur = await conn.execute("SELECT now()")
-            row = await cur.fetchone()
-            assert row is not None
-            return row[0]
-        return await conn.fetchval("SELECT now()")
-
-
-async def _beat_since(app: Soniq, schema: str, since: Any) -> bool:
-    sql = f'SELECT count(*) FROM "{schema}".soniq_workers WHERE heartbeat_at > '
-    async with app.backend.acquire() as conn:
-        if isinstance(conn, psycopg.AsyncConnection):
-            cur = await conn.execute(sql + "%s", (since,))
-            row = await cur.fetchone()
-            assert row is not None
-            return bool(row[0])
-        return bool(await conn.fetchval(sql + "$1", since))
 
 
 # -- the setting ------------------------------------------------------------------------
