@@ -2,19 +2,15 @@
 bound, with ``soniq.DatabaseUnavailable`` naming host, port and database (never the
 password), the driver's error chained; the worker waits for it at start.
 
-Real sockets only: a closed port ("refused"), a listener that accepts and never
-answers ("stall"), a name that cannot resolve ("dns"), and a small TCP forwarder to the
-real server that can be switched off.
+Real sockets only: a closed port ("refused"), a name that cannot resolve ("dns"), and
+the reliability tests' :class:`FaultProxy` to the real server, which accepts and never
+answers ("stall") or passes until it drops every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,8 +23,10 @@ import pytest
 
 from soniq import DatabaseUnavailable, Soniq, SoniqError
 from soniq.drivers._common import is_connection_error
+from tests.conftest import Process, async_wait_until, wait_until
+from tests.reliability.proxy import FaultProxy
+from tests.throwaway_pg import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cr3t-Pw"
 #: connect_timeout of these tests; psycopg rounds it up to 2 s (libpq's minimum).
 CONNECT = 0.5
@@ -38,112 +36,26 @@ ACQUIRE = 1.0
 BOUND = 4.5
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, noted, closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop_listening(listener: socket.socket) -> None:
-    """Close a listening socket and wake its accept() (close alone does neither on
-    Linux while another thread is blocked in accept: the port keeps accepting)."""
-    with contextlib.suppress(OSError):
-        listener.shutdown(socket.SHUT_RDWR)
-    listener.close()
-
-
-class BlackHole:
-    """Accepts TCP connections and never answers (holds them open until closed)."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = int(self._listener.getsockname()[1])
-        self._held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._held.append(conn)
-
-    def close(self) -> None:
-        _stop_listening(self._listener)
-        self._thread.join(5)
-        for conn in self._held:
-            conn.close()
-
-
-class Forwarder:
-    """A TCP forwarder from 127.0.0.1:``port`` to the real server; :meth:`cut`
-    closes every connection and stops listening (the server is "down")."""
-
-    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
-        self._target = target
-        self._listener = socket.create_server(("127.0.0.1", port), backlog=128)
-        self.port = int(self._listener.getsockname()[1])
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        _stop_listening(self._listener)
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-
 @pytest.fixture
-def black_hole() -> Iterator[BlackHole]:
-    hole = BlackHole()
-    yield hole
-    hole.close()
+def proxy(database_url: str) -> Iterator[FaultProxy]:
+    """A proxy to the test server, passing; ``proxy.mode = "stall"`` makes it a
+    listener that accepts and never answers."""
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    with FaultProxy(info.get("host", "127.0.0.1"), int(info.get("port", 5432))) as made:
+        yield made
 
 
 def _url(host: str, port: int, database: str = "appdb") -> str:
     return f"postgresql://app:{PASSWORD}@{host}:{port}/{database}"
 
 
-def _target_url(kind: str, hole: BlackHole) -> tuple[str, str, int]:
+def _target_url(kind: str, proxy: FaultProxy) -> tuple[str, str, int]:
     if kind == "refused":
-        port = closed_port()
+        port = free_port()
         return _url("127.0.0.1", port), "127.0.0.1", port
     if kind == "stall":
-        return _url("127.0.0.1", hole.port), "127.0.0.1", hole.port
+        proxy.mode = "stall"
+        return _url("127.0.0.1", proxy.port), "127.0.0.1", proxy.port
     return _url("soniq-test.invalid", 5432), "soniq-test.invalid", 5432
 
 
@@ -213,9 +125,9 @@ async def _timed_async(eq: Soniq, call: Callable[[Soniq], Awaitable[Any]]) -> An
 @pytest.mark.parametrize("kind", ["refused", "stall", "dns"])
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_every_async_call_fails_in_bounded_time(
-    kind: str, driver: str, black_hole: BlackHole
+    kind: str, driver: str, proxy: FaultProxy
 ) -> None:
-    url, host, port = _target_url(kind, black_hole)
+    url, host, port = _target_url(kind, proxy)
     # Each call on a Soniq of its own (each opens its pool), all at once.
     results = await asyncio.gather(
         *(_timed_async(_new(url, driver), call) for call in ASYNC_CALLS.values())
@@ -226,8 +138,8 @@ async def test_every_async_call_fails_in_bounded_time(
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["refused", "stall", "dns"])
-def test_every_sync_call_fails_in_bounded_time(kind: str, black_hole: BlackHole) -> None:
-    url, host, port = _target_url(kind, black_hole)
+def test_every_sync_call_fails_in_bounded_time(kind: str, proxy: FaultProxy) -> None:
+    url, host, port = _target_url(kind, proxy)
     results: dict[str, tuple[BaseException | None, float]] = {}
 
     def run(name: str, call: Callable[[Soniq], Any]) -> None:
@@ -251,18 +163,30 @@ def test_every_sync_call_fails_in_bounded_time(kind: str, black_hole: BlackHole)
         _check(exc, host, port, elapsed, f"sync {name} ({kind})")
 
 
+def _drop_seen(eq: Soniq, driver: str, proxy: FaultProxy) -> bool:
+    """The proxy closed every connection (so each pooled socket has its reset), and
+    asyncpg, which reads its idle connections, saw them close (psycopg's pool finds a
+    dead one at checkout, from its socket)."""
+    if proxy.connections():
+        return False
+    return driver != "asyncpg" or eq.backend._pool.get_size() == 0  # type: ignore[attr-defined]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_the_server_goes_away_after_the_pool_opened(
-    driver: str, database_url: str, schema: str
+    driver: str, database_url: str, schema: str, proxy: FaultProxy
 ) -> None:
     """Pooled connections die with the server; the next calls fail in bounded time
-    (asyncpg reconnects and is refused; psycopg's pool finds none within
+    (asyncpg reconnects and is reset; psycopg's pool finds none within
     acquire_timeout) instead of hanging or raising the driver's own words."""
-    real = urlsplit(database_url)
-    forwarder = Forwarder((real.hostname or "127.0.0.1", real.port or 5432))
-    url = database_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{forwarder.port}")
-    eq = Soniq(url, driver=driver, schema=schema, connect_timeout=CONNECT, acquire_timeout=ACQUIRE)
+    eq = Soniq(
+        proxy.through(database_url),
+        driver=driver,
+        schema=schema,
+        connect_timeout=CONNECT,
+        acquire_timeout=ACQUIRE,
+    )
 
     @eq.job(name="ping")
     async def ping(n: int = 0) -> None: ...
@@ -271,9 +195,9 @@ async def test_the_server_goes_away_after_the_pool_opened(
         await eq.ensure_initialized()
         job_id = await eq.enqueue(ping)
         assert (await eq.get_job(job_id)) is not None
-        forwarder.cut()
-        await asyncio.sleep(0.2)  # the pool's sockets see the server's EOF
-        dbname = real.path.lstrip("/")
+        proxy.mode = "drop"
+        await async_wait_until(lambda: _drop_seen(eq, driver, proxy), 5, "the drop to be seen")
+        dbname = urlsplit(database_url).path.lstrip("/")
         for name, call in ASYNC_CALLS.items():
             if name == "ensure_initialized":
                 continue  # done already: no I/O
@@ -282,18 +206,17 @@ async def test_the_server_goes_away_after_the_pool_opened(
                 await call(eq)
             elapsed = time.monotonic() - start
             assert elapsed < BOUND, f"{name} took {elapsed:.2f} s"
-            assert f"127.0.0.1:{forwarder.port}" in str(info.value)
+            assert f"127.0.0.1:{proxy.port}" in str(info.value)
             assert dbname in str(info.value)
     finally:
-        forwarder.cut()
         await eq.close()
 
 
 @pytest.mark.timeout(60)
-def test_the_sync_twin_after_the_server_went_away(database_url: str, schema: str) -> None:
-    real = urlsplit(database_url)
-    forwarder = Forwarder((real.hostname or "127.0.0.1", real.port or 5432))
-    url = database_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{forwarder.port}")
+def test_the_sync_twin_after_the_server_went_away(
+    database_url: str, schema: str, proxy: FaultProxy
+) -> None:
+    url = proxy.through(database_url)
     eq = Soniq(url, schema=schema, connect_timeout=CONNECT, acquire_timeout=ACQUIRE)
 
     @eq.job(name="ping")
@@ -303,8 +226,8 @@ def test_the_sync_twin_after_the_server_went_away(database_url: str, schema: str
         eq.sync.ensure_initialized()
         job_id = eq.sync.enqueue(ping)
         assert eq.sync.get_job(job_id) is not None
-        forwarder.cut()
-        time.sleep(0.2)
+        proxy.mode = "drop"
+        wait_until(lambda: proxy.connections() == 0, 5, "the connections dropped")
         for name, call in SYNC_CALLS.items():
             if name == "ensure_initialized":
                 continue
@@ -313,7 +236,6 @@ def test_the_sync_twin_after_the_server_went_away(database_url: str, schema: str
                 call(eq)
             assert time.monotonic() - start < BOUND, name
     finally:
-        forwarder.cut()
         eq.sync.close()
 
 
@@ -322,7 +244,7 @@ async def test_a_callers_connection_is_not_timed_out_by_soniq(
 ) -> None:
     """connection= is the caller's: Soniq's timeouts and pool are not involved, even
     when Soniq's own URL points nowhere."""
-    eq = Soniq(_url("127.0.0.1", closed_port()), schema=schema, connect_timeout=CONNECT)
+    eq = Soniq(_url("127.0.0.1", free_port()), schema=schema, connect_timeout=CONNECT)
     probe = Soniq(database_url, schema=schema)
     await probe.ensure_initialized()
     await probe.close()
@@ -368,11 +290,12 @@ def test_the_default_timeouts_are_a_few_seconds() -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_listen_and_the_heartbeat_session_use_the_connect_timeout(
-    driver: str, black_hole: BlackHole
+    driver: str, proxy: FaultProxy
 ) -> None:
     """The worker's own connections (LISTEN, the heartbeat's maintenance session, a
     claim lane's session) give up on a silent server too."""
-    eq = _new(_url("127.0.0.1", black_hole.port), driver)
+    proxy.mode = "stall"
+    eq = _new(_url("127.0.0.1", proxy.port), driver)
     backend: Any = eq.backend
 
     async def listen() -> None:
@@ -410,58 +333,62 @@ async def ping() -> str:
 """
 
 
-def _worker(tmp_path: Path, url: str, schema: str, *args: str) -> subprocess.Popen[str]:
+@pytest.fixture
+def start_worker(tmp_path: Path, soniq_processes: Callable[..., Process]) -> Callable[..., Process]:
+    """``start_worker(url, schema, *args)``: ``soniq worker`` of :data:`APP` on that
+    database and schema (killed at the end of the test if still running)."""
     (tmp_path / "unavailable_app.py").write_text(APP)
-    env = dict(os.environ, UNAVAILABLE_APP_URL=url, UNAVAILABLE_APP_SCHEMA=schema)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.Popen(
-        [sys.executable, "-m", "soniq", "worker", "unavailable_app:eq", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+
+    def start(url: str, schema: str, *args: str) -> Process:
+        env = dict(os.environ, UNAVAILABLE_APP_URL=url, UNAVAILABLE_APP_SCHEMA=schema)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+        return soniq_processes("worker", "unavailable_app:eq", *args, env=env)
+
+    return start
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_the_worker_waits_then_exits_1_with_one_line(tmp_path: Path) -> None:
-    port = closed_port()
+def test_the_worker_waits_then_exits_1_with_one_line(start_worker: Callable[..., Process]) -> None:
+    port = free_port()
     start = time.monotonic()
-    proc = _worker(tmp_path, _url("127.0.0.1", port), "public", "--wait-for-database", "2")
-    out, err = proc.communicate(timeout=30)
+    proc = start_worker(_url("127.0.0.1", port), "public", "--wait-for-database", "2")
+    code, output = proc.finish(30)
     elapsed = time.monotonic() - start
-    assert proc.returncode == 1, (out, err)
+    assert code == 1, output
     assert elapsed < 15, elapsed
-    assert "Traceback" not in err and "Traceback" not in out, err
-    assert PASSWORD not in err and PASSWORD not in out
-    retries = [line for line in err.splitlines() if "WARNING" in line and "retrying" in line]
-    assert retries, err
+    assert "Traceback" not in output, output
+    assert PASSWORD not in output
+    retries = [line for line in output.splitlines() if "WARNING" in line and "retrying" in line]
+    assert retries, output
     assert all(f"127.0.0.1:{port}" in line and "appdb" in line for line in retries)
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("soniq worker: PostgreSQL at 127.0.0.1"), err
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("soniq worker: PostgreSQL at 127.0.0.1"), output
     assert "gave up after waiting 2 s" in last, last
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_the_worker_fails_at_once_with_zero_wait(tmp_path: Path) -> None:
-    proc = _worker(tmp_path, _url("127.0.0.1", closed_port()), "public", "--wait-for-database", "0")
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1, (out, err)
-    assert "Traceback" not in err and "retrying" not in err, err
-    assert err.strip().splitlines()[-1].startswith("soniq worker: PostgreSQL at"), err
+def test_the_worker_fails_at_once_with_zero_wait(start_worker: Callable[..., Process]) -> None:
+    proc = start_worker(_url("127.0.0.1", free_port()), "public", "--wait-for-database", "0")
+    code, output = proc.finish(30)
+    assert code == 1, output
+    assert "Traceback" not in output and "retrying" not in output, output
+    assert output.strip().splitlines()[-1].startswith("soniq worker: PostgreSQL at"), output
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_the_worker_starts_when_the_database_comes_back(
-    tmp_path: Path, database_url: str, schema: str, pg: psycopg.Connection
+    start_worker: Callable[..., Process],
+    proxy: FaultProxy,
+    database_url: str,
+    schema: str,
+    pg: psycopg.Connection,
 ) -> None:
-    """Unreachable at start; the database "comes back" (a forwarder starts listening
-    on the port) after the worker's first retry warning; the worker then runs the
-    queued job and, with --burst, exits 0."""
+    """Unreachable at start (the proxy drops every connection); the database "comes
+    back" (the proxy passes) after the worker's first retry warning; the worker then
+    runs the queued job and, with --burst, exits 0."""
     setup = Soniq(database_url, schema=schema)
 
     @setup.job(name="ping")
@@ -471,28 +398,12 @@ def test_the_worker_starts_when_the_database_comes_back(
     job_id = setup.sync.enqueue("ping")
     setup.sync.close()
 
-    real = urlsplit(database_url)
-    port = closed_port()
-    url = database_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{port}")
-    proc = _worker(tmp_path, url, schema, "--wait-for-database", "30", "--burst")
-    forwarder = None
-    try:
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:  # block until the first retry warning
-            seen.append(line)
-            if "WARNING" in line and "retrying" in line:
-                break
-        else:
-            raise AssertionError("".join(seen))
-        forwarder = Forwarder((real.hostname or "127.0.0.1", real.port or 5432), port=port)
-        _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, "".join(seen) + err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if forwarder is not None:
-            forwarder.cut()
+    proxy.mode = "drop"
+    proc = start_worker(proxy.through(database_url), schema, "--wait-for-database", "30", "--burst")
+    proc.wait_for_output("retrying in", 30)  # the worker's first retry warning
+    proxy.mode = "pass"
+    code, output = proc.finish(60)
+    assert code == 0, output
     status = pg.execute(
         f'SELECT status FROM "{schema}".soniq_jobs WHERE id = %s', (job_id,)
     ).fetchone()
