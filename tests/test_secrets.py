@@ -5,12 +5,12 @@ connection that fails."""
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 
 from soniq import ConfigurationError, DatabaseUnavailable, Soniq
 from soniq.drivers._common import redact_url, scrub, split_postgres_url
+from tests.throwaway_pg import free_port
 
 PW = "Tr0ub4dor"
 
@@ -92,18 +92,12 @@ def test_reprs_of_the_embedded_backends() -> None:
     assert repr(Soniq("memory://")) == "Soniq('memory://', driver='memory', schema='public')"
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_a_failing_connect_logs_and_raises_no_password(
     driver: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = f"postgresql://app:{PW}@127.0.0.1:{_closed_port()}/shop"
+    url = f"postgresql://app:{PW}@127.0.0.1:{free_port()}/shop"
     caplog.set_level(logging.DEBUG)
     eq = Soniq(url, driver=driver, connect_timeout=0.5, acquire_timeout=0.5)
 
@@ -124,7 +118,7 @@ async def test_a_failing_connect_logs_and_raises_no_password(
 
 @pytest.mark.timeout(60)
 def test_the_sync_twin_logs_and_raises_no_password(caplog: pytest.LogCaptureFixture) -> None:
-    url = f"postgresql://app:{PW}@127.0.0.1:{_closed_port()}/shop"
+    url = f"postgresql://app:{PW}@127.0.0.1:{free_port()}/shop"
     caplog.set_level(logging.DEBUG)
     eq = Soniq(url, connect_timeout=0.5, acquire_timeout=0.5)
     with pytest.raises(DatabaseUnavailable) as info:
