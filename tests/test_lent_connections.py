@@ -5,12 +5,14 @@ advisory locks, temporary tables), on asyncpg, psycopg async and the sync twin."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from soniq import Soniq
+from tests.conftest import new_soniq
 
 PROBE = """
 SELECT pg_backend_pid(),
@@ -32,8 +34,21 @@ DIRTY = [
 
 
 @pytest.fixture(params=["asyncpg", "psycopg"])
-def driver(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+async def lone(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
+    """A migrated Soniq whose pool has one connection (``pool_size=1``), on each async
+    driver (``@pytest.mark.parametrize("lone", [...], indirect=True)`` narrows it)."""
+    eq = new_soniq(request.param, request, tmp_path, pool_size=1)
+    await eq.ensure_initialized()
+    yield eq
+    await eq.close()
+
+
+@pytest.fixture
+def lone_sync(database_url: str, schema: str) -> Iterator[Soniq]:
+    eq = Soniq(database_url, schema=schema, pool_size=1)
+    eq.sync.ensure_initialized()
+    yield eq
+    eq.sync.close()
 
 
 def _assert_clean(row: tuple[object, ...] | None, pid: int) -> None:
@@ -53,12 +68,8 @@ async def _fetchrow(conn: object, sql: str) -> tuple[object, ...]:
     return tuple(await conn.fetchrow(sql))  # type: ignore[attr-defined]
 
 
-async def test_the_next_borrower_sees_a_clean_session(
-    driver: str, database_url: str, schema: str
-) -> None:
-    eq = Soniq(database_url, driver=driver, schema=schema, pool_size=1)
-    await eq.ensure_initialized()
-    async with eq.backend.acquire() as conn:
+async def test_the_next_borrower_sees_a_clean_session(lone: Soniq) -> None:
+    async with lone.backend.acquire() as conn:
         pid = (await _fetchrow(conn, "SELECT pg_backend_pid()"))[0]
         for statement in DIRTY:
             await conn.execute(statement)
@@ -68,7 +79,7 @@ async def test_the_next_borrower_sees_a_clean_session(
             await conn.execute("SELECT pg_advisory_xact_lock(4343)")
         else:
             await conn.execute("BEGIN; SELECT pg_advisory_xact_lock(4343)")
-    async with eq.backend.acquire() as conn:
+    async with lone.backend.acquire() as conn:
         _assert_clean(await _fetchrow(conn, PROBE), pid)
         if isinstance(conn, psycopg.AsyncConnection):
             assert conn.autocommit
@@ -77,25 +88,21 @@ async def test_the_next_borrower_sees_a_clean_session(
             assert not conn.is_in_transaction()
 
     # Soniq's own statements run on that session afterwards, as before.
-    @eq.job(name="after_lending")
+    @lone.job(name="after_lending")
     async def after_lending() -> None: ...
 
-    job_id = await eq.enqueue(after_lending)
-    assert (await eq.get_job(job_id)) is not None
-    await eq.close()
+    job_id = await lone.enqueue(after_lending)
+    assert (await lone.get_job(job_id)) is not None
 
 
-async def test_a_psycopg_borrowers_python_side_options_are_undone(
-    database_url: str, schema: str
-) -> None:
+@pytest.mark.parametrize("lone", ["psycopg"], indirect=True)
+async def test_a_psycopg_borrowers_python_side_options_are_undone(lone: Soniq) -> None:
     """What psycopg keeps on the connection object (row factory, isolation, read
     only, prepared-statement threshold, unread notifications) does not reach the next
     borrower either."""
     from psycopg.rows import dict_row, tuple_row
 
-    eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
-    await eq.ensure_initialized()
-    async with eq.backend.acquire() as conn:
+    async with lone.backend.acquire() as conn:
         conn.row_factory = dict_row
         conn.prepare_threshold = None
         await conn.set_autocommit(False)
@@ -105,58 +112,51 @@ async def test_a_psycopg_borrowers_python_side_options_are_undone(
         await conn.commit()
         await conn.execute("NOTIFY borrower_one, 'stale'")
         await conn.commit()  # the notification now waits in psycopg's backlog
-    async with eq.backend.acquire() as conn:
+    async with lone.backend.acquire() as conn:
         assert conn.row_factory is tuple_row
         assert conn.prepare_threshold == 5
         assert conn.autocommit and conn.read_only is None and conn.isolation_level is None
         await conn.execute("LISTEN borrower_two")
         stale = [n async for n in conn.notifies(timeout=0.05)]
         assert stale == []
-    await eq.close()
 
 
-async def test_prepared_statements_survive_the_reset(database_url: str, schema: str) -> None:
+@pytest.mark.parametrize("lone", ["psycopg"], indirect=True)
+async def test_prepared_statements_survive_the_reset(lone: Soniq) -> None:
     """The reset keeps the server's prepared statements, so Soniq's statements
     (prepared by psycopg after a few runs) keep working on a connection that was
     lent."""
-    eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
-    await eq.ensure_initialized()
 
-    @eq.job(name="prepared")
+    @lone.job(name="prepared")
     async def prepared() -> None: ...
 
     for _ in range(8):  # past psycopg's prepare_threshold (5)
-        await eq.get_job(await eq.enqueue(prepared))
-    async with eq.backend.acquire() as conn:
+        await lone.get_job(await lone.enqueue(prepared))
+    async with lone.backend.acquire() as conn:
         names = await (await conn.execute("SELECT count(*) FROM pg_prepared_statements")).fetchone()
         assert names is not None and names[0] > 0, "nothing was prepared: the test proves nothing"
     for _ in range(8):
-        assert (await eq.get_job(await eq.enqueue(prepared))) is not None
-    await eq.close()
+        assert (await lone.get_job(await lone.enqueue(prepared))) is not None
 
 
-async def test_a_borrower_that_prepares_can_borrow_again(database_url: str, schema: str) -> None:
+@pytest.mark.parametrize("lone", ["psycopg"], indirect=True)
+async def test_a_borrower_that_prepares_can_borrow_again(lone: Soniq) -> None:
     """Found by the benchmark's transactional case: a borrower whose own queries get
     prepared (past psycopg's threshold), lent the same connection again and again,
     must not be handed psycopg names the reset dropped on the server
     ("prepared statement _pg3_1 does not exist")."""
-    eq = Soniq(database_url, driver="psycopg", schema=schema, pool_size=1)
-    await eq.ensure_initialized()
-    try:
-        for loan in range(4):
-            async with eq.backend.acquire() as conn:
-                for _ in range(8):  # past psycopg's prepare_threshold (5)
-                    cur = await conn.execute("SELECT %s::int + 1", (loan,))
-                    assert await cur.fetchone() == (loan + 1,)
-        # The benchmark's pattern: one statement and an enqueue per loan, in a
-        # transaction, loan after loan.
-        for loan in range(20):
-            async with eq.backend.acquire() as conn, conn.transaction():
+    for loan in range(4):
+        async with lone.backend.acquire() as conn:
+            for _ in range(8):  # past psycopg's prepare_threshold (5)
                 cur = await conn.execute("SELECT %s::int + 1", (loan,))
                 assert await cur.fetchone() == (loan + 1,)
-                await eq.enqueue("lent.job", connection=conn, n=loan)
-    finally:
-        await eq.close()
+    # The benchmark's pattern: one statement and an enqueue per loan, in a
+    # transaction, loan after loan.
+    for loan in range(20):
+        async with lone.backend.acquire() as conn, conn.transaction():
+            cur = await conn.execute("SELECT %s::int + 1", (loan,))
+            assert await cur.fetchone() == (loan + 1,)
+            await lone.enqueue("lent.job", connection=conn, n=loan)
 
 
 def test_a_sync_borrower_that_prepares_can_borrow_again(lone_sync: Soniq) -> None:
@@ -168,14 +168,6 @@ def test_a_sync_borrower_that_prepares_can_borrow_again(lone_sync: Soniq) -> Non
         with lone_sync.sync.backend.acquire() as conn, conn.transaction():
             assert conn.execute("SELECT %s::int + 1", (loan,)).fetchone() == (loan + 1,)
             lone_sync.sync.enqueue("lent.job", connection=conn, n=loan)
-
-
-@pytest.fixture
-def lone_sync(database_url: str, schema: str) -> Iterator[Soniq]:
-    eq = Soniq(database_url, schema=schema, pool_size=1)
-    eq.sync.ensure_initialized()
-    yield eq
-    eq.sync.close()
 
 
 def test_the_sync_twin_lends_clean_sessions(lone_sync: Soniq) -> None:
@@ -205,6 +197,9 @@ def test_a_borrower_that_breaks_the_session_gets_it_replaced(lone_sync: Soniq) -
     with lone_sync.sync.backend.acquire() as conn:
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         with psycopg.connect(lone_sync.sync.backend.dsn, autocommit=True) as other:  # type: ignore[attr-defined]
-            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # Waits (up to 5 s, PostgreSQL 14+) for the backend to exit: the next
+            # checkout cannot race its end.
+            ended = other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+            assert ended == (True,), "the backend did not exit within 5 s"
     with lone_sync.sync.backend.acquire() as conn:
         assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
