@@ -67,6 +67,7 @@ def test_python_dash_m_names_jobs_by_the_module(tmp_path: Path) -> None:
     assert enqueued.stdout.strip() == "pkg.app.hello"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("code", "where"),
     [
