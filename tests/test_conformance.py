@@ -166,6 +166,8 @@ async def test_insert_in_a_callers_transaction(
     any_eq: Soniq, database_url: str, commit: bool
 ) -> None:
     if any_eq.backend.name not in ("asyncpg", "psycopg"):
+        if not commit:
+            pytest.skip("no caller's transaction to roll back: checked once, under commit")
         with pytest.raises(ValueError, match="needs PostgreSQL"):
             await any_eq.enqueue("c.job", connection=object())
         return
