@@ -6,6 +6,7 @@ twice shows two rows)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import psycopg
 
 from soniq import Soniq
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = "reliability.record"
@@ -132,12 +134,15 @@ class Workers:
         A worker replaced a moment ago may still be importing, before the CLI installs
         its signal handlers (SIGTERM would kill it, -15, having claimed nothing): each
         gets up to 15 s to log that it started first."""
-        deadline = time.monotonic() + 15
-        for proc, log in zip(self.procs, self.logfiles, strict=True):
-            while proc.poll() is None and time.monotonic() < deadline:
-                if b" started: " in log.read_bytes():
-                    break
-                time.sleep(0.1)
+
+        def all_started() -> bool:
+            return all(
+                proc.poll() is not None or b" started: " in log.read_bytes()
+                for proc, log in zip(self.procs, self.logfiles, strict=True)
+            )
+
+        with contextlib.suppress(AssertionError):  # still importing after 15 s: stopped anyway
+            wait_until(all_started, 15, "the workers to start")
         for proc in self.alive():
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
