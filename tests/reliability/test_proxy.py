@@ -3,6 +3,7 @@ fault-injecting proxy (``proxy.py``), under worker processes and under enqueues.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import psycopg
 import pytest
 
 import soniq
+from tests.conftest import wait_until
 from tests.reliability.conftest import report
 from tests.reliability.harness import (
     FAST_WORKER,
@@ -38,11 +40,6 @@ JOBS = 3000
 FAULT_SECONDS = 3.0
 
 
-def through(url: str, proxy: FaultProxy) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    return f"postgresql://{info['user']}@127.0.0.1:{proxy.port}/{info['dbname']}"
-
-
 @pytest.fixture
 def proxy(cluster_url: str) -> Any:
     info = psycopg.conninfo.conninfo_to_dict(cluster_url)
@@ -64,7 +61,7 @@ def drain_through_fault(
     (ids, seconds, workers, exit codes, workers alive at the end)."""
     prepare(cluster_url, SCHEMA)
     ids = enqueue_records(cluster_url, SCHEMA, JOBS)
-    url = through(cluster_url, proxy)
+    url = proxy.through(cluster_url)
     workers = Workers(
         url, SCHEMA, tmp_path / "logs", "--concurrency", "10", *FAST_WORKER, record_url=cluster_url
     )
@@ -147,7 +144,7 @@ def test_workers_recover_from_a_half_open_link(
     prepare(cluster_url, SCHEMA)
     ids = enqueue_records(cluster_url, SCHEMA, JOBS)
     workers = Workers(
-        through(cluster_url, proxy),
+        proxy.through(cluster_url),
         SCHEMA,
         tmp_path / "logs",
         "--concurrency",
@@ -161,17 +158,21 @@ def test_workers_recover_from_a_half_open_link(
         wait_until_done(cluster_url, SCHEMA, JOBS // 3, 60, workers=workers)
         with proxy.fault("half_open"):
             time.sleep(FAULT_SECONDS)
+        beating: set[int] = set()
         with psycopg.connect(cluster_url, autocommit=True) as conn:
             fault_end = conn.execute("SELECT now()").fetchone()[0]
-            deadline = time.monotonic() + 30
-            beating: set[int] = set()
-            while time.monotonic() < deadline and beating != pids:
+
+            def all_beating() -> bool:
                 rows = conn.execute(
                     f'SELECT pid FROM "{SCHEMA}".soniq_workers WHERE heartbeat_at > %s',
                     (fault_end,),
                 ).fetchall()
-                beating = {row[0] for row in rows}
-                time.sleep(0.25)
+                beating.clear()
+                beating.update(row[0] for row in rows)
+                return beating == pids
+
+            with contextlib.suppress(AssertionError):  # the assert below says who is missing
+                wait_until(all_beating, 30, "both workers to heartbeat again")
         assert beating == pids, f"workers heartbeating again: {beating} of {pids}"
         wait_until_done(cluster_url, SCHEMA, JOBS, 30, workers=workers)
     finally:
@@ -198,7 +199,7 @@ def test_enqueue_through_a_fault_fails_within_the_bound(
     passes."""
     prepare(cluster_url, SCHEMA)
     calls = _faces(
-        through(cluster_url, proxy), **(PROMISED_OPTIONS if options == "configured" else {})
+        proxy.through(cluster_url), **(PROMISED_OPTIONS if options == "configured" else {})
     )
     with proxy.fault(mode):
         results = _timed_calls(calls, cap=2 * bound)
