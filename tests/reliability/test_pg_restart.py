@@ -15,6 +15,7 @@ import pytest
 
 import soniq
 from soniq import Soniq
+from tests.conftest import wait_until
 from tests.reliability.conftest import report
 from tests.reliability.harness import (
     FAST_WORKER,
@@ -126,16 +127,24 @@ def test_a_worker_started_while_the_database_is_down_waits_for_it(
     pg_cluster: Cluster, cluster_url: str, tmp_path: Path
 ) -> None:
     """``soniq worker --wait-for-database 60`` started with the server stopped retries,
-    logs why, and runs jobs once the server is back (5 s later)."""
+    logs why, and runs jobs once the server is back (after its first retry warning)."""
     prepare(cluster_url, SCHEMA)
     workers = Workers(
         cluster_url, SCHEMA, tmp_path / "logs", "--wait-for-database", "60", *FAST_WORKER
     )
     pg_cluster.stop("fast")
+    stopped = time.monotonic()
     try:
         workers.start(1)
-        time.sleep(5)
+        wait_until(
+            lambda: any(
+                "WARNING" in line and "retrying" in line for line in workers.output().splitlines()
+            ),
+            30,
+            "the worker's retry warning",
+        )
     finally:
+        down = time.monotonic() - stopped
         pg_cluster.start()
     try:
         assert workers.alive(), f"the worker gave up:\n{workers.output()}"
@@ -145,7 +154,10 @@ def test_a_worker_started_while_the_database_is_down_waits_for_it(
         codes = workers.stop()
     check_none_lost(cluster_url, SCHEMA, ids)
     report(
-        "worker_started_while_down", down_seconds=5, jobs=20, seconds_after_return=round(took, 1)
+        "worker_started_while_down",
+        down_seconds=round(down, 1),
+        jobs=20,
+        seconds_after_return=round(took, 1),
     )
     assert codes == [0], f"{codes}:\n{workers.output()}"
     assert "WARNING" in workers.output(), "the worker waited without saying why"
