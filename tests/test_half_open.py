@@ -42,8 +42,7 @@ WORKER = {
 @pytest.fixture
 def relay(database_url: str) -> Iterator[FaultProxy]:
     """A proxy to the test server whose open connections ``silence()`` half-opens."""
-    info = psycopg.conninfo.conninfo_to_dict(database_url)
-    with FaultProxy(info.get("host", "127.0.0.1"), int(info.get("port", 5432))) as made:
+    with FaultProxy.to(database_url) as made:
         yield made
 
 

@@ -40,8 +40,7 @@ BOUND = 4.5
 def proxy(database_url: str) -> Iterator[FaultProxy]:
     """A proxy to the test server, passing; ``proxy.mode = "stall"`` makes it a
     listener that accepts and never answers."""
-    info = psycopg.conninfo.conninfo_to_dict(database_url)
-    with FaultProxy(info.get("host", "127.0.0.1"), int(info.get("port", 5432))) as made:
+    with FaultProxy.to(database_url) as made:
         yield made
 
 

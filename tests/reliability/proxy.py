@@ -65,6 +65,12 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._mode_changed: asyncio.Event | None = None
 
+    @classmethod
+    def to(cls, url: str, *, delay: float = 0.05) -> FaultProxy:
+        """A proxy (not started) to the server of ``url``, a PostgreSQL URL."""
+        parts = urlsplit(url)
+        return cls(parts.hostname or "127.0.0.1", parts.port or 5432, delay=delay)
+
     # -- control, from any thread ---------------------------------------------------
 
     @property

@@ -42,8 +42,7 @@ FAULT_SECONDS = 3.0
 
 @pytest.fixture
 def proxy(cluster_url: str) -> Any:
-    info = psycopg.conninfo.conninfo_to_dict(cluster_url)
-    with FaultProxy("127.0.0.1", int(info["port"]), delay=0.05) as made:
+    with FaultProxy.to(cluster_url, delay=0.05) as made:
         yield made
 
 
