@@ -245,6 +245,27 @@ def paired_ratios(numerator: Series, denominator: Series) -> list[float]:
     return [a / b for a, b in zip(numerator.rates, denominator.rates, strict=True)]
 
 
+def target(
+    what: str,
+    value: float | None,
+    want: float,
+    *,
+    at_most: bool = False,
+    digits: int | None = None,
+    spec: str = "",
+) -> dict[str, Any]:
+    """One target of a result: ``value`` (None: not measured, which misses it) against
+    ``>= want``, or ``<= want`` with ``at_most``; ``value`` is shown rounded to
+    ``digits`` and ``want`` formatted with ``spec``."""
+    met = value is not None and (value <= want if at_most else value >= want)
+    return {
+        "what": what,
+        "value": None if value is None else round(value, digits),
+        "target": f"{'<=' if at_most else '>='} {want:{spec}}",
+        "met": met,
+    }
+
+
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
     """A plain-text table; columns in ``right`` are right-aligned."""
     filled = [r for r in rows if r]  # an empty row is a blank separator line

@@ -55,6 +55,7 @@ from benchmarks._common import (
     paired_ratios,
     quiesce,
     render_table,
+    target,
 )
 from soniq import Soniq
 
@@ -903,6 +904,7 @@ def run_benchmark(args: argparse.Namespace, admin: str) -> dict[str, Any]:
                 control.close()
             loop.close()
         checkpointed = all(c.can_checkpoint for c in controls.values())
+    paired = _paired(plan, series)
     return {
         "parameters": {
             "n": args.n,
@@ -920,14 +922,16 @@ def run_benchmark(args: argparse.Namespace, admin: str) -> dict[str, Any]:
             | series[m.id].as_dict()
             for m in plan
         ],
-        "ratios": _ratios(plan, series),
-        "targets": _targets(plan, series),
+        "ratios": _ratios(paired),
+        "targets": _targets(plan, series, paired),
     }
 
 
-def _ratios(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, Any]]:
-    out = []
+def _paired(plan: list[Measure], series: dict[str, Series]) -> dict[tuple[str, str], Series]:
+    """The per-repeat ratios of each pair of :data:`RATIOS` measured in this run (none
+    where a side failed)."""
     have = {m.id for m in plan}
+    out = {}
     for driver in dict.fromkeys(m.driver for m in plan):
         for case, pairs in RATIOS.items():
             for num, den in pairs:
@@ -935,61 +939,52 @@ def _ratios(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, An
                 if a in have and b in have:
                     per_repeat = Series(paired_ratios(series[a], series[b]))
                     if per_repeat.rates:
-                        out.append(
-                            {
-                                "of": a,
-                                "to": b,
-                                "median": round(per_repeat.median, 3),
-                                "min": round(per_repeat.low, 3),
-                                "max": round(per_repeat.high, 3),
-                                "per_repeat": [round(r, 3) for r in per_repeat.rates],
-                            }
-                        )
+                        out[a, b] = per_repeat
     return out
 
 
-def _targets(plan: list[Measure], series: dict[str, Series]) -> list[dict[str, Any]]:
+def _ratios(paired: dict[tuple[str, str], Series]) -> list[dict[str, Any]]:
+    return [
+        {
+            "of": a,
+            "to": b,
+            "median": round(per_repeat.median, 3),
+            "min": round(per_repeat.low, 3),
+            "max": round(per_repeat.high, 3),
+            "per_repeat": [round(r, 3) for r in per_repeat.rates],
+        }
+        for (a, b), per_repeat in paired.items()
+    ]
+
+
+def _targets(
+    plan: list[Measure], series: dict[str, Series], paired: dict[tuple[str, str], Series]
+) -> list[dict[str, Any]]:
     have = {m.id for m in plan}
+
+    def ratio(of: str, to: str) -> float | None:
+        per_repeat = paired.get((of, to))
+        return None if per_repeat is None else per_repeat.median
+
     out = []
     if {"asyncpg/single/soniq", "asyncpg/single/raw"} <= have:
-        ratios = paired_ratios(series["asyncpg/single/soniq"], series["asyncpg/single/raw"])
-        ratio = Series(ratios).median if ratios else None
+        value = ratio("asyncpg/single/soniq", "asyncpg/single/raw")
         out.append(
-            {
-                "what": "asyncpg single enqueue / raw INSERT",
-                "value": None if ratio is None else round(ratio, 3),
-                "target": f">= {TARGET_SINGLE_RATIO}",
-                "met": ratio is not None and ratio >= TARGET_SINGLE_RATIO,
-            }
+            target("asyncpg single enqueue / raw INSERT", value, TARGET_SINGLE_RATIO, digits=3)
         )
     for driver in dict.fromkeys(m.driver for m in plan):
         soniq = f"{driver}/concurrent/soniq"
-        for other, target in (
+        for other, want in (
             ("raw", TARGET_CONCURRENT_RAW),
             (PEERS[driver], TARGET_CONCURRENT_PEER),
         ):
             if {soniq, f"{driver}/concurrent/{other}"} <= have:
-                ratios = paired_ratios(series[soniq], series[f"{driver}/concurrent/{other}"])
-                ratio = Series(ratios).median if ratios else None
-                out.append(
-                    {
-                        "what": f"{driver} concurrent enqueue / {other}",
-                        "value": None if ratio is None else round(ratio, 3),
-                        "target": f">= {target}",
-                        "met": ratio is not None and ratio >= target,
-                    }
-                )
+                value = ratio(soniq, f"{driver}/concurrent/{other}")
+                out.append(target(f"{driver} concurrent enqueue / {other}", value, want, digits=3))
     if "asyncpg/many/soniq" in have:
         many = series["asyncpg/many/soniq"]
         rate = many.median if many.rates and not many.failure else None
-        out.append(
-            {
-                "what": "asyncpg enqueue_many, jobs/s",
-                "value": None if rate is None else round(rate),
-                "target": f">= {TARGET_MANY_RATE:,.0f}",
-                "met": rate is not None and rate >= TARGET_MANY_RATE,
-            }
-        )
+        out.append(target("asyncpg enqueue_many, jobs/s", rate, TARGET_MANY_RATE, spec=",.0f"))
     return out
 
 

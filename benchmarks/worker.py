@@ -49,7 +49,7 @@ import psycopg
 
 from benchmarks import jobs
 from benchmarks._child import MARK
-from benchmarks._common import Series, paired_ratios, quiesce, render_table
+from benchmarks._common import Series, paired_ratios, quiesce, render_table, target
 from soniq import Soniq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -800,34 +800,16 @@ def _targets(results: Results, sizes: Sizes) -> list[dict[str, Any]]:
         p99 = results.series.get(f"latency-p99/{key}")
         ok = lambda s: s is not None and s.rates and not s.failure  # noqa: E731
         rate = drain.median if ok(drain) else None
-        out.append(
-            {
-                "what": f"{key}: drain {sizes.drain:,} async no-op jobs, concurrency 100, jobs/s",
-                "value": None if rate is None else round(rate),
-                "target": f">= {TARGET_DRAIN:,.0f}",
-                "met": rate is not None and rate >= TARGET_DRAIN,
-            }
-        )
+        what = f"{key}: drain {sizes.drain:,} async no-op jobs, concurrency 100, jobs/s"
+        out.append(target(what, rate, TARGET_DRAIN, spec=",.0f"))
         pairs = paired_ratios(drain, pgq) if ok(drain) and ok(pgq) else []
         ratio = Series(pairs).median if pairs else None
-        out.append(
-            {
-                "what": f"{key}: drain / pgqueuer (batch 50, max tasks 100)",
-                "value": None if ratio is None else round(ratio, 2),
-                "target": f">= {TARGET_DRAIN_RATIO}",
-                "met": ratio is not None and ratio >= TARGET_DRAIN_RATIO,
-            }
-        )
-        for name, series, target in (("p50", p50, TARGET_P50_MS), ("p99", p99, TARGET_P99_MS)):
+        what = f"{key}: drain / pgqueuer (batch 50, max tasks 100)"
+        out.append(target(what, ratio, TARGET_DRAIN_RATIO, digits=2))
+        for name, series, want in (("p50", p50, TARGET_P50_MS), ("p99", p99, TARGET_P99_MS)):
             value = series.median if ok(series) else None
-            out.append(
-                {
-                    "what": f"{key}: enqueue-to-start latency {name}, ms",
-                    "value": None if value is None else round(value, 2),
-                    "target": f"<= {target}",
-                    "met": value is not None and value <= target,
-                }
-            )
+            what = f"{key}: enqueue-to-start latency {name}, ms"
+            out.append(target(what, value, want, at_most=True, digits=2))
     return out
 
 
