@@ -76,17 +76,20 @@ class ThreadLine(Generic[I]):
         """``alone()`` at once when there is room and nobody waits; else wait in line
         as ``item()`` and return its future's value."""
         with self._lock:
+            # One decision under the lock: a thread that found no room joins the line
+            # before a statement ending now could miss it. (So the line is never
+            # waiting while there is room: whoever frees room hands it out.)
             free = self._in_flight < self._max and not self._line
             if free:
                 self._in_flight += 1
+            else:
+                turn = _Turn(item())
+                self._line.append(turn)
         if free:
             try:
                 return alone()
             finally:
                 self._end()
-        turn = _Turn(item())
-        with self._lock:
-            self._line.append(turn)
         group: list[_Turn[I]] | None = None
         try:
             turn.woken.wait()
