@@ -20,6 +20,7 @@ from soniq.core.jobs import JobSpec
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import LATEST_VERSION
 from soniq.drivers.sqlite import SqliteBackend, SqliteMemory, SqliteSyncBackend
+from soniq.testing import use_clock
 
 pytestmark = pytest.mark.timeout(60)
 UTC = dt.timezone.utc
@@ -119,6 +120,20 @@ async def test_the_clock_decides_which_workers_are_dead() -> None:
     assert job.finished_at == dt.datetime.fromtimestamp(clock.now, UTC)
     assert session.heartbeat("dead") is False  # it was forgotten
     assert (await eq.get_job(ids[0])).status == JobStatus.RUNNING
+    session.close()
+
+
+async def test_a_heartbeat_session_reads_a_clock_replaced_after_it_opened() -> None:
+    """``use_clock`` while a worker runs reaches its heartbeat thread's session too."""
+    eq = Soniq("memory://")
+    session = eq.backend.maintenance()
+    clock = Clock()
+    use_clock(eq, clock)
+    ids = await eq.backend.insert_jobs(spec(max_retries=0))
+    await eq.backend.register_worker("gone", "h", 1, None, 1)
+    assert [c.id for c in await eq.backend.claim_jobs(1, "gone", None)] == ids
+    clock.now += 40
+    assert session.rescue_stale(30) == [(ids[0], "failed")]  # 40 s by the new clock
     session.close()
 
 

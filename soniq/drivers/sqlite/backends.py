@@ -127,7 +127,12 @@ class SqliteMaintenance:
 
     def __init__(self, database: SqliteDatabase) -> None:
         self._conn = database.connect()
-        self._clock = database.clock
+        self._database = database
+
+    def _clock(self) -> float:
+        # Read through the database each time: a test may replace its clock while
+        # the worker runs (soniq.testing.use_clock).
+        return self._database.clock()
 
     def heartbeat(self, worker_id: str) -> bool:
         """Refresh the heartbeat; False if the worker was declared dead meanwhile."""
