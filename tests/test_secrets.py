@@ -28,6 +28,8 @@ MALFORMED = [
     f"http://user:{PW}@host/db",
     f"sqlite://user:{PW}@host/db",  # sqlite without ///
     f"memory://user:{PW}@host",
+    f"postgresql://user:{PW}%ZZ@host/db",  # a % that starts no escape (libpq quotes it)
+    f"postgresql://user:{PW} x@host/db",  # a space (libpq quotes it too)
 ]
 
 
