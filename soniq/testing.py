@@ -39,12 +39,11 @@ import attrs
 
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import outcomes, serialize
-from soniq.core.enqueue import JobRef
+from soniq.core.enqueue import JobRef, check_queue
 from soniq.core.errors import UnknownJobError
 from soniq.core.jobs import Claimed, Job
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
-from soniq.worker.context import JobContext
 from soniq.worker.execute import JobRun
 
 if TYPE_CHECKING:
@@ -446,9 +445,16 @@ class _DrainOptions:
 def _queues(queue: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if queue is None:
         return None
-    queues = (queue,) if isinstance(queue, str) else tuple(queue)
-    if not queues or not all(isinstance(q, str) and q for q in queues):
+    if isinstance(queue, str):
+        queues: tuple[str, ...] = (queue,)
+    elif isinstance(queue, (list, tuple)):
+        queues = tuple(queue)
+    else:
+        raise TypeError(f"queue must be a queue name or a list of them, got {queue!r}")
+    if not queues:
         raise ValueError(f"queue must be a queue name or a list of them, got {queue!r}")
+    for name in queues:
+        check_queue(name)  # the rules of enqueue's queue= (and of the worker's queues)
     return queues
 
 
@@ -488,24 +494,14 @@ class _Drain:
         claimed = await self.backend.claim_jobs(1, self.worker_id, self.options.queues)
         return claimed[0] if claimed else None
 
-    def start(self, claimed: Claimed) -> tuple[JobRun | None, JobContext]:
-        """The run of a claimed job, as the worker would make it (None: no job of
-        that name is registered)."""
-        ctx = JobContext(
-            claimed.id,
-            claimed.name,
-            claimed.queue,
-            claimed.attempts,
-            claimed.max_retries,
-            claimed.timeout,
-            self.worker_id,
-            claimed.claims,
-        )
+    def start(self, claimed: Claimed) -> JobRun | None:
+        """The run of a claimed job, as the worker makes it (None: no job of that
+        name is registered)."""
         definition = self.registry.get(claimed.name)
-        return (None if definition is None else JobRun(definition, ctx, claimed.args)), ctx
+        return None if definition is None else JobRun.of(definition, claimed, self.worker_id)
 
-    def unknown(self, ctx: JobContext) -> tuple[Outcome, BaseException | None]:
-        outcome = outcomes.unknown_job(ctx.id, ctx.attempt, ctx.name)
+    def unknown(self, claimed: Claimed) -> tuple[Outcome, BaseException | None]:
+        outcome = outcomes.unknown_job(claimed.id, claimed.attempts, claimed.name)
         return outcome, UnknownJobError(outcome.error)
 
     async def finish(self, outcome: Outcome, error: BaseException | None) -> None:
@@ -524,10 +520,10 @@ class _Drain:
         if error is not None and self.options.raise_errors:
             raise error
 
-    async def release(self, ctx: JobContext) -> None:
+    async def release(self, claimed: Claimed) -> None:
         """The drain itself was interrupted: put the job back, attempt not counted."""
         await self.backend.finish_jobs(
-            [outcomes.released(ctx.id, ctx.attempt)], self.worker_id, keep=True
+            [outcomes.released(claimed.id, claimed.attempts)], self.worker_id, keep=True
         )
 
     def result(self) -> DrainResult:
@@ -599,16 +595,16 @@ async def _drain_async(eq: Soniq, options: _DrainOptions) -> DrainResult:
             claimed = await drainer.claim()
             if claimed is None:
                 break
-            run, ctx = drainer.start(claimed)
+            run = drainer.start(claimed)
             try:
                 if run is None:
-                    outcome, error = drainer.unknown(ctx)
+                    outcome, error = drainer.unknown(claimed)
                 elif run.definition.is_async:
                     outcome, error = await _run_async_job(run)
                 else:
                     outcome, error = await _run_sync_job_in_thread(run)
             except BaseException:
-                await drainer.release(ctx)
+                await drainer.release(claimed)
                 raise
             await drainer.finish(outcome, error)
     finally:
@@ -638,16 +634,16 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
                 claimed = run(drainer.claim())
                 if claimed is None:
                     break
-                job_run, ctx = drainer.start(claimed)
+                job_run = drainer.start(claimed)
                 try:
                     if job_run is None:
-                        outcome, error = drainer.unknown(ctx)
+                        outcome, error = drainer.unknown(claimed)
                     elif job_run.definition.is_async:
                         outcome, error = run(_run_async_job(job_run))
                     else:
                         outcome, error = _run_sync_job(job_run)
                 except BaseException:
-                    run(drainer.release(ctx))
+                    run(drainer.release(claimed))
                     raise
                 run(drainer.finish(outcome, error))
         finally:

@@ -309,6 +309,12 @@ async def test_drain_sync_runs_sync_jobs_on_the_calling_thread() -> None:
         drain(eq.sync)
 
 
+@pytest.mark.parametrize("queue", ["", [], ["ok", ""], "a,b", ["a,b"], 3])
+def test_drain_refuses_what_enqueue_refuses_as_a_queue_name(queue: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="queue"):
+        drain(Soniq("memory://").sync, queue=queue)
+
+
 async def test_cancelling_a_drain_stops_it_and_puts_its_job_back() -> None:
     """The drain's own cancellation (a test's timeout) is not the job's failure: it
     propagates at once, and the job goes back to the queue, its attempt not counted."""

@@ -26,12 +26,13 @@ import attrs
 
 from soniq.core import outcomes
 from soniq.core.errors import JobTimeout
-from soniq.core.jobs import JobDefinition
+from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
 from soniq.worker import context
 from soniq.worker.context import JobContext
 
 log = logging.getLogger("soniq.worker")
+_jitter = random.random
 
 
 @attrs.define(eq=False)
@@ -44,6 +45,27 @@ class JobRun:
     random: Callable[[], float] = random.random
     #: What the body raised, if it raised.
     error: BaseException | None = attrs.field(default=None, init=False)
+
+    @classmethod
+    def of(
+        cls,
+        definition: JobDefinition,
+        claimed: Claimed,
+        worker_id: str,
+        jitter: Callable[[], float] = _jitter,  # the back-off's (see ``random``)
+    ) -> JobRun:
+        """The run of a job ``worker_id`` claimed, as ``current_job()`` describes it."""
+        ctx = JobContext(
+            claimed.id,
+            claimed.name,
+            claimed.queue,
+            claimed.attempts,
+            claimed.max_retries,
+            claimed.timeout,
+            worker_id,
+            claimed.claims,
+        )
+        return cls(definition, ctx, claimed.args, jitter)
 
     async def run_async(self) -> Outcome:
         """Await the body (an ``async def`` job) on this loop, as ``current_job()``."""

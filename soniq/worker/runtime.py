@@ -43,7 +43,6 @@ from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import AsyncBackend, WorkerOps
-from soniq.worker.context import JobContext
 from soniq.worker.execute import JobRun
 from soniq.worker.heartbeat import Heartbeat
 from soniq.worker.threads import DaemonThreadPool
@@ -447,16 +446,6 @@ class Worker:
             log.error("job %s: no job named %r is registered; failing it", job_id, name)
             self._record(outcomes.unknown_job(job_id, attempts, name))
             return
-        ctx = JobContext(
-            job_id,
-            name,
-            claimed.queue,
-            attempts,
-            claimed.max_retries,
-            timeout,
-            self.id,
-            claimed.claims,
-        )
         if claimed.claims > attempts:
             log.warning(
                 "job %s %s: started again (run %d, attempt %d): an earlier run was put "
@@ -466,7 +455,7 @@ class Worker:
                 claimed.claims,
                 attempts,
             )
-        running = _Running(JobRun(definition, ctx, claimed.args, self._random))
+        running = _Running(JobRun.of(definition, claimed, self.id, self._random))
         self._running[job_id] = running
         log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
         if definition.is_async:
