@@ -705,8 +705,7 @@ def clear_jobs(eq: Soniq | SyncSoniq) -> None:
     database = _memory_database(eq, "clear_jobs")
     conn = database.connect()
     try:
-        if run(conn, sq.schema_version()):
-            run(conn, sq.clear_all())
+        run(conn, sq.clear_all())  # the database was created current (SqliteMemory)
     finally:
         conn.close()
 
@@ -723,7 +722,7 @@ def _memory_database(eq: Soniq | SyncSoniq, caller: str) -> SqliteMemory:
 
 
 def use_clock(eq: Soniq | SyncSoniq, clock: Callable[[], float]) -> None:
-    """Make the memory backend of ``eq`` (and of its twin: they share the store) read
+    """Make the memory backend of ``eq`` (and of its twin: they share the database) read
     the time from ``clock`` (epoch seconds), e.g. a :class:`FakeClock`. Scheduled jobs
     and retries become due, and workers' heartbeats go stale, as it moves.
 

@@ -2,9 +2,10 @@
 blocking (:class:`SyncBackend`), and the maintenance session a worker's heartbeat
 thread uses (:class:`MaintenanceSession`).
 
-The PostgreSQL drivers implement the operations with statements built by
-``soniq.core`` (``postgres_async.py``); an embedded backend implements them its own way
-and is held to the same behaviour by the shared test suite.
+Every backend runs statements built by ``soniq.core``: the PostgreSQL drivers those
+of ``core/sql/postgres.py`` (``postgres_async.py``), the SQLite backends, ``memory://``
+included, those of ``core/sql/sqlite.py``; ``tests/test_conformance.py`` holds them all
+to the same rows.
 """
 
 from __future__ import annotations
