@@ -58,15 +58,18 @@ def _postgres_async_driver(config: _Config) -> AsyncBackend:
     return PsycopgAsyncDriver(config.dsn, **config.driver_options())
 
 
-def _seconds(name: str, value: object) -> float:
-    """``value`` as a positive, finite number of seconds, or ConfigurationError."""
+def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """``value`` as a finite number of seconds, positive (or, with ``zero``, >= 0),
+    or ConfigurationError naming ``name``."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
-        or value <= 0
+        or value < 0
+        or (value == 0 and not zero)
     ):
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+        what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+        raise ConfigurationError(f"{name} must be {what}, got {value!r}")
     return float(value)
 
 
@@ -345,10 +348,7 @@ class Soniq:
     async def _initialize_waiting(self, wait: float) -> None:
         """:meth:`ensure_initialized`, retried with back-off (0.5 s doubling to 5 s)
         while the database is unavailable, for up to ``wait`` seconds."""
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
-            raise ConfigurationError(
-                f"wait_for_database must be a number of seconds >= 0, got {wait!r}"
-            )
+        wait = _seconds("wait_for_database", wait, zero=True)
         deadline = time.monotonic() + wait
         delay = 0.5
         while True:

@@ -451,7 +451,7 @@ def test_the_wait_flag_and_setting_are_validated() -> None:
             _parser().parse_args(["worker", "m:eq", "--wait-for-database", bad])
 
 
-@pytest.mark.parametrize("wait", [-1, float("nan"), "60", True])
+@pytest.mark.parametrize("wait", [-1, float("nan"), float("inf"), "60", True])
 async def test_run_worker_refuses_a_bad_wait(wait: object) -> None:
     from soniq import ConfigurationError
 
