@@ -237,7 +237,8 @@ _connection_errors: tuple[type[BaseException], ...] = (OSError, DatabaseUnavaila
 def register_connection_errors(*classes: type[BaseException]) -> None:
     """Called by each driver module when it is imported: these of its errors mean the
     connection is gone or the server is (re)starting, so the same statement may pass
-    on a new connection. Each driver knows its own, and no driver is imported to ask."""
+    on a new connection. Each driver module files its own as it is imported, so this
+    module need not import a driver to classify an error."""
     global _connection_errors
     new = tuple(c for c in classes if c not in _connection_errors)
     _connection_errors = (*_connection_errors, *new)
@@ -263,7 +264,9 @@ def rolled_back(exc: BaseException) -> bool:
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors after which the same statement can succeed on a new connection
     (a dropped or terminated connection, a server restarting, a pool timeout, a busy
-    SQLite database), as the drivers in use classify them."""
+    SQLite database), as the drivers in use classify them. psycopg's class for these,
+    ``OperationalError``, also holds server errors such as a deadlock or a statement
+    timeout: :func:`rolled_back` tells those apart where it matters."""
     return isinstance(exc, _connection_errors)
 
 

@@ -112,11 +112,10 @@ class AsyncpgDriver(PostgresAsyncOps):
         finally:
             try:
                 await asyncio.wait_for(conn.close(), 2)
-            except Exception:  # broken already: nothing to close gracefully
+            except BaseException as exc:  # broken already: nothing to close gracefully
                 conn.terminate()
-            except BaseException:
-                conn.terminate()
-                raise
+                if not isinstance(exc, Exception):
+                    raise
 
     def abort_own(self, conn: Any) -> None:
         """Abandon a connection at once (``terminate``: no goodbye, no wait); a
@@ -209,11 +208,10 @@ async def _reset_lent(conn: Any) -> None:
             await conn.execute("ROLLBACK")
         await conn.reset()
         await conn.execute("SET SESSION AUTHORIZATION DEFAULT; DISCARD TEMP; DISCARD SEQUENCES")
-    except Exception:
+    except BaseException as exc:
         conn.terminate()  # not lent again half reset
-    except BaseException:
-        conn.terminate()
-        raise
+        if not isinstance(exc, Exception):
+            raise
 
 
 async def _keep_session(conn: Any) -> None:

@@ -247,11 +247,10 @@ async def _reset_lent(conn: psycopg.AsyncConnection[Any], options: tuple[Any, ..
         # backlog; the next notifies() would return them.
         async for _ in conn.notifies(timeout=0):
             pass
-    except Exception:
+    except BaseException as exc:
         await conn.close()  # not lent again half reset: the pool replaces it
-    except BaseException:
-        await conn.close()
-        raise
+        if not isinstance(exc, Exception):
+            raise
 
 
 async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -199,11 +199,10 @@ def _reset_lent(conn: psycopg.Connection[Any], options: tuple[Any, ...]) -> None
         # backlog; the next notifies() would return them.
         for _ in conn.notifies(timeout=0):
             pass
-    except Exception:
+    except BaseException as exc:
         conn.close()  # not lent again half reset: the pool replaces it
-    except BaseException:
-        conn.close()
-        raise
+        if not isinstance(exc, Exception):
+            raise
 
 
 def _check_connection(conn: psycopg.Connection[Any]) -> None:
