@@ -10,6 +10,7 @@ expects once, and every face must produce exactly them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from soniq import Job, Soniq
 from soniq.core import outcomes
 from soniq.core.outcomes import Outcome
+from soniq.drivers._common import is_connection_error
 from tests.conftest import BACKENDS, new_soniq
 
 UTC = dt.timezone.utc
@@ -372,6 +374,62 @@ async def test_reconcile_puts_back_what_the_worker_does_not_hold(any_eq: Soniq) 
     assert put_back is not None
     assert (put_back.status.value, put_back.attempts, put_back.claims) == ("queued", 0, 0)
     assert await any_eq.backend.reconcile("w", [held]) == 0
+
+
+async def test_a_worker_session_claims_finishes_and_reconciles_as_the_backend_does(
+    any_eq: Soniq,
+) -> None:
+    """The worker's loops use a session held throughout: its operations write the
+    same rows as the backend's own."""
+    first, second, third = [await any_eq.enqueue("c.job", n=n) for n in range(3)]
+    async with any_eq.backend.worker_session() as ops:
+        claimed = await ops.claim_jobs(2, "w", None)
+        assert [c.id for c in claimed] == [first, second]
+        await ops.finish_jobs([outcomes.succeeded(first, 1, "ok")], "w", keep=True)
+        assert await ops.reconcile("w", []) == 1  # second: claimed, not held
+        assert [c.id for c in await ops.claim_jobs(5, "w", None)] == [second, third]
+    done, again = await any_eq.get_job(first), await any_eq.get_job(second)
+    assert done is not None and (done.status.value, done.result) == ("done", "ok")
+    assert again is not None and (again.status.value, again.attempts) == ("running", 1)
+
+
+async def test_an_aborted_session_fails_as_a_lost_connection_or_has_no_link_to_lose(
+    any_eq: Soniq,
+) -> None:
+    """``abort()`` (the worker's command_timeout): on a server the session's next
+    statement fails as on a lost connection; an embedded database has no link, and
+    the session goes on. Either way a new session works."""
+    job_id = await any_eq.enqueue("c.job")
+    served = any_eq.backend.name in ("asyncpg", "psycopg")
+    session = any_eq.backend.worker_session()
+    ops = await session.__aenter__()
+    ops.abort()
+    if served:
+        try:
+            await ops.claim_jobs(1, "w", None)
+        except Exception as exc:
+            assert is_connection_error(exc), repr(exc)
+            # As the worker drops a session after an error: the connection abandoned.
+            with contextlib.suppress(Exception):
+                await session.__aexit__(type(exc), exc, exc.__traceback__)
+        else:
+            pytest.fail("a statement on an aborted session got an answer")
+    else:
+        assert [c.id for c in await ops.claim_jobs(1, "w", None)] == [job_id]
+        await session.__aexit__(None, None, None)
+    async with any_eq.backend.worker_session() as ops:
+        await ops.reconcile("w", [])
+    maintenance = any_eq.backend.maintenance()
+    try:
+        maintenance.abort()  # only ever called while a call waits: here, none does
+    finally:
+        maintenance.close()
+    fresh = any_eq.backend.maintenance()
+    try:
+        await any_eq.backend.register_worker("w2", "h", 1, None, 1)
+        assert fresh.heartbeat("w2") is True
+    finally:
+        fresh.close()
 
 
 # -- workers and pruning ----------------------------------------------------------------------
