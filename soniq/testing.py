@@ -41,7 +41,7 @@ from soniq.app import Soniq, SyncSoniq
 from soniq.core import outcomes, serialize
 from soniq.core.enqueue import JobRef, check_queue
 from soniq.core.errors import UnknownJobError
-from soniq.core.jobs import Claimed, Job
+from soniq.core.jobs import Claimed, Job, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
 from soniq.worker.execute import JobRun
@@ -485,7 +485,9 @@ class _Drain:
         the drain cannot take its job for a dead worker's."""
         self._beat = time.monotonic()
         await self.backend.register_worker(
-            self.worker_id, socket.gethostname(), os.getpid(), self.options.queues, 1
+            WorkerIdentity(
+                self.worker_id, socket.gethostname(), os.getpid(), self.options.queues, 1
+            )
         )
 
     async def claim(self) -> Claimed | None:

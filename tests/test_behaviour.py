@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from soniq import Backoff, JobStatus, PermanentError, Soniq, current_job
+from soniq.core.jobs import WorkerIdentity
 from tests.conftest import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -279,7 +280,7 @@ async def test_a_dead_workers_job_is_rescued(eq: Soniq) -> None:
 
     job_id = await eq.enqueue(work)
     backend = eq.backend
-    await backend.register_worker("dead-worker", "host", 1, None, 1)
+    await backend.register_worker(WorkerIdentity("dead-worker", "host", 1, None, 1))
     assert [c.id for c in await backend.claim_jobs(1, "dead-worker", None)] == [job_id]
 
     async def done() -> bool:

@@ -22,6 +22,7 @@ import pytest
 
 from soniq import Job, Soniq
 from soniq.core import outcomes
+from soniq.core.jobs import WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
 from tests.conftest import BACKENDS, new_soniq
@@ -344,7 +345,7 @@ async def test_release_puts_back_without_counting(any_eq: Soniq) -> None:
 async def test_rescue_puts_back_the_jobs_of_unknown_workers_counting_the_attempt(
     any_eq: Soniq,
 ) -> None:
-    await any_eq.backend.register_worker("alive", "h", 1, None, 1)
+    await any_eq.backend.register_worker(WorkerIdentity("alive", "h", 1, None, 1))
     mine = await any_eq.enqueue("c.job")
     theirs = await any_eq.enqueue("c.job")
     last_try = await any_eq.enqueue("c.job", max_retries=0)
@@ -426,7 +427,7 @@ async def test_an_aborted_session_fails_as_a_lost_connection_or_has_no_link_to_l
         maintenance.close()
     fresh = any_eq.backend.maintenance()
     try:
-        await any_eq.backend.register_worker("w2", "h", 1, None, 1)
+        await any_eq.backend.register_worker(WorkerIdentity("w2", "h", 1, None, 1))
         assert fresh.heartbeat("w2") is True
     finally:
         fresh.close()
@@ -436,14 +437,14 @@ async def test_an_aborted_session_fails_as_a_lost_connection_or_has_no_link_to_l
 
 
 async def test_heartbeat_register_and_unregister(any_eq: Soniq) -> None:
-    await any_eq.backend.register_worker("w1", "host", 42, ["a", "b"], 3)
+    await any_eq.backend.register_worker(WorkerIdentity("w1", "host", 42, ("a", "b"), 3))
     ops = any_eq.backend.maintenance()
     try:
         assert ops.heartbeat("w1") is True
         assert ops.heartbeat("nobody") is False
         await any_eq.backend.unregister_worker("w1")
         assert ops.heartbeat("w1") is False
-        ops.register_worker("w1", "host", 42, None, 3)  # the heartbeat re-registers
+        ops.register_worker(WorkerIdentity("w1", "host", 42, None, 3))  # the heartbeat re-registers
         assert ops.heartbeat("w1") is True
     finally:
         ops.close()

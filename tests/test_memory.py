@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from soniq import ConfigurationError, JobStatus, Soniq
-from soniq.core.jobs import JobSpec
+from soniq.core.jobs import JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import LATEST_VERSION
 from soniq.drivers.sqlite import SqliteBackend, SqliteMemory, SqliteSyncBackend
@@ -105,8 +105,8 @@ async def test_the_clock_decides_which_workers_are_dead() -> None:
     backend, session = eq.backend, eq.backend.maintenance()
 
     ids = await backend.insert_jobs(spec(args=({}, {}), max_retries=0))
-    await backend.register_worker("live", "h", 1, None, 1)
-    await backend.register_worker("dead", "h", 2, None, 1)
+    await backend.register_worker(WorkerIdentity("live", "h", 1, None, 1))
+    await backend.register_worker(WorkerIdentity("dead", "h", 2, None, 1))
     assert [c.id for c in await backend.claim_jobs(1, "live", None)] == [ids[0]]
     assert [c.id for c in await backend.claim_jobs(1, "dead", None)] == [ids[1]]
     clock.now += 20
@@ -130,7 +130,7 @@ async def test_a_heartbeat_session_reads_a_clock_replaced_after_it_opened() -> N
     clock = Clock()
     use_clock(eq, clock)
     ids = await eq.backend.insert_jobs(spec(max_retries=0))
-    await eq.backend.register_worker("gone", "h", 1, None, 1)
+    await eq.backend.register_worker(WorkerIdentity("gone", "h", 1, None, 1))
     assert [c.id for c in await eq.backend.claim_jobs(1, "gone", None)] == ids
     clock.now += 40
     assert session.rescue_stale(30) == [(ids[0], "failed")]  # 40 s by the new clock

@@ -13,6 +13,7 @@ import pytest
 
 from soniq import Soniq
 from soniq.core import outcomes
+from soniq.core.jobs import WorkerIdentity
 from soniq.core.sql.postgres import PostgresQueries
 
 
@@ -30,7 +31,7 @@ def run(pg: psycopg.Connection, query: Any) -> list[tuple[Any, ...]]:
 
 
 def register(pg: psycopg.Connection, q: PostgresQueries, worker: str) -> None:
-    run(pg, q.register_worker(worker, "host", 1, None, 10))
+    run(pg, q.register_worker(WorkerIdentity(worker, "host", 1, None, 10)))
 
 
 def test_a_rescued_jobs_late_finish_changes_nothing(db: Any, pg: psycopg.Connection) -> None:

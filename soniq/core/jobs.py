@@ -76,6 +76,18 @@ class Job:
 
 
 @attrs.frozen
+class WorkerIdentity:
+    """Who a worker is, as its row in the workers table says: its id, where it runs,
+    the queues it takes (None: all) and its number of slots."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...] | None
+    concurrency: int
+
+
+@attrs.frozen
 class Claimed:
     """A job a worker has just claimed: what it needs to run it."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
-from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 
 
@@ -25,14 +25,7 @@ class MaintenanceSession(Protocol):
     def heartbeat(self, worker_id: str) -> bool:
         """Refresh the heartbeat; False if the worker was declared dead meanwhile."""
 
-    def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> None:
+    def register_worker(self, worker: WorkerIdentity) -> None:
         """Record the worker (again)."""
 
     def cancel_requests(self, worker_id: str) -> list[int]:
@@ -123,14 +116,7 @@ class AsyncBackend(Protocol):
         completer) on one connection held throughout, which saves a pool checkout per
         statement. After an error the session is closed and another one opened."""
 
-    async def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> None:
+    async def register_worker(self, worker: WorkerIdentity) -> None:
         """Record a worker; its heartbeat starts now."""
 
     async def unregister_worker(self, worker_id: str) -> None:

@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
-from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import MigrationPlan
 from soniq.core.sql.postgres import (
@@ -164,17 +164,8 @@ class PostgresAsyncOps:
         raise NotImplementedError
 
     @async_only
-    async def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> None:
-        await self.fetch(
-            self.queries.register_worker(worker_id, hostname, pid, queues, concurrency)
-        )
+    async def register_worker(self, worker: WorkerIdentity) -> None:
+        await self.fetch(self.queries.register_worker(worker))
 
     @async_only
     async def unregister_worker(self, worker_id: str) -> None:

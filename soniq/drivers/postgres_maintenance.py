@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 
+from soniq.core.jobs import WorkerIdentity
 from soniq.core.sql.postgres import PostgresQueries, Query
 from soniq.drivers._common import Target, libpq_connect_timeout, register_connection_errors
 
@@ -59,15 +59,8 @@ class PostgresMaintenance:
         """Refresh the worker's heartbeat; False if it was declared dead meanwhile."""
         return bool(self._fetch(self._queries.heartbeat(worker_id)))
 
-    def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> None:
-        self._fetch(self._queries.register_worker(worker_id, hostname, pid, queues, concurrency))
+    def register_worker(self, worker: WorkerIdentity) -> None:
+        self._fetch(self._queries.register_worker(worker))
 
     def cancel_requests(self, worker_id: str) -> list[int]:
         return [row[0] for row in self._fetch(self._queries.cancel_requests(worker_id))]

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from soniq.core.jobs import WorkerIdentity
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import MaintenanceSession
 
@@ -39,17 +40,17 @@ class Heartbeat(threading.Thread):
         self,
         *,
         open_session: Callable[[], MaintenanceSession],
-        identity: tuple[str, str, int, Sequence[str] | None, int],
+        identity: WorkerIdentity,
         interval: float,
         stale_after: float,
         retention: float | None,
         on_cancel: Callable[[Sequence[int]], object],
         command_timeout: float,
     ) -> None:
-        super().__init__(name=f"soniq-heartbeat-{identity[0][:8]}", daemon=True)
+        super().__init__(name=f"soniq-heartbeat-{identity.id[:8]}", daemon=True)
         self._open_session = open_session
         self._identity = identity
-        self._worker_id = identity[0]
+        self._worker_id = identity.id
         self._interval = interval
         self._stale_after = stale_after
         self._retention = retention
@@ -162,7 +163,7 @@ class Heartbeat(threading.Thread):
             # Declared dead (a pause longer than the stale timeout): our jobs were put
             # back and their late finishes will be fenced off. Register again.
             log.warning("worker %s was declared dead; registering again", self._worker_id)
-            call(session, session.register_worker, *self._identity)
+            call(session, session.register_worker, self._identity)
         self._confirmed = started
         requested = call(session, session.cancel_requests, self._worker_id)
         if requested:

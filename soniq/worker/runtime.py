@@ -38,7 +38,7 @@ from soniq.contrib.django import close_stale_connections
 from soniq.core import outcomes
 from soniq.core.enqueue import Registry, check_queue
 from soniq.core.errors import ConfigurationError
-from soniq.core.jobs import Claimed
+from soniq.core.jobs import Claimed, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
 from soniq.drivers._common import is_connection_error
@@ -183,7 +183,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._flush_needed = asyncio.Event()
         self._threads = DaemonThreadPool(self.config.concurrency)
-        identity = (
+        identity = WorkerIdentity(
             self.id,
             socket.gethostname(),
             os.getpid(),
@@ -191,7 +191,7 @@ class Worker:
             self.config.concurrency,
         )
         bound = self.config.command_timeout
-        await asyncio.wait_for(self._backend.register_worker(*identity), bound)
+        await asyncio.wait_for(self._backend.register_worker(identity), bound)
         heartbeat = Heartbeat(
             open_session=self._backend.maintenance,
             identity=identity,

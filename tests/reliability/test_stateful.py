@@ -37,6 +37,7 @@ from psycopg import sql
 
 from soniq import Backoff, JobStatus, PermanentError, Soniq
 from soniq.core import outcomes
+from soniq.core.jobs import WorkerIdentity
 from tests.reliability.conftest import report
 
 T = TypeVar("T")
@@ -161,7 +162,7 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def start_worker(self) -> None:
         worker = f"w{next(self.workers)}"
-        self.run(self.backend.register_worker(worker, "host", 1, None, 3))
+        self.run(self.backend.register_worker(WorkerIdentity(worker, "host", 1, None, 3)))
         self.alive.append(worker)
 
     @precondition(lambda self: self.alive)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import attrs
 
 from soniq.core import serialize, states
-from soniq.core.jobs import Job, JobSpec
+from soniq.core.jobs import Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
 
@@ -438,17 +438,13 @@ DELETE FROM {jobs} WHERE id IN (
         ok = ("{" + ",".join(ok_ids) + "}", "{" + ",".join(ok_attempts) + "}")
         return Query(sql, (worker_id, *ok, serialize.dumps(doc)))
 
-    def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> Query:
+    def register_worker(self, worker: WorkerIdentity) -> Query:
         """Record a worker (its heartbeat starts now)."""
-        queue_list = serialize.dumps(list(queues) if queues is not None else [])
-        return Query(self._register, (worker_id, hostname, str(pid), queue_list, str(concurrency)))
+        queue_list = serialize.dumps(list(worker.queues) if worker.queues is not None else [])
+        return Query(
+            self._register,
+            (worker.id, worker.hostname, str(worker.pid), queue_list, str(worker.concurrency)),
+        )
 
     def heartbeat(self, worker_id: str) -> Query:
         """Refresh a worker's heartbeat; no row means it was declared dead."""

@@ -36,7 +36,7 @@ import attrs
 
 from soniq.core import serialize, states
 from soniq.core.errors import SchemaNotReadyError
-from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
 
@@ -490,25 +490,18 @@ def finish_jobs(
     return Operation(steps(), immediate=True)
 
 
-def register_worker(
-    worker_id: str,
-    hostname: str,
-    pid: int,
-    queues: Sequence[str] | None,
-    concurrency: int,
-    now: float,
-) -> Operation[None]:
+def register_worker(worker: WorkerIdentity, now: float) -> Operation[None]:
     """Record a worker (again); its heartbeat is now."""
-    queue_list = None if queues is None else serialize.dumps(list(queues))
+    queue_list = None if worker.queues is None else serialize.dumps(list(worker.queues))
 
     def steps() -> Steps[None]:
         yield Step(
             f"INSERT OR IGNORE INTO {WORKERS} "
             "(id, hostname, pid, queues, concurrency, started_at, heartbeat_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (worker_id, hostname, pid, queue_list, concurrency, now, now),
+            (worker.id, worker.hostname, worker.pid, queue_list, worker.concurrency, now, now),
         )
-        yield Step(f"UPDATE {WORKERS} SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
+        yield Step(f"UPDATE {WORKERS} SET heartbeat_at = ? WHERE id = ?", (now, worker.id))
 
     return Operation(steps(), immediate=True)
 

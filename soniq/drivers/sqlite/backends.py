@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
 from soniq.core.errors import ConfigurationError
-from soniq.core.jobs import Claimed, Job, JobSpec
+from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation
@@ -138,17 +138,9 @@ class SqliteMaintenance:
         """Refresh the heartbeat; False if the worker was declared dead meanwhile."""
         return run(self._conn, sq.heartbeat(worker_id, self._clock()))
 
-    def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> None:
+    def register_worker(self, worker: WorkerIdentity) -> None:
         """Record the worker (again)."""
-        op = sq.register_worker(worker_id, hostname, pid, queues, concurrency, self._clock())
-        run(self._conn, op)
+        run(self._conn, sq.register_worker(worker, self._clock()))
 
     def cancel_requests(self, worker_id: str) -> list[int]:
         """Ids of the worker's running jobs whose cancellation was requested."""
@@ -315,20 +307,9 @@ class SqliteBackend(_OnDatabase):
             linger=True,
         )
 
-    async def register_worker(
-        self,
-        worker_id: str,
-        hostname: str,
-        pid: int,
-        queues: Sequence[str] | None,
-        concurrency: int,
-    ) -> None:
+    async def register_worker(self, worker: WorkerIdentity) -> None:
         """Record a worker; its heartbeat starts now."""
-        await self._commit(
-            lambda: sq.register_worker(
-                worker_id, hostname, pid, queues, concurrency, self.database.clock()
-            )
-        )
+        await self._commit(lambda: sq.register_worker(worker, self.database.clock()))
 
     async def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that stopped cleanly."""
