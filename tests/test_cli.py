@@ -131,26 +131,23 @@ def test_load_app_of_a_missing_module_names_it() -> None:
         load_app("tests.no_such_module:eq")
 
 
-def test_an_import_error_inside_the_app_keeps_its_traceback(tmp_path: Any) -> None:
-    (tmp_path / "broken_app.py").write_text("import no_such_dependency_of_the_app\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        with pytest.raises(ModuleNotFoundError, match="no_such_dependency_of_the_app"):
-            load_app("broken_app:eq")
-    finally:
-        sys.path.remove(str(tmp_path))
-
-
-def test_a_missing_module_whose_name_prefixes_the_apps_keeps_its_traceback(
-    tmp_path: Any,
+@pytest.mark.parametrize(
+    ("module", "missing"),
+    [
+        ("broken_app", "no_such_dependency_of_the_app"),
+        # A missing module whose name prefixes the app's as text, not as a package
+        # (myapp_extra importing a missing myapp): the app's own failure too.
+        ("broken_app_extra", "broken_app"),
+    ],
+)
+def test_an_import_error_inside_the_app_keeps_its_traceback(
+    tmp_path: Any, module: str, missing: str
 ) -> None:
-    """``myapp_extra`` importing a missing ``myapp`` is the app's own failure, not a
-    wrong path: the name is a prefix of the app's as text, not as a package."""
-    (tmp_path / "broken_app_extra.py").write_text("import broken_app\n")
+    (tmp_path / f"{module}.py").write_text(f"import {missing}\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        with pytest.raises(ModuleNotFoundError, match="'broken_app'"):
-            load_app("broken_app_extra:eq")
+        with pytest.raises(ModuleNotFoundError, match=f"'{missing}'"):
+            load_app(f"{module}:eq")
     finally:
         sys.path.remove(str(tmp_path))
 
