@@ -9,6 +9,8 @@ nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint", "types", "imports"]
 nox.options.reuse_existing_virtualenvs = True
 
+RUFF = "ruff==0.17.6"  # lint's, and the generator's (tools/unasync.py)
+
 # Everything the suite exercises: the package with psycopg's binary wheels, and the
 # frameworks whose connections transactional enqueue must accept.
 TEST_DEPS = [
@@ -22,6 +24,8 @@ TEST_DEPS = [
     # The seed documentation's examples are FastAPI routes; they run as written.
     "fastapi>=0.110",
     "httpx>=0.27",
+    # tools/unasync.py formats what it generates with ruff (tests/test_unasync.py).
+    RUFF,
 ]
 
 
@@ -85,7 +89,7 @@ def tests_oldest(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check, and the generated sync files are current."""
-    session.install("ruff==0.17.6")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("python", "tools/unasync.py", "--check")
