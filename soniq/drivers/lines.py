@@ -42,7 +42,12 @@ class _Turn(Generic[I]):
 
     def __init__(self, item: I) -> None:
         self.item = item
-        self.woken = threading.Event()
+        # A bare lock, taken now and released once to wake the thread: an Event's
+        # condition wakes it only to queue again for the waker's lock. (16 threads
+        # through a line whose statement sleeps 0.5 ms: 10-12k calls/s with Events,
+        # 11-15k with locks, CPU per call 63 -> 40 us.)
+        self.woken = threading.Lock()
+        self.woken.acquire()
         #: Set when this thread is to send the front of the line (itself first).
         self.group: list[_Turn[I]] | None = None
 
@@ -92,7 +97,7 @@ class ThreadLine(Generic[I]):
                 self._end()
         group: list[_Turn[I]] | None = None
         try:
-            turn.woken.wait()
+            turn.woken.acquire()
             group = turn.group
             if group is not None:
                 self._send([t.item for t in group])
@@ -107,7 +112,7 @@ class ThreadLine(Generic[I]):
         finally:
             if group is not None:
                 for other in group[1:]:
-                    other.woken.set()
+                    other.woken.release()
                 self._end()
         result: R = turn.item.future.result()
         return result
@@ -148,4 +153,4 @@ class ThreadLine(Generic[I]):
             self._in_flight += 1
             self.batches[size] += 1
             group[0].group = group
-            group[0].woken.set()
+            group[0].woken.release()
