@@ -70,7 +70,9 @@ def _bars(ax: Any, items: list[tuple[str, str, dict[str, Any]]], title: str, uni
     ax.set_xlim(0, top * 1.22 if top else 1)
 
 
-def draw(result: dict[str, Any], path: Path) -> None:
+def draw(result: dict[str, Any], path: Path) -> bool:
+    """Write the chart of ``result`` to ``path``; False (nothing written) when the run
+    measured nothing that is charted."""
     panels: list[tuple[str, str, list[tuple[str, str, dict[str, Any]]]]] = []
     enq = result.get("enqueue")
     if enq:
@@ -78,6 +80,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
             "single": "enqueue one job per call (own pool)",
             "tx": "enqueue in the caller's transaction (+ business row)",
             "many": "batch enqueue (one call)",
+            "concurrent": "enqueue one job per call, many callers at once (pool of 10)",
         }
         for case, title in titles.items():
             items = []
@@ -90,7 +93,9 @@ def draw(result: dict[str, Any], path: Path) -> None:
                 panels.append((title, "jobs/s", items))
     wrk = result.get("worker")
     if wrk:
-        for figure in ("drain-async", "drain-sync", "latency-p50", "latency-p99", "bloat", "rss"):
+        figures: tuple[str, ...] = ("drain-async", "drain-sync", "latency-p50", "latency-p99")
+        figures += ("latency-loaded-p50", "latency-loaded-p99", "bloat", "rss")
+        for figure in figures:
             ms = [m for m in wrk["measures"] if m["figure"] == figure]
             if ms:
                 title = ms[0]["title"]
@@ -125,6 +130,8 @@ def draw(result: dict[str, Any], path: Path) -> None:
                     items.append((label, _family(key), m))
             if items:
                 panels.append((f"{title} ({emb['n']:,} jobs)", "jobs/s", items))
+    if not panels:
+        return False
     columns = 3
     rows = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(17, 4.2 * rows), squeeze=False)
@@ -151,6 +158,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
     buffer.seek(0)
     with Image.open(buffer) as image:
         image.convert("RGB").quantize(colors=64).save(path, optimize=True)
+    return True
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ def worker_sizes(args: argparse.Namespace) -> worker.Sizes:
         warmup=min(args.drain, 200 if args.quick else 2000),
         latency=args.latency,
         latency_warmup=10 if args.quick else 30,
+        loaded=10 * args.latency,
         rate=100.0,
         bloat_rows=args.bloat_rows,
         bloat_drain=args.bloat_drain,
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = [s for s in worker.systems() if args.systems is None or s.key in args.systems]
         print(
             f"worker: drain {sizes.drain:,} jobs per run (fewer for a system with a cap); "
-            f"latency {sizes.latency} jobs at {sizes.rate:.0f}/s; bloat: "
+            f"latency {sizes.latency} jobs at {sizes.rate:.0f}/s, and {sizes.loaded:,} "
+            f"enqueued by {worker.LOAD_COROUTINES} coroutines at once; bloat: "
             f"{sizes.bloat_rows:,} finished rows, {sizes.bloat_drain:,} queued; "
             f"{sizes.repeats} repeat(s) after a warm-up",
             flush=True,
@@ -216,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         png = path.with_suffix(".png") if args.output is None else RESULTS_DIR / "bench.png"
         extra = [Path(args.chart)] if args.chart else []
         for target in [png, *extra]:
-            chart.draw(result, target)
-            print(f"chart: {target}")
+            if chart.draw(result, target):
+                print(f"chart: {target}")
 
     missing = missing_figures(result)
     for line in missing:

@@ -19,6 +19,10 @@ then runs the system's worker on command:
   one job at a time, about 100 a second, with the system's own single-enqueue call,
   passing ``time.time()`` read just before the call; the job reads ``time.time()``
   as it starts. p50 and p99 per repeat.
+* **latency under load** (Soniq): the same, but the jobs are enqueued by 64
+  coroutines at once, each one job at a time and as fast as it can (a web server's
+  requests; their enqueues are merged, ``soniq.drivers.insert_lines``), ten times as
+  many jobs; the worker drains them while they come. p50 and p99 per repeat.
 * **RSS**: the child's peak resident memory during each async drain (the kernel's
   high-water mark, reset before the drain).
 * **bloat**: the same drain (fewer jobs) after one ``INSERT ... SELECT
@@ -75,6 +79,7 @@ class System:
     settings: dict[str, Any]
     kinds: tuple[str, ...] = ("async",)  # drains it runs
     latency: bool = False
+    loaded: bool = False  # also the latency under load (64 coroutines enqueueing)
     bloat: bool = False
     scale: float = 1.0  # a slow system drains this fraction of the jobs the others do
 
@@ -89,6 +94,7 @@ def systems() -> list[System]:
             {"driver": "asyncpg", "concurrency": 100},
             ("async", "sync"),
             latency=True,
+            loaded=True,
             bloat=True,
         ),
         System(
@@ -98,6 +104,7 @@ def systems() -> list[System]:
             {"driver": "psycopg", "concurrency": 100},
             ("async", "sync"),
             latency=True,
+            loaded=True,
         ),
         System(
             "pgqueuer-50",
@@ -142,6 +149,7 @@ def systems() -> list[System]:
 
 
 SONIQ = "soniq-asyncpg"  # the Soniq every ratio is taken for
+LOAD_COROUTINES = 64  # enqueueing at once in the latency-under-load measurement
 PGQUEUER_SAME_BUDGET = "pgqueuer-50"
 
 
@@ -481,6 +489,7 @@ class Sizes:
     warmup: int
     latency: int
     latency_warmup: int
+    loaded: int  # jobs per latency-under-load measurement
     rate: float
     bloat_rows: int
     bloat_drain: int
@@ -555,6 +564,8 @@ class WorkerBench:
         out = [f"drain-{k}/{s.key}" for k in s.kinds] + [f"rss/{s.key}"]
         if s.latency:
             out += [f"latency-p50/{s.key}", f"latency-p99/{s.key}"]
+        if s.loaded:
+            out += [f"latency-loaded-p50/{s.key}", f"latency-loaded-p99/{s.key}"]
         if s.bloat:
             out.append(f"bloat/{s.key}")
         return out
@@ -589,7 +600,9 @@ class WorkerBench:
             if kind == "async" and not record.startswith("bloat"):
                 self.results.get(f"rss/{s.key}").rates.append(answer["rss_peak_kib"] / 1024)
 
-    def latency(self, s: System, n: int, *, record: bool) -> None:
+    def latency(self, s: System, n: int, *, record: bool, loaded: bool = False) -> None:
+        """Enqueue-to-start latency of ``n`` jobs: paced one client, or ``loaded``: as
+        fast as :data:`LOAD_COROUTINES` coroutines enqueue them."""
         if self._failed(s):
             return
         producer, child = self.producers[s.key], self.children[s.key]
@@ -597,7 +610,8 @@ class WorkerBench:
             producer.reset()
             child.send({"op": "latency", "n": n, "settle": self.sizes.settle, "timeout": 30.0})
             child.receive(self.sizes.timeout)
-            self.loop.run_until_complete(self._pace(producer, n))
+            send = self._flood if loaded else self._pace
+            self.loop.run_until_complete(send(producer, n))
             answer = child.receive(self.sizes.timeout)
             producer.clear()
             if answer.get("error"):
@@ -607,8 +621,9 @@ class WorkerBench:
             return
         if record:
             ms = [x * 1000 for x in answer["latencies"]]
-            self.results.get(f"latency-p50/{s.key}").rates.append(_pct(ms, 0.50))
-            self.results.get(f"latency-p99/{s.key}").rates.append(_pct(ms, 0.99))
+            prefix = "latency-loaded" if loaded else "latency"
+            self.results.get(f"{prefix}-p50/{s.key}").rates.append(_pct(ms, 0.50))
+            self.results.get(f"{prefix}-p99/{s.key}").rates.append(_pct(ms, 0.99))
 
     async def _pace(self, producer: Producer, n: int) -> None:
         start = time.perf_counter()
@@ -617,6 +632,15 @@ class WorkerBench:
             if delay > 0:
                 await asyncio.sleep(delay)
             await producer.enqueue_one(time.time())
+
+    async def _flood(self, producer: Producer, n: int) -> None:
+        left = iter(range(n))  # shared: each coroutine takes the next job
+
+        async def caller() -> None:
+            for _ in left:
+                await producer.enqueue_one(time.time())
+
+        await asyncio.gather(*(caller() for _ in range(LOAD_COROUTINES)))
 
     # -- the whole run -----------------------------------------------------------------
 
@@ -628,17 +652,22 @@ class WorkerBench:
                 self.drain(s, kind, sz.capped(s, sz.warmup), record=None)
             if s.latency:
                 self.latency(s, sz.latency_warmup, record=False)
+            if s.loaded:
+                self.latency(s, sz.loaded // 10, record=False, loaded=True)
         groups: list[tuple[str, list[System]]] = [
             (f"drain-{kind}", [s for s in self.plan if kind in s.kinds])
             for kind in ("async", "sync")
         ]
         groups.append(("latency", [s for s in self.plan if s.latency]))
+        groups.append(("latency-loaded", [s for s in self.plan if s.loaded]))
         for r in range(sz.repeats):
             for name, members in groups:
                 shift = r % len(members) if members else 0
                 for s in members[shift:] + members[:shift]:
                     if name == "latency":
                         self.latency(s, sz.latency, record=True)
+                    elif name == "latency-loaded":
+                        self.latency(s, sz.loaded, record=True, loaded=True)
                     else:
                         kind = name.split("-")[1]
                         self.drain(s, kind, sz.capped(s, sz.drain), record=f"{name}/{s.key}")
@@ -687,6 +716,8 @@ FIGURES = [
     ("drain-sync", "drain, sync no-op jobs (threads)", "jobs/s", True),
     ("latency-p50", "enqueue-to-start latency p50", "ms", False),
     ("latency-p99", "enqueue-to-start latency p99", "ms", False),
+    ("latency-loaded-p50", "enqueue-to-start latency p50, 64 coroutines enqueueing", "ms", False),
+    ("latency-loaded-p99", "enqueue-to-start latency p99, 64 coroutines enqueueing", "ms", False),
     ("rss", "worker peak RSS during the async drain", "MiB", False),
     ("bloat", "drain with {rows} finished rows in the table", "jobs/s", True),
 ]
@@ -782,6 +813,8 @@ def _notes(plan: list[System], sizes: Sizes, results: Results) -> list[str]:
 
 
 def _n_for(prefix: str, s: System, sizes: Sizes) -> int:
+    if prefix.startswith("latency-loaded"):
+        return sizes.loaded
     if prefix.startswith("latency"):
         return sizes.latency
     if prefix == "bloat":
