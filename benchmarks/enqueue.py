@@ -13,7 +13,12 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
 * ``concurrent``: N jobs enqueued one by one by 64 coroutines at once (async drivers)
   or 16 threads (``psycopg-sync``), through a pool of 10 connections on every side:
   a web server's requests. Raw baseline: the plain ``INSERT`` per call. Soniq merges
-  the calls that wait (group commit, ``soniq.drivers.insert_lines``).
+  the calls that wait (group commit, ``soniq.drivers.insert_lines``). Beside
+  ``psycopg-sync``, the ceiling of any line of blocking callers: the 16 threads
+  through Soniq's line (``soniq.drivers.lines.ThreadLine``) whose statement writes
+  nothing and only sleeps :data:`LINE_STATEMENT_S` (about one INSERT's round trip and
+  commit here): what threads that must each block and be woken can pass on this
+  machine, whatever the database.
 
 Beside them, the peers doing the same with their own documented calls: pgqueuer on
 asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
@@ -42,6 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +64,14 @@ from benchmarks._common import (
     target,
 )
 from soniq import Soniq
+from soniq.drivers.insert_lines import MAX_BATCH, MAX_IN_FLIGHT
+from soniq.drivers.lines import ThreadLine
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")
 CASES = ("single", "tx", "many", "concurrent")
 COROUTINES = 64  # async callers of the concurrent case
 THREADS = 16  # blocking callers of the concurrent case
+LINE_STATEMENT_S = 0.0005  # the statement of the line ceiling (psycopg-sync concurrent)
 JOB_NAME = "benchmarks.noop"
 QUEUE = "default"
 CHANNEL = "soniq:public"  # Soniq's channel for schema "public"; nobody listens here
@@ -329,6 +338,24 @@ class RawPsycopgSync:
                 conn.execute(INSERT_SQL_F, (JOB_NAME, QUEUE, _dumps({"n": i}))).fetchone()
 
         return _in_threads(n, one)
+
+    def line_ceiling(self, n: int) -> float:
+        """:data:`THREADS` threads through Soniq's line of blocking calls, its
+        statement a sleep of :data:`LINE_STATEMENT_S` writing nothing."""
+
+        class Call:
+            __slots__ = ("future",)
+
+            def __init__(self) -> None:
+                self.future: Future[None] = Future()
+
+        def statement(calls: list[Call]) -> None:
+            time.sleep(LINE_STATEMENT_S)
+            for call in calls:
+                call.future.set_result(None)
+
+        line = ThreadLine(statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH)
+        return _in_threads(n, lambda i: line.run(lambda: time.sleep(LINE_STATEMENT_S), Call))
 
     def _single(self, n: int, statement: str) -> float:
         pool = self.pool
@@ -705,6 +732,9 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
                 ("soniq", f"soniq enqueue, {callers}", soniq, "concurrent"),
             ],
         }
+        if sync:
+            line = f"line ceiling: {callers}, no database, {LINE_STATEMENT_S * 1e3:g} ms sleeps"
+            plan["concurrent"].append(("line", line, raw, "line_ceiling"))
         if peers:
             for case in plan:
                 plan[case].append((peer, peer_plan[case], db, case))
@@ -742,8 +772,10 @@ RATIOS = {
     ],
     "concurrent": [
         ("soniq", "raw"),
+        ("line", "raw"),
         ("pgqueuer", "raw"),
         ("procrastinate", "raw"),
+        ("soniq", "line"),
         ("soniq", "pgqueuer"),
         ("soniq", "procrastinate"),
     ],
@@ -825,9 +857,11 @@ class Bench:
         jobs, orders = control.count()
         control.clear()
         want_orders = n if m.case == "tx" else 0
-        if (jobs, orders) != (n, want_orders):
+        want_jobs = 0 if m.key == "line" else n  # the line ceiling writes nothing
+        if (jobs, orders) != (want_jobs, want_orders):
             raise RuntimeError(
-                f"{m.id}: expected {n} jobs and {want_orders} orders, found {jobs} and {orders}"
+                f"{m.id}: expected {want_jobs} jobs and {want_orders} orders, "
+                f"found {jobs} and {orders}"
             )
         return n / elapsed
 
