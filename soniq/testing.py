@@ -40,7 +40,6 @@ import attrs
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import outcomes, serialize
 from soniq.core.enqueue import JobRef, check_queue
-from soniq.core.errors import UnknownJobError
 from soniq.core.jobs import Claimed, Job, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
@@ -493,18 +492,18 @@ class _Drain:
     async def claim(self) -> Claimed | None:
         if time.monotonic() - self._beat > 2.0:
             await self.register()
-        claimed = await self.backend.claim_jobs(1, self.worker_id, self.options.queues)
+        # As the worker: only the names registered here (the others stay queued).
+        names = sorted(d.name for d in self.registry)
+        claimed = await self.backend.claim_jobs(1, self.worker_id, self.options.queues, names)
         return claimed[0] if claimed else None
 
-    def start(self, claimed: Claimed) -> JobRun | None:
-        """The run of a claimed job, as the worker makes it (None: no job of that
-        name is registered)."""
+    def start(self, claimed: Claimed) -> JobRun:
+        """The run of a claimed job (claimed by a registered name), as the worker
+        makes it."""
         definition = self.registry.get(claimed.name)
-        return None if definition is None else JobRun.of(definition, claimed, self.worker_id)
-
-    def unknown(self, claimed: Claimed) -> tuple[Outcome, BaseException | None]:
-        outcome = outcomes.unknown_job(claimed.id, claimed.attempts, claimed.name)
-        return outcome, UnknownJobError(outcome.error)
+        if definition is None:  # claimed by name: only if the registry lost it since
+            raise RuntimeError(f"job {claimed.id}: {claimed.name!r} is no longer registered")
+        return JobRun.of(definition, claimed, self.worker_id)
 
     async def finish(self, outcome: Outcome, error: BaseException | None) -> None:
         """Write the outcome, count it, and re-raise the job's error if asked."""
@@ -599,9 +598,7 @@ async def _drain_async(eq: Soniq, options: _DrainOptions) -> DrainResult:
                 break
             run = drainer.start(claimed)
             try:
-                if run is None:
-                    outcome, error = drainer.unknown(claimed)
-                elif run.definition.is_async:
+                if run.definition.is_async:
                     outcome, error = await _run_async_job(run)
                 else:
                     outcome, error = await _run_sync_job_in_thread(run)
@@ -638,9 +635,7 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
                     break
                 job_run = drainer.start(claimed)
                 try:
-                    if job_run is None:
-                        outcome, error = drainer.unknown(claimed)
-                    elif job_run.definition.is_async:
+                    if job_run.definition.is_async:
                         outcome, error = run(_run_async_job(job_run))
                     else:
                         outcome, error = _run_sync_job(job_run)

@@ -241,12 +241,26 @@ async def test_cancel_queued_and_running_jobs(eq: Soniq) -> None:
     assert never not in runs.per_job()
 
 
-async def test_unknown_job_name_fails_without_retry(eq: Soniq) -> None:
-    job_id = await eq.enqueue("nobody.knows.this", x=1, max_retries=5)
+async def test_a_worker_leaves_jobs_it_does_not_know_queued(eq: Soniq) -> None:
+    @eq.job(name="known.here")
+    async def known() -> None: ...
+
+    theirs = await eq.enqueue("nobody.knows.this", x=1, max_retries=5)
+    mine = await eq.enqueue(known)
     await eq.run_worker(burst=True)
-    job = await eq.get_job(job_id)
-    assert (job.status, job.attempts) == (JobStatus.FAILED, 1)
-    assert "no job named 'nobody.knows.this'" in job.last_error
+    assert await status_of(eq, mine) == JobStatus.DONE
+    job = await eq.get_job(theirs)
+    assert (job.status, job.attempts, job.last_error) == (JobStatus.QUEUED, 0, None)
+
+
+async def test_a_worker_with_no_job_registered_says_it_will_take_none(
+    eq: Soniq, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = await eq.enqueue("defined.elsewhere")
+    with caplog.at_level("WARNING", logger="soniq"):
+        await eq.run_worker(burst=True)
+    assert "no job is registered with this Soniq" in caplog.text
+    assert await status_of(eq, job_id) == JobStatus.QUEUED
 
 
 async def test_retention_zero_deletes_finished_jobs(eq: Soniq) -> None:

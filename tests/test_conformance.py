@@ -243,6 +243,24 @@ async def test_claim_only_the_queues_asked_for(any_eq: Soniq) -> None:
     assert await any_eq.backend.claim_jobs(10, "w", []) == []
 
 
+async def test_claim_only_the_names_asked_for(any_eq: Soniq) -> None:
+    a = await any_eq.enqueue("c.a")
+    b = await any_eq.enqueue("c.b", queue="q2")
+    c = await any_eq.enqueue("c.c", priority=5)
+    a2 = await any_eq.enqueue("c.a", queue="q2")
+    claim = any_eq.backend.claim_jobs
+    assert await claim(10, "w", None, []) == []
+    assert await claim(10, "w", None, ["c.nobody"]) == []
+    assert [j.id for j in await claim(10, "w", ["q2"], ["c.a"])] == [a2]  # one queue
+    assert [j.id for j in await claim(10, "w", ["default", "q2"], ["c.b"])] == [b]  # several
+    assert [(j.id, j.name) for j in await claim(10, "w", None, ["c.a", "c.c"])] == [
+        (c, "c.c"),  # still in claim order: priority first
+        (a, "c.a"),
+    ]
+    statuses = {i: (await any_eq.get_job(i)).status.value for i in (a, b, c, a2)}
+    assert set(statuses.values()) == {"running"}
+
+
 async def test_claimed_job_carries_what_the_worker_needs(any_eq: Soniq) -> None:
     job_id = await any_eq.enqueue("c.job", n=1, queue="q", max_retries=4, timeout=2.5)
     [claimed] = await any_eq.backend.claim_jobs(1, "w", None)

@@ -93,12 +93,19 @@ def test_claim_uses_its_index_with_finished_history(
     )
     pg.execute(f"ANALYZE {jobs}")
     queries = PostgresQueries(schema, "format")
+    names = ["j", "other.app.job"]  # a worker claims only the names it knows
     for claim, indexes in [
         (queries.claim_jobs(10, "w1", None), {"soniq_jobs_claim_idx"}),
+        (queries.claim_jobs(10, "w1", None, names), {"soniq_jobs_claim_idx"}),
         (queries.claim_jobs(10, "w1", ["mail"]), {"soniq_jobs_claim_queue_idx"}),
+        (queries.claim_jobs(10, "w1", ["mail"], names), {"soniq_jobs_claim_queue_idx"}),
         # Several queues: either index serves (in claim order, or per queue).
         (
             queries.claim_jobs(10, "w1", ["mail", "default"]),
+            {"soniq_jobs_claim_idx", "soniq_jobs_claim_queue_idx"},
+        ),
+        (
+            queries.claim_jobs(10, "w1", ["mail", "default"], names),
             {"soniq_jobs_claim_idx", "soniq_jobs_claim_queue_idx"},
         ),
     ]:

@@ -45,11 +45,11 @@ class _FaultyOps:
     def __init__(self, ops: Any, faults: _Faults) -> None:
         self._ops, self._faults = ops, faults
 
-    async def claim_jobs(self, limit: int, worker_id: str, queues: Any) -> Any:
+    async def claim_jobs(self, limit: int, worker_id: str, queues: Any, names: Any) -> Any:
         if self._faults.finish_started.is_set() and not self._faults.claim_failed:
             self._faults.claim_failed = True
             raise ConnectionResetError("injected: the claim's connection was lost")
-        return await self._ops.claim_jobs(limit, worker_id, queues)
+        return await self._ops.claim_jobs(limit, worker_id, queues, names)
 
     async def finish_jobs(self, outcomes: Any, worker_id: str, *, keep: bool) -> None:
         self._faults.finish_started.set()

@@ -617,9 +617,9 @@ async def test_a_claim_waits_for_running_jobs_to_free_their_slots_too(
     limits: list[int] = []
     real_claim = backend.claim_jobs
 
-    async def claim_jobs(limit: int, worker_id: str, queues: Any) -> Any:
+    async def claim_jobs(limit: int, worker_id: str, queues: Any, names: Any) -> Any:
         limits.append(limit)
-        return await real_claim(limit, worker_id, queues)
+        return await real_claim(limit, worker_id, queues, names)
 
     monkeypatch.setattr(backend, "claim_jobs", claim_jobs)
     slow_may_end = asyncio.Event()
@@ -806,6 +806,11 @@ async def test_hot_statements_use_their_indexes(eq: Soniq) -> None:
         assert "soniq_jobs_claim_queue_idx" in plan and "TEMP B-TREE" not in plan, plan
         plan = explain(conn, sq.claim_jobs(10, "w", ["b", "c"], now))
         assert "soniq_jobs_claim_queue_idx" in plan, plan
+        # A worker's claim names the jobs it knows: a filter on the same index order.
+        plan = explain(conn, sq.claim_jobs(10, "w", None, now, ["some.job", "x"]))
+        assert "soniq_jobs_claim_idx" in plan and "TEMP B-TREE" not in plan, plan
+        plan = explain(conn, sq.claim_jobs(10, "w", ["b"], now, ["some.job"]))
+        assert "soniq_jobs_claim_queue_idx" in plan and "TEMP B-TREE" not in plan, plan
         plan = explain(conn, sq.prune_finished(60, 100, now))
         assert "soniq_jobs_finished_idx" in plan, plan
         plan = explain(conn, sq.cancel_requests("w"))

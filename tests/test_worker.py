@@ -62,6 +62,24 @@ def test_burst_worker_runs_sync_and_async_jobs_exactly_once(
     assert app.eq.sync.get_job(ids[-1]).result == 299  # the return value is kept
 
 
+@pytest.mark.timeout(90)
+def test_two_apps_sharing_a_database_and_a_queue_each_run_only_their_own_jobs(
+    app: Any, pg: psycopg.Connection, schema: str, soniq_processes: Spawn
+) -> None:
+    # The other app's jobs come first in claim order: each worker steps over them.
+    theirs = app.eq.sync.enqueue_many("other.record", [{"n": n} for n in range(300)])
+    mine = app.eq.sync.enqueue_many(app.record, [{"n": n} for n in range(300)])
+    workers = [
+        worker(soniq_processes, "--burst", "--concurrency", "20"),
+        soniq_processes("worker", "tests.other_app:eq", "--burst", "--concurrency", "20"),
+    ]
+    results = [w.finish(timeout=60) for w in workers]
+    assert [code for code, _ in results] == [0, 0], results
+    rows = pg.execute(f'SELECT job_id, note FROM "{schema}".runs').fetchall()
+    assert sorted(rows) == sorted([(i, "") for i in mine] + [(i, "other") for i in theirs])
+    assert statuses(pg, schema) == {"done": 600}  # none failed as unknown
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_four_processes_share_20000_jobs_without_running_any_twice(

@@ -132,19 +132,6 @@ def failed(
     return Outcome(job_id, attempts, status, error=error, traceback=trace)
 
 
-def unknown_job(job_id: int, attempts: int, name: str) -> Outcome:
-    """A worker met a job name nobody registered: fail at once, without retry."""
-    return Outcome(
-        job_id,
-        attempts,
-        states.next_status(JobStatus.RUNNING, Event.FAIL),
-        error=(
-            f"UnknownJobError: no job named {name!r} is registered in this worker; "
-            "import the module that defines it (soniq worker module:eq)"
-        ),
-    )
-
-
 def cancelled(job_id: int, attempts: int) -> Outcome:
     """The worker stopped the job because its cancellation was requested."""
     return Outcome(

@@ -52,9 +52,14 @@ class WorkerOps(Protocol):
     """What a worker's loop does with its session (see :meth:`AsyncBackend.worker_session`)."""
 
     async def claim_jobs(
-        self, limit: int, worker_id: str, queues: Sequence[str] | None
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str] | None = None,
     ) -> list[Claimed]:
-        """Claim up to ``limit`` ready jobs for ``worker_id``."""
+        """Claim up to ``limit`` ready jobs for ``worker_id``, of ``queues`` and of
+        ``names`` (None: all)."""
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt."""
@@ -103,9 +108,14 @@ class AsyncBackend(Protocol):
         """Cancel a queued job, or request cancellation of a running one."""
 
     async def claim_jobs(
-        self, limit: int, worker_id: str, queues: Sequence[str] | None
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str] | None = None,
     ) -> list[Claimed]:
-        """Claim up to ``limit`` ready jobs for ``worker_id``."""
+        """Claim up to ``limit`` ready jobs for ``worker_id``, of ``queues`` and of
+        ``names`` (None: all)."""
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the

@@ -121,9 +121,13 @@ class PostgresAsyncOps:
 
     @async_only
     async def claim_jobs(
-        self, limit: int, worker_id: str, queues: Sequence[str] | None
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str] | None = None,
     ) -> list[Claimed]:
-        return _claimed(await self.fetch(self.queries.claim_jobs(limit, worker_id, queues)))
+        return _claimed(await self.fetch(self.queries.claim_jobs(limit, worker_id, queues, names)))
 
     @async_only
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
@@ -185,9 +189,13 @@ class PinnedWorkerOps:
         self._conn = conn
 
     async def claim_jobs(
-        self, limit: int, worker_id: str, queues: Sequence[str] | None
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str] | None = None,
     ) -> list[Claimed]:
-        query = self._ops.queries.claim_jobs(limit, worker_id, queues)
+        query = self._ops.queries.claim_jobs(limit, worker_id, queues, names)
         return _claimed(await self._ops.fetch_own(self._conn, query))
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:

@@ -153,6 +153,10 @@ class Worker:
         self.id = uuid.uuid4().hex
         self._backend = backend
         self._registry = registry
+        # The worker claims only the jobs it can run (those registered when it
+        # starts): a job no running worker knows stays queued, so applications and
+        # versions can share a database and its queues.
+        self._names = sorted(d.name for d in registry)
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._writing: list[Outcome] = []  # the completer's batch in flight
@@ -208,11 +212,17 @@ class Worker:
             helpers.append(loop.create_task(self._listen_forever(), name="soniq-listener"))
         helpers.append(loop.create_task(self._summarise_forever(), name="soniq-summary"))
         log.info(
-            "worker %s started: queues=%s concurrency=%d",
+            "worker %s started: queues=%s concurrency=%d jobs=%d",
             self.id,
             ",".join(self.config.queues or ["*"]),
             self.config.concurrency,
+            len(self._names),
         )
+        if not self._names:
+            log.warning(
+                "no job is registered with this Soniq: the worker will take no job "
+                "(it takes only the jobs it knows); import the module that defines them"
+            )
         cancelled = False
         try:
             await self._fetch_forever()
@@ -350,7 +360,7 @@ class Worker:
                 try:
                     ops = await session.ops()
                     with session.bounded():
-                        rows = await ops.claim_jobs(free, self.id, self.config.queues)
+                        rows = await ops.claim_jobs(free, self.id, self.config.queues, self._names)
                 except Exception as exc:
                     await session.drop(exc)
                     lost = session.timed_out()
@@ -442,10 +452,8 @@ class Worker:
             claimed.timeout,
         )
         definition = self._registry.get(name)
-        if definition is None:
-            log.error("job %s: no job named %r is registered; failing it", job_id, name)
-            self._record(outcomes.unknown_job(job_id, attempts, name))
-            return
+        if definition is None:  # claimed by name: only if the registry lost it since
+            raise RuntimeError(f"job {job_id}: {name!r} is no longer registered")
         if claimed.claims > attempts:
             log.warning(
                 "job %s %s: started again (run %d, attempt %d): an earlier run was put "

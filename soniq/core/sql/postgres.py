@@ -203,7 +203,7 @@ RETURNING id""")
         claim_body = f"""
 WITH picked AS MATERIALIZED (
     SELECT id FROM {jobs}
-    WHERE status = '{ready}' @queue_filter@ AND run_at <= now()
+    WHERE status = '{ready}' @queue_filter@ @name_filter@ AND run_at <= now()
     ORDER BY priority DESC, run_at, id
     LIMIT @limit@::text::int
     FOR UPDATE SKIP LOCKED
@@ -216,15 +216,30 @@ SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
     worker_id = @worker@::text, started_at = now()
 FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS}"""
-        many_queues = "AND queue = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))"
-        self._claim_all = render(_fill(claim_body, queue_filter="", limit="$1", worker="$2"))
-        # One queue is the common case: an equality lets the index give claim order.
-        self._claim_queue = render(
-            _fill(claim_body, queue_filter="AND queue = $1::text", limit="$2", worker="$3")
-        )
-        self._claim_queues = render(
-            _fill(claim_body, queue_filter=many_queues, limit="$2", worker="$3")
-        )
+        # Keyed by (how many queues: 0 all, 1, 2 several; names filtered): the
+        # worker claims only the names it has registered (a job no running worker
+        # knows stays queued), so applications can share a database and a queue. The
+        # names are a filter on the rows the claim index gives in order, not an index
+        # condition: known names cost nothing; unknown jobs ahead of known ones in the
+        # same queue are stepped over.
+        self._claims: dict[tuple[int, bool], str] = {}
+        any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(${}::text::jsonb)))"
+        for queue_mode, queue_filter in (
+            (0, ""),
+            # One queue is the common case: an equality lets the index give claim order.
+            (1, "AND queue = $1::text"),
+            (2, "AND queue " + any_of.format(1)),
+        ):
+            for named in (False, True):
+                n = (1 if queue_mode else 0) + named  # placeholders before the limit
+                sql = _fill(
+                    claim_body,
+                    queue_filter=queue_filter,
+                    name_filter="AND name " + any_of.format(n) if named else "",
+                    limit=f"${n + 1}",
+                    worker=f"${n + 2}",
+                )
+                self._claims[queue_mode, named] = render(sql)
         self._worker_sql(jobs, render)
 
     def _worker_sql(self, jobs: str, render: Any) -> None:
@@ -403,13 +418,24 @@ DELETE FROM {jobs} WHERE id IN (
         """Cancel a queued job or request cancellation of a running one (a row if so)."""
         return Query(self._cancel, (str(_job_id(job_id)),))
 
-    def claim_jobs(self, limit: int, worker_id: str, queues: Sequence[str] | None) -> Query:
-        """Claim up to ``limit`` ready jobs, by priority, then run_at, then id."""
-        if queues is None:
-            return Query(self._claim_all, (str(limit), worker_id))
-        if len(queues) == 1:
-            return Query(self._claim_queue, (queues[0], str(limit), worker_id))
-        return Query(self._claim_queues, (serialize.dumps(list(queues)), str(limit), worker_id))
+    def claim_jobs(
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str] | None = None,
+    ) -> Query:
+        """Claim up to ``limit`` ready jobs, by priority, then run_at, then id: of
+        ``queues`` (None: every queue) and ``names`` (None: every name)."""
+        params: list[str] = []
+        queue_mode = 0
+        if queues is not None:
+            queue_mode = 1 if len(queues) == 1 else 2
+            params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
+        if names is not None:
+            params.append(serialize.dumps(list(names)))
+        sql = self._claims[queue_mode, names is not None]
+        return Query(sql, (*params, str(limit), worker_id))
 
     def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> Query:
         """Write a batch of outcomes in one statement, fenced by worker and attempt;

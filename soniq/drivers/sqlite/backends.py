@@ -264,7 +264,11 @@ class SqliteBackend(_OnDatabase):
         return await self._commit(lambda: op)
 
     async def claim_jobs(
-        self, limit: int, worker_id: str, queues: Sequence[str] | None
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str] | None = None,
     ) -> list[Claimed]:
         """Claim up to ``limit`` ready jobs for ``worker_id``.
 
@@ -273,7 +277,7 @@ class SqliteBackend(_OnDatabase):
         nobody will run them. A claim cancelled before it started never runs.
         """
         future: Future[list[Claimed]] = self._write(
-            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock())
+            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock(), names)
         )
         try:
             return await asyncio.wrap_future(future)
