@@ -10,6 +10,7 @@ caller's connection, whose type decides the driver.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
+from soniq.core.schedules import make_schedule
 from soniq.core.sql.postgres import quote_ident
 from soniq.drivers._common import redact_url, split_postgres_url
 from soniq.drivers.base import AsyncBackend, SyncBackend
@@ -267,6 +269,61 @@ class Soniq:
             return f
 
         return register(func) if func is not None else register
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: dt.timedelta | float | None = None,
+        timezone: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        catch_up: bool = True,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        priority: int = 0,
+        timeout: float | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> Callable[[F], F]:
+        """Register a job (``name``, ``queue`` and the rest as :meth:`job`) that the
+        workers enqueue on a schedule, with ``kwargs`` as its arguments:
+        ``@eq.periodic(cron="*/5 * * * *", timezone="Europe/Paris")`` (five fields, read
+        in ``timezone``, UTC by default) or ``@eq.periodic(every=timedelta(seconds=30))``
+        (or seconds; ticks at multiples of it since the epoch).
+
+        Every worker schedules (none with ``periodic=False``); each tick is enqueued
+        once across them. Ticks missed while no worker ran are not replayed: the
+        latest runs once as a catch-up, or not at all with ``catch_up=False``. A new
+        schedule first runs at its next tick. Bad timing or arguments raise here, not
+        at the first tick.
+        """
+
+        def register(f: F) -> F:
+            definition = self.registry.register(
+                f,
+                name=name,
+                queue=queue,
+                max_retries=max_retries,
+                priority=priority,
+                timeout=timeout,
+                backoff=backoff,
+            )
+            schedule = make_schedule(
+                definition.name,
+                {} if kwargs is None else kwargs,
+                cron=cron,
+                every=every,
+                timezone=timezone,
+                catch_up=catch_up,
+            )
+            self.registry.add_schedule(definition, schedule)
+            return f
+
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping of the job's arguments, got {kwargs!r}")
+        # Checked before any function is decorated, so a typo fails at the decorator.
+        make_schedule("check", {}, cron=cron, every=every, timezone=timezone, catch_up=catch_up)
+        return register
 
     async def ensure_initialized(self, *, migrate: bool = True) -> None:
         """Open the pool and apply pending migrations under an advisory lock.

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         help="poll only (for PgBouncer in transaction pooling mode)",
     )
     worker.add_argument(
+        "--no-periodic",
+        action="store_true",
+        help="do not enqueue the periodic jobs (@eq.periodic); other workers still do",
+    )
+    worker.add_argument(
         "--stale-after",
         type=float,
         default=30.0,
@@ -204,6 +209,7 @@ def _worker(args: argparse.Namespace) -> int:
                 burst=args.burst,
                 shutdown_timeout=args.shutdown_timeout,
                 listen=not args.no_listen,
+                periodic=not args.no_periodic,
                 stale_after=args.stale_after,
                 heartbeat_interval=args.heartbeat_interval,
                 poll_interval=args.poll_interval,

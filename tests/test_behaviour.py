@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -261,6 +263,44 @@ async def test_a_worker_with_no_job_registered_says_it_will_take_none(
         await eq.run_worker(burst=True)
     assert "no job is registered with this Soniq" in caplog.text
     assert await status_of(eq, job_id) == JobStatus.QUEUED
+
+
+async def test_a_worker_enqueues_periodic_jobs_at_their_ticks(eq: Soniq) -> None:
+    runs = Runs()
+
+    @eq.periodic(every=0.2, kwargs={"region": "eu"}, name="beat.pull")
+    async def pull(region: str) -> None:
+        runs.record(region)
+
+    async def ran_four() -> bool:
+        return len(runs.log) >= 4
+
+    await run_until(eq, ran_four, timeout=20)
+    jobs = [await eq.get_job(job_id) for job_id, _, _ in runs.log]
+    ticks = sorted(job.run_at for job in jobs)  # a periodic job is due at its tick
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    # Each tick once, on the 0.2 s grid (a tick the loop wakes too late for is missed,
+    # not doubled: see test_schedules.py).
+    tick = dt.timedelta(seconds=0.2)
+    assert all(gap >= tick and gap % tick == dt.timedelta(0) for gap in gaps), ticks
+    assert {note for _, _, note in runs.log} == {"eu"}
+
+
+async def test_a_worker_started_without_periodic_enqueues_none(eq: Soniq) -> None:
+    @eq.job(name="beat.other")
+    async def other() -> None: ...
+
+    @eq.periodic(every=0.05, name="beat.never")
+    async def never() -> None: ...
+
+    job_id = await eq.enqueue(other, delay=0.3)
+
+    async def other_done() -> bool:
+        return await status_of(eq, job_id) == JobStatus.DONE
+
+    await run_until(eq, other_done, periodic=False)
+    assert await eq.backend.list_jobs("beat.never", None) == []
+    assert await eq.backend.last_ticks([s.key for s in eq.registry.schedules]) == {}
 
 
 async def test_retention_zero_deletes_finished_jobs(eq: Soniq) -> None:

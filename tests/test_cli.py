@@ -74,6 +74,7 @@ def test_worker_defaults() -> None:
         10,
     )
     assert (args.burst, args.no_listen, args.log_level) == (False, False, "INFO")
+    assert args.no_periodic is False
     assert (args.shutdown_timeout, args.stale_after, args.heartbeat_interval) == (30, 30, 2)
     assert args.poll_interval == 1
 
@@ -206,7 +207,7 @@ def test_the_worker_gets_the_flags(worker_app: Any, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(Soniq, "run_worker", run_worker)
     argv = ["worker", "tests.worker_app:eq", "--queues", "mail,,reports", "--no-listen"]
     argv += ["--concurrency", "3", "--burst", "--shutdown-timeout", "4", "--poll-interval", "0.5"]
-    argv += ["--stale-after", "9", "--heartbeat-interval", "3"]
+    argv += ["--stale-after", "9", "--heartbeat-interval", "3", "--no-periodic"]
     assert main(argv) == 0
     assert seen["app"] is worker_app.eq
     expected = {
@@ -215,6 +216,7 @@ def test_the_worker_gets_the_flags(worker_app: Any, monkeypatch: pytest.MonkeyPa
         "burst": True,
         "shutdown_timeout": 4.0,
         "listen": False,
+        "periodic": False,
         "stale_after": 9.0,
         "heartbeat_interval": 3.0,
         "poll_interval": 0.5,

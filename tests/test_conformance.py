@@ -22,7 +22,7 @@ import pytest
 
 from soniq import Job, Soniq
 from soniq.core import outcomes
-from soniq.core.jobs import WorkerIdentity
+from soniq.core.jobs import JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
 from tests.conftest import BACKENDS, new_soniq
@@ -485,3 +485,37 @@ async def test_prune_deletes_finished_jobs_in_batches(any_eq: Soniq) -> None:
         ops.close()
     assert [await any_eq.get_job(i) for i in [*finished, cancelled]] == [None] * 4
     assert await any_eq.get_job(waiting) is not None
+
+
+# -- periodic ticks ---------------------------------------------------------------------------
+
+
+async def test_a_tick_is_enqueued_once_and_only_forward(any_eq: Soniq) -> None:
+    backend = any_eq.backend
+    spec = JobSpec("p.job", "beat", ({"region": "eu"},), priority=3, max_retries=1, timeout=9.0)
+    t0 = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.timezone.utc)
+    t1, t2 = t0 + dt.timedelta(seconds=30), t0 + dt.timedelta(seconds=60)
+    assert await backend.last_ticks(["k", "other"]) == {}
+    # Recorded without a job (a new schedule), then the next tick with its job.
+    assert await backend.enqueue_tick("k", t0, spec, enqueue=False) is None
+    job_id = await backend.enqueue_tick("k", t1, spec, enqueue=True)
+    assert job_id is not None
+    job = await any_eq.get_job(job_id)
+    assert (job.name, job.queue, job.args, job.status.value) == (
+        "p.job",
+        "beat",
+        {"region": "eu"},
+        "queued",
+    )
+    assert (job.priority, job.max_retries, job.timeout, job.run_at) == (3, 1, 9.0, t1)
+    # The same tick again, or an older one (another worker, late): nothing.
+    assert await backend.enqueue_tick("k", t1, spec, enqueue=True) is None
+    assert await backend.enqueue_tick("k", t0, spec, enqueue=True) is None
+    assert [j.id for j in await backend.list_jobs("p.job", None)] == [job_id]
+    # Skipped (missed, catch_up=False): moves forward, no job.
+    assert await backend.enqueue_tick("k", t2, spec, enqueue=False) is None
+    assert await backend.last_ticks(["k", "other"]) == {"k": t2}
+    assert [j.id for j in await backend.list_jobs("p.job", None)] == [job_id]
+    # A schedule of its own: its own last tick.
+    assert await backend.enqueue_tick("other", t0, spec, enqueue=True) is not None
+    assert await backend.last_ticks(["k", "other"]) == {"k": t2, "other": t0}

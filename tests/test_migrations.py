@@ -39,7 +39,12 @@ def test_ten_processes_migrating_at_once(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
         (schema,),
     ).fetchall()
-    assert tables == [("soniq_jobs",), ("soniq_migrations",), ("soniq_workers",)]
+    assert tables == [
+        ("soniq_jobs",),
+        ("soniq_migrations",),
+        ("soniq_periodic",),
+        ("soniq_workers",),
+    ]
 
 
 def test_printed_sql_creates_a_usable_schema(

@@ -32,6 +32,7 @@ def orders_db(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ps
     with psycopg.connect(database_url, autocommit=True) as pg:
         pg.execute(
             "DROP TABLE IF EXISTS orders, products, public.soniq_jobs, public.soniq_workers,"
+            " public.soniq_periodic,"
             " public.soniq_migrations"
         )
         pg.execute(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
+import itertools
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +80,32 @@ def test_two_apps_sharing_a_database_and_a_queue_each_run_only_their_own_jobs(
     rows = pg.execute(f'SELECT job_id, note FROM "{schema}".runs').fetchall()
     assert sorted(rows) == sorted([(i, "") for i in mine] + [(i, "other") for i in theirs])
     assert statuses(pg, schema) == {"done": 600}  # none failed as unknown
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_four_worker_processes_enqueue_each_periodic_tick_once(
+    app: Any, pg: psycopg.Connection, schema: str, soniq_processes: Spawn
+) -> None:
+    workers = [
+        soniq_processes("worker", "tests.periodic_app:eq", "--poll-interval", "0.2")
+        for _ in range(4)
+    ]
+    wait_until(lambda: len(runs_per_job(pg, schema)) >= 10, 60, "ten periodic runs")
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    assert [w.finish(timeout=30)[0] for w in workers] == [0] * 4
+    ticks = [
+        row[0]
+        for row in pg.execute(
+            f'SELECT run_at FROM "{schema}".soniq_jobs WHERE name = %s ORDER BY run_at',
+            ("beat.record",),
+        )
+    ]
+    assert len(ticks) == len(set(ticks)) >= 10  # no tick enqueued twice
+    gaps = {b - a for a, b in itertools.pairwise(ticks)}
+    assert gaps == {dt.timedelta(seconds=0.5)}, ticks  # none skipped while workers ran
+    assert max(runs_per_job(pg, schema).values()) == 1
 
 
 @pytest.mark.slow

@@ -25,16 +25,33 @@ from soniq.core.jobs import (
     JobSpec,
 )
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
+from soniq.core.schedules import Schedule
 
 JobRef = Callable[..., Any] | str
 
 
 class Registry:
-    """The job functions known to one Soniq instance, by name and by function."""
+    """The job functions known to one Soniq instance, by name and by function, and
+    the schedules of its periodic jobs."""
 
     def __init__(self) -> None:
         self._by_name: dict[str, JobDefinition] = {}
         self._by_func: dict[Callable[..., Any], JobDefinition] = {}
+        #: The periodic jobs' schedules, in definition order (see ``soniq.core.schedules``).
+        self.schedules: list[Schedule] = []
+
+    def add_schedule(self, definition: JobDefinition, schedule: Schedule) -> None:
+        """Add the schedule of a registered job, its arguments checked now (not at the
+        first tick); the same schedule twice is refused."""
+        problem = definition.check_names(frozenset(schedule.kwargs))
+        if problem is not None:
+            raise JobArgumentsError(f"periodic job {definition.name!r}: kwargs: {problem}")
+        serialize.check_payload([dict(schedule.kwargs)], job=definition.name)
+        if any(s.key == schedule.key for s in self.schedules):
+            raise JobDefinitionError(
+                f"periodic job {definition.name!r} has this schedule already: {schedule.key}"
+            )
+        self.schedules.append(schedule)
 
     def register(
         self,

@@ -10,6 +10,7 @@ to the same rows.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
@@ -134,6 +135,16 @@ class AsyncBackend(Protocol):
 
     async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         """Put back the worker's running jobs that it does not hold; how many."""
+
+    async def last_ticks(self, keys: Sequence[str]) -> dict[str, dt.datetime]:
+        """The last tick recorded of each periodic schedule of ``keys`` that has one."""
+
+    async def enqueue_tick(
+        self, key: str, tick: dt.datetime, spec: JobSpec, *, enqueue: bool
+    ) -> int | None:
+        """Move schedule ``key``'s last tick to ``tick`` if it is newer, and then (with
+        ``enqueue``) insert the job of ``spec`` due at ``tick``; its id, or None when
+        nothing was inserted (another worker had moved it, or ``enqueue`` was false)."""
 
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """Call ``on_notify(queues)`` when jobs are enqueued, until the connection is

@@ -7,6 +7,7 @@ is the source of ``postgres_sync.py`` (``tools/unasync.py``).
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -132,6 +133,17 @@ class PostgresAsyncOps:
     @async_only
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         await self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
+
+    @async_only
+    async def last_ticks(self, keys: Sequence[str]) -> dict[str, dt.datetime]:
+        return {key: tick for key, tick in await self.fetch(self.queries.last_ticks(keys))}
+
+    @async_only
+    async def enqueue_tick(
+        self, key: str, tick: dt.datetime, spec: JobSpec, *, enqueue: bool
+    ) -> int | None:
+        rows = await self.fetch(self.queries.enqueue_tick(key, tick, spec, enqueue=enqueue))
+        return int(rows[0][0]) if rows else None
 
     @async_only
     @asynccontextmanager

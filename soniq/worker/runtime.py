@@ -45,6 +45,7 @@ from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import AsyncBackend, WorkerOps
 from soniq.worker.execute import JobRun
 from soniq.worker.heartbeat import Heartbeat
+from soniq.worker.periodic import run_schedules
 from soniq.worker.threads import DaemonThreadPool
 
 log = logging.getLogger("soniq.worker")
@@ -98,6 +99,10 @@ class WorkerConfig:
     shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
     #: Keep finished jobs this long (None: forever; 0: delete them at completion).
     retention: float | None = 7 * 24 * 3600.0
+    #: Enqueue the periodic jobs (``@eq.periodic``) at their ticks; every worker does,
+    #: each tick once across them. ``soniq worker --no-periodic`` turns it off. A
+    #: burst worker never schedules.
+    periodic: bool = True
     #: Log a summary line at INFO this often.
     summary_interval: float = attrs.field(default=60.0, validator=_positive)
     #: A statement of the worker's own (a claim, a batch of outcomes, a heartbeat,
@@ -211,6 +216,9 @@ class Worker:
         if self.config.listen:
             helpers.append(loop.create_task(self._listen_forever(), name="soniq-listener"))
         helpers.append(loop.create_task(self._summarise_forever(), name="soniq-summary"))
+        if self.config.periodic and not self.config.burst and self._registry.schedules:
+            periodic = run_schedules(self._backend, self._registry)
+            helpers.append(loop.create_task(periodic, name="soniq-periodic"))
         log.info(
             "worker %s started: queues=%s concurrency=%d jobs=%d",
             self.id,

@@ -241,6 +241,32 @@ RETURNING {CLAIM_COLUMNS}"""
                 )
                 self._claims[queue_mode, named] = render(sql)
         self._worker_sql(jobs, render)
+        self._periodic_sql(jobs, render, channel_literal)
+
+    def _periodic_sql(self, jobs: str, render: Any, channel_literal: str) -> None:
+        """Statements of the periodic scheduler (``soniq.core.schedules``)."""
+        periodic = f"{quote_ident(self.schema)}.soniq_periodic"
+        self._last_ticks = render(f"""
+SELECT key, last_tick FROM {periodic}
+WHERE key = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))""")
+        # The tick moves forward (or is recorded) only if it is newer; the job is
+        # inserted only if it moved, in the same statement: of the workers that try
+        # one tick, one inserts its job.
+        self._enqueue_tick = render(f"""
+WITH moved AS (
+    INSERT INTO {periodic} AS p (key, last_tick) VALUES ($1::text, $2::text::timestamptz)
+    ON CONFLICT (key) DO UPDATE SET last_tick = excluded.last_tick
+    WHERE p.last_tick < excluded.last_tick
+    RETURNING p.key
+),
+ins AS (
+    INSERT INTO {jobs} (name, queue, args, priority, max_retries, timeout, run_at)
+    SELECT $3::text, $4::text, $5::text::jsonb, $6::text::int, $7::text::int,
+           $8::text::float8, $9::text::timestamptz
+    FROM moved WHERE $10::text::boolean
+    RETURNING id, queue
+)
+SELECT id, pg_notify('{channel_literal}', queue) FROM ins""")
 
     def _worker_sql(self, jobs: str, render: Any) -> None:
         """Statements of the worker runtime; they run on Soniq's own pools only."""
@@ -436,6 +462,32 @@ DELETE FROM {jobs} WHERE id IN (
             params.append(serialize.dumps(list(names)))
         sql = self._claims[queue_mode, names is not None]
         return Query(sql, (*params, str(limit), worker_id))
+
+    def last_ticks(self, keys: Sequence[str]) -> Query:
+        """Select (key, last tick) of the schedules of ``keys`` that have one."""
+        return Query(self._last_ticks, (serialize.dumps(list(keys)),))
+
+    def enqueue_tick(self, key: str, tick: dt.datetime, spec: JobSpec, *, enqueue: bool) -> Query:
+        """Move the last tick of schedule ``key`` to ``tick`` if it is newer and then,
+        with ``enqueue``, insert the job of ``spec`` (one job) due at ``tick``; a row
+        holds its id when it was inserted."""
+        timeout = None if spec.timeout is None else repr(spec.timeout)
+        args = serialize.dumps(spec.args[0])
+        return Query(
+            self._enqueue_tick,
+            (
+                key,
+                tick.isoformat(),
+                spec.name,
+                spec.queue,
+                args,
+                str(spec.priority),
+                str(spec.max_retries),
+                timeout,
+                tick.isoformat(),
+                "true" if enqueue else "false",
+            ),
+        )
 
     def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> Query:
         """Write a batch of outcomes in one statement, fenced by worker and attempt;

@@ -42,6 +42,7 @@ from soniq.core.states import Event, JobStatus
 
 T = TypeVar("T")
 UTC = dt.timezone.utc
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
 #: SQLite integers are signed 64-bit: no job can have an id outside this range.
 _MAX_ID = 2**63 - 1
@@ -100,6 +101,7 @@ _CANCELLABLE = states.sql_status_list(states.CANCELLABLE)
 
 JOBS = "soniq_jobs"
 WORKERS = "soniq_workers"
+PERIODIC = "soniq_periodic"
 
 
 @attrs.frozen
@@ -173,6 +175,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "claims",
         (f"ALTER TABLE {JOBS} ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",),
+    ),
+    # Periodic jobs: each schedule's last tick enqueued (or skipped as missed), in
+    # whole microseconds since the epoch, so that ticks compare exactly.
+    Migration(
+        3,
+        "periodic",
+        (f"CREATE TABLE {PERIODIC} (key TEXT PRIMARY KEY, last_tick INTEGER NOT NULL)",),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -441,6 +450,53 @@ def claim_jobs(
             Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6], r[7] + 1)
             for r in found
         ]
+
+    return Operation(steps(), immediate=True)
+
+
+# -- periodic jobs (see soniq.core.schedules) ----------------------------------------
+
+
+def _micros(moment: dt.datetime) -> int:
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def last_ticks(keys: Sequence[str]) -> Operation[dict[str, dt.datetime]]:
+    """The last tick of each schedule of ``keys`` that has one."""
+
+    def steps() -> Steps[dict[str, dt.datetime]]:
+        rows = (
+            yield Step(
+                f"SELECT key, last_tick FROM {PERIODIC} WHERE key IN "
+                "(SELECT value FROM json_each(?))",
+                (serialize.dumps(list(keys)),),
+            )
+        ).rows
+        return {key: _EPOCH + dt.timedelta(microseconds=us) for key, us in rows}
+
+    return Operation(steps(), immediate=False)
+
+
+def enqueue_tick(
+    key: str, tick: dt.datetime, spec: JobSpec, now: float, *, enqueue: bool
+) -> Operation[Inserted | None]:
+    """Move the last tick of schedule ``key`` to ``tick`` if it is newer and then, with
+    ``enqueue``, insert the job of ``spec`` due at ``tick``; None when nothing was
+    inserted. Under the write lock, so of the workers that try one tick, one inserts
+    its job."""
+    at = _micros(tick)
+
+    def steps() -> Steps[Inserted | None]:
+        rows = (yield Step(f"SELECT last_tick FROM {PERIODIC} WHERE key = ?", (key,))).rows
+        if rows and rows[0][0] >= at:
+            return None
+        if rows:
+            yield Step(f"UPDATE {PERIODIC} SET last_tick = ? WHERE key = ?", (at, key))
+        else:
+            yield Step(f"INSERT INTO {PERIODIC} (key, last_tick) VALUES (?, ?)", (key, at))
+        if not enqueue:
+            return None
+        return (yield from insert_jobs(attrs.evolve(spec, run_at=tick), now).steps)
 
     return Operation(steps(), immediate=True)
 

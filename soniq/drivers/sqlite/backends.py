@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import sqlite3
 import threading
@@ -322,6 +323,20 @@ class SqliteBackend(_OnDatabase):
     async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         """Put back the worker's running jobs that it does not hold; how many."""
         return await self._commit(lambda: sq.reconcile(worker_id, held))
+
+    async def last_ticks(self, keys: Sequence[str]) -> dict[str, dt.datetime]:
+        """The last tick of each periodic schedule of ``keys`` that has one."""
+        op = sq.last_ticks(keys)
+        return await self._call(lambda conn: run(conn, op))
+
+    async def enqueue_tick(
+        self, key: str, tick: dt.datetime, spec: JobSpec, *, enqueue: bool
+    ) -> int | None:
+        """Move the schedule's last tick forward and insert its job (see AsyncBackend)."""
+        inserted: sq.Inserted | None = await self._commit(
+            lambda: sq.enqueue_tick(key, tick, spec, self.database.clock(), enqueue=enqueue)
+        )
+        return None if inserted is None else _inserted_ids(self.database.key, inserted)[0]
 
     async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         """Call ``on_notify(queues)`` on this loop when this process enqueues due jobs
