@@ -7,6 +7,8 @@
    procrastinate and the raw limit.
 3. Embedded (:mod:`benchmarks.embedded`): the SQLite backend's enqueue and drain
    beside huey's ``SqliteHuey``, at ``synchronous`` FULL and NORMAL (no server).
+4. Periodic (:mod:`benchmarks.periodic`): 10 schedules every second, scheduled by 4
+   worker processes for 60 s: every tick enqueued once.
 
 Prints one table per part and the targets, writes
 ``benchmarks/results/bench-<UTC time>.json`` and a PNG chart beside it. ``--quick``
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import embedded, enqueue, worker
+from benchmarks import embedded, enqueue, periodic, worker
 from benchmarks._common import (
     RESULTS_DIR,
     admin_url,
@@ -34,7 +36,7 @@ from benchmarks._common import (
     write_results,
 )
 
-PARTS = ("enqueue", "worker", "embedded")
+PARTS = ("enqueue", "worker", "embedded", "periodic")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SYSTEM",
         help="worker systems to run (default: all)",
     )
+    per = parser.add_argument_group("periodic")
+    per.add_argument(
+        "--periodic-seconds", type=float, default=None, help="how long the workers run (60)"
+    )
     parser.add_argument(
         "--statement-timeout",
         type=float,
@@ -106,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bloat_rows": (20_000, 1_000_000),
         "bloat_drain": (1000, 20_000),
         "embedded_n": (300, 3000),
+        "periodic_seconds": (5.0, 60.0),
     }
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
@@ -149,6 +156,9 @@ def missing_figures(result: dict[str, Any]) -> list[str]:
         for m in result.get(part, {}).get("measures", []):
             if m["failure"] or m["median"] is None:
                 out.append(f"{part} {m['id']}: {m['failure'] or 'no figure'}")
+    beats = result.get("periodic")
+    if beats is not None and len(beats["schedules"]) < beats["schedules_expected"]:
+        out.append(f"periodic: {len(beats['schedules'])} schedules enqueued a tick")
     return out
 
 
@@ -190,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             {"id": key, "median": f["median"], "failure": f["failure"]}
             for key, f in result["embedded"]["figures"].items()
         ]
+    if "periodic" in args.parts:
+        seconds = args.periodic_seconds
+        print(f"periodic: 4 worker processes for {seconds:g} s", flush=True)
+        with fresh_databases(admin, ["periodic"], statement_timeout=args.statement_timeout) as urls:
+            result["periodic"] = periodic.run(urls["periodic"], workers=4, seconds=seconds)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["cpu_check_end_ms"] = cpu_check()
 
@@ -202,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     if embedded_text is not None:
         print("\nEMBEDDED (SQLite, no server; soniq beside huey)\n", flush=True)
         print(embedded_text, flush=True)
+    if "periodic" in result:
+        print("\nPERIODIC (each tick once across workers)\n", flush=True)
+        print(periodic.render(result["periodic"]), flush=True)
 
     path = write_results("bench", result, args.output)
     print(
