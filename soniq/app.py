@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from soniq.core.enqueue import JobRef, Registry, build_spec, split_options
+from soniq.core.enqueue import JobRef, Registry, build_spec, check_queue, split_options
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
@@ -376,6 +376,24 @@ class Soniq:
         status turns ``cancelled`` when its worker acknowledges). False otherwise."""
         return await self.backend.cancel_job(job_id)
 
+    async def pause_queue(self, queue: str) -> bool:
+        """Pause ``queue`` for every worker: their next claim (within a poll interval)
+        takes none of its jobs; running jobs finish; enqueues are still accepted. Stored
+        in the database, so it holds across restarts until :meth:`resume_queue`. True
+        when it was not paused already."""
+        check_queue(queue)
+        return await self.backend.pause_queue(queue)
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Resume a paused ``queue``; its workers wake at once (NOTIFY, or in-process on
+        SQLite). True when it was paused."""
+        check_queue(queue)
+        return await self.backend.resume_queue(queue)
+
+    async def paused_queues(self) -> list[str]:
+        """The paused queues, by name."""
+        return await self.backend.paused_queues()
+
     async def run_worker(
         self,
         *,
@@ -498,6 +516,20 @@ class SyncSoniq:
     def cancel_job(self, job_id: int) -> bool:
         """Blocking :meth:`Soniq.cancel_job`."""
         return self.backend.cancel_job(job_id)
+
+    def pause_queue(self, queue: str) -> bool:
+        """Blocking :meth:`Soniq.pause_queue`."""
+        check_queue(queue)
+        return self.backend.pause_queue(queue)
+
+    def resume_queue(self, queue: str) -> bool:
+        """Blocking :meth:`Soniq.resume_queue`."""
+        check_queue(queue)
+        return self.backend.resume_queue(queue)
+
+    def paused_queues(self) -> list[str]:
+        """Blocking :meth:`Soniq.paused_queues`."""
+        return self.backend.paused_queues()
 
     def run_worker(
         self,

@@ -11,6 +11,9 @@ then exits 1 with a one-line message.
 ``soniq migrate --database-url URL [--schema S]`` applies pending migrations;
 ``soniq migrate --sql [--schema S]`` prints the DDL instead, for projects that migrate
 with Alembic, Django or plain psql.
+
+``soniq queues [pause|resume QUEUE...] --database-url URL [--schema S] [--json]``
+lists the paused queues, or pauses or resumes queues for every worker.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
 import signal
@@ -40,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--schema", default="public", help="schema of Soniq's tables")
     migrate.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
+    queues = commands.add_parser("queues", help="list paused queues, or pause or resume queues")
+    queues.add_argument("action", nargs="?", choices=["pause", "resume"], help="what to do")
+    queues.add_argument("names", nargs="*", metavar="QUEUE", help="the queues to pause or resume")
+    queues.add_argument(
+        "--database-url",
+        default=os.environ.get("SONIQ_DATABASE_URL"),
+        help="postgresql:// or sqlite:/// URL (default: $SONIQ_DATABASE_URL)",
+    )
+    queues.add_argument("--schema", default="public", help="schema of Soniq's tables")
+    queues.add_argument("--json", action="store_true", help="print JSON, for scripts")
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
     worker.add_argument("--queues", default=None, help="comma-separated queues (default: all)")
@@ -118,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _migrate(args)
     if args.command == "worker":
         return _worker(args)
+    if args.command == "queues":
+        return _queues(args)
     return 2  # pragma: no cover  (argparse rejects unknown commands)
 
 
@@ -140,6 +156,45 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"soniq migrate: {exc}", file=sys.stderr)
         return 1
     print(f"soniq migrate: schema {args.schema!r} is at version {LATEST_VERSION}")
+    return 0
+
+
+def _queues(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        print("soniq queues: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
+        return 2
+    if args.action is None and args.names:
+        print(f"soniq queues: pause or resume {args.names[0]!r}?", file=sys.stderr)
+        return 2
+    if args.action is not None and not args.names:
+        print(f"soniq queues {args.action}: name the queues", file=sys.stderr)
+        return 2
+    from soniq.app import Soniq
+
+    try:
+        eq = Soniq(args.database_url, schema=args.schema)
+        try:
+            eq.sync.ensure_initialized(migrate=False)
+            if args.action is None:
+                paused = eq.sync.paused_queues()
+                if args.json:
+                    print(json.dumps({"paused": paused}))
+                else:
+                    print("\n".join(paused) if paused else "no queue is paused")
+                return 0
+            act = eq.sync.pause_queue if args.action == "pause" else eq.sync.resume_queue
+            done = f"{args.action}d"
+            for name in args.names:
+                changed = act(name)
+                if args.json:
+                    print(json.dumps({"queue": name, "action": args.action, "changed": changed}))
+                else:
+                    print(f"{name}: {done}" if changed else f"{name}: already {done}")
+        finally:
+            eq.sync.close()
+    except (SoniqError, ValueError, TypeError) as exc:
+        print(f"soniq queues: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,8 +11,10 @@ import asyncio
 import collections
 import datetime as dt
 import itertools
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -303,6 +305,31 @@ async def test_a_worker_started_without_periodic_enqueues_none(eq: Soniq) -> Non
     assert await eq.backend.last_ticks([s.key for s in eq.registry.schedules]) == {}
 
 
+async def test_a_paused_queue_waits_and_its_resume_wakes_the_worker(eq: Soniq) -> None:
+    @eq.job(name="pq.job")
+    async def job() -> None: ...
+
+    assert await eq.pause_queue("mail") is True
+    held = await eq.enqueue(job, queue="mail")
+    free = await eq.enqueue(job, queue="other")
+    # A poll interval longer than the test: only the resume's wake-up can start `held`.
+    worker = asyncio.create_task(eq.run_worker(poll_interval=60))
+    try:
+
+        async def done(job_id: int) -> bool:
+            return await status_of(eq, job_id) == JobStatus.DONE
+
+        await async_wait_until(lambda: done(free), 20, "the other queue's job")
+        # The claim that took `free` saw `held` too, and left it.
+        assert await status_of(eq, held) == JobStatus.QUEUED
+        assert await eq.resume_queue("mail") is True
+        await async_wait_until(lambda: done(held), 20, "the resumed queue's job")
+    finally:
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+
+
 async def test_retention_zero_deletes_finished_jobs(eq: Soniq) -> None:
     @eq.job
     async def quick() -> None: ...
@@ -342,3 +369,19 @@ async def test_a_dead_workers_job_is_rescued(eq: Soniq) -> None:
 
     await run_until(eq, done, heartbeat_interval=0.1, stale_after=0.5)
     assert runs.log == [(job_id, 2, "")]  # the dead worker's claim was attempt 1
+
+
+WORKER_DOC = Path(__file__).resolve().parent.parent / "docs" / "worker.md"
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_the_worker_docs_examples_run(index: int) -> None:
+    """Each example of docs/worker.md runs (the two applications' on memory://)."""
+    examples = re.findall(r"```python\n(.*?)```", WORKER_DOC.read_text(), re.S)
+    assert len(examples) == 2
+    namespace: dict[str, object] = {"__name__": "docs_worker", "DATABASE_URL": "memory://"}
+    exec(compile(examples[index], str(WORKER_DOC), "exec"), namespace)
+    if "billing" in namespace:
+        billing, mail = namespace["billing"], namespace["mail"]
+        assert [d.name for d in billing.registry] == ["billing.charge"]  # type: ignore[attr-defined]
+        assert [d.name for d in mail.registry] == ["mail.send"]  # type: ignore[attr-defined]

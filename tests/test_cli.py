@@ -10,6 +10,7 @@ each with a deadline; every process is bounded by a timeout and killed at the en
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import re
@@ -445,3 +446,60 @@ def test_a_second_signal_exits_1_at_once(
     assert "second signal: exiting now" in out
     # Nothing was written on the way out: the job is left to the rescue of dead workers.
     assert worker_app.eq.sync.get_job(job_id).status == JobStatus.RUNNING
+
+
+def test_queues_are_paused_listed_and_resumed_from_the_command_line(
+    database_url: str, schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--database-url", database_url, "--schema", schema]
+    assert main(["migrate", *where]) == 0
+    capsys.readouterr()
+    assert main(["queues", "pause", "mail", "reports", *where]) == 0
+    assert capsys.readouterr().out == "mail: paused\nreports: paused\n"
+    assert main(["queues", "pause", "mail", "--json", *where]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "queue": "mail",
+        "action": "pause",
+        "changed": False,
+    }
+    assert main(["queues", *where]) == 0
+    assert capsys.readouterr().out == "mail\nreports\n"
+    assert main(["queues", "resume", "mail", *where]) == 0
+    assert capsys.readouterr().out == "mail: resumed\n"
+    assert main(["queues", "--json", *where]) == 0
+    assert json.loads(capsys.readouterr().out) == {"paused": ["reports"]}
+    eq = Soniq(database_url, schema=schema)
+    try:
+        assert eq.sync.paused_queues() == ["reports"]  # what every worker reads
+    finally:
+        eq.sync.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "complaint"),
+    [
+        (["queues", "pause", "mail"], 2, "pass --database-url or set SONIQ_DATABASE_URL"),
+        (["queues", "pause", "--database-url", "sqlite:///x.db"], 2, "name the queues"),
+        (["queues", "mail", "--database-url", "sqlite:///x.db"], 2, "invalid choice: 'mail'"),
+        (["queues", "pause", "a,b", "--database-url", "sqlite:///{tmp}/q.db"], 1, "comma"),
+    ],
+)
+def test_queues_usage_errors(
+    argv: list[str],
+    code: int,
+    complaint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("SONIQ_DATABASE_URL", raising=False)
+    if "{tmp}" in argv[-1]:
+        app = Soniq(argv[-1].format(tmp=tmp_path))
+        app.sync.ensure_initialized()
+        app.sync.close()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    try:
+        assert main(argv) == code
+    except SystemExit as exited:  # argparse's own refusals
+        assert exited.code == code
+    assert complaint in capsys.readouterr().err

@@ -487,6 +487,36 @@ async def test_prune_deletes_finished_jobs_in_batches(any_eq: Soniq) -> None:
     assert await any_eq.get_job(waiting) is not None
 
 
+# -- pause and resume ---------------------------------------------------------------------------
+
+
+async def test_a_paused_queue_is_not_claimed_until_resumed(face: Face) -> None:
+    eq, sync = face.eq, face.sync
+
+    async def call(method: str, *args: Any) -> Any:
+        if sync:
+            return getattr(eq.sync, method)(*args)
+        return await getattr(eq, method)(*args)
+
+    mail = await face.enqueue("c.job", queue="mail")
+    other = await face.enqueue("c.job", queue="other")
+    assert await call("paused_queues") == []
+    assert await call("pause_queue", "mail") is True
+    assert await call("pause_queue", "mail") is False  # already paused
+    assert await call("pause_queue", "reports") is True  # a queue with no job yet
+    assert await call("paused_queues") == ["mail", "reports"]
+    late = await face.enqueue("c.job", queue="mail")  # enqueues are still accepted
+    claim = eq.backend.claim_jobs
+    assert [j.id for j in await claim(10, "w", None)] == [other]
+    assert await claim(10, "w", ["mail"]) == []
+    assert await claim(10, "w", ["mail", "reports"], ["c.job"]) == []
+    assert await call("resume_queue", "mail") is True
+    assert await call("resume_queue", "mail") is False  # not paused
+    assert await call("resume_queue", "never.paused") is False
+    assert await call("paused_queues") == ["reports"]
+    assert [j.id for j in await claim(10, "w", ["mail"])] == [mail, late]
+
+
 # -- periodic ticks ---------------------------------------------------------------------------
 
 

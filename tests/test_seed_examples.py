@@ -30,11 +30,12 @@ def orders_db(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ps
     """The seed's ``orders`` table in ``public`` (the seed uses the default schema)."""
     monkeypatch.setenv("DATABASE_URL", database_url)
     with psycopg.connect(database_url, autocommit=True) as pg:
-        pg.execute(
-            "DROP TABLE IF EXISTS orders, products, public.soniq_jobs, public.soniq_workers,"
-            " public.soniq_periodic,"
-            " public.soniq_migrations"
-        )
+        # Soniq's tables in public, whichever exist (a fresh schema for the seed's code).
+        soniq_tables = pg.execute(
+            "SELECT string_agg(format('public.%I', tablename), ', ') FROM pg_tables"
+            " WHERE schemaname = 'public' AND tablename LIKE 'soniq\\_%'"
+        ).fetchone()
+        pg.execute(f"DROP TABLE IF EXISTS orders, products, {soniq_tables[0] or 'orders'}")
         pg.execute(
             "CREATE TABLE products (id int PRIMARY KEY); INSERT INTO products VALUES (1);"
             "CREATE TABLE orders (id serial PRIMARY KEY, quantity int NOT NULL,"

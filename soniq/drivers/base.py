@@ -108,6 +108,16 @@ class AsyncBackend(Protocol):
     async def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
 
+    async def pause_queue(self, queue: str) -> bool:
+        """Pause ``queue``: no worker claims its jobs until it is resumed. True when it
+        was not paused."""
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Resume a paused ``queue`` and wake its workers; True when it was paused."""
+
+    async def paused_queues(self) -> list[str]:
+        """The paused queues, by name."""
+
     async def claim_jobs(
         self,
         limit: int,
@@ -180,6 +190,15 @@ class SyncBackend(Protocol):
 
     def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job, or request cancellation of a running one."""
+
+    def pause_queue(self, queue: str) -> bool:
+        """Blocking :meth:`AsyncBackend.pause_queue`."""
+
+    def resume_queue(self, queue: str) -> bool:
+        """Blocking :meth:`AsyncBackend.resume_queue`."""
+
+    def paused_queues(self) -> list[str]:
+        """Blocking :meth:`AsyncBackend.paused_queues`."""
 
     def close(self) -> None:
         """Release the backend's resources."""

@@ -120,6 +120,15 @@ class PostgresAsyncOps:
     async def cancel_job(self, job_id: int) -> bool:
         return bool(await self.fetch(self.queries.cancel_job(job_id)))
 
+    async def pause_queue(self, queue: str) -> bool:
+        return bool(await self.fetch(self.queries.pause_queue(queue)))
+
+    async def resume_queue(self, queue: str) -> bool:
+        return bool(await self.fetch(self.queries.resume_queue(queue)))
+
+    async def paused_queues(self) -> list[str]:
+        return [row[0] for row in await self.fetch(self.queries.paused_queues())]
+
     @async_only
     async def claim_jobs(
         self,

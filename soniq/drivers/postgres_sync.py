@@ -105,3 +105,12 @@ class PostgresSyncOps:
 
     def cancel_job(self, job_id: int) -> bool:
         return bool(self.fetch(self.queries.cancel_job(job_id)))
+
+    def pause_queue(self, queue: str) -> bool:
+        return bool(self.fetch(self.queries.pause_queue(queue)))
+
+    def resume_queue(self, queue: str) -> bool:
+        return bool(self.fetch(self.queries.resume_queue(queue)))
+
+    def paused_queues(self) -> list[str]:
+        return [row[0] for row in self.fetch(self.queries.paused_queues())]

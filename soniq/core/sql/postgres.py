@@ -196,6 +196,21 @@ SET status = CASE WHEN status = '{ready}' THEN '{queued_to}' ELSE status END,
 WHERE id = $1::text::bigint AND status IN {cancellable}
 RETURNING id""")
         claim_to = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
+        queues = f"{quote_ident(schema)}.soniq_queues"
+        # Pause and resume: stored, so every worker's next claim obeys; a resume wakes
+        # the workers of the queue at once. Each returns a row when it changed the state.
+        self._pause = render(f"""
+INSERT INTO {queues} AS q (queue, paused) VALUES ($1::text, true)
+ON CONFLICT (queue) DO UPDATE SET paused = true, updated_at = now() WHERE NOT q.paused
+RETURNING q.queue""")
+        self._resume = render(f"""
+WITH resumed AS (
+    UPDATE {queues} SET paused = false, updated_at = now()
+    WHERE queue = $1::text AND paused
+    RETURNING queue
+)
+SELECT queue, pg_notify('{channel_literal}', queue) FROM resumed""")
+        self._paused = f"SELECT queue FROM {queues} WHERE paused ORDER BY queue"
         # The claim's commit need not wait for the disk: a claim lost in a server crash
         # only puts its jobs back, which the crash does to running jobs anyway (and a
         # later durable commit, such as the completion, flushes it). The setting is
@@ -204,6 +219,7 @@ RETURNING id""")
 WITH picked AS MATERIALIZED (
     SELECT id FROM {jobs}
     WHERE status = '{ready}' @queue_filter@ @name_filter@ AND run_at <= now()
+      AND queue NOT IN (SELECT q.queue FROM {queues} AS q WHERE q.paused)
     ORDER BY priority DESC, run_at, id
     LIMIT @limit@::text::int
     FOR UPDATE SKIP LOCKED
@@ -462,6 +478,18 @@ DELETE FROM {jobs} WHERE id IN (
             params.append(serialize.dumps(list(names)))
         sql = self._claims[queue_mode, names is not None]
         return Query(sql, (*params, str(limit), worker_id))
+
+    def pause_queue(self, queue: str) -> Query:
+        """Pause ``queue`` (a row if it was not paused)."""
+        return Query(self._pause, (queue,))
+
+    def resume_queue(self, queue: str) -> Query:
+        """Resume ``queue`` and wake its workers (a row if it was paused)."""
+        return Query(self._resume, (queue,))
+
+    def paused_queues(self) -> Query:
+        """Select the paused queues, by name."""
+        return Query(self._paused, ())
 
     def last_ticks(self, keys: Sequence[str]) -> Query:
         """Select (key, last tick) of the schedules of ``keys`` that have one."""

@@ -102,6 +102,7 @@ _CANCELLABLE = states.sql_status_list(states.CANCELLABLE)
 JOBS = "soniq_jobs"
 WORKERS = "soniq_workers"
 PERIODIC = "soniq_periodic"
+QUEUES = "soniq_queues"
 
 
 @attrs.frozen
@@ -182,6 +183,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         3,
         "periodic",
         (f"CREATE TABLE {PERIODIC} (key TEXT PRIMARY KEY, last_tick INTEGER NOT NULL)",),
+    ),
+    # Settings of a queue that every worker obeys: a paused queue is not claimed.
+    Migration(
+        4,
+        "queues",
+        (
+            f"CREATE TABLE {QUEUES} (queue TEXT PRIMARY KEY, "
+            "paused INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)",
+        ),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -405,6 +415,7 @@ _CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
 _CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims
 FROM {JOBS}
 WHERE status = '{_QUEUED}' @queue_filter@ @name_filter@ AND run_at <= ?
+  AND queue NOT IN (SELECT queue FROM {QUEUES} WHERE paused)
 ORDER BY priority DESC, run_at, id
 LIMIT ?"""
 _CLAIM_UPDATE = (
@@ -452,6 +463,53 @@ def claim_jobs(
         ]
 
     return Operation(steps(), immediate=True)
+
+
+# -- queues --------------------------------------------------------------------------
+
+
+def pause_queue(queue: str, now: float) -> Operation[bool]:
+    """Pause ``queue``: its jobs are not claimed until it is resumed. True when it was
+    not paused."""
+
+    def steps() -> Steps[bool]:
+        rows = (yield Step(f"SELECT paused FROM {QUEUES} WHERE queue = ?", (queue,))).rows
+        if rows and rows[0][0]:
+            return False
+        if rows:
+            yield Step(
+                f"UPDATE {QUEUES} SET paused = 1, updated_at = ? WHERE queue = ?", (now, queue)
+            )
+        else:
+            yield Step(
+                f"INSERT INTO {QUEUES} (queue, paused, updated_at) VALUES (?, 1, ?)", (queue, now)
+            )
+        return True
+
+    return Operation(steps(), immediate=True)
+
+
+def resume_queue(queue: str, now: float) -> Operation[bool]:
+    """Resume a paused ``queue``; True when it was paused."""
+
+    def steps() -> Steps[bool]:
+        changed = yield Step(
+            f"UPDATE {QUEUES} SET paused = 0, updated_at = ? WHERE queue = ? AND paused",
+            (now, queue),
+        )
+        return changed.rowcount > 0
+
+    return Operation(steps(), immediate=True)
+
+
+def paused_queues() -> Operation[list[str]]:
+    """The paused queues, by name."""
+
+    def steps() -> Steps[list[str]]:
+        rows = (yield Step(f"SELECT queue FROM {QUEUES} WHERE paused ORDER BY queue")).rows
+        return [row[0] for row in rows]
+
+    return Operation(steps(), immediate=False)
 
 
 # -- periodic jobs (see soniq.core.schedules) ----------------------------------------

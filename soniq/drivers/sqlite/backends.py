@@ -87,6 +87,13 @@ def _inserted_ids(key: str, inserted: sq.Inserted) -> list[int]:
     return inserted.ids
 
 
+def _resumed(key: str, queue: str, resumed: bool) -> bool:
+    """Once a resume committed: wake this process's workers of the queue."""
+    if resumed:
+        _wake(key, queue)
+    return resumed
+
+
 def _refuse_connection(name: str) -> NoReturn:
     raise ValueError(
         f"connection=: transactional enqueue needs PostgreSQL; the {name} backend has no "
@@ -263,6 +270,22 @@ class SqliteBackend(_OnDatabase):
         # Built here, not on the thread: it validates the id.
         op = sq.cancel_job(job_id, self.database.clock())
         return await self._commit(lambda: op)
+
+    async def pause_queue(self, queue: str) -> bool:
+        """Pause ``queue`` (see AsyncBackend); True when it was not paused."""
+        return await self._commit(lambda: sq.pause_queue(queue, self.database.clock()))
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Resume ``queue`` and wake this process's workers; True when it was paused."""
+        return await self._commit(
+            lambda: sq.resume_queue(queue, self.database.clock()),
+            functools.partial(_resumed, self.database.key, queue),
+        )
+
+    async def paused_queues(self) -> list[str]:
+        """The paused queues, by name."""
+        op = sq.paused_queues()
+        return await self._call(lambda conn: run(conn, op))
 
     async def claim_jobs(
         self,
@@ -481,6 +504,21 @@ class SqliteSyncBackend(_OnDatabase):
         # Built here, in the caller: it validates the id.
         op = sq.cancel_job(job_id, self.database.clock())
         return self._commit(lambda: op)
+
+    def pause_queue(self, queue: str) -> bool:
+        """Blocking :meth:`SqliteBackend.pause_queue`."""
+        return self._commit(lambda: sq.pause_queue(queue, self.database.clock()))
+
+    def resume_queue(self, queue: str) -> bool:
+        """Blocking :meth:`SqliteBackend.resume_queue`."""
+        return self._commit(
+            lambda: sq.resume_queue(queue, self.database.clock()),
+            functools.partial(_resumed, self.database.key, queue),
+        )
+
+    def paused_queues(self) -> list[str]:
+        """The paused queues, by name."""
+        return self._run(sq.paused_queues())
 
     def close(self) -> None:
         """Close the idle connections (busy ones close when their call returns); a
