@@ -15,6 +15,7 @@ from soniq.core.errors import (
     PermanentError,
     SchemaNotReadyError,
     SerializationError,
+    Snooze,
     SoniqError,
     UnknownJobError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "PermanentError",
     "SchemaNotReadyError",
     "SerializationError",
+    "Snooze",
     "Soniq",
     "SoniqError",
     "SyncSoniq",

@@ -358,20 +358,22 @@ async def _assert_not_enqueued_async(eq: Soniq, expectation: _Expectation, conn:
 @attrs.frozen
 class DrainResult:
     """What :func:`drain` did: how many runs ended done, failed (for good), retried
-    (failed with attempts left) and cancelled. ``errors`` holds ``(job id, error)`` of
-    each failed or retried run; it is left out of ``==`` so that
-    ``assert result == DrainResult(done=2, failed=1)`` reads as intended."""
+    (failed with attempts left), cancelled and snoozed (raised :class:`soniq.Snooze`).
+    ``errors`` holds ``(job id, error)`` of each failed or retried run; it is left out
+    of ``==`` so that ``assert result == DrainResult(done=2, failed=1)`` reads as
+    intended."""
 
     done: int = 0
     failed: int = 0
     retried: int = 0
     cancelled: int = 0
     errors: tuple[tuple[int, str], ...] = attrs.field(default=(), eq=False)
+    snoozed: int = 0
 
     @property
     def ran(self) -> int:
         """How many runs there were."""
-        return self.done + self.failed + self.retried + self.cancelled
+        return self.done + self.failed + self.retried + self.cancelled + self.snoozed
 
 
 @overload
@@ -407,9 +409,10 @@ def drain(
     Each run is the worker's: claimed (attempt counted), given ``current_job()``, its
     timeout applied, its outcome written (fenced) so ``get_job`` shows it afterwards,
     and a failure retried with back-off. A retry is due only after its back-off, so it
-    is not run by default; ``run_retries=True`` makes retries due at once, so each job
-    runs until it succeeds or exhausts ``max_retries``. Jobs scheduled for later stay
-    queued (on the memory backend, move time with :func:`use_clock`).
+    is not run by default; ``run_retries=True`` makes retries (and snoozes) due at
+    once, so each job runs until it succeeds or exhausts ``max_retries``. Jobs
+    scheduled for later stay queued (on the memory backend, move time with
+    :func:`use_clock`).
 
     ``raise_errors=True`` re-raises a job's exception (after recording the run), for
     a traceback in the test. ``max_jobs`` stops after that many runs (a guard against
@@ -471,7 +474,7 @@ class _Drain:
         self.registry = eq.registry
         self.options = options
         self.worker_id = f"drain-{uuid.uuid4().hex}"
-        self.counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0}
+        self.counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0, "snoozed": 0}
         self.errors: list[tuple[int, str]] = []
         self._beat = 0.0
 
@@ -510,6 +513,9 @@ class _Drain:
         if self.options.run_retries and outcome.retry_in is not None:
             outcome = attrs.evolve(outcome, retry_in=0.0)
         await self.backend.finish_jobs([outcome], self.worker_id, keep=True)
+        if outcome.snoozed:
+            self.counts["snoozed"] += 1
+            return
         if outcome.retry_in is not None:
             self.counts["retried"] += 1
         elif outcome.status is JobStatus.QUEUED:  # released: not a run that counts
@@ -530,7 +536,12 @@ class _Drain:
     def result(self) -> DrainResult:
         c = self.counts
         return DrainResult(
-            c["done"], c["failed"], c["retried"], c["cancelled"], errors=tuple(self.errors)
+            c["done"],
+            c["failed"],
+            c["retried"],
+            c["cancelled"],
+            errors=tuple(self.errors),
+            snoozed=c["snoozed"],
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from soniq import Backoff, JobStatus, PermanentError, Soniq, current_job
+from soniq import Backoff, JobStatus, PermanentError, Snooze, Soniq, current_job
 from soniq.core.jobs import WorkerIdentity
 from tests.conftest import async_wait_until
 
@@ -328,6 +328,36 @@ async def test_a_paused_queue_waits_and_its_resume_wakes_the_worker(eq: Soniq) -
         worker.cancel()
         with pytest.raises(asyncio.CancelledError):
             await worker
+
+
+async def test_a_snoozing_job_runs_again_without_using_its_retries(eq: Soniq) -> None:
+    runs = Runs()
+
+    @eq.job(name="snooze.poll", max_retries=0)
+    def poll() -> str:
+        runs.record()
+        if len(runs.log) == 1:
+            raise Snooze(0)
+        if len(runs.log) == 2:
+            raise Snooze(dt.timedelta(milliseconds=50))
+        return "ready"
+
+    job_id = await eq.enqueue(poll)
+
+    async def done() -> bool:
+        return await status_of(eq, job_id) == JobStatus.DONE
+
+    await run_until(eq, done)
+    job = await eq.get_job(job_id)
+    assert (job.result, job.attempts, job.claims, job.snoozes) == ("ready", 1, 1, 2)
+    assert [attempt for _, attempt, _ in runs.log] == [1, 1, 1]  # never a retry
+    assert job.last_error is None
+
+
+@pytest.mark.parametrize("delay", [-1, float("nan"), float("inf"), "5", True, None])
+def test_a_snooze_of_a_bad_delay_is_refused(delay: Any) -> None:
+    with pytest.raises(ValueError, match=r"Snooze\(delay\): seconds >= 0 or a timedelta"):
+        Snooze(delay)
 
 
 async def test_retention_zero_deletes_finished_jobs(eq: Soniq) -> None:

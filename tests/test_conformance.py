@@ -349,6 +349,20 @@ async def test_cancel_a_running_job_records_the_request(any_eq: Soniq) -> None:
     assert job is not None and job.status.value == "cancelled"
 
 
+async def test_a_snooze_puts_the_job_back_later_its_run_not_counted(any_eq: Soniq) -> None:
+    job_id = await _claimed(any_eq, max_retries=0)
+    before = dt.datetime.now(dt.timezone.utc)
+    await _finish(any_eq, outcomes.snoozed(job_id, 1, 3600.0), worker="other")  # fenced
+    assert (await any_eq.get_job(job_id)).status.value == "running"
+    await _finish(any_eq, outcomes.snoozed(job_id, 1, 3600.0))
+    job = await any_eq.get_job(job_id)
+    assert (job.status.value, job.attempts, job.claims, job.snoozes) == ("queued", 0, 0, 1)
+    assert job.worker_id is None and job.finished_at is None and job.last_error is None
+    hour = dt.timedelta(hours=1)
+    assert before + hour - dt.timedelta(seconds=5) <= job.run_at <= before + hour * 1.01
+    assert await any_eq.backend.claim_jobs(1, "w", None) == []  # not due
+
+
 # -- put back: release, rescue, reconcile ------------------------------------------------------
 
 

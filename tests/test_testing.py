@@ -18,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from soniq import Backoff, JobStatus, JobTimeout, PermanentError, Soniq, current_job
+from soniq import Backoff, JobStatus, JobTimeout, PermanentError, Snooze, Soniq, current_job
 from soniq.testing import (
     DrainResult,
     FakeClock,
@@ -217,6 +217,25 @@ async def test_drain_runs_ready_jobs_and_counts_what_happened(h: Harness) -> Non
     assert job.worker_id is not None and job.worker_id.startswith("drain-")
     assert (await h.eq.get_job(later)).status == JobStatus.QUEUED
     assert await h(drain) == DrainResult()
+
+
+async def test_drain_counts_snoozes_apart_and_runs_them_when_due(h: Harness) -> None:
+    @h.eq.job(name="t.waits", max_retries=0)
+    async def waits() -> None:
+        if current_job().id not in seen:
+            seen.add(current_job().id)
+            raise Snooze(3600)
+
+    seen: set[int] = set()
+    job_id = await h.enqueue(waits)
+    assert await h(drain, raise_errors=True) == DrainResult(snoozed=1)  # due in an hour
+    job = await h.eq.get_job(job_id)
+    assert (job.status, job.snoozes, job.attempts) == (JobStatus.QUEUED, 1, 0)
+    # run_retries: the snooze is due at once, as a retry would be.
+    other = await h.enqueue(waits)
+    assert await h(drain, run_retries=True) == DrainResult(snoozed=1, done=1)
+    job = await h.eq.get_job(other)
+    assert (job.status, job.snoozes, job.attempts) == (JobStatus.DONE, 1, 1)
 
 
 async def test_drain_options(h: Harness) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 
 class SoniqError(Exception):
     """Base class of every error Soniq raises on purpose."""
@@ -42,6 +44,24 @@ class ConnectionStateError(SoniqError):
 
 class PermanentError(SoniqError):
     """Raise it (or a subclass) from a job to fail it now, without retrying."""
+
+
+class Snooze(Exception):
+    """Raise ``Snooze(seconds)`` (or a ``timedelta``) from a job to run it again later:
+    it goes back to ``queued``, due ``seconds`` from now, the attempt not counted
+    against ``max_retries``; ``Job.snoozes`` counts how often it snoozed."""
+
+    def __init__(self, delay: float | dt.timedelta) -> None:
+        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else delay
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 <= seconds < float("inf")
+        ):
+            raise ValueError(f"Snooze(delay): seconds >= 0 or a timedelta, got {delay!r}")
+        super().__init__(f"snoozed for {seconds:g} s")
+        #: How long the job sleeps, in seconds.
+        self.seconds = float(seconds)
 
 
 class JobTimeout(SoniqError, TimeoutError):

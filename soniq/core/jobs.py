@@ -73,6 +73,8 @@ class Job:
     #: without counting its attempt (shutdown, or a lost completion) and run again:
     #: the trace of a run that may have happened twice.
     claims: int = 0
+    #: How many times the job snoozed (raised :class:`soniq.Snooze`).
+    snoozes: int = 0
 
 
 @attrs.frozen

@@ -34,7 +34,8 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     result: str | None = None  # JSON text
-    release: bool = False  # put back without counting the attempt (shutdown)
+    release: bool = False  # put back without counting the attempt (shutdown, snooze)
+    snoozed: bool = False  # the job snoozed: counted in ``snoozes``, its run uncounted
 
 
 _SUCCEEDED = states.next_status(JobStatus.RUNNING, Event.SUCCEED)
@@ -140,6 +141,13 @@ def cancelled(job_id: int, attempts: int) -> Outcome:
         states.next_status(JobStatus.RUNNING, Event.ACK_CANCEL),
         error="Cancelled: cancellation was requested",
     )
+
+
+def snoozed(job_id: int, attempts: int, seconds: float) -> Outcome:
+    """The job raised :class:`soniq.Snooze`: back to the queue, due in ``seconds``,
+    neither the attempt nor the run counted."""
+    status = states.next_status(JobStatus.RUNNING, Event.SNOOZE)
+    return Outcome(job_id, attempts, status, retry_in=seconds, release=True, snoozed=True)
 
 
 def released(job_id: int, attempts: int) -> Outcome:

@@ -40,6 +40,7 @@ class Event(str, enum.Enum):
     ACK_CANCEL = "ack_cancel"  # a worker stopped a running job whose cancel was requested
     RESCUE = "rescue"  # its worker died: put back, attempt counted
     RELEASE = "release"  # graceful shutdown: put back, attempt not counted
+    SNOOZE = "snooze"  # the job asked to run later: put back, attempt not counted
 
 
 Q, R = JobStatus.QUEUED, JobStatus.RUNNING
@@ -55,6 +56,7 @@ TRANSITIONS: dict[JobStatus, dict[Event, JobStatus]] = {
         Event.ACK_CANCEL: C,
         Event.RESCUE: Q,
         Event.RELEASE: Q,
+        Event.SNOOZE: Q,
     },
     D: {},
     F: {},

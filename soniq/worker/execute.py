@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from soniq.core import outcomes
-from soniq.core.errors import JobTimeout
+from soniq.core.errors import JobTimeout, Snooze
 from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
 from soniq.worker import context
@@ -99,9 +99,12 @@ class JobRun:
     def raised(self, exc: BaseException) -> Outcome:
         """The body raised ``exc``."""
         ctx = self.context
-        self.error = exc
         if ctx.cancelled:
+            self.error = exc
             return outcomes.cancelled(ctx.id, ctx.attempt)
+        if isinstance(exc, Snooze):  # not an error: the job asked to run later
+            return outcomes.snoozed(ctx.id, ctx.attempt, exc.seconds)
+        self.error = exc
         return self.failed(exc)
 
     def timed_out(self) -> Outcome:

@@ -62,7 +62,7 @@ class Query:
 JOB_COLUMNS = (
     "id, name, queue, args::text, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result::text, cancel_requested, created_at, "
-    "started_at, finished_at, claims"
+    "started_at, finished_at, claims, snoozes"
 )
 
 
@@ -95,6 +95,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         started_at=row[16],
         finished_at=row[17],
         claims=row[18],
+        snoozes=row[19],
     )
 
 
@@ -303,7 +304,7 @@ ok AS MATERIALIZED (
 u AS MATERIALIZED (
     SELECT * FROM jsonb_to_recordset($4::text::jsonb) AS x(id bigint, attempts int,
         status text, retry_in float8, error text, traceback text, result text,
-        release boolean)
+        release boolean, snoozed boolean)
 )"""
         # Fenced by worker and attempt: a rescued job's late finish matches no row.
         # Rows are found by primary key, one probe per outcome, whatever the statistics
@@ -322,6 +323,8 @@ u AS MATERIALIZED (
 UPDATE {jobs} AS j SET
     status = u.status,
     attempts = j.attempts - CASE WHEN u.release THEN 1 ELSE 0 END,
+    claims = j.claims - CASE WHEN u.snoozed THEN 1 ELSE 0 END,
+    snoozes = j.snoozes + CASE WHEN u.snoozed THEN 1 ELSE 0 END,
     run_at = CASE WHEN u.retry_in IS NULL THEN j.run_at
                   ELSE now() + u.retry_in * interval '1 second' END,
     worker_id = CASE WHEN u.status IN {finished} THEN j.worker_id END,
@@ -538,6 +541,7 @@ DELETE FROM {jobs} WHERE id IN (
                     "traceback": o.traceback,
                     "result": o.result,
                     "release": o.release,
+                    "snoozed": o.snoozed,
                 }
             )
         sql = self._finish if keep else self._finish_delete

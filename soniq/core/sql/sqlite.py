@@ -193,6 +193,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "paused INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)",
         ),
     ),
+    # How many times a job snoozed (raised soniq.Snooze), its run not counted.
+    Migration(
+        5,
+        "snoozes",
+        (f"ALTER TABLE {JOBS} ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -265,7 +271,7 @@ def migrate(now: float) -> Operation[int]:
 JOB_COLUMNS = (
     "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result, cancel_requested, created_at, "
-    "started_at, finished_at, claims"
+    "started_at, finished_at, claims, snoozes"
 )
 
 
@@ -298,6 +304,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         started_at=to_datetime(row[16]),
         finished_at=to_datetime(row[17]),
         claims=row[18],
+        snoozes=row[19],
     )
 
 
@@ -564,6 +571,8 @@ _FENCE = f"id = ? AND status = '{_RUNNING}' AND worker_id = ? AND attempts = ?"
 _FINISH_UPDATE = f"""UPDATE {JOBS} SET
     status = ?,
     attempts = attempts - ?,
+    claims = claims - ?,
+    snoozes = snoozes + ?,
     run_at = coalesce(?, run_at),
     worker_id = CASE WHEN ? THEN worker_id END,
     finished_at = ?,
@@ -590,6 +599,8 @@ def finish_jobs(
             (
                 o.status.value,
                 1 if o.release else 0,
+                1 if o.snoozed else 0,
+                1 if o.snoozed else 0,
                 None if o.retry_in is None else now + o.retry_in,
                 finished,
                 now if finished else None,
