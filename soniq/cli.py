@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=10, help="slots for jobs (default 10)")
     worker.add_argument("--burst", action="store_true", help="exit 0 when no job is ready")
     worker.add_argument(
+        "--burst-wait",
+        type=_non_negative_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --burst, wait for a retry, snooze or delayed job due within this long "
+        "before exiting (default 10; 0 = exit at once)",
+    )
+    worker.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -262,6 +270,7 @@ def _worker(args: argparse.Namespace) -> int:
                 queues=queues,
                 concurrency=args.concurrency,
                 burst=args.burst,
+                burst_wait=args.burst_wait,
                 shutdown_timeout=args.shutdown_timeout,
                 listen=not args.no_listen,
                 periodic=not args.no_periodic,

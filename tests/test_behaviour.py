@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from soniq import Backoff, JobStatus, PermanentError, Snooze, Soniq, current_job
+from soniq import Backoff, ConfigurationError, JobStatus, PermanentError, Snooze, Soniq, current_job
 from soniq.core.jobs import WorkerIdentity
 from tests.conftest import async_wait_until
 
@@ -358,6 +358,45 @@ async def test_a_snoozing_job_runs_again_without_using_its_retries(eq: Soniq) ->
 def test_a_snooze_of_a_bad_delay_is_refused(delay: Any) -> None:
     with pytest.raises(ValueError, match=r"Snooze\(delay\): seconds >= 0 or a timedelta"):
         Snooze(delay)
+
+
+async def test_a_burst_worker_waits_for_a_retry_or_snooze_due_soon(eq: Soniq) -> None:
+    runs = Runs()
+
+    @eq.job(name="burst.flaky", max_retries=1, backoff=Backoff(base=0.3, jitter=0))
+    async def flaky() -> None:
+        runs.record()
+        if current_job().attempt == 1:
+            raise RuntimeError("setup not ready yet")
+
+    @eq.job(name="burst.sleepy")
+    async def sleepy() -> None:
+        runs.record()
+        if current_job().id not in {i for i, _, note in runs.log if note == "snoozed"}:
+            runs.record("snoozed")
+            raise Snooze(0.3)
+
+    ids = [await eq.enqueue(flaky), await eq.enqueue(sleepy)]
+    await asyncio.wait_for(eq.run_worker(burst=True, poll_interval=60), 20)
+    assert [await status_of(eq, i) for i in ids] == [JobStatus.DONE, JobStatus.DONE]
+    assert (await eq.get_job(ids[0])).attempts == 2
+    assert (await eq.get_job(ids[1])).snoozes == 1
+
+
+async def test_a_burst_worker_does_not_wait_beyond_burst_wait(eq: Soniq) -> None:
+    @eq.job(name="burst.failing", max_retries=1, backoff=Backoff(base=0.3, jitter=0))
+    async def failing() -> None:
+        raise RuntimeError("down")
+
+    later = await eq.enqueue(failing, delay=3600)  # far beyond burst_wait: not waited for
+    retried = await eq.enqueue(failing)
+    started = time.monotonic()
+    await asyncio.wait_for(eq.run_worker(burst=True, burst_wait=0), 20)
+    assert time.monotonic() - started < 5
+    assert (await eq.get_job(retried)).status == JobStatus.QUEUED  # the retry left pending
+    assert (await eq.get_job(later)).attempts == 0
+    with pytest.raises(ConfigurationError, match="burst_wait must be seconds >= 0"):
+        await eq.run_worker(burst=True, burst_wait=-1)
 
 
 async def test_retention_zero_deletes_finished_jobs(eq: Soniq) -> None:

@@ -209,6 +209,7 @@ def test_the_worker_gets_the_flags(worker_app: Any, monkeypatch: pytest.MonkeyPa
     argv = ["worker", "tests.worker_app:eq", "--queues", "mail,,reports", "--no-listen"]
     argv += ["--concurrency", "3", "--burst", "--shutdown-timeout", "4", "--poll-interval", "0.5"]
     argv += ["--stale-after", "9", "--heartbeat-interval", "3", "--no-periodic"]
+    argv += ["--burst-wait", "2.5"]
     assert main(argv) == 0
     assert seen["app"] is worker_app.eq
     expected = {
@@ -218,6 +219,7 @@ def test_the_worker_gets_the_flags(worker_app: Any, monkeypatch: pytest.MonkeyPa
         "shutdown_timeout": 4.0,
         "listen": False,
         "periodic": False,
+        "burst_wait": 2.5,
         "stale_after": 9.0,
         "heartbeat_interval": 3.0,
         "poll_interval": 0.5,

@@ -531,6 +531,26 @@ async def test_a_paused_queue_is_not_claimed_until_resumed(face: Face) -> None:
     assert [j.id for j in await claim(10, "w", ["mail"])] == [mail, late]
 
 
+async def test_next_due_of_the_queues_and_names_asked_for(any_eq: Soniq) -> None:
+    due = any_eq.backend.next_due
+    assert await due(None, ["c.job"]) is None  # nothing queued
+    await any_eq.enqueue("c.job", queue="a", delay=600)
+    await any_eq.enqueue("c.job", queue="b", delay=60)
+    await any_eq.enqueue("c.other", queue="b", delay=5)
+    running = await any_eq.enqueue("c.job", queue="a")
+    [claimed] = await any_eq.backend.claim_jobs(1, "w", None)
+    assert claimed.id == running  # running: not queued, not counted
+    assert 50 < await due(None, ["c.job"]) <= 60
+    assert 590 < await due(["a"], ["c.job"]) <= 600
+    assert 0 < await due(["a", "b"], ["c.job", "c.other"]) <= 5
+    assert await due(["c"], ["c.job"]) is None
+    assert await due(None, []) is None
+    await any_eq.pause_queue("b")  # a paused queue's jobs are not coming
+    assert 590 < await due(None, ["c.job", "c.other"]) <= 600
+    await any_eq.enqueue("c.job", queue="a", run_at=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc))
+    assert await due(["a"], ["c.job"]) < -1e6  # overdue
+
+
 # -- periodic ticks ---------------------------------------------------------------------------
 
 

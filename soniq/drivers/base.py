@@ -118,6 +118,11 @@ class AsyncBackend(Protocol):
     async def paused_queues(self) -> list[str]:
         """The paused queues, by name."""
 
+    async def next_due(self, queues: Sequence[str] | None, names: Sequence[str]) -> float | None:
+        """In how many seconds the first queued job of ``queues`` (None: all) and
+        ``names`` is due (negative when overdue; None when there is none), paused
+        queues left out (a burst worker's question before it exits)."""
+
     async def claim_jobs(
         self,
         limit: int,

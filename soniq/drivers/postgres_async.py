@@ -144,6 +144,11 @@ class PostgresAsyncOps:
         await self.fetch(self.queries.finish_jobs(outcomes, worker_id, keep=keep))
 
     @async_only
+    async def next_due(self, queues: Sequence[str] | None, names: Sequence[str]) -> float | None:
+        rows = await self.fetch(self.queries.next_due(queues, names))
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    @async_only
     async def last_ticks(self, keys: Sequence[str]) -> dict[str, dt.datetime]:
         return {key: tick for key, tick in await self.fetch(self.queries.last_ticks(keys))}
 

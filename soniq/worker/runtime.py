@@ -61,6 +61,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ConfigurationError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not _is_number(value) or not value >= 0 or not math.isfinite(value):
+        raise ConfigurationError(f"{attribute.name} must be seconds >= 0, got {value!r}")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -88,6 +93,10 @@ class WorkerConfig:
     queues: tuple[str, ...] | None = attrs.field(default=None, converter=_queues)
     concurrency: int = attrs.field(default=10, validator=_positive)
     burst: bool = False
+    #: A burst worker with nothing ready waits for a job of its queues due within this
+    #: long (a retry, a snooze, a job enqueued with a short delay) instead of exiting
+    #: with it pending; 0 exits at once.
+    burst_wait: float = attrs.field(default=10.0, validator=_not_negative)
     #: Poll this often when no NOTIFY arrives (and always, with ``listen=False``).
     poll_interval: float = attrs.field(default=1.0, validator=_positive)
     #: LISTEN for new jobs; turn off behind PgBouncer in transaction pooling mode.
@@ -396,7 +405,14 @@ class Worker:
             if len(rows) == free:
                 continue
             if self.config.burst and not rows and not self._unsettled() and not self._reserved:
-                return
+                if any(o.retry_in is not None for o in (*self._pending, *self._writing)):
+                    await asyncio.sleep(0.01)  # a retry not written yet: not queued yet
+                    continue
+                due_in = await self._backend.next_due(self.config.queues, self._names)
+                if due_in is None or due_in > self.config.burst_wait:
+                    return
+                await asyncio.sleep(max(0.05, due_in))  # not a spin on a locked row
+                continue
             await self._idle(slots=bool(self._running))
 
     async def _idle(self, *, slots: bool) -> None:

@@ -212,6 +212,14 @@ WITH resumed AS (
 )
 SELECT queue, pg_notify('{channel_literal}', queue) FROM resumed""")
         self._paused = f"SELECT queue FROM {queues} WHERE paused ORDER BY queue"
+        # A burst worker's last question: how soon is a job it could claim due?
+        self._next_due = render(f"""
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM {jobs}
+WHERE status = '{ready}'
+  AND name = ANY(ARRAY(SELECT jsonb_array_elements_text($1::text::jsonb)))
+  AND ($2::text::boolean
+       OR queue = ANY(ARRAY(SELECT jsonb_array_elements_text($3::text::jsonb))))
+  AND queue NOT IN (SELECT q.queue FROM {queues} AS q WHERE q.paused)""")
         # The claim's commit need not wait for the disk: a claim lost in a server crash
         # only puts its jobs back, which the crash does to running jobs anyway (and a
         # later durable commit, such as the completion, flushes it). The setting is
@@ -489,6 +497,15 @@ DELETE FROM {jobs} WHERE id IN (
     def resume_queue(self, queue: str) -> Query:
         """Resume ``queue`` and wake its workers (a row if it was paused)."""
         return Query(self._resume, (queue,))
+
+    def next_due(self, queues: Sequence[str] | None, names: Sequence[str]) -> Query:
+        """Select in how many seconds the first queued job of ``queues`` (None: all)
+        and ``names`` is due (negative: overdue; NULL: none), paused queues left out."""
+        every = "true" if queues is None else "false"
+        return Query(
+            self._next_due,
+            (serialize.dumps(list(names)), every, serialize.dumps(list(queues or []))),
+        )
 
     def paused_queues(self) -> Query:
         """Select the paused queues, by name."""

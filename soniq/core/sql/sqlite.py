@@ -509,6 +509,31 @@ def resume_queue(queue: str, now: float) -> Operation[bool]:
     return Operation(steps(), immediate=True)
 
 
+def next_due(
+    queues: Sequence[str] | None, names: Sequence[str], now: float
+) -> Operation[float | None]:
+    """In how many seconds the first queued job of ``queues`` (None: all) and ``names``
+    is due (negative: overdue; None: no such job), paused queues left out."""
+    queue_filter, params = "", [serialize.dumps(list(names))]
+    if queues is not None:
+        queue_filter = "AND queue IN (SELECT value FROM json_each(?))"
+        params.append(serialize.dumps(list(queues)))
+
+    def steps() -> Steps[float | None]:
+        rows = (
+            yield Step(
+                f"SELECT min(run_at) FROM {JOBS} WHERE status = '{_QUEUED}' "
+                f"AND name IN (SELECT value FROM json_each(?)) {queue_filter} "
+                f"AND queue NOT IN (SELECT queue FROM {QUEUES} WHERE paused)",
+                tuple(params),
+            )
+        ).rows
+        first = rows[0][0] if rows else None
+        return None if first is None else first - now
+
+    return Operation(steps(), immediate=False)
+
+
 def paused_queues() -> Operation[list[str]]:
     """The paused queues, by name."""
 

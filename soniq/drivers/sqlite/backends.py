@@ -347,6 +347,12 @@ class SqliteBackend(_OnDatabase):
         """Put back the worker's running jobs that it does not hold; how many."""
         return await self._commit(lambda: sq.reconcile(worker_id, held))
 
+    async def next_due(self, queues: Sequence[str] | None, names: Sequence[str]) -> float | None:
+        """In how many seconds a job of ``queues`` and ``names`` is due (see
+        AsyncBackend)."""
+        op = sq.next_due(queues, names, self.database.clock())
+        return await self._call(lambda conn: run(conn, op))
+
     async def last_ticks(self, keys: Sequence[str]) -> dict[str, dt.datetime]:
         """The last tick of each periodic schedule of ``keys`` that has one."""
         op = sq.last_ticks(keys)
