@@ -37,22 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soniq", description="Soniq job queue")
     commands = parser.add_subparsers(dest="command", required=True)
     migrate = commands.add_parser("migrate", help="create or upgrade Soniq's tables")
-    migrate.add_argument(
-        "--database-url",
-        default=os.environ.get("SONIQ_DATABASE_URL"),
-        help="postgresql:// URL (default: $SONIQ_DATABASE_URL)",
-    )
-    migrate.add_argument("--schema", default="public", help="schema of Soniq's tables")
+    _database_options(migrate)
     migrate.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
     queues = commands.add_parser("queues", help="list paused queues, or pause or resume queues")
     queues.add_argument("action", nargs="?", choices=["pause", "resume"], help="what to do")
     queues.add_argument("names", nargs="*", metavar="QUEUE", help="the queues to pause or resume")
-    queues.add_argument(
-        "--database-url",
-        default=os.environ.get("SONIQ_DATABASE_URL"),
-        help="postgresql:// or sqlite:/// URL (default: $SONIQ_DATABASE_URL)",
-    )
-    queues.add_argument("--schema", default="public", help="schema of Soniq's tables")
+    _database_options(queues)
     queues.add_argument("--json", action="store_true", help="print JSON, for scripts")
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
@@ -121,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
         help="DEBUG shows a line per job (default INFO)",
     )
     return parser
+
+
+def _database_options(command: argparse.ArgumentParser) -> None:
+    """``--database-url`` and ``--schema``, for the commands that open the database."""
+    command.add_argument(
+        "--database-url",
+        default=os.environ.get("SONIQ_DATABASE_URL"),
+        help="postgresql:// or sqlite:/// URL (default: $SONIQ_DATABASE_URL)",
+    )
+    command.add_argument("--schema", default="public", help="schema of Soniq's tables")
 
 
 def _non_negative_seconds(text: str) -> float:
