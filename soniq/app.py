@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from soniq.core.enqueue import JobRef, Registry, build_spec, check_queue, split_options
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable
-from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobSpec
+from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobDefinition, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
-from soniq.core.schedules import make_schedule
+from soniq.core.schedules import Schedule, make_schedule
 from soniq.core.sql.postgres import quote_ident
 from soniq.drivers._common import redact_url, split_postgres_url
 from soniq.drivers.base import AsyncBackend, SyncBackend
@@ -298,8 +298,13 @@ class Soniq:
         at the first tick.
         """
 
+        def schedule(definition: JobDefinition) -> Schedule:
+            arguments = {} if kwargs is None else kwargs
+            timing = {"cron": cron, "every": every, "timezone": timezone}
+            return make_schedule(definition.name, arguments, **timing, catch_up=catch_up)
+
         def register(f: F) -> F:
-            definition = self.registry.register(
+            self.registry.register(
                 f,
                 name=name,
                 queue=queue,
@@ -307,16 +312,8 @@ class Soniq:
                 priority=priority,
                 timeout=timeout,
                 backoff=backoff,
+                schedule=schedule,
             )
-            schedule = make_schedule(
-                definition.name,
-                {} if kwargs is None else kwargs,
-                cron=cron,
-                every=every,
-                timezone=timezone,
-                catch_up=catch_up,
-            )
-            self.registry.add_schedule(definition, schedule)
             return f
 
         if kwargs is not None and not isinstance(kwargs, Mapping):

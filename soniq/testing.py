@@ -409,8 +409,9 @@ def drain(
     Each run is the worker's: claimed (attempt counted), given ``current_job()``, its
     timeout applied, its outcome written (fenced) so ``get_job`` shows it afterwards,
     and a failure retried with back-off. A retry is due only after its back-off, so it
-    is not run by default; ``run_retries=True`` makes retries (and snoozes) due at
-    once, so each job runs until it succeeds or exhausts ``max_retries``. Jobs
+    is not run by default; ``run_retries=True`` makes retries due at once, so each job
+    runs until it succeeds or exhausts ``max_retries`` (a snooze keeps its delay: a
+    job may snooze forever). Jobs
     scheduled for later stay queued (on the memory backend, move time with
     :func:`use_clock`).
 
@@ -510,7 +511,7 @@ class _Drain:
 
     async def finish(self, outcome: Outcome, error: BaseException | None) -> None:
         """Write the outcome, count it, and re-raise the job's error if asked."""
-        if self.options.run_retries and outcome.retry_in is not None:
+        if self.options.run_retries and outcome.retry_in is not None and not outcome.snoozed:
             outcome = attrs.evolve(outcome, retry_in=0.0)
         await self.backend.finish_jobs([outcome], self.worker_id, keep=True)
         if outcome.snoozed:

@@ -354,9 +354,11 @@ async def test_a_snoozing_job_runs_again_without_using_its_retries(eq: Soniq) ->
     assert job.last_error is None
 
 
-@pytest.mark.parametrize("delay", [-1, float("nan"), float("inf"), "5", True, None])
+@pytest.mark.parametrize(
+    "delay", [-1, float("nan"), float("inf"), 1e12, dt.timedelta(days=400), "5", True, None]
+)
 def test_a_snooze_of_a_bad_delay_is_refused(delay: Any) -> None:
-    with pytest.raises(ValueError, match=r"Snooze\(delay\): seconds >= 0 or a timedelta"):
+    with pytest.raises(ValueError, match=r"Snooze\(delay\): seconds from 0 to a year"):
         Snooze(delay)
 
 
@@ -381,6 +383,19 @@ async def test_a_burst_worker_waits_for_a_retry_or_snooze_due_soon(eq: Soniq) ->
     assert [await status_of(eq, i) for i in ids] == [JobStatus.DONE, JobStatus.DONE]
     assert (await eq.get_job(ids[0])).attempts == 2
     assert (await eq.get_job(ids[1])).snoozes == 1
+
+
+async def test_a_job_snoozing_forever_does_not_keep_a_burst_worker_alive(eq: Soniq) -> None:
+    @eq.job(name="burst.forever")
+    async def forever() -> None:
+        raise Snooze(0.1)
+
+    job_id = await eq.enqueue(forever)
+    started = time.monotonic()
+    await asyncio.wait_for(eq.run_worker(burst=True, burst_wait=0.5), 20)
+    assert time.monotonic() - started < 5  # burst_wait counts from the first idle moment
+    job = await eq.get_job(job_id)
+    assert job.status == JobStatus.QUEUED and job.snoozes >= 2
 
 
 async def test_a_burst_worker_does_not_wait_beyond_burst_wait(eq: Soniq) -> None:

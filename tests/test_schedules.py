@@ -101,6 +101,26 @@ def test_what_a_scheduler_does_at_a_moment() -> None:
     assert every(3600, catch_up=False).decide(before, hour + MISSED_AFTER) == Tick(hour, True)
 
 
+@pytest.mark.parametrize(
+    ("expr", "zone", "start"),
+    [
+        ("30 2 * * *", "Europe/Paris", "2024-10-26T23:00:00+00:00"),  # the repeated hour
+        ("59 1 * * *", "America/New_York", "2024-11-03T04:00:00+00:00"),
+        ("*/20 * * * *", "Europe/Paris", "2024-10-26T23:00:00+00:00"),
+        ("30 2 * * *", "Europe/Paris", "2024-03-30T23:00:00+00:00"),  # the skipped hour
+    ],
+)
+def test_ticks_around_a_clock_change_are_never_in_the_past(
+    expr: str, zone: str, start: str
+) -> None:
+    """Minute by minute through a clock change: the latest tick is not after now and
+    the next one is after it (a scheduler never sleeps until the past, nor spins)."""
+    s = cron(expr, zone)
+    for minute in range(0, 5 * 60):
+        now = at(start) + dt.timedelta(minutes=minute, seconds=30)
+        assert s.latest_due(now) <= now < s.next_after(now), now
+
+
 def test_a_scheduler_run_every_second_enqueues_each_tick_once() -> None:
     """Scheduling passes at any moments (several per tick, as several workers make):
     each tick is enqueued exactly once, in order, none skipped."""
@@ -135,7 +155,8 @@ def test_the_key_names_the_job_its_timing_and_its_arguments() -> None:
     ("options", "error", "match"),
     [
         ({"cron": "61 * * * *"}, ValueError, r"cron '61 \* \* \* \*' does not parse"),
-        ({"cron": "* * *"}, ValueError, "cron .* five fields"),
+        ({"cron": "* * *"}, ValueError, "cron .* has 3 fields; five fields"),
+        ({"cron": "0 30 2 * * *"}, ValueError, "has 6 fields"),  # no seconds field
         ({"cron": 5}, TypeError, "cron must be a string"),
         ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, ValueError, "timezone 'Mars/Olympus'"),
         ({"cron": "* * * * *", "timezone": 1}, TypeError, "timezone must be an IANA name"),
@@ -163,10 +184,12 @@ def test_bad_timing_is_refused_at_the_decorator(
 
 def test_bad_arguments_and_a_repeated_schedule_are_refused_at_definition() -> None:
     eq = Soniq("memory://")
-    with pytest.raises(JobArgumentsError, match=r"periodic job 'p\.pull': kwargs: .*region"):
+    with pytest.raises(JobArgumentsError, match=r"periodic job 'p\.pull': kwargs: .*region.*nope"):
 
-        @eq.periodic(every=30, name="p.pull")
+        @eq.periodic(every=30, kwargs={"nope": 1}, name="p.pull")
         def pull(region: str) -> None: ...
+
+    assert eq.registry.get("p.pull") is None  # refused whole: not left half-registered
 
     @eq.periodic(every=30, kwargs={"region": "eu"}, name="p.push")
     @eq.periodic(every=30, kwargs={"region": "us"}, name="p.push")

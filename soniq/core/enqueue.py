@@ -40,19 +40,6 @@ class Registry:
         #: The periodic jobs' schedules, in definition order (see ``soniq.core.schedules``).
         self.schedules: list[Schedule] = []
 
-    def add_schedule(self, definition: JobDefinition, schedule: Schedule) -> None:
-        """Add the schedule of a registered job, its arguments checked now (not at the
-        first tick); the same schedule twice is refused."""
-        problem = definition.check_names(frozenset(schedule.kwargs))
-        if problem is not None:
-            raise JobArgumentsError(f"periodic job {definition.name!r}: kwargs: {problem}")
-        serialize.check_payload([dict(schedule.kwargs)], job=definition.name)
-        if any(s.key == schedule.key for s in self.schedules):
-            raise JobDefinitionError(
-                f"periodic job {definition.name!r} has this schedule already: {schedule.key}"
-            )
-        self.schedules.append(schedule)
-
     def register(
         self,
         func: Callable[..., Any],
@@ -63,8 +50,12 @@ class Registry:
         priority: int = 0,
         timeout: float | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
+        schedule: Callable[[JobDefinition], Schedule] | None = None,
     ) -> JobDefinition:
-        """Register ``func`` as a job and return its definition."""
+        """Register ``func`` as a job and return its definition; with ``schedule``, a
+        periodic job, whose schedule (made from the definition) is checked before
+        anything is registered: its arguments now, not at the first tick, and the
+        same schedule twice is refused."""
         definition = define_job(
             func,
             name=name,
@@ -80,6 +71,10 @@ class Registry:
                 f"a job named {definition.name!r} is already registered "
                 f"({existing.func!r}); give one of them another name with @eq.job(name=...)"
             )
+        if schedule is not None:
+            periodic = schedule(definition)
+            _check_schedule(definition, periodic, self.schedules)
+            self.schedules.append(periodic)
         self._by_name[definition.name] = definition
         self._by_func[func] = definition
         return definition
@@ -111,6 +106,19 @@ class Registry:
                 "its name as a string"
             )
         return definition.name, definition
+
+
+def _check_schedule(
+    definition: JobDefinition, schedule: Schedule, existing: Iterable[Schedule]
+) -> None:
+    problem = definition.check_names(frozenset(schedule.kwargs))
+    if problem is not None:
+        raise JobArgumentsError(f"periodic job {definition.name!r}: kwargs: {problem}")
+    serialize.check_payload([dict(schedule.kwargs)], job=definition.name)
+    if any(s.key == schedule.key for s in existing):
+        raise JobDefinitionError(
+            f"periodic job {definition.name!r} has this schedule already: {schedule.key}"
+        )
 
 
 def main_module_name() -> str | None:

@@ -46,6 +46,9 @@ class PermanentError(SoniqError):
     """Raise it (or a subclass) from a job to fail it now, without retrying."""
 
 
+_YEAR = 366 * 86_400.0
+
+
 class Snooze(Exception):
     """Raise ``Snooze(seconds)`` (or a ``timedelta``) from a job to run it again later:
     it goes back to ``queued``, due ``seconds`` from now, the attempt not counted
@@ -56,9 +59,12 @@ class Snooze(Exception):
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))
-            or not 0 <= seconds < float("inf")
+            or not 0 <= seconds <= _YEAR
         ):
-            raise ValueError(f"Snooze(delay): seconds >= 0 or a timedelta, got {delay!r}")
+            raise ValueError(
+                f"Snooze(delay): seconds from 0 to a year (31,622,400) or a timedelta, "
+                f"got {delay!r}"
+            )
         super().__init__(f"snoozed for {seconds:g} s")
         #: How long the job sleeps, in seconds.
         self.seconds = float(seconds)

@@ -126,15 +126,17 @@ class JobDefinition:
         """None if a call with exactly these keyword names is valid, else the problem."""
         if names in self._checked:
             return None
+        problems = []
         missing = self.required - names
         if missing:
-            return f"missing required argument(s) {', '.join(sorted(missing))}"
-        if not self.takes_any_keyword:
-            unexpected = names - self.accepted
-            if unexpected:
-                return (
-                    f"unexpected argument(s) {', '.join(sorted(unexpected))}; "
-                    f"it accepts {', '.join(sorted(self.accepted)) or 'no arguments'}"
-                )
+            problems.append(f"missing required argument(s) {', '.join(sorted(missing))}")
+        unexpected = frozenset() if self.takes_any_keyword else names - self.accepted
+        if unexpected:
+            problems.append(
+                f"unexpected argument(s) {', '.join(sorted(unexpected))}; "
+                f"it accepts {', '.join(sorted(self.accepted)) or 'no arguments'}"
+            )
+        if problems:
+            return "; ".join(problems)
         self._checked.add(names)
         return None

@@ -70,7 +70,12 @@ class Schedule:
             return _EPOCH + (elapsed // self.every_us * self.every_us) * _MICRO
         assert self.cron is not None and self.timezone is not None
         local = (now + _MICRO).astimezone(zoneinfo.ZoneInfo(self.timezone))
-        return next(cronsim.CronSim(self.cron, local, reverse=True)).astimezone(UTC)
+        due = next(cronsim.CronSim(self.cron, local, reverse=True)).astimezone(UTC)
+        # In the hour repeated when clocks go back, the wall-clock search can land a
+        # day early: step forward to the last tick that is still not after ``now``.
+        while (following := self.next_after(due)) <= now:
+            due = following
+        return due
 
     def next_after(self, moment: dt.datetime) -> dt.datetime:
         """The first tick after ``moment``."""
@@ -78,7 +83,12 @@ class Schedule:
             return self.latest_due(moment) + self.every_us * _MICRO
         assert self.cron is not None and self.timezone is not None
         local = moment.astimezone(zoneinfo.ZoneInfo(self.timezone))
-        return next(cronsim.CronSim(self.cron, local)).astimezone(UTC)
+        # In the hour repeated when clocks go back, a wall time may come out before
+        # ``moment`` (its first pass): the answer is the first one after it.
+        for tick in cronsim.CronSim(self.cron, local):
+            if (at := tick.astimezone(UTC)) > moment:
+                return at
+        raise ValueError(f"cron {self.cron!r} never matches again")  # pragma: no cover
 
     def decide(self, last: dt.datetime | None, now: dt.datetime) -> Tick | None:
         """What to do at ``now``, the last tick recorded being ``last`` (None: the
@@ -124,6 +134,11 @@ def make_schedule(
         return Schedule(job, dict(kwargs), None, None, every_us, catch_up)
     if not isinstance(cron, str):
         raise TypeError(f"cron must be a string such as '*/5 * * * *', got {cron!r}")
+    if len(cron.split()) != 5:
+        raise ValueError(
+            f"cron {cron!r} has {len(cron.split())} fields; five fields: minute hour "
+            "day-of-month month day-of-week, e.g. '*/5 * * * *'"
+        )
     zone = "UTC" if timezone is None else timezone
     if not isinstance(zone, str):
         raise TypeError(f"timezone must be an IANA name such as 'Europe/Paris', got {zone!r}")

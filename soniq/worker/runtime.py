@@ -185,6 +185,11 @@ class Worker:
         # The summary line's counts: runs by final status, and retries.
         self._counts = {s.value: 0 for s in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)}
         self._counts["retried"] = 0
+        self._counts["snoozed"] = 0
+        # A burst worker with nothing ready waits for jobs due soon, until this
+        # deadline (burst_wait after it first found nothing ready): a job that keeps
+        # snoozing or failing cannot keep it alive.
+        self._burst_deadline: float | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -226,7 +231,7 @@ class Worker:
             helpers.append(loop.create_task(self._listen_forever(), name="soniq-listener"))
         helpers.append(loop.create_task(self._summarise_forever(), name="soniq-summary"))
         if self.config.periodic and not self.config.burst and self._registry.schedules:
-            periodic = run_schedules(self._backend, self._registry)
+            periodic = run_schedules(self._backend, self._registry, self.config.command_timeout)
             helpers.append(loop.create_task(periodic, name="soniq-periodic"))
         log.info(
             "worker %s started: queues=%s concurrency=%d jobs=%d",
@@ -408,12 +413,33 @@ class Worker:
                 if any(o.retry_in is not None for o in (*self._pending, *self._writing)):
                     await asyncio.sleep(0.01)  # a retry not written yet: not queued yet
                     continue
-                due_in = await self._backend.next_due(self.config.queues, self._names)
-                if due_in is None or due_in > self.config.burst_wait:
+                due_in = await self._burst_due_in()
+                if due_in is None:
                     return
                 await asyncio.sleep(max(0.05, due_in))  # not a spin on a locked row
                 continue
             await self._idle(slots=bool(self._running))
+
+    async def _burst_due_in(self) -> float | None:
+        """Seconds until a job of this burst worker is due, if that is before its
+        deadline (see ``burst_wait``); None: time to exit. A failed question is an
+        answer too: the worker exits (as a burst worker always did with nothing
+        ready), saying why."""
+        now = self._loop.time()
+        if self._burst_deadline is None:
+            self._burst_deadline = now + self.config.burst_wait
+        left = self._burst_deadline - now
+        if left <= 0:
+            return None
+        try:
+            due_in = await asyncio.wait_for(
+                self._backend.next_due(self.config.queues, self._names),
+                self.config.command_timeout,
+            )
+        except Exception as exc:
+            log.warning("burst: could not ask for jobs due soon (%s); exiting", exc)
+            return None
+        return None if due_in is None or due_in > left else due_in
 
     async def _idle(self, *, slots: bool) -> None:
         """Wait for a NOTIFY (or, with ``slots``, a freed slot), at most one poll
@@ -596,7 +622,10 @@ class Worker:
         running.settled = True
         ctx = running.run.context
         status = outcome.status.value
-        if outcome.release:
+        if outcome.snoozed:
+            self._counts["snoozed"] += 1
+            log.info("job %s %s: snoozed for %gs", ctx.id, ctx.name, outcome.retry_in)
+        elif outcome.release:
             log.info("job %s %s: put back (shutdown)", ctx.id, ctx.name)
         elif outcome.retry_in is not None:
             self._counts["retried"] += 1
