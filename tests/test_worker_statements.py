@@ -182,3 +182,29 @@ def test_a_claim_commits_without_waiting_for_the_disk_and_leaves_the_session_alo
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.commit()
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+def test_a_job_table_without_statistics_gets_them_once_it_holds_jobs(
+    db: Any, pg: psycopg.Connection
+) -> None:
+    """A fresh table loaded in bulk has no statistics until autovacuum's first pass, and
+    the planner then scans and sorts every queued row per claim: the heartbeat's
+    session analyzes it (once it holds enough rows to matter), and the claim plan
+    turns to the claim index's order."""
+    eq, q = db
+    session = eq.backend.maintenance()
+    try:
+        eq.sync.enqueue_many("some.job", [{"n": n} for n in range(50)])
+        assert session.analyze_if_never(1000) is None  # too few rows to matter yet
+        eq.sync.enqueue_many("some.job", [{"n": n} for n in range(3000)])
+        claim = q.claim_jobs(50, "w", None, ["some.job"])
+        pg.execute("SET plan_cache_mode = force_generic_plan")  # as a long-lived driver
+        plan = lambda: json.dumps(  # noqa: E731
+            pg.execute(f"EXPLAIN (FORMAT JSON) {claim.sql}", claim.params).fetchone()[0]
+        )
+        assert '"Sort"' in plan()  # no statistics: scan and sort every queued row
+        assert session.analyze_if_never(1000) is True
+        assert '"Sort"' not in plan() and "soniq_jobs_claim_idx" in plan()
+        assert session.analyze_if_never(1000) is False  # it has statistics now
+    finally:
+        session.close()

@@ -38,6 +38,11 @@ class MaintenanceSession(Protocol):
     def prune_finished(self, older_than: float, limit: int) -> int:
         """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
 
+    def analyze_if_never(self, rows: int) -> bool | None:
+        """Give the job table statistics if it has none yet while holding ``rows``
+        rows or more: True if it was analyzed now, False if it has statistics, None
+        if it still has too few rows to tell (or the database needs none)."""
+
     def abort(self) -> None:
         """Make a call that waits on the session's connection now, in another thread,
         fail at once as on a lost connection (the heartbeat's watchdog calls this when

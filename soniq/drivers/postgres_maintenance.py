@@ -72,6 +72,17 @@ class PostgresMaintenance:
         query = self._queries.prune_finished(older_than, limit)
         return self._conn.execute(query.sql, query.params).rowcount
 
+    def analyze_if_never(self, rows: int) -> bool | None:
+        [(never, enough)] = self._fetch(self._queries.never_analyzed(rows)) or [(False, False)]
+        if not never:
+            return False
+        if not enough:
+            return None  # too few rows for a plan to matter yet: ask again later
+        # A role that does not own the table gets a WARNING from the server, not an
+        # error, and the table keeps no statistics: autovacuum will make them.
+        self._conn.execute(self._queries.analyze())
+        return True
+
     def abort(self) -> None:
         """Shut the connection's socket down, from another thread while a call waits
         on it: the call fails at once with ``OperationalError``. Only while a call is

@@ -28,6 +28,10 @@ from soniq.drivers.base import MaintenanceSession
 log = logging.getLogger("soniq.worker")
 
 PRUNE_BATCH = 5000
+#: A job table with no statistics and this many rows is analyzed by the first heartbeat
+#: that sees it: without statistics PostgreSQL plans the claim as a scan and sort of
+#: every queued row (a fresh table loaded in bulk, before autovacuum's first pass).
+ANALYZE_ROWS = 1000
 
 T = TypeVar("T")
 
@@ -57,6 +61,7 @@ class Heartbeat(threading.Thread):
         self._on_cancel = on_cancel
         self._stopped = threading.Event()
         self._next_prune = 0.0
+        self._statistics_checked = False  # the job table has statistics, or we tried
         #: A call longer than this is aborted (WorkerConfig.command_timeout).
         self._command_timeout = command_timeout
         # The call in flight, for the watchdog: its session and its deadline. Set and
@@ -156,7 +161,8 @@ class Heartbeat(threading.Thread):
         return time.monotonic() - self._confirmed
 
     def beat(self, session: MaintenanceSession) -> None:
-        """One pass: heartbeat, cancellation requests, rescue, prune."""
+        """One pass: heartbeat, cancellation requests, rescue, statistics (until the
+        job table has some), prune."""
         call = self._bounded
         started = time.monotonic()
         if not call(session, session.heartbeat, self._worker_id):
@@ -175,6 +181,12 @@ class Heartbeat(threading.Thread):
                 len(rescued),
                 ", ".join(f"{job_id}->{status}" for job_id, status in rescued[:20]),
             )
+        if not self._statistics_checked:
+            analyzed = call(session, session.analyze_if_never, ANALYZE_ROWS)
+            if analyzed is not None:
+                self._statistics_checked = True
+            if analyzed:
+                log.info("analyzed the job table, which had no statistics yet")
         if self._retention and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + max(60.0, self._interval)
             for _ in range(20):  # bounded per beat; the next beat goes on

@@ -212,6 +212,15 @@ WITH resumed AS (
 )
 SELECT queue, pg_notify('{channel_literal}', queue) FROM resumed""")
         self._paused = f"SELECT queue FROM {queues} WHERE paused ORDER BY queue"
+        # Without statistics (a table never analyzed, PostgreSQL's reltuples = -1) the
+        # planner takes the job table for tiny: the claim becomes a scan and sort of
+        # every queued row, the completion a scan of the table. See never_analyzed.
+        jobs_literal = jobs.replace("'", "''")
+        self._never_analyzed = render(f"""
+SELECT c.reltuples < 0,
+       (SELECT count(*) FROM (SELECT 1 FROM {jobs} LIMIT $1::text::int) AS s)
+           >= $2::text::int
+FROM pg_class AS c WHERE c.oid = to_regclass('{jobs_literal}')""")
         # A burst worker's last question: how soon is a job it could claim due?
         self._next_due = render(f"""
 SELECT extract(epoch FROM min(run_at) - now())::float8 FROM {jobs}
@@ -489,6 +498,15 @@ DELETE FROM {jobs} WHERE id IN (
             params.append(serialize.dumps(list(names)))
         sql = self._claims[queue_mode, names is not None]
         return Query(sql, (*params, str(limit), worker_id))
+
+    def never_analyzed(self, rows: int) -> Query:
+        """Select whether the job table has no statistics yet (never analyzed nor
+        vacuumed), and whether it holds at least ``rows`` rows (counted up to that)."""
+        return Query(self._never_analyzed, (str(rows), str(rows)))
+
+    def analyze(self) -> str:
+        """``ANALYZE`` the job table."""
+        return f"ANALYZE {quote_ident(self.schema)}.soniq_jobs"
 
     def pause_queue(self, queue: str) -> Query:
         """Pause ``queue`` (a row if it was not paused)."""

@@ -162,6 +162,10 @@ class SqliteMaintenance:
         """Delete up to ``limit`` jobs finished ``older_than`` seconds ago; how many."""
         return run(self._conn, sq.prune_finished(older_than, limit, self._clock()))
 
+    def analyze_if_never(self, rows: int) -> bool | None:
+        """SQLite plans the claim from its partial indexes, statistics or not."""
+        return False
+
     def abort(self) -> None:
         """Nothing to do: a local file has no link that can go silent (a locked
         database is bounded by the busy timeout)."""
