@@ -182,9 +182,13 @@ class Heartbeat(threading.Thread):
                 ", ".join(f"{job_id}->{status}" for job_id, status in rescued[:20]),
             )
         if not self._statistics_checked:
+            # Tried once per worker, whatever happens (an ANALYZE that fails or outlasts
+            # command_timeout is left to autovacuum); asked again only while the table
+            # is too small to matter.
+            self._statistics_checked = True
             analyzed = call(session, session.analyze_if_never, ANALYZE_ROWS)
-            if analyzed is not None:
-                self._statistics_checked = True
+            if analyzed is None:
+                self._statistics_checked = False
             if analyzed:
                 log.info("analyzed the job table, which had no statistics yet")
         if self._retention and time.monotonic() >= self._next_prune:
