@@ -9,6 +9,7 @@ from the installed PostgreSQL binaries (see ``tests/throwaway_pg.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import itertools
@@ -95,14 +96,24 @@ def new_soniq(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **kwarg
     return Soniq(url, driver=kind, schema=schema, **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def migrated_soniq(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Soniq]:
+    """:func:`new_soniq`, migrated, and closed when the block ends."""
+    app = new_soniq(kind, request, tmp_path)
+    await app.ensure_initialized()
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
 @pytest.fixture(params=BACKENDS)
 async def any_eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
-    """A migrated Soniq on each backend of :data:`BACKENDS` (:func:`new_soniq`), closed
-    afterwards."""
-    app = new_soniq(request.param, request, tmp_path)
-    await app.ensure_initialized()
-    yield app
-    await app.close()
+    """A migrated Soniq on each backend of :data:`BACKENDS`, closed afterwards."""
+    async with migrated_soniq(request.param, request, tmp_path) as app:
+        yield app
 
 
 def soniq_command() -> list[str]:

@@ -25,7 +25,7 @@ from soniq.core import outcomes
 from soniq.core.jobs import JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
-from tests.conftest import BACKENDS, new_soniq
+from tests.conftest import BACKENDS, migrated_soniq
 
 UTC = dt.timezone.utc
 SYNC_FACES = ("psycopg-sync", "sqlite-sync", "memory-sync")
@@ -77,10 +77,8 @@ def _backend(face: str) -> str:
 
 @pytest.fixture(params=BACKENDS + SYNC_FACES)
 async def face(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Face]:
-    eq = new_soniq(_backend(request.param), request, tmp_path)
-    await eq.ensure_initialized()
-    yield Face(eq, request.param.endswith("-sync"))
-    await eq.close()
+    async with migrated_soniq(_backend(request.param), request, tmp_path) as eq:
+        yield Face(eq, request.param.endswith("-sync"))
 
 
 def row(job: Job) -> tuple[Any, ...]:
@@ -164,16 +162,35 @@ async def test_cancel_queued_finished_and_unknown(face: Face) -> None:
 # -- in a caller's transaction (PostgreSQL's faces) ------------------------------------------
 
 
+@pytest.fixture(params=["sqlite", "memory"])
+async def embedded_eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
+    async with migrated_soniq(request.param, request, tmp_path) as app:
+        yield app
+
+
+async def test_the_embedded_backends_refuse_a_callers_connection(embedded_eq: Soniq) -> None:
+    """No caller's transaction to join: every face refuses ``connection=`` before
+    writing anything."""
+    with pytest.raises(ValueError, match="needs PostgreSQL"):
+        await embedded_eq.enqueue("c.job", connection=object())
+    with pytest.raises(ValueError, match="needs PostgreSQL"):
+        await embedded_eq.enqueue_many("c.job", [{}], connection=object())
+    with pytest.raises(ValueError, match="needs PostgreSQL"):
+        embedded_eq.sync.enqueue("c.job", connection=object())
+    assert await embedded_eq.backend.list_jobs(None, None) == []
+
+
+@pytest.fixture(params=["asyncpg", "psycopg"])
+async def server_eq(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Soniq]:
+    async with migrated_soniq(request.param, request, tmp_path) as app:
+        yield app
+
+
 @pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
 async def test_insert_in_a_callers_transaction(
-    any_eq: Soniq, database_url: str, commit: bool
+    server_eq: Soniq, database_url: str, commit: bool
 ) -> None:
-    if any_eq.backend.name not in ("asyncpg", "psycopg"):
-        if not commit:
-            pytest.skip("no caller's transaction to roll back: checked once, under commit")
-        with pytest.raises(ValueError, match="needs PostgreSQL"):
-            await any_eq.enqueue("c.job", connection=object())
-        return
+    any_eq = server_eq
     conn = await _connect(any_eq.backend.name, database_url)
     try:
         tx = conn.transaction()
