@@ -411,9 +411,8 @@ def drain(
     and a failure retried with back-off. A retry is due only after its back-off, so it
     is not run by default; ``run_retries=True`` makes retries due at once, so each job
     runs until it succeeds or exhausts ``max_retries`` (a snooze keeps its delay: a
-    job may snooze forever). Jobs
-    scheduled for later stay queued (on the memory backend, move time with
-    :func:`use_clock`).
+    job may snooze forever). Jobs scheduled for later stay queued (on the memory
+    backend, move time with :func:`use_clock`).
 
     ``raise_errors=True`` re-raises a job's exception (after recording the run), for
     a traceback in the test. ``max_jobs`` stops after that many runs (a guard against
@@ -475,6 +474,8 @@ class _Drain:
         self.registry = eq.registry
         self.options = options
         self.worker_id = f"drain-{uuid.uuid4().hex}"
+        # As the worker: only the names registered here (the others stay queued).
+        self.names = self.registry.names()
         self.counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0, "snoozed": 0}
         self.errors: list[tuple[int, str]] = []
         self._beat = 0.0
@@ -496,9 +497,7 @@ class _Drain:
     async def claim(self) -> Claimed | None:
         if time.monotonic() - self._beat > 2.0:
             await self.register()
-        # As the worker: only the names registered here (the others stay queued).
-        names = sorted(d.name for d in self.registry)
-        claimed = await self.backend.claim_jobs(1, self.worker_id, self.options.queues, names)
+        claimed = await self.backend.claim_jobs(1, self.worker_id, self.options.queues, self.names)
         return claimed[0] if claimed else None
 
     def start(self, claimed: Claimed) -> JobRun:

@@ -86,6 +86,10 @@ class Registry:
     def __iter__(self) -> Any:
         return iter(self._by_name.values())
 
+    def names(self) -> list[str]:
+        """The registered job names, sorted: what a worker (or a drain) claims."""
+        return sorted(self._by_name)
+
     def resolve(self, job: JobRef) -> tuple[str, JobDefinition | None]:
         """The name of ``job`` and its definition (None for an unregistered name)."""
         if isinstance(job, str):

@@ -170,7 +170,7 @@ class Worker:
         # The worker claims only the jobs it can run (those registered when it
         # starts): a job no running worker knows stays queued, so applications and
         # versions can share a database and its queues.
-        self._names = sorted(d.name for d in registry)
+        self._names = registry.names()
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._writing: list[Outcome] = []  # the completer's batch in flight
