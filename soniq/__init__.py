@@ -19,6 +19,7 @@ from soniq.core.errors import (
     SoniqError,
     UnknownJobError,
 )
+from soniq.core.flow import QueueLimits, Rate
 from soniq.core.jobs import Job, JobDefinition
 from soniq.core.retry import Backoff
 from soniq.core.states import JobStatus
@@ -38,6 +39,8 @@ __all__ = [
     "JobStatus",
     "JobTimeout",
     "PermanentError",
+    "QueueLimits",
+    "Rate",
     "SchemaNotReadyError",
     "SerializationError",
     "Snooze",

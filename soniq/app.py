@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from soniq.core.enqueue import JobRef, Registry, build_spec, check_queue, split_options
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable
+from soniq.core.flow import QueueLimits, queue_limits
 from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobDefinition, JobSpec
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.schedules import Schedule, make_schedule
@@ -234,6 +235,10 @@ class Soniq:
         priority: int = ...,
         timeout: float | None = ...,
         backoff: Backoff = ...,
+        concurrency: int | None = ...,
+        concurrency_key: str | None = ...,
+        rate_limit: str | None = ...,
+        rate_key: str | None = ...,
     ) -> Callable[[F], F]: ...
     def job(
         self,
@@ -246,6 +251,10 @@ class Soniq:
         priority: int = 0,
         timeout: float | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
+        rate_limit: str | None = None,
+        rate_key: str | None = None,
     ) -> Any:
         """Register a job function: ``@eq.job`` or ``@eq.job(queue=..., ...)``.
 
@@ -254,7 +263,20 @@ class Soniq:
         ``max_retries=N`` allows N+1 runs; ``priority`` (higher first) and ``timeout``
         (seconds) are defaults that enqueue options override. ``backoff`` spaces
         retries (exponential with jitter; see :class:`soniq.Backoff`).
+
+        Limits hold across all workers, enforced by the database's claim:
+        ``concurrency=N`` runs at most N of this job at once, per value of the argument
+        named by ``concurrency_key`` if given; ``rate_limit="10/s"`` (``/m``, ``/h``)
+        starts at most that many in any such window, per value of ``rate_key`` if
+        given. A job that must wait stays queued without holding up other jobs. See
+        :mod:`soniq.core.flow` and docs/flow-control.md.
         """
+        limits = {
+            "concurrency": concurrency,
+            "concurrency_key": concurrency_key,
+            "rate_limit": rate_limit,
+            "rate_key": rate_key,
+        }
 
         def register(f: F) -> F:
             self.registry.register(
@@ -265,6 +287,7 @@ class Soniq:
                 priority=priority,
                 timeout=timeout,
                 backoff=backoff,
+                limits=limits,
             )
             return f
 
@@ -284,8 +307,12 @@ class Soniq:
         priority: int = 0,
         timeout: float | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
+        rate_limit: str | None = None,
+        rate_key: str | None = None,
     ) -> Callable[[F], F]:
-        """Register a job (``name``, ``queue`` and the rest as :meth:`job`) that the
+        """Register a job (``name``, ``queue``, limits and the rest as :meth:`job`) that the
         workers enqueue on a schedule, with ``kwargs`` as its arguments:
         ``@eq.periodic(cron="*/5 * * * *", timezone="Europe/Paris")`` (five fields, read
         in ``timezone``, UTC by default) or ``@eq.periodic(every=timedelta(seconds=30))``
@@ -303,6 +330,13 @@ class Soniq:
             timing = {"cron": cron, "every": every, "timezone": timezone}
             return make_schedule(definition.name, arguments, **timing, catch_up=catch_up)
 
+        limits = {
+            "concurrency": concurrency,
+            "concurrency_key": concurrency_key,
+            "rate_limit": rate_limit,
+            "rate_key": rate_key,
+        }
+
         def register(f: F) -> F:
             self.registry.register(
                 f,
@@ -313,6 +347,7 @@ class Soniq:
                 timeout=timeout,
                 backoff=backoff,
                 schedule=schedule,
+                limits=limits,
             )
             return f
 
@@ -390,6 +425,21 @@ class Soniq:
     async def paused_queues(self) -> list[str]:
         """The paused queues, by name."""
         return await self.backend.paused_queues()
+
+    async def set_queue_limits(
+        self, queue: str, *, concurrency: int | None = None, rate_limit: str | None = None
+    ) -> None:
+        """Store the limits of ``queue``, obeyed by every worker from its next claim:
+        at most ``concurrency`` of its jobs running at once, at most ``rate_limit``
+        (``"100/m"``; ``/s``, ``/h``) started in any such window. The call sets both:
+        None (the default) removes that limit, so ``set_queue_limits("mail")`` removes
+        all. Jobs that must wait stay queued. See docs/flow-control.md."""
+        check_queue(queue)
+        await self.backend.set_queue_limits(queue, queue_limits(concurrency, rate_limit))
+
+    async def queue_limits(self) -> dict[str, QueueLimits]:
+        """The stored limits of every queue that has some, by queue name."""
+        return await self.backend.queue_limits()
 
     async def run_worker(
         self,
@@ -527,6 +577,17 @@ class SyncSoniq:
     def paused_queues(self) -> list[str]:
         """Blocking :meth:`Soniq.paused_queues`."""
         return self.backend.paused_queues()
+
+    def set_queue_limits(
+        self, queue: str, *, concurrency: int | None = None, rate_limit: str | None = None
+    ) -> None:
+        """Blocking :meth:`Soniq.set_queue_limits`."""
+        check_queue(queue)
+        self.backend.set_queue_limits(queue, queue_limits(concurrency, rate_limit))
+
+    def queue_limits(self) -> dict[str, QueueLimits]:
+        """Blocking :meth:`Soniq.queue_limits`."""
+        return self.backend.queue_limits()
 
     def run_worker(
         self,

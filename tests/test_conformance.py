@@ -10,6 +10,7 @@ expects once, and every face must produce exactly them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
@@ -20,8 +21,9 @@ import attrs
 import psycopg
 import pytest
 
-from soniq import Job, Soniq
+from soniq import Job, QueueLimits, Rate, Soniq
 from soniq.core import outcomes
+from soniq.core.flow import ClaimLimits, JobLimits
 from soniq.core.jobs import JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.drivers._common import is_connection_error
@@ -615,3 +617,142 @@ async def test_a_tick_is_enqueued_once_and_only_forward(any_eq: Soniq) -> None:
     # A schedule of its own: its own last tick.
     assert await backend.enqueue_tick("other", t0, spec, enqueue=True) is not None
     assert await backend.last_ticks(["k", "other"]) == {"k": t2, "other": t0}
+
+
+# -- concurrency and rate limits ----------------------------------------------------------------
+
+
+def _limits(name: str, **options: Any) -> ClaimLimits:
+    return ClaimLimits.of([(name, JobLimits(**options))])
+
+
+async def _claim_ids(
+    eq: Soniq, limits: ClaimLimits | None, names: list[str], n: int = 10
+) -> list[int]:
+    return [c.id for c in await eq.backend.claim_jobs(n, "w", None, names, limits)]
+
+
+async def test_a_job_concurrency_limit_leaves_the_rest_queued_without_holding_up_others(
+    any_eq: Soniq,
+) -> None:
+    limited = [await any_eq.enqueue("c.lim", n=i) for i in range(4)]
+    free = [await any_eq.enqueue("c.free", n=i) for i in range(2)]
+    limits = _limits("c.lim", concurrency=2)
+    names = ["c.free", "c.lim"]
+    first = await any_eq.backend.claim_jobs(10, "w", None, names, limits)
+    assert sorted(c.id for c in first) == sorted([*free, *limited[:2]])
+    assert {c.id: c.limited for c in first} == {
+        **{i: False for i in free},
+        **{i: True for i in limited[:2]},
+    }
+    assert await _claim_ids(any_eq, limits, names) == []  # two running: full
+    await _finish(any_eq, outcomes.succeeded(limited[0], 1, None))
+    assert await _claim_ids(any_eq, limits, names) == [limited[2]]  # in claim order
+    # A claim told of no limits (soniq.testing's, one job at a time) obeys none.
+    assert await _claim_ids(any_eq, None, names) == [limited[3]]
+
+
+async def test_a_concurrency_limit_per_key_counts_each_value_of_the_argument(
+    any_eq: Soniq,
+) -> None:
+    a1 = await any_eq.enqueue("c.lim", account=1)
+    a1_again = await any_eq.enqueue("c.lim", account=1)
+    a2 = await any_eq.enqueue("c.lim", account=2)
+    a_text = await any_eq.enqueue("c.lim", account="1")  # another JSON value
+    a_none = await any_eq.enqueue("c.lim")  # no argument: the group of null
+    a_null = await any_eq.enqueue("c.lim", account=None)
+    urgent = await any_eq.enqueue("c.lim", account=2, priority=5)
+    limits = _limits("c.lim", concurrency=1, concurrency_key="account")
+    claimed = await _claim_ids(any_eq, limits, ["c.lim"])
+    assert claimed == [urgent, a1, a_text, a_none]  # claim order, one per value
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == []
+    await _finish(any_eq, outcomes.failed(a_none, 1, 0, ValueError("x"), lambda: 0.5))
+    await _finish(any_eq, outcomes.succeeded(a1, 1, None))
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [a1_again, a_null]
+    await _finish(any_eq, outcomes.succeeded(urgent, 1, None))
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [a2]
+
+
+async def test_a_running_job_put_back_frees_its_place_under_the_limit(any_eq: Soniq) -> None:
+    job = await any_eq.enqueue("c.lim")
+    limits = _limits("c.lim", concurrency=1)
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [job]
+    retry = outcomes.failed(job, 1, 3, ValueError("x"), lambda: 0.5)
+    await _finish(any_eq, attrs.evolve(retry, retry_in=0.0))  # a retry, due at once
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [job]
+    await _finish(any_eq, outcomes.released(job, 2))  # shutdown
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [job]
+    assert await any_eq.backend.reconcile("w", []) == 1  # a claim nobody received
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [job]
+    later = await any_eq.enqueue("c.lim")
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == []
+    assert await any_eq.cancel_job(job) is True  # cancelled while running, acked
+    await _finish(any_eq, outcomes.cancelled(job, 2))
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == [later]
+
+
+async def test_a_queue_concurrency_limit_is_stored_and_obeyed(face: Face) -> None:
+    eq = face.eq
+
+    async def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        if face.sync:
+            return getattr(eq.sync, method)(*args, **kwargs)
+        return await getattr(eq, method)(*args, **kwargs)
+
+    mail = [await face.enqueue("c.job", queue="mail", n=i) for i in range(3)]
+    other = await face.enqueue("c.job", queue="other")
+    assert await call("queue_limits") == {}
+    await call("set_queue_limits", "mail", concurrency=2)
+    await call("set_queue_limits", "reports", rate_limit="100/m")
+    assert await call("queue_limits") == {
+        "mail": QueueLimits(concurrency=2),
+        "reports": QueueLimits(rate=Rate(100, 60.0)),
+    }
+    assert (await call("queue_limits"))["reports"].rate_limit == "100/m"
+    limits = ClaimLimits()  # a worker with no limited job still obeys its queues'
+    claimed = await _claim_ids(eq, limits, ["c.job"])
+    assert sorted(claimed) == sorted([*mail[:2], other])
+    assert await _claim_ids(eq, limits, ["c.job"]) == []
+    for worker_queues in (["mail"], ["mail", "other"]):
+        assert await eq.backend.claim_jobs(10, "w", worker_queues, ["c.job"], limits) == []
+    await call("pause_queue", "mail")  # a pause holds a limited queue too
+    await _finish(eq, outcomes.succeeded(mail[0], 1, None))
+    assert await _claim_ids(eq, limits, ["c.job"]) == []
+    await call("resume_queue", "mail")
+    assert await _claim_ids(eq, limits, ["c.job"]) == [mail[2]]
+    await call("set_queue_limits", "mail")  # no limits: removed
+    assert await call("queue_limits") == {"reports": QueueLimits(rate=Rate(100, 60.0))}
+
+
+async def test_a_queue_limit_and_a_job_limit_both_hold(any_eq: Soniq) -> None:
+    await any_eq.set_queue_limits("mail", concurrency=3)
+    jobs = [await any_eq.enqueue("c.lim", queue="mail", account=i % 2) for i in range(6)]
+    limits = _limits("c.lim", concurrency=1, concurrency_key="account")
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == jobs[:2]  # one per account
+    await any_eq.set_queue_limits("mail", concurrency=1)
+    await _finish(any_eq, outcomes.succeeded(jobs[0], 1, None))
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == []  # the queue is full
+
+
+async def test_a_rate_limit_counts_starts_in_a_sliding_window(any_eq: Soniq) -> None:
+    jobs = [await any_eq.enqueue("c.lim", account=i % 2) for i in range(6)]
+    per_account = _limits("c.lim", rate=Rate(2, 3600.0), rate_key="account")
+    assert await _claim_ids(any_eq, per_account, ["c.lim"]) == jobs[:4]
+    for job_id in jobs[:4]:  # ended: the starts still count in their window
+        await _finish(any_eq, outcomes.succeeded(job_id, 1, None))
+    assert await _claim_ids(any_eq, per_account, ["c.lim"]) == []
+    await any_eq.enqueue("c.other", queue="slow")
+    await any_eq.enqueue("c.other", queue="slow")
+    await any_eq.set_queue_limits("slow", rate_limit="1/h")
+    [started] = await any_eq.backend.claim_jobs(10, "w", None, ["c.other"], ClaimLimits())
+    assert started.queue == "slow"
+    assert await _claim_ids(any_eq, ClaimLimits(), ["c.other"]) == []
+
+
+async def test_a_rate_limit_window_moves(any_eq: Soniq) -> None:
+    jobs = [await any_eq.enqueue("c.lim", n=i) for i in range(3)]
+    limits = _limits("c.lim", rate=Rate(1, 0.3))
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == jobs[:1]
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == []
+    await asyncio.sleep(0.35)  # the window's length: the first start has left it
+    assert await _claim_ids(any_eq, limits, ["c.lim"]) == jobs[1:2]

@@ -46,6 +46,7 @@ def test_ten_processes_migrating_at_once(
         ("soniq_migrations",),
         ("soniq_periodic",),
         ("soniq_queues",),
+        ("soniq_rate_log",),
         ("soniq_workers",),
     ]
 

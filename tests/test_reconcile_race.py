@@ -45,11 +45,13 @@ class _FaultyOps:
     def __init__(self, ops: Any, faults: _Faults) -> None:
         self._ops, self._faults = ops, faults
 
-    async def claim_jobs(self, limit: int, worker_id: str, queues: Any, names: Any) -> Any:
+    async def claim_jobs(
+        self, limit: int, worker_id: str, queues: Any, names: Any, limits: Any = None
+    ) -> Any:
         if self._faults.finish_started.is_set() and not self._faults.claim_failed:
             self._faults.claim_failed = True
             raise ConnectionResetError("injected: the claim's connection was lost")
-        return await self._ops.claim_jobs(limit, worker_id, queues, names)
+        return await self._ops.claim_jobs(limit, worker_id, queues, names, limits)
 
     async def finish_jobs(self, outcomes: Any, worker_id: str, *, keep: bool) -> None:
         self._faults.finish_started.set()

@@ -617,9 +617,11 @@ async def test_a_claim_waits_for_running_jobs_to_free_their_slots_too(
     limits: list[int] = []
     real_claim = backend.claim_jobs
 
-    async def claim_jobs(limit: int, worker_id: str, queues: Any, names: Any) -> Any:
+    async def claim_jobs(
+        limit: int, worker_id: str, queues: Any, names: Any, claim_limits: Any = None
+    ) -> Any:
         limits.append(limit)
-        return await real_claim(limit, worker_id, queues, names)
+        return await real_claim(limit, worker_id, queues, names, claim_limits)
 
     monkeypatch.setattr(backend, "claim_jobs", claim_jobs)
     slow_may_end = asyncio.Event()

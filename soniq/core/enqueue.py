@@ -16,6 +16,7 @@ from typing import Any
 
 from soniq.core import limits, serialize
 from soniq.core.errors import JobArgumentsError, JobDefinitionError, UnknownJobError
+from soniq.core.flow import ClaimLimits, job_limits
 from soniq.core.jobs import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_QUEUE,
@@ -51,6 +52,7 @@ class Registry:
         timeout: float | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         schedule: Callable[[JobDefinition], Schedule] | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> JobDefinition:
         """Register ``func`` as a job and return its definition; with ``schedule``, a
         periodic job, whose schedule (made from the definition) is checked before
@@ -64,6 +66,7 @@ class Registry:
             priority=priority,
             timeout=timeout,
             backoff=backoff,
+            limits=limits,
         )
         existing = self._by_name.get(definition.name)
         if existing is not None and existing.func is not func:
@@ -89,6 +92,10 @@ class Registry:
     def names(self) -> list[str]:
         """The registered job names, sorted: what a worker (or a drain) claims."""
         return sorted(self._by_name)
+
+    def claim_limits(self) -> ClaimLimits:
+        """The limits of the registered jobs, as a worker's claims obey them."""
+        return ClaimLimits.of((d.name, d.limits) for d in self._by_name.values())
 
     def resolve(self, job: JobRef) -> tuple[str, JobDefinition | None]:
         """The name of ``job`` and its definition (None for an unregistered name)."""
@@ -150,8 +157,10 @@ def define_job(
     priority: int,
     timeout: float | None,
     backoff: Backoff = DEFAULT_BACKOFF,
+    limits: Mapping[str, Any] | None = None,
 ) -> JobDefinition:
-    """Check that ``func`` can be a job and describe it."""
+    """Check that ``func`` can be a job and describe it; ``limits`` are the keyword
+    arguments of :func:`soniq.core.flow.job_limits`."""
     if not isinstance(backoff, Backoff):
         raise JobDefinitionError(f"backoff must be a soniq.Backoff, got {backoff!r}")
     if not callable(func):
@@ -174,6 +183,7 @@ def define_job(
     priority = _check_priority(priority)
     timeout = _check_timeout(timeout)
     required, accepted, any_keyword = _describe_signature(func, name)
+    limits_of_job = job_limits(name, accepted, **(limits or {}))
     return JobDefinition(
         name=name,
         func=func,
@@ -186,6 +196,7 @@ def define_job(
         accepted=accepted,
         takes_any_keyword=any_keyword,
         backoff=backoff,
+        limits=limits_of_job,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from soniq.core.flow import JobLimits
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.states import JobStatus
 
@@ -101,6 +102,9 @@ class Claimed:
     max_retries: int
     timeout: float | None
     claims: int = 1
+    #: Claimed under limits (its own or its queue's): when its end is written, the
+    #: worker claims again at once, as the limit then has room.
+    limited: bool = False
 
 
 @attrs.frozen(eq=False)
@@ -119,6 +123,7 @@ class JobDefinition:
     accepted: frozenset[str]
     takes_any_keyword: bool
     backoff: Backoff = DEFAULT_BACKOFF
+    limits: JobLimits | None = None
     # Argument-name sets already checked, so a batch is validated once per shape.
     _checked: set[frozenset[str]] = attrs.field(factory=set, init=False, repr=False)
 

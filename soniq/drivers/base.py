@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
+from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 
@@ -63,9 +64,11 @@ class WorkerOps(Protocol):
         worker_id: str,
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
+        limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
         """Claim up to ``limit`` ready jobs for ``worker_id``, of ``queues`` and of
-        ``names`` (None: all)."""
+        ``names`` (None: all); told of ``limits`` (a worker's claim), within them and
+        within the stored queue limits."""
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt."""
@@ -123,6 +126,12 @@ class AsyncBackend(Protocol):
     async def paused_queues(self) -> list[str]:
         """The paused queues, by name."""
 
+    async def set_queue_limits(self, queue: str, limits: QueueLimits) -> None:
+        """Store the limits of ``queue`` (None fields: no limit)."""
+
+    async def queue_limits(self) -> dict[str, QueueLimits]:
+        """The queues with stored limits, by name."""
+
     async def next_due(self, queues: Sequence[str] | None, names: Sequence[str]) -> float | None:
         """In how many seconds the first queued job of ``queues`` (None: all) and
         ``names`` is due (negative when overdue; None when there is none), paused
@@ -134,9 +143,11 @@ class AsyncBackend(Protocol):
         worker_id: str,
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
+        limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
         """Claim up to ``limit`` ready jobs for ``worker_id``, of ``queues`` and of
-        ``names`` (None: all)."""
+        ``names`` (None: all); told of ``limits`` (a worker's claim), within them and
+        within the stored queue limits."""
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
@@ -209,6 +220,12 @@ class SyncBackend(Protocol):
 
     def paused_queues(self) -> list[str]:
         """Blocking :meth:`AsyncBackend.paused_queues`."""
+
+    def set_queue_limits(self, queue: str, limits: QueueLimits) -> None:
+        """Blocking :meth:`AsyncBackend.set_queue_limits`."""
+
+    def queue_limits(self) -> dict[str, QueueLimits]:
+        """Blocking :meth:`AsyncBackend.queue_limits`."""
 
     def close(self) -> None:
         """Release the backend's resources."""

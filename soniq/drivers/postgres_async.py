@@ -8,12 +8,14 @@ is the source of ``postgres_sync.py`` (``tools/unasync.py``).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
+from soniq.core.flow import ClaimLimits, QueueLimits, stored_rate
 from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import MigrationPlan
@@ -21,6 +23,7 @@ from soniq.core.sql.postgres import (
     ParamStyle,
     PostgresQueries,
     Query,
+    claimed_rows,
     group_ids,
     ids_in_input_order,
     job_from_row,
@@ -129,6 +132,13 @@ class PostgresAsyncOps:
     async def paused_queues(self) -> list[str]:
         return [row[0] for row in await self.fetch(self.queries.paused_queues())]
 
+    async def set_queue_limits(self, queue: str, limits: QueueLimits) -> None:
+        await self.fetch(self.queries.set_queue_limits(queue, limits))
+
+    async def queue_limits(self) -> dict[str, QueueLimits]:
+        rows = await self.fetch(self.queries.queue_limits())
+        return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
+
     @async_only
     async def claim_jobs(
         self,
@@ -136,8 +146,9 @@ class PostgresAsyncOps:
         worker_id: str,
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
+        limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
-        return _claimed(await self.fetch(self.queries.claim_jobs(limit, worker_id, queues, names)))
+        return await _claim(self.fetch, self.queries, limit, worker_id, queues, names, limits)
 
     @async_only
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
@@ -220,9 +231,10 @@ class PinnedWorkerOps:
         worker_id: str,
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
+        limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
-        query = self._ops.queries.claim_jobs(limit, worker_id, queues, names)
-        return _claimed(await self._ops.fetch_own(self._conn, query))
+        fetch = functools.partial(self._ops.fetch_own, self._conn)
+        return await _claim(fetch, self._ops.queries, limit, worker_id, queues, names, limits)
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         query = self._ops.queries.finish_jobs(outcomes, worker_id, keep=keep)
@@ -241,9 +253,33 @@ class PinnedWorkerOps:
 
 
 @async_only
-def _claimed(rows: Sequence[Sequence[Any]]) -> list[Claimed]:
+async def _claim(
+    fetch: Callable[[Query], Awaitable[Sequence[Sequence[Any]]]],
+    queries: PostgresQueries,
+    limit: int,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    names: Sequence[str] | None,
+    limits: ClaimLimits | None,
+) -> list[Claimed]:
+    """A claim; told of ``limits`` (a worker's), the jobs under limits are claimed by a
+    second statement for the slots the first left, when there are such jobs."""
+    rows = await fetch(queries.claim_jobs(limit, worker_id, queues, names, limits))
+    if limits is None:
+        return _claimed(rows)
+    rows, limited_queues = claimed_rows(rows)
+    claimed = _claimed(rows)
+    left = limit - len(claimed)
+    if left > 0 and names is not None and (limits.jobs or limited_queues):
+        query = queries.claim_limited(left, worker_id, queues, names, limits)
+        claimed += _claimed(await fetch(query), limited=True)
+    return claimed
+
+
+@async_only
+def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Claimed]:
     args = serialize.loads_each([r[3] for r in rows])
     return [
-        Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6], r[8])
+        Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6], r[8], limited)
         for r, a in zip(rows, args, strict=True)
     ]

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from soniq.core.flow import QueueLimits, stored_rate
 from soniq.core.jobs import Job, JobSpec
 from soniq.core.sql.migrate import MigrationPlan
 from soniq.core.sql.postgres import (
@@ -114,3 +115,10 @@ class PostgresSyncOps:
 
     def paused_queues(self) -> list[str]:
         return [row[0] for row in self.fetch(self.queries.paused_queues())]
+
+    def set_queue_limits(self, queue: str, limits: QueueLimits) -> None:
+        self.fetch(self.queries.set_queue_limits(queue, limits))
+
+    def queue_limits(self) -> dict[str, QueueLimits]:
+        rows = self.fetch(self.queries.queue_limits())
+        return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}

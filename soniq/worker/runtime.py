@@ -171,6 +171,11 @@ class Worker:
         # starts): a job no running worker knows stays queued, so applications and
         # versions can share a database and its queues.
         self._names = registry.names()
+        self._limits = registry.claim_limits()
+        # Limited jobs running, and whether one has ended since the last flush: a
+        # limit counts a job as running until its outcome is written.
+        self._limited_ids: set[int] = set()
+        self._limited_ended = False
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._writing: list[Outcome] = []  # the completer's batch in flight
@@ -382,7 +387,9 @@ class Worker:
                 try:
                     ops = await session.ops()
                     with session.bounded():
-                        rows = await ops.claim_jobs(free, self.id, self.config.queues, self._names)
+                        rows = await ops.claim_jobs(
+                            free, self.id, self.config.queues, self._names, self._limits
+                        )
                 except Exception as exc:
                     await session.drop(exc)
                     lost = session.timed_out()
@@ -515,6 +522,8 @@ class Worker:
             )
         running = _Running(JobRun.of(definition, claimed, self.id, self._random))
         self._running[job_id] = running
+        if claimed.limited:
+            self._limited_ids.add(job_id)
         log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
         if definition.is_async:
             running.task = self._loop.create_task(self._run_async(running))
@@ -683,6 +692,9 @@ class Worker:
     # -- completing --------------------------------------------------------------
 
     def _record(self, outcome: Outcome) -> None:
+        if self._limited_ids and outcome.job_id in self._limited_ids:
+            self._limited_ids.discard(outcome.job_id)
+            self._limited_ended = True
         self._pending.append(outcome)
         self._flush_needed.set()
 
@@ -697,6 +709,7 @@ class Worker:
             await self._flush_needed.wait()
             self._flush_needed.clear()
             batch, self._pending = self._pending, []
+            limited_ended, self._limited_ended = self._limited_ended, False
             if batch:
                 self._writing = batch
                 try:
@@ -706,6 +719,7 @@ class Worker:
                     failures = 0
                 except Exception as error:
                     self._pending[:0], self._writing = batch, []
+                    self._limited_ended |= limited_ended
                     await session.drop(error)
                     exc = session.timed_out() or error
                     if not is_connection_error(exc):
@@ -720,6 +734,8 @@ class Worker:
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
                 self._writing = []
+                if limited_ended:  # a limit has room now: claim again
+                    self._nudge(slot=False)
             if self._stopping_completer and not self._pending:
                 return
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
 
 from soniq.core import serialize, states
+from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
@@ -71,6 +73,31 @@ CLAIM_COLUMNS = (
     "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority, "
     "j.claims"
 )
+
+
+#: The claim filter that leaves a queue with stored limits to the limited claim.
+LIMITED_QUEUE = "OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL"
+
+#: The limits of a worker's jobs as the claim reads them (see ClaimLimits.spec_json).
+SPEC_RECORD = "name text, concurrency int, ckey text, rate int, period float8, rkey text"
+
+
+def limit_group(kind: str, limit: str, key: str) -> str:
+    """The group a job ``j`` counts in for one of its limits (spec record ``s``): the
+    job's name, with the JSON of its ``key`` argument when the limit is per key
+    (a missing argument is ``null``); NULL when the limit is not set."""
+    return (
+        f"CASE WHEN s.{limit} IS NOT NULL THEN '{kind}:' || j.name || CASE WHEN s.{key} IS NULL "
+        f"THEN '' ELSE ':' || coalesce(j.args -> s.{key}, 'null'::jsonb)::text END END"
+    )
+
+
+CONCURRENCY_GROUP = limit_group("c", "concurrency", "ckey")
+RATE_GROUP = limit_group("r", "rate", "rkey")
+
+#: How far past its LIMIT a limited claim looks: several jobs of one group may be
+#: first in line while only one of them may start.
+CANDIDATES_PER_SLOT = 4
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
@@ -233,30 +260,46 @@ WHERE status = '{ready}'
         # only puts its jobs back, which the crash does to running jobs anyway (and a
         # later durable commit, such as the completion, flushes it). The setting is
         # local to the statement's transaction, so it is safe behind PgBouncer too.
-        claim_body = f"""
+        claim_head = f"""
 WITH picked AS MATERIALIZED (
     SELECT id FROM {jobs}
     WHERE status = '{ready}' @queue_filter@ @name_filter@ AND run_at <= now()
-      AND queue NOT IN (SELECT q.queue FROM {queues} AS q WHERE q.paused)
+      AND queue NOT IN (SELECT q.queue FROM {queues} AS q WHERE q.paused @limited@)
     ORDER BY priority DESC, run_at, id
     LIMIT @limit@::text::int
     FOR UPDATE SKIP LOCKED
 ),
 no_flush_wait AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
-)
+)"""
+        claim_update = f"""
 UPDATE {jobs} AS j
 SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
     worker_id = @worker@::text, started_at = now()
 FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS}"""
+        claim_body = claim_head + claim_update
         # Keyed by (how many queues: 0 all, 1, 2 several; names filtered): the
         # worker claims only the names it has registered (a job no running worker
         # knows stays queued), so applications can share a database and a queue. The
         # names are a filter on the rows the claim index gives in order, not an index
         # condition: known names cost nothing; unknown jobs ahead of known ones in the
         # same queue are stepped over.
-        self._claims: dict[tuple[int, bool], str] = {}
+        # A claim told of limits (a worker's; see claim_jobs) leaves the jobs of limited
+        # queues to the limited claim, and says whether there are any: one more row,
+        # of NULLs, after the claimed ones.
+        any_limited = (
+            "SELECT 1 FROM {queues} AS q WHERE (q.concurrency IS NOT NULL "
+            "OR q.rate_count IS NOT NULL) @queue_filter@"
+        ).replace("{queues}", queues)
+        claim_told = f"""{claim_head},
+claimed AS ({claim_update}
+)
+SELECT * FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
+        self._claims: dict[tuple[int, bool, bool], str] = {}
+        self._limited_claims: dict[int, str] = {}
         any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(${}::text::jsonb)))"
         for queue_mode, queue_filter in (
             (0, ""),
@@ -264,18 +307,152 @@ RETURNING {CLAIM_COLUMNS}"""
             (1, "AND queue = $1::text"),
             (2, "AND queue " + any_of.format(1)),
         ):
+            on_q = queue_filter.replace("queue", "q.queue")
             for named in (False, True):
                 n = (1 if queue_mode else 0) + named  # placeholders before the limit
-                sql = _fill(
-                    claim_body,
-                    queue_filter=queue_filter,
-                    name_filter="AND name " + any_of.format(n) if named else "",
-                    limit=f"${n + 1}",
-                    worker=f"${n + 2}",
-                )
-                self._claims[queue_mode, named] = render(sql)
+                for told in (False, True):
+                    sql = _fill(
+                        claim_told if told else claim_body,
+                        any_limited=any_limited.replace(
+                            "@queue_filter@", on_q.replace("$1", f"${n + 3}")
+                        ),
+                        queue_filter=queue_filter,
+                        name_filter="AND name " + any_of.format(n) if named else "",
+                        limit=f"${n + 1}",
+                        worker=f"${n + 2}",
+                        limited=LIMITED_QUEUE if told else "",
+                    )
+                    self._claims[queue_mode, named, told] = render(sql)
+            self._limited_claims[queue_mode] = render(
+                self._limited_claim(jobs, queues, queue_filter.replace("queue", "j.queue"))
+            )
         self._worker_sql(jobs, render)
         self._periodic_sql(jobs, render, channel_literal)
+        self._limits_sql(jobs, render)
+
+    def _limited_claim(self, jobs: str, queues: str, queue_filter: str) -> str:
+        """The claim of jobs with limits (theirs, or their queue's): it first takes its
+        turn and counts what runs (soniq_limit_usage), then takes what the limits
+        leave, each group's jobs in claim order, skipping full groups (so a job that
+        must wait holds up no other), and logs the starts that rate limits count."""
+        schema = quote_ident(self.schema)
+        ready = JobStatus.QUEUED.value
+        claim_to = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
+        rate_log = f"{schema}.soniq_rate_log"
+        room = "g.{cap} - coalesce((SELECT u.used FROM usage AS u WHERE u.grp = g.{grp}), 0)"
+        # Evaluated for the few candidates only (the filter uses full_groups).
+        rank = "row_number() OVER (PARTITION BY {grp} ORDER BY priority DESC, run_at, id)"
+        groups = (("cg", "ccap"), ("rg", "rcap"), ("qg", "qcap"), ("qrg", "qrcap"))
+        rooms = ",\n        ".join(
+            room.format(cap=cap, grp=grp) + f" AS {grp}_room" for grp, cap in groups
+        )
+        ranks = ", ".join(rank.format(grp=grp) + f" AS {grp}_rank" for grp, _ in groups)
+        fits = " AND ".join(f"({g} IS NULL OR {g}_rank <= {g}_room)" for g, _ in groups)
+        free = " AND ".join(f"coalesce(g.{g}, '') <> ALL(f.groups)" for g, _ in groups)
+        # Each placeholder appears once, numbered in order of use (see to_format_style).
+        sql = f"""
+WITH doc AS MATERIALIZED (SELECT @spec@::text::jsonb AS limits),
+spec AS MATERIALIZED (
+    SELECT s.* FROM doc, jsonb_to_recordset(doc.limits) AS s({SPEC_RECORD})
+),
+usage AS MATERIALIZED (
+    SELECT u.* FROM doc, {schema}.soniq_limit_usage(@turn@::text::bigint, @usage@::text,
+                                                    doc.limits) AS u
+),
+-- The groups with no room, as one array: the scan below steps over their jobs in
+-- claim order (the planner reads "not one of these" as unselective, so it walks the
+-- claim index and stops at the LIMIT instead of sorting every queued job).
+full_groups AS MATERIALIZED (
+    SELECT coalesce(array_agg(grp) FILTER (WHERE used >= cap), '{{}}') AS groups FROM usage
+),
+cand AS MATERIALIZED (
+    SELECT j.id, j.priority, j.run_at, g.cg, g.rg, g.qg, g.qrg, g.rperiod, g.qrperiod,
+        g.rcap, g.qrcap, {rooms}
+    FROM {jobs} AS j
+    CROSS JOIN full_groups AS f
+    LEFT JOIN LATERAL (SELECT * FROM spec WHERE spec.name = j.name LIMIT 1) AS s ON true
+    LEFT JOIN LATERAL (
+        SELECT * FROM {queues} AS q0 WHERE q0.queue = j.queue LIMIT 1
+    ) AS q ON true
+    CROSS JOIN LATERAL (SELECT
+        {CONCURRENCY_GROUP} AS cg, s.concurrency AS ccap,
+        {RATE_GROUP} AS rg, s.rate AS rcap, s.period AS rperiod,
+        CASE WHEN q.concurrency IS NOT NULL THEN 'q:' || j.queue END AS qg,
+        q.concurrency AS qcap,
+        CASE WHEN q.rate_count IS NOT NULL THEN 'rq:' || j.queue END AS qrg,
+        q.rate_count AS qrcap, q.rate_period AS qrperiod) AS g
+    WHERE j.status = '{ready}' @queue_filter@
+      AND j.name = ANY(ARRAY(SELECT jsonb_array_elements_text(@names@::text::jsonb)))
+      AND j.run_at <= now() AND q.paused IS NOT TRUE
+      AND (s.name IS NOT NULL OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL)
+      AND {free}
+    ORDER BY j.priority DESC, j.run_at, j.id
+    LIMIT @candidates@::text::int
+),
+ranked AS (
+    SELECT *, {ranks} FROM cand
+),
+picked AS MATERIALIZED (
+    SELECT id, rg, rcap, rperiod, qrg, qrcap, qrperiod FROM ranked WHERE {fits}
+    ORDER BY priority DESC, run_at, id
+    LIMIT @limit@::text::int
+),
+no_flush_wait AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'off', true) AS setting
+),
+claimed AS (
+    UPDATE {jobs} AS j
+    SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
+        worker_id = @worker@::text, started_at = now()
+    FROM picked, no_flush_wait WHERE j.id = picked.id AND j.status = '{ready}'
+    RETURNING {CLAIM_COLUMNS}, picked.rg, picked.rcap, picked.rperiod, picked.qrg,
+        picked.qrcap, picked.qrperiod
+),
+logged AS (
+    INSERT INTO {rate_log} (grp, cap, until)
+    SELECT rg, rcap, statement_timestamp() + rperiod * interval '1 second'
+    FROM claimed WHERE rg IS NOT NULL
+    UNION ALL
+    SELECT qrg, qrcap, statement_timestamp() + qrperiod * interval '1 second'
+    FROM claimed WHERE qrg IS NOT NULL
+),
+expired AS (
+    DELETE FROM {rate_log} WHERE until <= statement_timestamp()
+)
+SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims FROM claimed"""
+        tokens = ["spec", "turn", "usage", *(["queues"] if queue_filter else []), "names"]
+        tokens += ["candidates", "limit", "worker"]
+        values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
+        return _fill(sql, queue_filter=queue_filter.replace("$1", "@queues@"), **values)
+
+    def _limits_sql(self, jobs: str, render: Any) -> None:
+        """Statements of stored queue limits, and what a limited claim counts."""
+        schema = quote_ident(self.schema)
+        queues = f"{schema}.soniq_queues"
+        running = JobStatus.RUNNING.value
+        self.limit_turn = zlib.crc32(f"soniq.limits:{self.schema}".encode()) - 2**31
+        # The query soniq_limit_usage runs after taking the turn ($1: the limits).
+        self.usage_query = f"""
+SELECT u.grp, count(*), min(u.cap) FROM (
+    SELECT {CONCURRENCY_GROUP} AS grp, s.concurrency AS cap
+    FROM {jobs} AS j JOIN jsonb_to_recordset($1) AS s({SPEC_RECORD}) ON s.name = j.name
+    WHERE j.status = '{running}' AND s.concurrency IS NOT NULL
+    UNION ALL
+    SELECT 'q:' || j.queue, q.concurrency
+    FROM {jobs} AS j JOIN {queues} AS q ON q.queue = j.queue
+    WHERE j.status = '{running}' AND q.concurrency IS NOT NULL
+    UNION ALL
+    SELECT l.grp, l.cap FROM {schema}.soniq_rate_log AS l WHERE l.until > statement_timestamp()
+) AS u GROUP BY u.grp"""
+        self._set_queue_limits = render(f"""
+INSERT INTO {queues} AS q (queue, concurrency, rate_count, rate_period)
+VALUES ($1::text, $2::text::int, $3::text::int, $4::text::float8)
+ON CONFLICT (queue) DO UPDATE SET concurrency = excluded.concurrency,
+    rate_count = excluded.rate_count, rate_period = excluded.rate_period, updated_at = now()""")
+        self._queue_limits = (
+            f"SELECT queue, concurrency, rate_count, rate_period FROM {queues} "
+            "WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL ORDER BY queue"
+        )
 
     def _periodic_sql(self, jobs: str, render: Any, channel_literal: str) -> None:
         """Statements of the periodic scheduler (``soniq.core.schedules``)."""
@@ -486,18 +663,61 @@ DELETE FROM {jobs} WHERE id IN (
         worker_id: str,
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
+        limits: ClaimLimits | None = None,
     ) -> Query:
         """Claim up to ``limit`` ready jobs, by priority, then run_at, then id: of
-        ``queues`` (None: every queue) and ``names`` (None: every name)."""
+        ``queues`` (None: every queue) and ``names`` (None: every name).
+
+        Told of ``limits`` (a worker's claim), the claim leaves the limited jobs and
+        the jobs of queues with stored limits to :meth:`claim_limited`, and its last
+        row is all NULL when there are such queues (see :func:`claimed_rows`)."""
         params: list[str] = []
-        queue_mode = 0
+        queue_mode = _queue_mode(queues)
         if queues is not None:
-            queue_mode = 1 if len(queues) == 1 else 2
             params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
+        if limits is not None and names is not None:
+            names = [name for name in names if name not in limits.names]
         if names is not None:
             params.append(serialize.dumps(list(names)))
-        sql = self._claims[queue_mode, names is not None]
-        return Query(sql, (*params, str(limit), worker_id))
+        sql = self._claims[queue_mode, names is not None, limits is not None]
+        # A claim told of limits names its queues twice: in the claim and in the
+        # question about limited queues.
+        again = params[:1] if queue_mode and limits is not None else []
+        return Query(sql, (*params, str(limit), worker_id, *again))
+
+    def claim_limited(
+        self,
+        limit: int,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str],
+        limits: ClaimLimits,
+    ) -> Query:
+        """Claim up to ``limit`` ready jobs of ``names`` that have limits of their own
+        (``limits``) or a queue with stored limits, within those limits."""
+        queue_mode = _queue_mode(queues)
+        params = [limits.spec_json(), str(self.limit_turn), self.usage_query]
+        if queues is not None:
+            params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
+        params += [serialize.dumps(list(names)), str(limit * CANDIDATES_PER_SLOT), str(limit)]
+        return Query(self._limited_claims[queue_mode], (*params, worker_id))
+
+    def set_queue_limits(self, queue: str, limits: QueueLimits) -> Query:
+        """Store the limits of ``queue`` (None: no limit)."""
+        rate = limits.rate
+        return Query(
+            self._set_queue_limits,
+            (
+                queue,
+                _text(limits.concurrency),
+                _text(None if rate is None else rate.count),
+                _text(None if rate is None else rate.period),
+            ),
+        )
+
+    def queue_limits(self) -> Query:
+        """Select the queues with stored limits: queue, concurrency, rate count, period."""
+        return Query(self._queue_limits, ())
 
     def never_analyzed(self, rows: int) -> Query:
         """Select whether the job table has no statistics yet (never analyzed nor
@@ -633,6 +853,22 @@ def group_ids(specs: Sequence[JobSpec], rows: Sequence[Sequence[Any]]) -> list[i
     by_key = {row[1]: row[0] for row in rows if row[1] is not None}
     unkeyed = iter(sorted(row[0] for row in rows if row[1] is None))
     return [by_key[s.dedupe_key] if s.dedupe_key is not None else next(unkeyed) for s in specs]
+
+
+def claimed_rows(rows: Sequence[Sequence[Any]]) -> tuple[Sequence[Sequence[Any]], bool]:
+    """The claimed rows of a claim told of limits, and whether queues with stored
+    limits exist (its last row is then all NULL)."""
+    if rows and rows[-1][0] is None:
+        return rows[:-1], True
+    return rows, False
+
+
+def _queue_mode(queues: Sequence[str] | None) -> int:
+    return 0 if queues is None else 1 if len(queues) == 1 else 2
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _fill(template: str, **values: str) -> str:

@@ -36,6 +36,7 @@ import attrs
 
 from soniq.core import serialize, states
 from soniq.core.errors import SchemaNotReadyError
+from soniq.core.flow import ClaimLimits, QueueLimits, stored_rate
 from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
@@ -103,6 +104,7 @@ JOBS = "soniq_jobs"
 WORKERS = "soniq_workers"
 PERIODIC = "soniq_periodic"
 QUEUES = "soniq_queues"
+RATE_LOG = "soniq_rate_log"
 
 
 @attrs.frozen
@@ -198,6 +200,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         5,
         "snoozes",
         (f"ALTER TABLE {JOBS} ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0",),
+    ),
+    # Concurrency and rate limits (see soniq.core.flow): a queue's stored limits, and
+    # the sliding windows of rate limits, one row per start until its window ends.
+    Migration(
+        6,
+        "limits",
+        (
+            f"ALTER TABLE {QUEUES} ADD COLUMN concurrency INTEGER",
+            f"ALTER TABLE {QUEUES} ADD COLUMN rate_count INTEGER",
+            f"ALTER TABLE {QUEUES} ADD COLUMN rate_period REAL",
+            f"CREATE TABLE {RATE_LOG} (grp TEXT NOT NULL, until REAL NOT NULL)",
+            f"CREATE INDEX soniq_rate_log_until_idx ON {RATE_LOG} (until)",
+        ),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -422,7 +437,7 @@ _CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
 _CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims
 FROM {JOBS}
 WHERE status = '{_QUEUED}' @queue_filter@ @name_filter@ AND run_at <= ?
-  AND queue NOT IN (SELECT queue FROM {QUEUES} WHERE paused)
+  AND queue NOT IN (SELECT queue FROM {QUEUES} WHERE paused @limited@)
 ORDER BY priority DESC, run_at, id
 LIMIT ?"""
 _CLAIM_UPDATE = (
@@ -430,6 +445,87 @@ _CLAIM_UPDATE = (
     "claims = claims + 1, worker_id = ?, "
     f"started_at = ? WHERE id = ? AND status = '{_QUEUED}'"
 )
+#: The claim filter that leaves a queue with stored limits to the limited claim.
+_LIMITED_QUEUE = "OR concurrency IS NOT NULL OR rate_count IS NOT NULL"
+
+
+def _limit_group(kind: str, limit: str, key: str) -> str:
+    """The group a job ``j`` counts in for one of its limits (as on PostgreSQL)."""
+    return (
+        f"CASE WHEN s.{limit} IS NOT NULL THEN '{kind}:' || j.name || CASE WHEN s.{key} IS NULL "
+        f"THEN '' ELSE ':' || coalesce(j.args -> s.{key}, 'null') END END"
+    )
+
+
+_SPEC = (
+    "SELECT value ->> 'name' AS name, value ->> 'concurrency' AS concurrency, "
+    "value ->> 'ckey' AS ckey, value ->> 'rate' AS rate, value ->> 'period' AS period, "
+    "value ->> 'rkey' AS rkey FROM json_each(:spec)"
+)
+_ROOMS = (("cg", "ccap"), ("rg", "rcap"), ("qg", "qcap"), ("qrg", "qrcap"))
+# Under the write lock: what runs and what the rate windows hold is counted in the
+# same statement that picks (see soniq.core.flow and the PostgreSQL claim).
+_LIMITED_SELECT = f"""
+WITH spec AS MATERIALIZED ({_SPEC}),
+usage AS MATERIALIZED (
+    SELECT grp, count(*) AS used FROM (
+        SELECT {_limit_group("c", "concurrency", "ckey")} AS grp
+        FROM {JOBS} AS j JOIN spec AS s ON s.name = j.name
+        WHERE j.status = '{_RUNNING}' AND s.concurrency IS NOT NULL
+        UNION ALL
+        SELECT 'q:' || j.queue FROM {JOBS} AS j JOIN {QUEUES} AS q ON q.queue = j.queue
+        WHERE j.status = '{_RUNNING}' AND q.concurrency IS NOT NULL
+        UNION ALL
+        SELECT grp FROM {RATE_LOG} WHERE until > :now
+    ) GROUP BY grp
+),
+grouped AS (
+    SELECT j.id, j.name, j.queue, j.args, j.attempts, j.max_retries, j.timeout, j.claims,
+        j.priority, j.run_at,
+        {_limit_group("c", "concurrency", "ckey")} AS cg, s.concurrency AS ccap,
+        {_limit_group("r", "rate", "rkey")} AS rg, s.rate AS rcap, s.period AS rperiod,
+        CASE WHEN q.concurrency IS NOT NULL THEN 'q:' || j.queue END AS qg,
+        q.concurrency AS qcap,
+        CASE WHEN q.rate_count IS NOT NULL THEN 'rq:' || j.queue END AS qrg,
+        q.rate_count AS qrcap, q.rate_period AS qrperiod
+    FROM {JOBS} AS j
+    LEFT JOIN spec AS s ON s.name = j.name
+    LEFT JOIN {QUEUES} AS q ON q.queue = j.queue
+    WHERE j.status = '{_QUEUED}' @queue_filter@
+      AND j.name IN (SELECT value FROM json_each(:names))
+      AND j.run_at <= :now AND coalesce(q.paused, 0) = 0
+      AND (s.name IS NOT NULL OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL)
+),
+roomed AS (
+    SELECT g.*, {
+    ", ".join(
+        f"g.{cap} - coalesce((SELECT used FROM usage AS u WHERE u.grp = g.{grp}), 0) AS {grp}_room"
+        for grp, cap in _ROOMS
+    )
+}
+    FROM grouped AS g
+),
+cand AS (
+    SELECT * FROM roomed
+    WHERE {" AND ".join(f"({grp} IS NULL OR {grp}_room > 0)" for grp, _ in _ROOMS)}
+    ORDER BY priority DESC, run_at, id
+    LIMIT :candidates
+),
+ranked AS (
+    SELECT *, {
+    ", ".join(
+        f"row_number() OVER (PARTITION BY {grp} ORDER BY priority DESC, run_at, id) AS {grp}_rank"
+        for grp, _ in _ROOMS
+    )
+}
+    FROM cand
+)
+SELECT id, name, queue, args, attempts, max_retries, timeout, claims,
+    rg, rperiod, qrg, qrperiod
+FROM ranked
+WHERE {" AND ".join(f"({grp} IS NULL OR {grp}_rank <= {grp}_room)" for grp, _ in _ROOMS)}
+ORDER BY priority DESC, run_at, id
+LIMIT :limit"""
 
 
 def claim_jobs(
@@ -438,11 +534,14 @@ def claim_jobs(
     queues: Sequence[str] | None,
     now: float,
     names: Sequence[str] | None = None,
+    limits: ClaimLimits | None = None,
 ) -> Operation[list[Claimed]]:
     """Claim up to ``limit`` due jobs, by priority DESC, then run_at, then id, of
     ``queues`` and ``names`` (None: all). Under the write lock, so no other worker
     (thread or process) can claim the same rows. The names filter the rows the claim
-    index gives in order (as on PostgreSQL)."""
+    index gives in order (as on PostgreSQL). Told of ``limits`` (a worker's claim),
+    the jobs under limits (theirs or their queue's) are claimed within them, for the
+    slots the others left."""
     params: list[Any] = []
     queue_filter = name_filter = ""
     if queues is not None and len(queues) == 1:
@@ -452,24 +551,73 @@ def claim_jobs(
     elif queues is not None:
         queue_filter = f"AND queue IN ({', '.join('?' * len(queues))})"
         params += queues
-    if names is not None:
+    unlimited = names
+    if limits is not None and names is not None:
+        unlimited = [name for name in names if name not in limits.names]
+    if unlimited is not None:
         name_filter = "AND name IN (SELECT value FROM json_each(?))"
-        params.append(serialize.dumps(list(names)))
+        params.append(serialize.dumps(list(unlimited)))
     sql = _CLAIM_SELECT.replace("@queue_filter@", queue_filter)
     sql = sql.replace("@name_filter@", name_filter)
+    sql = sql.replace("@limited@", "" if limits is None else _LIMITED_QUEUE)
     params += (now, limit)
 
     def steps() -> Steps[list[Claimed]]:
         found = (yield Step(sql, tuple(params))).rows
-        if not found:
-            return []
-        yield Step(_CLAIM_UPDATE, [(worker_id, now, row[0]) for row in found], many=True)
-        return [
-            Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6], r[7] + 1)
-            for r in found
-        ]
+        claimed = _claimed(found)
+        if limits is not None and names is not None and len(found) < limit:
+            claimed += yield from _claim_limited(limit - len(found), queues, names, limits, now)
+        if claimed:
+            rows = [(worker_id, now, c.id) for c in claimed]
+            yield Step(_CLAIM_UPDATE, rows, many=True)
+        return claimed
 
     return Operation(steps(), immediate=True)
+
+
+def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Claimed]:
+    return [
+        Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6], r[7] + 1, limited)
+        for r in rows
+    ]
+
+
+def _claim_limited(
+    limit: int,
+    queues: Sequence[str] | None,
+    names: Sequence[str],
+    limits: ClaimLimits,
+    now: float,
+) -> Steps[list[Claimed]]:
+    """The limited part of :func:`claim_jobs`: picks within the limits and logs the
+    starts that rate limits count (the caller marks the jobs claimed)."""
+    if not limits.jobs:
+        limited_queue = (
+            f"SELECT 1 FROM {QUEUES} WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL "
+            "LIMIT 1"
+        )
+        if not (yield Step(limited_queue)).rows:
+            return []
+    named: dict[str, Any] = {
+        "now": now,
+        "names": serialize.dumps(list(names)),
+        "candidates": limit * 4,
+        "limit": limit,
+    }
+    for n, queue in enumerate(queues or ()):
+        named[f"q{n}"] = queue
+    filter_sql = ""
+    if queues is not None:
+        filter_sql = f"AND j.queue IN ({', '.join(f':q{n}' for n in range(len(queues)))})"
+    named["spec"] = limits.spec_json()
+    sql = _LIMITED_SELECT.replace("@queue_filter@", filter_sql)
+    found = (yield Step(sql, named)).rows
+    starts = [(r[8], now + r[9]) for r in found if r[8] is not None]
+    starts += [(r[10], now + r[11]) for r in found if r[10] is not None]
+    if starts:
+        yield Step(f"INSERT INTO {RATE_LOG} (grp, until) VALUES (?, ?)", starts, many=True)
+    yield Step(f"DELETE FROM {RATE_LOG} WHERE until <= ?", (now,))
+    return _claimed(found, limited=True)
 
 
 # -- queues --------------------------------------------------------------------------
@@ -530,6 +678,44 @@ def next_due(
         ).rows
         first = rows[0][0] if rows else None
         return None if first is None else first - now
+
+    return Operation(steps(), immediate=False)
+
+
+def set_queue_limits(queue: str, limits: QueueLimits, now: float) -> Operation[None]:
+    """Store the limits of ``queue`` (None fields: no limit)."""
+    rate = limits.rate
+    values = (
+        queue,
+        limits.concurrency,
+        None if rate is None else rate.count,
+        None if rate is None else rate.period,
+        now,
+    )
+
+    def steps() -> Steps[None]:
+        yield Step(
+            f"INSERT INTO {QUEUES} (queue, concurrency, rate_count, rate_period, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (queue) DO UPDATE SET "
+            "concurrency = excluded.concurrency, rate_count = excluded.rate_count, "
+            "rate_period = excluded.rate_period, updated_at = excluded.updated_at",
+            values,
+        )
+
+    return Operation(steps(), immediate=True)
+
+
+def queue_limits() -> Operation[dict[str, QueueLimits]]:
+    """The queues with stored limits, by name."""
+
+    def steps() -> Steps[dict[str, QueueLimits]]:
+        rows = (
+            yield Step(
+                f"SELECT queue, concurrency, rate_count, rate_period FROM {QUEUES} "
+                "WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL ORDER BY queue"
+            )
+        ).rows
+        return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
 
     return Operation(steps(), immediate=False)
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
 from soniq.core.errors import ConfigurationError
+from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
@@ -291,21 +292,32 @@ class SqliteBackend(_OnDatabase):
         op = sq.paused_queues()
         return await self._call(lambda conn: run(conn, op))
 
+    async def set_queue_limits(self, queue: str, limits: QueueLimits) -> None:
+        """Store the limits of ``queue`` (see AsyncBackend)."""
+        await self._commit(lambda: sq.set_queue_limits(queue, limits, self.database.clock()))
+
+    async def queue_limits(self) -> dict[str, QueueLimits]:
+        """The queues with stored limits, by name."""
+        op = sq.queue_limits()
+        return await self._call(lambda conn: run(conn, op))
+
     async def claim_jobs(
         self,
         limit: int,
         worker_id: str,
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
+        limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
-        """Claim up to ``limit`` ready jobs for ``worker_id``.
+        """Claim up to ``limit`` ready jobs for ``worker_id`` (within ``limits``, see
+        AsyncBackend).
 
         If the caller is cancelled while the claim runs on the thread, the claim still
         completes there; the jobs it took are then put back (attempt not counted), as
         nobody will run them. A claim cancelled before it started never runs.
         """
         future: Future[list[Claimed]] = self._write(
-            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock(), names)
+            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock(), names, limits)
         )
         try:
             return await asyncio.wrap_future(future)
@@ -529,6 +541,14 @@ class SqliteSyncBackend(_OnDatabase):
     def paused_queues(self) -> list[str]:
         """The paused queues, by name."""
         return self._run(sq.paused_queues())
+
+    def set_queue_limits(self, queue: str, limits: QueueLimits) -> None:
+        """Blocking :meth:`SqliteBackend.set_queue_limits`."""
+        self._commit(lambda: sq.set_queue_limits(queue, limits, self.database.clock()))
+
+    def queue_limits(self) -> dict[str, QueueLimits]:
+        """The queues with stored limits, by name."""
+        return self._run(sq.queue_limits())
 
     def close(self) -> None:
         """Close the idle connections (busy ones close when their call returns); a
