@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from soniq import WorkerConfig
+from soniq import Rate, Soniq, WorkerConfig
 from soniq.core import limits, serialize
 from soniq.core.enqueue import Registry, build_spec, split_options
 from soniq.core.errors import (
@@ -484,3 +484,67 @@ def test_limits_are_documented() -> None:
 def test_a_worker_takes_the_queue_names_enqueue_takes(queues: list[str], problem: str) -> None:
     with pytest.raises(ConfigurationError, match=f"queues: .*{problem}|{problem}"):
         WorkerConfig(queues=queues)
+
+
+# -- concurrency and rate limits: refused at definition, the argument named ----------------
+
+
+def account_job(account_id: int, note: str = "") -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"concurrency": 0}, JobDefinitionError, "concurrency must be at least 1"),
+        ({"concurrency": -2}, JobDefinitionError, "concurrency must be at least 1"),
+        ({"concurrency": 1.5}, JobDefinitionError, "concurrency must be an int"),
+        ({"concurrency": True}, JobDefinitionError, "concurrency must be an int"),
+        ({"rate_limit": "10/fortnight"}, JobDefinitionError, "rate_limit must be a string"),
+        ({"rate_limit": "0/s"}, JobDefinitionError, "at least 1 start"),
+        ({"rate_limit": 10}, JobDefinitionError, "rate_limit must be a string"),
+        (
+            {"concurrency": 1, "concurrency_key": "account"},
+            JobDefinitionError,
+            "concurrency_key must name one of its parameters (account_id, note)",
+        ),
+        ({"concurrency_key": "account_id"}, JobDefinitionError, "needs concurrency="),
+        ({"rate_key": "account_id"}, JobDefinitionError, "needs rate_limit="),
+        (
+            {"rate_limit": "1/s", "rate_key": "nope"},
+            JobDefinitionError,
+            "rate_key must name one of its parameters",
+        ),
+    ],
+)
+def test_bad_limits_are_refused_at_definition(
+    options: dict[str, Any], error: type[Exception], words: str
+) -> None:
+    registry = Registry()
+    with pytest.raises(error) as caught:
+        registry.register(account_job, name="acct", limits=options)
+    assert words in str(caught.value)
+    assert "'acct'" in str(caught.value)  # the job is named
+    assert registry.get("acct") is None  # nothing half-registered
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "period"),
+    [("10/s", 10, 1.0), ("100/m", 100, 60.0), ("5000/h", 5000, 3600.0), (" 3 / minute", 3, 60.0)],
+)
+def test_rates_in_every_documented_unit(text: str, count: int, period: float) -> None:
+    registry = Registry()
+    definition = registry.register(account_job, name="acct", limits={"rate_limit": text})
+    assert definition.limits is not None and definition.limits.rate == Rate(count, period)
+
+
+def test_bad_queue_limits_name_the_argument(tmp_path: Path) -> None:
+    eq = Soniq(f"sqlite:///{tmp_path / 'q.db'}")
+    eq.sync.ensure_initialized()
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        eq.sync.set_queue_limits("mail", concurrency=0)
+    with pytest.raises(ValueError, match="rate_limit must be a string like"):
+        eq.sync.set_queue_limits("mail", rate_limit="5 per second")
+    with pytest.raises(TypeError, match="concurrency must be an int"):
+        eq.sync.set_queue_limits("mail", concurrency="5")  # type: ignore[arg-type]
+    assert eq.sync.queue_limits() == {}  # nothing stored
+    eq.sync.close()

@@ -168,6 +168,9 @@ class ClaimLimits:
     which runs one job at a time) obeys neither."""
 
     jobs: tuple[tuple[str, JobLimits], ...] = ()
+    #: Jobs of this worker that have ended but whose outcome is not written yet: no
+    #: longer running, though their rows still say so (a claim does not count them).
+    ended: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, limits: Iterable[tuple[str, JobLimits | None]]) -> ClaimLimits:
@@ -180,20 +183,20 @@ class ClaimLimits:
         return frozenset(name for name, _ in self.jobs)
 
     def spec_json(self) -> str:
-        """The limits as one JSON array, one record per job, as the claim reads them."""
-        return serialize.dumps(
-            [
-                {
-                    "name": name,
-                    "concurrency": lim.concurrency,
-                    "ckey": lim.concurrency_key,
-                    "rate": None if lim.rate is None else lim.rate.count,
-                    "period": None if lim.rate is None else lim.rate.period,
-                    "rkey": lim.rate_key,
-                }
-                for name, lim in self.jobs
-            ]
-        )
+        """The limits as one JSON document, as the claim reads them: ``jobs``, one
+        record per limited job, and the ``ended`` job ids."""
+        jobs = [
+            {
+                "name": name,
+                "concurrency": lim.concurrency,
+                "ckey": lim.concurrency_key,
+                "rate": None if lim.rate is None else lim.rate.count,
+                "period": None if lim.rate is None else lim.rate.period,
+                "rkey": lim.rate_key,
+            }
+            for name, lim in self.jobs
+        ]
+        return serialize.dumps({"jobs": jobs, "ended": list(self.ended)})
 
 
 __all__ = [

@@ -224,6 +224,7 @@ class PinnedWorkerOps:
     def __init__(self, ops: PostgresAsyncOps, conn: Any) -> None:
         self._ops = ops
         self._conn = conn
+        self._order = ClaimOrder()
 
     async def claim_jobs(
         self,
@@ -234,7 +235,8 @@ class PinnedWorkerOps:
         limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
         fetch = functools.partial(self._ops.fetch_own, self._conn)
-        return await _claim(fetch, self._ops.queries, limit, worker_id, queues, names, limits)
+        queries = self._ops.queries
+        return await _claim(fetch, queries, limit, worker_id, queues, names, limits, self._order)
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
         query = self._ops.queries.finish_jobs(outcomes, worker_id, keep=keep)
@@ -253,6 +255,17 @@ class PinnedWorkerOps:
 
 
 @async_only
+class ClaimOrder:
+    """Which of a worker's two claims goes first. Each one's index walk steps over
+    the other's queued jobs, so the one that last found jobs goes first, and the other
+    runs only for the slots it left: a backlog of limited jobs does not make every
+    claim walk past all of it to find no unlimited job (and the other way round)."""
+
+    def __init__(self) -> None:
+        self.limited_first = False
+
+
+@async_only
 async def _claim(
     fetch: Callable[[Query], Awaitable[Sequence[Sequence[Any]]]],
     queries: PostgresQueries,
@@ -261,18 +274,40 @@ async def _claim(
     queues: Sequence[str] | None,
     names: Sequence[str] | None,
     limits: ClaimLimits | None,
+    order: ClaimOrder | None = None,
 ) -> list[Claimed]:
-    """A claim; told of ``limits`` (a worker's), the jobs under limits are claimed by a
-    second statement for the slots the first left, when there are such jobs."""
-    rows = await fetch(queries.claim_jobs(limit, worker_id, queues, names, limits))
+    """A claim; told of ``limits`` (a worker's), the jobs under limits are claimed by
+    their own statement (when there are such jobs), and the rest by the plain claim."""
     if limits is None:
-        return _claimed(rows)
-    rows, limited_queues = claimed_rows(rows)
-    claimed = _claimed(rows)
+        return _claimed(await fetch(queries.claim_jobs(limit, worker_id, queues, names)))
+    order = order or ClaimOrder()
+    claimed: list[Claimed] = []
+    limited_queues = False
+    # With only limited names the plain claim has nothing to find.
+    plain_too = names is None or not limits.names.issuperset(names)
+    if order.limited_first and names is not None:
+        claimed = _claimed(
+            await fetch(queries.claim_limited(limit, worker_id, queues, names, limits)),
+            limited=True,
+        )
+        order.limited_first = bool(claimed)
+        if not plain_too or len(claimed) == limit:
+            return claimed
+        plain_too = False
+        rows = await fetch(
+            queries.claim_jobs(limit - len(claimed), worker_id, queues, names, limits)
+        )
+        return claimed + _claimed(claimed_rows(rows)[0])
+    if plain_too:
+        rows = await fetch(queries.claim_jobs(limit, worker_id, queues, names, limits))
+        rows, limited_queues = claimed_rows(rows)
+        claimed = _claimed(rows)
     left = limit - len(claimed)
     if left > 0 and names is not None and (limits.jobs or limited_queues):
         query = queries.claim_limited(left, worker_id, queues, names, limits)
-        claimed += _claimed(await fetch(query), limited=True)
+        more = _claimed(await fetch(query), limited=True)
+        order.limited_first = bool(more) and not claimed
+        claimed += more
     return claimed
 
 

@@ -38,6 +38,7 @@ from soniq.contrib.django import close_stale_connections
 from soniq.core import outcomes
 from soniq.core.enqueue import Registry, check_queue
 from soniq.core.errors import ConfigurationError
+from soniq.core.flow import ClaimLimits
 from soniq.core.jobs import Claimed, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
@@ -388,7 +389,7 @@ class Worker:
                     ops = await session.ops()
                     with session.bounded():
                         rows = await ops.claim_jobs(
-                            free, self.id, self.config.queues, self._names, self._limits
+                            free, self.id, self.config.queues, self._names, self._claim_limits()
                         )
                 except Exception as exc:
                     await session.drop(exc)
@@ -426,6 +427,16 @@ class Worker:
                 await asyncio.sleep(max(0.05, due_in))  # not a spin on a locked row
                 continue
             await self._idle(slots=bool(self._running))
+
+    def _claim_limits(self) -> ClaimLimits:
+        """The limits a claim obeys, told which of this worker's limited jobs have
+        ended with their outcome not written yet (not running any more: not counted)."""
+        if not self._writing and not self._pending:
+            return self._limits
+        # (A job that timed out but still runs, in a thread, keeps counting.)
+        pending = (*self._writing, *self._pending)
+        ended = tuple(o.job_id for o in pending if o.job_id not in self._running)
+        return attrs.evolve(self._limits, ended=ended)
 
     async def _burst_due_in(self) -> float | None:
         """Seconds until a job of this burst worker is due, if that is before its

@@ -82,22 +82,10 @@ LIMITED_QUEUE = "OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL"
 SPEC_RECORD = "name text, concurrency int, ckey text, rate int, period float8, rkey text"
 
 
-def limit_group(kind: str, limit: str, key: str) -> str:
-    """The group a job ``j`` counts in for one of its limits (spec record ``s``): the
-    job's name, with the JSON of its ``key`` argument when the limit is per key
-    (a missing argument is ``null``); NULL when the limit is not set."""
-    return (
-        f"CASE WHEN s.{limit} IS NOT NULL THEN '{kind}:' || j.name || CASE WHEN s.{key} IS NULL "
-        f"THEN '' ELSE ':' || coalesce(j.args -> s.{key}, 'null'::jsonb)::text END END"
-    )
-
-
-CONCURRENCY_GROUP = limit_group("c", "concurrency", "ckey")
-RATE_GROUP = limit_group("r", "rate", "rkey")
-
-#: How far past its LIMIT a limited claim looks: several jobs of one group may be
-#: first in line while only one of them may start.
-CANDIDATES_PER_SLOT = 4
+def limit_group(kind: str, limit: str, key: str, schema: str) -> str:
+    """The group a job ``j`` counts in for one of its limits (spec record ``s``; see
+    the function soniq_limit_group of migration 0006)."""
+    return f"{schema}.soniq_limit_group('{kind}', s.{limit} IS NOT NULL, j.name, s.{key}, j.args)"
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
@@ -339,25 +327,21 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
         ready = JobStatus.QUEUED.value
         claim_to = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
         rate_log = f"{schema}.soniq_rate_log"
-        room = "g.{cap} - coalesce((SELECT u.used FROM usage AS u WHERE u.grp = g.{grp}), 0)"
-        # Evaluated for the few candidates only (the filter uses full_groups).
         rank = "row_number() OVER (PARTITION BY {grp} ORDER BY priority DESC, run_at, id)"
         groups = (("cg", "ccap"), ("rg", "rcap"), ("qg", "qcap"), ("qrg", "qrcap"))
-        rooms = ",\n        ".join(
-            room.format(cap=cap, grp=grp) + f" AS {grp}_room" for grp, cap in groups
-        )
+        rooms = ", ".join(f"c.{cap} - coalesce(u_{g}.used, 0) AS {g}_room" for g, cap in groups)
+        usage_of = " ".join(f"LEFT JOIN usage AS u_{g} ON u_{g}.grp = c.{g}" for g, _ in groups)
         ranks = ", ".join(rank.format(grp=grp) + f" AS {grp}_rank" for grp, _ in groups)
         fits = " AND ".join(f"({g} IS NULL OR {g}_rank <= {g}_room)" for g, _ in groups)
-        free = " AND ".join(f"coalesce(g.{g}, '') <> ALL(f.groups)" for g, _ in groups)
+        free = " AND ".join(f"(g.{g} IS NULL OR g.{g} <> ALL(f.groups))" for g, _ in groups)
         # Each placeholder appears once, numbered in order of use (see to_format_style).
         sql = f"""
 WITH doc AS MATERIALIZED (SELECT @spec@::text::jsonb AS limits),
 spec AS MATERIALIZED (
-    SELECT s.* FROM doc, jsonb_to_recordset(doc.limits) AS s({SPEC_RECORD})
+    SELECT s.* FROM doc, jsonb_to_recordset(doc.limits -> 'jobs') AS s({SPEC_RECORD})
 ),
 usage AS MATERIALIZED (
-    SELECT u.* FROM doc, {schema}.soniq_limit_usage(@turn@::text::bigint, @usage@::text,
-                                                    doc.limits) AS u
+    SELECT u.* FROM doc, {schema}.soniq_limit_usage(@turn@::text::bigint, doc.limits) AS u
 ),
 -- The groups with no room, as one array: the scan below steps over their jobs in
 -- claim order (the planner reads "not one of these" as unselective, so it walks the
@@ -366,8 +350,7 @@ full_groups AS MATERIALIZED (
     SELECT coalesce(array_agg(grp) FILTER (WHERE used >= cap), '{{}}') AS groups FROM usage
 ),
 cand AS MATERIALIZED (
-    SELECT j.id, j.priority, j.run_at, g.cg, g.rg, g.qg, g.qrg, g.rperiod, g.qrperiod,
-        g.rcap, g.qrcap, {rooms}
+    SELECT j.id, j.priority, j.run_at, g.*
     FROM {jobs} AS j
     CROSS JOIN full_groups AS f
     LEFT JOIN LATERAL (SELECT * FROM spec WHERE spec.name = j.name LIMIT 1) AS s ON true
@@ -375,8 +358,8 @@ cand AS MATERIALIZED (
         SELECT * FROM {queues} AS q0 WHERE q0.queue = j.queue LIMIT 1
     ) AS q ON true
     CROSS JOIN LATERAL (SELECT
-        {CONCURRENCY_GROUP} AS cg, s.concurrency AS ccap,
-        {RATE_GROUP} AS rg, s.rate AS rcap, s.period AS rperiod,
+        {limit_group("c", "concurrency", "ckey", schema)} AS cg, s.concurrency AS ccap,
+        {limit_group("r", "rate", "rkey", schema)} AS rg, s.rate AS rcap, s.period AS rperiod,
         CASE WHEN q.concurrency IS NOT NULL THEN 'q:' || j.queue END AS qg,
         q.concurrency AS qcap,
         CASE WHEN q.rate_count IS NOT NULL THEN 'rq:' || j.queue END AS qrg,
@@ -390,7 +373,7 @@ cand AS MATERIALIZED (
     LIMIT @candidates@::text::int
 ),
 ranked AS (
-    SELECT *, {ranks} FROM cand
+    SELECT c.*, {rooms}, {ranks} FROM cand AS c {usage_of}
 ),
 picked AS MATERIALIZED (
     SELECT id, rg, rcap, rperiod, qrg, qrcap, qrperiod FROM ranked WHERE {fits}
@@ -420,7 +403,7 @@ expired AS (
     DELETE FROM {rate_log} WHERE until <= statement_timestamp()
 )
 SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims FROM claimed"""
-        tokens = ["spec", "turn", "usage", *(["queues"] if queue_filter else []), "names"]
+        tokens = ["spec", "turn", *(["queues"] if queue_filter else []), "names"]
         tokens += ["candidates", "limit", "worker"]
         values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
         return _fill(sql, queue_filter=queue_filter.replace("$1", "@queues@"), **values)
@@ -429,21 +412,7 @@ SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims F
         """Statements of stored queue limits, and what a limited claim counts."""
         schema = quote_ident(self.schema)
         queues = f"{schema}.soniq_queues"
-        running = JobStatus.RUNNING.value
         self.limit_turn = zlib.crc32(f"soniq.limits:{self.schema}".encode()) - 2**31
-        # The query soniq_limit_usage runs after taking the turn ($1: the limits).
-        self.usage_query = f"""
-SELECT u.grp, count(*), min(u.cap) FROM (
-    SELECT {CONCURRENCY_GROUP} AS grp, s.concurrency AS cap
-    FROM {jobs} AS j JOIN jsonb_to_recordset($1) AS s({SPEC_RECORD}) ON s.name = j.name
-    WHERE j.status = '{running}' AND s.concurrency IS NOT NULL
-    UNION ALL
-    SELECT 'q:' || j.queue, q.concurrency
-    FROM {jobs} AS j JOIN {queues} AS q ON q.queue = j.queue
-    WHERE j.status = '{running}' AND q.concurrency IS NOT NULL
-    UNION ALL
-    SELECT l.grp, l.cap FROM {schema}.soniq_rate_log AS l WHERE l.until > statement_timestamp()
-) AS u GROUP BY u.grp"""
         self._set_queue_limits = render(f"""
 INSERT INTO {queues} AS q (queue, concurrency, rate_count, rate_period)
 VALUES ($1::text, $2::text::int, $3::text::int, $4::text::float8)
@@ -696,10 +665,10 @@ DELETE FROM {jobs} WHERE id IN (
         """Claim up to ``limit`` ready jobs of ``names`` that have limits of their own
         (``limits``) or a queue with stored limits, within those limits."""
         queue_mode = _queue_mode(queues)
-        params = [limits.spec_json(), str(self.limit_turn), self.usage_query]
+        params = [limits.spec_json(), str(self.limit_turn)]
         if queues is not None:
             params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
-        params += [serialize.dumps(list(names)), str(limit * CANDIDATES_PER_SLOT), str(limit)]
+        params += [serialize.dumps(list(names)), str(limit), str(limit)]
         return Query(self._limited_claims[queue_mode], (*params, worker_id))
 
     def set_queue_limits(self, queue: str, limits: QueueLimits) -> Query:

@@ -460,7 +460,7 @@ def _limit_group(kind: str, limit: str, key: str) -> str:
 _SPEC = (
     "SELECT value ->> 'name' AS name, value ->> 'concurrency' AS concurrency, "
     "value ->> 'ckey' AS ckey, value ->> 'rate' AS rate, value ->> 'period' AS period, "
-    "value ->> 'rkey' AS rkey FROM json_each(:spec)"
+    "value ->> 'rkey' AS rkey FROM json_each(:spec, '$.jobs')"
 )
 _ROOMS = (("cg", "ccap"), ("rg", "rcap"), ("qg", "qcap"), ("qrg", "qrcap"))
 # Under the write lock: what runs and what the rate windows hold is counted in the
@@ -472,9 +472,11 @@ usage AS MATERIALIZED (
         SELECT {_limit_group("c", "concurrency", "ckey")} AS grp
         FROM {JOBS} AS j JOIN spec AS s ON s.name = j.name
         WHERE j.status = '{_RUNNING}' AND s.concurrency IS NOT NULL
+          AND j.id NOT IN (SELECT value FROM json_each(:spec, '$.ended'))
         UNION ALL
         SELECT 'q:' || j.queue FROM {JOBS} AS j JOIN {QUEUES} AS q ON q.queue = j.queue
         WHERE j.status = '{_RUNNING}' AND q.concurrency IS NOT NULL
+          AND j.id NOT IN (SELECT value FROM json_each(:spec, '$.ended'))
         UNION ALL
         SELECT grp FROM {RATE_LOG} WHERE until > :now
     ) GROUP BY grp
@@ -563,7 +565,9 @@ def claim_jobs(
     params += (now, limit)
 
     def steps() -> Steps[list[Claimed]]:
-        found = (yield Step(sql, tuple(params))).rows
+        found: list[tuple[Any, ...]] = []
+        if unlimited is None or unlimited:  # (none: nothing for the index walk to find)
+            found = (yield Step(sql, tuple(params))).rows
         claimed = _claimed(found)
         if limits is not None and names is not None and len(found) < limit:
             claimed += yield from _claim_limited(limit - len(found), queues, names, limits, now)
@@ -601,7 +605,7 @@ def _claim_limited(
     named: dict[str, Any] = {
         "now": now,
         "names": serialize.dumps(list(names)),
-        "candidates": limit * 4,
+        "candidates": limit,
         "limit": limit,
     }
     for n, queue in enumerate(queues or ()):

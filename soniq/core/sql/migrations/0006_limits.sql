@@ -15,16 +15,45 @@ CREATE TABLE {schema}.soniq_rate_log (
 );
 CREATE INDEX soniq_rate_log_until_idx ON {schema}.soniq_rate_log (until);
 
--- What the claims of limited jobs count (per group: used, and the limit), read after
--- taking their turn: a VOLATILE
--- function's statements see what was committed before they started, so each claim
--- counts what the claim before it took (a statement's own snapshot predates the lock).
--- The query is built by Soniq (soniq.core.sql.postgres) and reads the limits as $1.
-CREATE OR REPLACE FUNCTION {schema}.soniq_limit_usage(turn bigint, query text, limits jsonb)
+-- The group a job counts in for one of its limits: the job's name, with the JSON of
+-- its key argument when the limit is per key (a missing argument is null); NULL when
+-- the limit is not set. (A SQL function: the planner inlines it.)
+CREATE OR REPLACE FUNCTION {schema}.soniq_limit_group(
+    kind text, is_set boolean, job text, key text, args jsonb
+) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN is_set THEN kind || ':' || job || CASE WHEN key IS NULL THEN ''
+           ELSE ':' || coalesce(args -> key, 'null'::jsonb)::text END END
+$$;
+
+-- What the claims of limited jobs count, per group (jobs running, or starts in the
+-- rate window; and the limit), read after taking their turn: a VOLATILE function's
+-- statements see what was committed before they started, so each claim counts what
+-- the claim before it took (a statement's own snapshot predates the lock). limits:
+-- soniq.core.flow.ClaimLimits.spec_json (the limits of the worker's jobs, and the ids
+-- of its jobs that have ended, their outcome not written yet: not counted).
+CREATE OR REPLACE FUNCTION {schema}.soniq_limit_usage(turn bigint, limits jsonb)
 RETURNS TABLE (grp text, used bigint, cap integer)
 LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    ended bigint[] := ARRAY(SELECT jsonb_array_elements_text(limits -> 'ended')::bigint);
 BEGIN
     PERFORM pg_advisory_xact_lock(turn);
-    RETURN QUERY EXECUTE query USING limits;
+    RETURN QUERY
+    SELECT u.grp, count(*), min(u.cap) FROM (
+        SELECT {schema}.soniq_limit_group('c', s.concurrency IS NOT NULL, j.name, s.ckey, j.args),
+               s.concurrency
+        FROM {schema}.soniq_jobs AS j
+        JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, concurrency int, ckey text)
+          ON s.name = j.name
+        WHERE j.status = 'running' AND s.concurrency IS NOT NULL
+          AND j.id <> ALL(ended)
+        UNION ALL
+        SELECT 'q:' || j.queue, q.concurrency
+        FROM {schema}.soniq_jobs AS j JOIN {schema}.soniq_queues AS q ON q.queue = j.queue
+        WHERE j.status = 'running' AND q.concurrency IS NOT NULL AND j.id <> ALL(ended)
+        UNION ALL
+        SELECT l.grp, l.cap FROM {schema}.soniq_rate_log AS l
+        WHERE l.until > statement_timestamp()
+    ) AS u (grp, cap) GROUP BY u.grp;
 END
 $$;
