@@ -86,7 +86,7 @@ async def _run(url: str, n: int, repeats: int) -> dict[str, Any]:
         for app, _ in apps.values():
             await app.close()
     ratios = {
-        case: statistics.median(r / u for r, u in zip(rates[case], rates["unlimited"]))
+        case: statistics.median(r / u for r, u in zip(rates[case], rates["unlimited"], strict=True))
         for case in CASES[1:]
     }
     return {

@@ -9,6 +9,8 @@
    beside huey's ``SqliteHuey``, at ``synchronous`` FULL and NORMAL (no server).
 4. Periodic (:mod:`benchmarks.periodic`): 10 schedules every second, scheduled by 4
    worker processes for 60 s: every tick enqueued once.
+5. Limits (:mod:`benchmarks.limits`): a drain under a per-key concurrency limit, and
+   an unlimited drain by a worker with limits on another job, beside today's drain.
 
 Prints one table per part and the targets, writes
 ``benchmarks/results/bench-<UTC time>.json`` and a PNG chart beside it. ``--quick``
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import embedded, enqueue, periodic, worker
+from benchmarks import embedded, enqueue, limits, periodic, worker
 from benchmarks._common import (
     RESULTS_DIR,
     admin_url,
@@ -36,7 +38,7 @@ from benchmarks._common import (
     write_results,
 )
 
-PARTS = ("enqueue", "worker", "embedded", "periodic")
+PARTS = ("enqueue", "worker", "embedded", "periodic", "limits")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -205,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"periodic: 4 worker processes for {seconds:g} s", flush=True)
         with fresh_databases(admin, ["periodic"], statement_timeout=args.statement_timeout) as urls:
             result["periodic"] = periodic.run(urls["periodic"], workers=4, seconds=seconds)
+    if "limits" in args.parts:
+        n, repeats = (2_000, 1) if args.quick else (20_000, args.repeats or 3)
+        print(f"limits: {n:,} jobs per drain, {repeats} repeat(s)", flush=True)
+        with fresh_databases(admin, ["limits"], statement_timeout=args.statement_timeout) as urls:
+            result["limits"] = limits.run(urls["limits"], n=n, repeats=repeats)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["cpu_check_end_ms"] = cpu_check()
 
@@ -220,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if "periodic" in result:
         print("\nPERIODIC (each tick once across workers)\n", flush=True)
         print(periodic.render(result["periodic"]), flush=True)
+    if "limits" in result:
+        print("\nLIMITS (drains under concurrency limits, asyncpg)\n", flush=True)
+        print(limits.render(result["limits"]), flush=True)
 
     path = write_results("bench", result, args.output)
     print(
