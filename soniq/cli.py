@@ -12,8 +12,14 @@ then exits 1 with a one-line message.
 ``soniq migrate --sql [--schema S]`` prints the DDL instead, for projects that migrate
 with Alembic, Django or plain psql.
 
-``soniq queues [pause|resume QUEUE...] --database-url URL [--schema S] [--json]``
-lists the paused queues, or pauses or resumes queues for every worker.
+``soniq queues --database-url URL [--schema S] [--json]`` lists the queues that are
+paused or have stored limits (a table: queue, paused, concurrency, rate; with
+``--json``, ``{"paused": [...], "limits": {queue: {"concurrency": N, "rate_limit":
+"100/m"}}}``). ``soniq queues pause|resume QUEUE...`` pauses or resumes queues for
+every worker; ``soniq queues limit QUEUE... [--concurrency N] [--rate-limit 100/m]``
+sets both limits of the queues, as ``eq.set_queue_limits`` does (an option left out
+removes that limit; with neither, the queue has no limit), and prints them. A bad
+value is one line on stderr and exit 1; a usage error exits 2.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from soniq.core.errors import SoniqError
+from soniq.core.flow import QueueLimits, check_concurrency, parse_rate
 from soniq.core.sql.migrate import LATEST_VERSION, MigrationPlan
 
 
@@ -39,11 +46,32 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade Soniq's tables")
     _database_options(migrate)
     migrate.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
-    queues = commands.add_parser("queues", help="list paused queues, or pause or resume queues")
-    queues.add_argument("action", nargs="?", choices=["pause", "resume"], help="what to do")
-    queues.add_argument("names", nargs="*", metavar="QUEUE", help="the queues to pause or resume")
+    queues = commands.add_parser(
+        "queues",
+        help="list paused and limited queues, pause or resume queues, or set their limits",
+    )
+    queues.add_argument(
+        "action", nargs="?", choices=["pause", "resume", "limit"], help="what to do"
+    )
+    queues.add_argument(
+        "names", nargs="*", metavar="QUEUE", help="the queues to pause, resume or limit"
+    )
     _database_options(queues)
     queues.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    queues.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with limit: at most N of the queue's jobs running at once (default: no limit)",
+    )
+    queues.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="RATE",
+        help="with limit: at most this many starts per window, e.g. 10/s, 100/m, 5000/h "
+        "(default: no limit)",
+    )
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
     worker.add_argument("--queues", default=None, help="comma-separated queues (default: all)")
@@ -168,42 +196,115 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _queues(args: argparse.Namespace) -> int:
+    command = "soniq queues" if args.action is None else f"soniq queues {args.action}"
     if not args.database_url:
-        print("soniq queues: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
+        print(f"{command}: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
         return 2
     if args.action is None and args.names:
-        print(f"soniq queues: pause or resume {args.names[0]!r}?", file=sys.stderr)
+        print(f"soniq queues: pause, resume or limit {args.names[0]!r}?", file=sys.stderr)
         return 2
     if args.action is not None and not args.names:
-        print(f"soniq queues {args.action}: name the queues", file=sys.stderr)
+        print(f"{command}: name the queues", file=sys.stderr)
+        return 2
+    if args.action != "limit" and (args.concurrency is not None or args.rate_limit is not None):
+        given = "--concurrency" if args.concurrency is not None else "--rate-limit"
+        print(f"{command}: {given} goes with `soniq queues limit QUEUE`", file=sys.stderr)
         return 2
     from soniq.app import Soniq
+    from soniq.core.enqueue import check_queue
 
     try:
+        # Checked before the database is opened (so a bad name changes no queue),
+        # naming the options as typed.
+        for name in args.names:
+            check_queue(name)
+        wanted = QueueLimits(
+            check_concurrency(args.concurrency, "--concurrency"),
+            None if args.rate_limit is None else parse_rate(args.rate_limit, "--rate-limit"),
+        )
         eq = Soniq(args.database_url, schema=args.schema)
         try:
             eq.sync.ensure_initialized(migrate=False)
             if args.action is None:
-                paused = eq.sync.paused_queues()
-                if args.json:
-                    print(json.dumps({"paused": paused}))
-                else:
-                    print("\n".join(paused) if paused else "no queue is paused")
-                return 0
-            act = eq.sync.pause_queue if args.action == "pause" else eq.sync.resume_queue
-            done = f"{args.action}d"
-            for name in args.names:
-                changed = act(name)
-                if args.json:
-                    print(json.dumps({"queue": name, "action": args.action, "changed": changed}))
-                else:
-                    print(f"{name}: {done}" if changed else f"{name}: already {done}")
+                _list_queues(eq.sync.paused_queues(), eq.sync.queue_limits(), as_json=args.json)
+            elif args.action == "limit":
+                for name in args.names:
+                    eq.sync.set_queue_limits(
+                        name, concurrency=wanted.concurrency, rate_limit=wanted.rate_limit
+                    )
+                stored = eq.sync.queue_limits()  # read back: what every worker now obeys
+                for name in args.names:
+                    _print_limits(name, stored.get(name, QueueLimits()), as_json=args.json)
+            else:
+                act = eq.sync.pause_queue if args.action == "pause" else eq.sync.resume_queue
+                done = f"{args.action}d"
+                for name in args.names:
+                    changed = act(name)
+                    if args.json:
+                        print(
+                            json.dumps({"queue": name, "action": args.action, "changed": changed})
+                        )
+                    else:
+                        print(f"{name}: {done}" if changed else f"{name}: already {done}")
         finally:
             eq.sync.close()
     except (SoniqError, ValueError, TypeError) as exc:
-        print(f"soniq queues: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _list_queues(paused: list[str], limits: dict[str, QueueLimits], *, as_json: bool) -> None:
+    """The paused queues and the queues' stored limits: a table, or JSON."""
+    if as_json:
+        shown = {
+            name: {"concurrency": lim.concurrency, "rate_limit": lim.rate_limit}
+            for name, lim in limits.items()
+        }
+        print(json.dumps({"paused": paused, "limits": shown}))
+        return
+    names = sorted({*paused, *limits})
+    if not names:
+        print("no queue is paused or limited")
+        return
+    rows = [("queue", "paused", "concurrency", "rate")]
+    for name in names:
+        lim = limits.get(name)
+        concurrency = None if lim is None else lim.concurrency
+        rate = None if lim is None else lim.rate_limit
+        rows.append(
+            (
+                name,
+                "yes" if name in paused else "no",
+                "-" if concurrency is None else str(concurrency),
+                "-" if rate is None else rate,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]))
+
+
+def _print_limits(name: str, limits: QueueLimits, *, as_json: bool) -> None:
+    """The limits of queue ``name`` after ``soniq queues limit``."""
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "queue": name,
+                    "action": "limit",
+                    "concurrency": limits.concurrency,
+                    "rate_limit": limits.rate_limit,
+                }
+            )
+        )
+    elif limits.concurrency is None and limits.rate is None:
+        print(f"{name}: no limits")
+    else:
+        concurrency = "none" if limits.concurrency is None else str(limits.concurrency)
+        rate = "none" if limits.rate is None else limits.rate_limit
+        print(f"{name}: concurrency {concurrency}, rate limit {rate}")
 
 
 def load_app(spec: str) -> Any:

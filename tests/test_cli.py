@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from soniq import JobStatus, Soniq, SoniqError
+from soniq import JobStatus, QueueLimits, Rate, Soniq, SoniqError
 from soniq.cli import _parser, load_app, main
 from tests.conftest import Process, listening_sessions, soniq_command, wait_until
 
@@ -465,14 +466,128 @@ def test_queues_are_paused_listed_and_resumed_from_the_command_line(
         "changed": False,
     }
     assert main(["queues", *where]) == 0
-    assert capsys.readouterr().out == "mail\nreports\n"
+    assert capsys.readouterr().out == (
+        "queue    paused  concurrency  rate\n"
+        "mail     yes     -            -\n"
+        "reports  yes     -            -\n"
+    )
     assert main(["queues", "resume", "mail", *where]) == 0
     assert capsys.readouterr().out == "mail: resumed\n"
     assert main(["queues", "--json", *where]) == 0
-    assert json.loads(capsys.readouterr().out) == {"paused": ["reports"]}
+    # "paused" as it always was, so scripts that read it still work; "limits" beside it.
+    assert json.loads(capsys.readouterr().out) == {"paused": ["reports"], "limits": {}}
+    assert main(["queues", "resume", "reports", *where]) == 0
+    capsys.readouterr()
+    assert main(["queues", *where]) == 0
+    assert capsys.readouterr().out == "no queue is paused or limited\n"
     eq = Soniq(database_url, schema=schema)
     try:
-        assert eq.sync.paused_queues() == ["reports"]  # what every worker reads
+        assert eq.sync.paused_queues() == []  # what every worker reads
+    finally:
+        eq.sync.close()
+
+
+def test_queue_limits_are_set_listed_and_removed_from_the_command_line(
+    database_url: str, schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--database-url", database_url, "--schema", schema]
+    assert main(["migrate", *where]) == 0
+    capsys.readouterr()
+    argv = ["queues", "limit", "mail", "--concurrency", "5", "--rate-limit", "100/minute"]
+    assert main([*argv, *where]) == 0
+    assert capsys.readouterr().out == "mail: concurrency 5, rate limit 100/m\n"
+    # Both limits are set by each call (as set_queue_limits does): one left out is gone.
+    argv = ["queues", "limit", "reports", "bulk", "--rate-limit", "5000/h", "--json"]
+    assert main([*argv, *where]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"queue": "reports", "action": "limit", "concurrency": None, "rate_limit": "5000/h"},
+        {"queue": "bulk", "action": "limit", "concurrency": None, "rate_limit": "5000/h"},
+    ]
+    assert main(["queues", "limit", "bulk", "--concurrency", "2", *where]) == 0
+    assert capsys.readouterr().out == "bulk: concurrency 2, rate limit none\n"
+    assert main(["queues", "pause", "archive", "reports", *where]) == 0
+    capsys.readouterr()
+    assert main(["queues", *where]) == 0
+    assert capsys.readouterr().out == (
+        "queue    paused  concurrency  rate\n"
+        "archive  yes     -            -\n"
+        "bulk     no      2            -\n"
+        "mail     no      5            100/m\n"
+        "reports  yes     -            5000/h\n"
+    )
+    assert main(["queues", "--json", *where]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "paused": ["archive", "reports"],
+        "limits": {
+            "bulk": {"concurrency": 2, "rate_limit": None},
+            "mail": {"concurrency": 5, "rate_limit": "100/m"},
+            "reports": {"concurrency": None, "rate_limit": "5000/h"},
+        },
+    }
+    eq = Soniq(database_url, schema=schema)
+    try:  # what every worker reads
+        assert eq.sync.queue_limits() == {
+            "bulk": QueueLimits(concurrency=2),
+            "mail": QueueLimits(5, Rate(100, 60.0)),
+            "reports": QueueLimits(rate=Rate(5000, 3600.0)),
+        }
+    finally:
+        eq.sync.close()
+    # With neither option: no limit. A paused queue stays paused.
+    assert main(["queues", "limit", "mail", "reports", *where]) == 0
+    assert capsys.readouterr().out == "mail: no limits\nreports: no limits\n"
+    assert main(["queues", "limit", "mail", "--json", *where]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "queue": "mail",
+        "action": "limit",
+        "concurrency": None,
+        "rate_limit": None,
+    }
+    assert main(["queues", *where]) == 0
+    assert capsys.readouterr().out == (
+        "queue    paused  concurrency  rate\n"
+        "archive  yes     -            -\n"
+        "bulk     no      2            -\n"
+        "reports  yes     -            -\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "complaint"),
+    [
+        (["--concurrency", "0"], 1, "soniq queues limit: --concurrency must be at least 1, got 0"),
+        (["--concurrency", "-2"], 1, "--concurrency must be at least 1, got -2"),
+        (["--concurrency", "many"], 2, "argument --concurrency: invalid int value: 'many'"),
+        (["--rate-limit", "10/fortnight"], 1, "soniq queues limit: --rate-limit must be a string"),
+        (["--rate-limit", "0/s"], 1, "--rate-limit must allow at least 1 start, got '0/s'"),
+        (["--rate-limit", "100"], 1, "--rate-limit must be a string like '10/s'"),
+    ],
+)
+def test_queues_limit_refuses_bad_values_before_opening_the_database(
+    options: list[str], code: int, complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing listens there: opening the database would be another error.
+    nowhere = ["--database-url", "postgresql://nobody@127.0.0.1:1/nothing"]
+    try:
+        assert main(["queues", "limit", "mail", *options, *nowhere]) == code
+    except SystemExit as exited:  # argparse's own refusals
+        assert exited.code == code
+    err = capsys.readouterr().err
+    assert complaint in err and "unavailable" not in err, err
+    assert len(err.splitlines()) == 1 or code == 2, err
+
+
+def test_queues_limit_with_a_bad_name_changes_no_queue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    assert main(["migrate", "--database-url", url]) == 0
+    argv = ["queues", "limit", "mail", "a,b", "--concurrency", "3", "--database-url", url]
+    assert main(argv) == 1
+    assert "soniq queues limit: queue must not contain a comma" in capsys.readouterr().err
+    eq = Soniq(url)
+    try:
+        assert eq.sync.queue_limits() == {}  # not even mail's
     finally:
         eq.sync.close()
 
@@ -484,6 +599,18 @@ def test_queues_are_paused_listed_and_resumed_from_the_command_line(
         (["queues", "pause", "--database-url", "sqlite:///x.db"], 2, "name the queues"),
         (["queues", "mail", "--database-url", "sqlite:///x.db"], 2, "invalid choice: 'mail'"),
         (["queues", "pause", "a,b", "--database-url", "sqlite:///{tmp}/q.db"], 1, "comma"),
+        (["queues", "limit", "mail"], 2, "pass --database-url or set SONIQ_DATABASE_URL"),
+        (["queues", "limit", "--database-url", "sqlite:///x.db"], 2, "limit: name the queues"),
+        (
+            ["queues", "pause", "mail", "--concurrency", "2", "--database-url", "sqlite:///x.db"],
+            2,
+            "soniq queues pause: --concurrency goes with `soniq queues limit QUEUE`",
+        ),
+        (
+            ["queues", "--rate-limit", "1/s", "--database-url", "sqlite:///x.db"],
+            2,
+            "soniq queues: --rate-limit goes with `soniq queues limit QUEUE`",
+        ),
     ],
 )
 def test_queues_usage_errors(
@@ -505,3 +632,45 @@ def test_queues_usage_errors(
     except SystemExit as exited:  # argparse's own refusals
         assert exited.code == code
     assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_queue_limit_set_by_the_installed_script_holds_a_running_worker(
+    worker_app: Any,
+    database_url: str,
+    schema: str,
+    pg: psycopg.Connection,
+    soniq_processes: Spawn,
+) -> None:
+    """Set with ``soniq queues limit``, obeyed by a worker process at its next claim;
+    removed the same way, and the worker takes the rest."""
+    where = ["--database-url", database_url, "--schema", schema]
+    code, out = soniq_processes("queues", "limit", "default", "--concurrency", "1", *where).finish(
+        30
+    )
+    assert (code, out) == (0, "default: concurrency 1, rate limit none\n")
+    worker_app.close_gate(pg)
+    ids = worker_app.eq.sync.enqueue_many(worker_app.behind_gate, [{}] * 3)
+    proc = worker(soniq_processes, "--concurrency", "4", "--poll-interval", "0.1")
+
+    def started() -> int:
+        return sum(notes(pg, schema, i).count("started") for i in ids)
+
+    wait_until(lambda: started() == 1, 30, "one job to start")
+    # A negative can only be watched for a while: ten polls of the worker.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert statuses(pg, schema) == {"running": 1, "queued": 2}
+        time.sleep(0.05)
+    code, out = soniq_processes("queues", "--json", *where).finish(30)
+    assert code == 0 and json.loads(out) == {
+        "paused": [],
+        "limits": {"default": {"concurrency": 1, "rate_limit": None}},
+    }, out
+    code, out = soniq_processes("queues", "limit", "default", *where).finish(30)
+    assert (code, out) == (0, "default: no limits\n")
+    wait_until(lambda: started() == 3, 30, "the others to start once the limit is gone")
+    worker_app.open_gate(pg)
+    wait_until(lambda: statuses(pg, schema) == {"done": 3}, 30, "all three to finish")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.finish()[0] == 0

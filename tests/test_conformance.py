@@ -756,3 +756,19 @@ async def test_a_rate_limit_window_moves(any_eq: Soniq) -> None:
     assert await _claim_ids(any_eq, limits, ["c.lim"]) == []
     await asyncio.sleep(0.35)  # the window's length: the first start has left it
     assert await _claim_ids(any_eq, limits, ["c.lim"]) == jobs[1:2]
+
+
+async def test_a_limited_claim_refuses_to_count_under_repeatable_read(
+    server_eq: Soniq, database_url: str
+) -> None:
+    # The count must see the claim before it (a new snapshot after the lock); under
+    # REPEATABLE READ it could not, so the claim fails instead of overrunning a limit.
+    await server_eq.enqueue("c.lim")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET default_transaction_isolation = 'repeatable read'")
+        schema = server_eq.backend.queries.schema
+        with pytest.raises(psycopg.errors.RaiseException, match="need READ COMMITTED"):
+            conn.execute(
+                f'SELECT * FROM "{schema}".soniq_limit_usage(1, %s::jsonb)',
+                ['{"jobs": [], "ended": []}'],
+            )

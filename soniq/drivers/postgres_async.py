@@ -254,6 +254,10 @@ class PinnedWorkerOps:
         self._ops.abort_own(self._conn)
 
 
+#: Rounds of one limited claim at most (see _claim_limited).
+LIMITED_ROUNDS = 3
+
+
 @async_only
 class ClaimOrder:
     """Which of a worker's two claims goes first. Each one's index walk steps over
@@ -286,10 +290,7 @@ async def _claim(
     # With only limited names the plain claim has nothing to find.
     plain_too = names is None or not limits.names.issuperset(names)
     if order.limited_first and names is not None:
-        claimed = _claimed(
-            await fetch(queries.claim_limited(limit, worker_id, queues, names, limits)),
-            limited=True,
-        )
+        claimed = await _claim_limited(fetch, queries, limit, worker_id, queues, names, limits)
         order.limited_first = bool(claimed)
         if not plain_too or len(claimed) == limit:
             return claimed
@@ -304,10 +305,32 @@ async def _claim(
         claimed = _claimed(rows)
     left = limit - len(claimed)
     if left > 0 and names is not None and (limits.jobs or limited_queues):
-        query = queries.claim_limited(left, worker_id, queues, names, limits)
-        more = _claimed(await fetch(query), limited=True)
+        more = await _claim_limited(fetch, queries, left, worker_id, queues, names, limits)
         order.limited_first = bool(more) and not claimed
         claimed += more
+    return claimed
+
+
+@async_only
+async def _claim_limited(
+    fetch: Callable[[Query], Awaitable[Sequence[Sequence[Any]]]],
+    queries: PostgresQueries,
+    limit: int,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    names: Sequence[str],
+    limits: ClaimLimits,
+) -> list[Claimed]:
+    """The limited claim, again while it takes some but not all it may: its
+    candidates are the first jobs in line, and jobs of one group can fill them while
+    only one may start (the next round steps over that group, now full)."""
+    claimed: list[Claimed] = []
+    for _ in range(LIMITED_ROUNDS):
+        query = queries.claim_limited(limit - len(claimed), worker_id, queues, names, limits)
+        more = _claimed(await fetch(query), limited=True)
+        claimed += more
+        if not more or len(claimed) == limit:
+            break
     return claimed
 
 

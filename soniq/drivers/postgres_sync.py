@@ -122,3 +122,7 @@ class PostgresSyncOps:
     def queue_limits(self) -> dict[str, QueueLimits]:
         rows = self.fetch(self.queries.queue_limits())
         return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
+
+
+#: Rounds of one limited claim at most (see _claim_limited).
+LIMITED_ROUNDS = 3

@@ -392,11 +392,11 @@ claimed AS (
         picked.qrcap, picked.qrperiod
 ),
 logged AS (
-    INSERT INTO {rate_log} (grp, cap, until)
-    SELECT rg, rcap, statement_timestamp() + rperiod * interval '1 second'
+    INSERT INTO {rate_log} (grp, cap, source, is_queue, until)
+    SELECT rg, rcap, name, false, statement_timestamp() + rperiod * interval '1 second'
     FROM claimed WHERE rg IS NOT NULL
     UNION ALL
-    SELECT qrg, qrcap, statement_timestamp() + qrperiod * interval '1 second'
+    SELECT qrg, qrcap, queue, true, statement_timestamp() + qrperiod * interval '1 second'
     FROM claimed WHERE qrg IS NOT NULL
 ),
 expired AS (

@@ -569,11 +569,21 @@ def claim_jobs(
         if unlimited is None or unlimited:  # (none: nothing for the index walk to find)
             found = (yield Step(sql, tuple(params))).rows
         claimed = _claimed(found)
-        if limits is not None and names is not None and len(found) < limit:
-            claimed += yield from _claim_limited(limit - len(found), queues, names, limits, now)
         if claimed:
             rows = [(worker_id, now, c.id) for c in claimed]
             yield Step(_CLAIM_UPDATE, rows, many=True)
+        # The limited claim, again while it takes some but not all it may (as on
+        # PostgreSQL): one group's jobs can fill its candidates while one may start.
+        for _ in range(3 if limits is not None and names is not None else 0):
+            left = limit - len(claimed)
+            assert limits is not None and names is not None
+            more = (yield from _claim_limited(left, queues, names, limits, now)) if left else []
+            if more:
+                rows = [(worker_id, now, c.id) for c in more]
+                yield Step(_CLAIM_UPDATE, rows, many=True)
+            claimed += more
+            if not more or len(claimed) == limit:
+                break
         return claimed
 
     return Operation(steps(), immediate=True)

@@ -9,9 +9,11 @@ ALTER TABLE {schema}.soniq_queues
 -- The sliding windows of rate limits: one row per start of a rate-limited job (with
 -- its limit's count), kept until its window ends. Small: a limit's count per group.
 CREATE TABLE {schema}.soniq_rate_log (
-    grp   text NOT NULL,
-    cap   integer NOT NULL,
-    until timestamptz NOT NULL
+    grp      text NOT NULL,
+    cap      integer NOT NULL,
+    source   text NOT NULL,
+    is_queue boolean NOT NULL,
+    until    timestamptz NOT NULL
 );
 CREATE INDEX soniq_rate_log_until_idx ON {schema}.soniq_rate_log (until);
 
@@ -37,6 +39,13 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     ended bigint[] := ARRAY(SELECT jsonb_array_elements_text(limits -> 'ended')::bigint);
 BEGIN
+    -- Under REPEATABLE READ or SERIALIZABLE the count would come from the snapshot
+    -- taken before the lock: refuse rather than overrun a limit.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'soniq: limited claims need READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING HINT = 'set default_transaction_isolation to read committed for Soniq''s role';
+    END IF;
     PERFORM pg_advisory_xact_lock(turn);
     RETURN QUERY
     SELECT u.grp, count(*), min(u.cap) FROM (
@@ -52,7 +61,13 @@ BEGIN
         FROM {schema}.soniq_jobs AS j JOIN {schema}.soniq_queues AS q ON q.queue = j.queue
         WHERE j.status = 'running' AND q.concurrency IS NOT NULL AND j.id <> ALL(ended)
         UNION ALL
-        SELECT l.grp, l.cap FROM {schema}.soniq_rate_log AS l
+        -- A rate's limit is the one in force now (the log's is the fallback, for
+        -- a job this worker does not know the limit of).
+        SELECT l.grp, coalesce(CASE WHEN l.is_queue THEN q.rate_count ELSE s.rate END, l.cap)
+        FROM {schema}.soniq_rate_log AS l
+        LEFT JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, rate int)
+          ON NOT l.is_queue AND s.name = l.source
+        LEFT JOIN {schema}.soniq_queues AS q ON l.is_queue AND q.queue = l.source
         WHERE l.until > statement_timestamp()
     ) AS u (grp, cap) GROUP BY u.grp;
 END
