@@ -299,18 +299,26 @@ def test_a_rate_limit_holds_across_processes(drain: Drain) -> None:
     assert len(runs) == 12
     # The limit is kept by the database's clock: each claim counts the starts logged
     # less than a second before its own timestamp, and that timestamp is the job's
-    # started_at (PostgreSQL's now() in the claim's one statement; on SQLite the
-    # claiming worker's clock). By that clock the bound is exact: at most 4 in any
+    # started_at (on PostgreSQL the claim is one statement in its own transaction, so
+    # its now() is the statement_timestamp() the rate log records; on SQLite both are
+    # the claiming worker's clock). By that clock the bound is exact: at most 4 in any
     # window of 1 s (less a microsecond, for the rounding of SQLite's float seconds).
-    claimed = [drain.jobs[run.job_id].started_at.timestamp() for run in runs]  # type: ignore[union-attr]
+    claimed = [_started_at(drain.jobs[run.job_id]) for run in runs]
     assert most_in_a_window(claimed, 1.0 - 1e-6) == 4, sorted(claimed)
     assert max(claimed) - min(claimed) >= 2.0 - 1e-6  # 12 starts: three windows at least
     # The starts each worker process logged, by the machine's clock (the database runs
     # on this machine too: no skew between clocks). A run starts a little after its
-    # claim's timestamp (the wait for the claims' turn, the round trip, the dispatch;
-    # a few milliseconds), and that delay varies from claim to claim, so the starts of
-    # two windows may look a little closer than a second. Hence windows of 0.95 s: a
-    # 50 ms margin for that delay.
+    # claim's timestamp: the claim's rows are dispatched when the whole claim returns,
+    # after waiting for the claims' turn, the round trips and the event loop. That
+    # delay varies from claim to claim (mostly 1 to 30 ms here, past 50 ms now and then
+    # on a busy two-core machine), so the starts of two windows may look a little
+    # closer than a second. Hence windows of 0.9 s: a 100 ms margin for that delay.
     started = [run.start for run in runs]
-    assert most_in_a_window(started, 0.95) == 4, timeline(runs)
-    assert max(started) - min(started) >= 1.95, timeline(runs)
+    assert most_in_a_window(started, 0.9) == 4, timeline(runs)
+    assert max(started) - min(started) >= 1.9, timeline(runs)
+
+
+def _started_at(job: Job) -> float:
+    """When the job's claim took it, by the database's clock (as a Unix time)."""
+    assert job.started_at is not None
+    return job.started_at.timestamp()
