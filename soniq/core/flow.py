@@ -178,6 +178,13 @@ class ClaimLimits:
         return cls(tuple(sorted((n, lim) for n, lim in limits if lim is not None)))
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The groups the jobs' limits count in: ``cg`` (concurrency), ``rg`` (rate)."""
+        concurrency = any(lim.concurrency is not None for _, lim in self.jobs)
+        rate = any(lim.rate is not None for _, lim in self.jobs)
+        return ("cg",) * concurrency + ("rg",) * rate
+
+    @property
     def names(self) -> frozenset[str]:
         """The names of the limited jobs."""
         return frozenset(name for name, _ in self.jobs)

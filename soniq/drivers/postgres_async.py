@@ -267,6 +267,9 @@ class ClaimOrder:
 
     def __init__(self) -> None:
         self.limited_first = False
+        #: Whether the last claim saw queues with stored limits (then the limited
+        #: claim also counts its queue's limits; without, it leaves those jobs).
+        self.queue_limits = False
 
 
 @async_only
@@ -286,26 +289,26 @@ async def _claim(
         return _claimed(await fetch(queries.claim_jobs(limit, worker_id, queues, names)))
     order = order or ClaimOrder()
     claimed: list[Claimed] = []
-    limited_queues = False
     # With only limited names the plain claim has nothing to find.
     plain_too = names is None or not limits.names.issuperset(names)
     if order.limited_first and names is not None:
-        claimed = await _claim_limited(fetch, queries, limit, worker_id, queues, names, limits)
+        claimed = await _claim_limited(
+            fetch, queries, limit, worker_id, queues, names, limits, order
+        )
         order.limited_first = bool(claimed)
         if not plain_too or len(claimed) == limit:
             return claimed
-        plain_too = False
-        rows = await fetch(
-            queries.claim_jobs(limit - len(claimed), worker_id, queues, names, limits)
-        )
-        return claimed + _claimed(claimed_rows(rows)[0])
+        left = limit - len(claimed)
+        rows = await fetch(queries.claim_jobs(left, worker_id, queues, names, limits))
+        rows, order.queue_limits = claimed_rows(rows)
+        return claimed + _claimed(rows)
     if plain_too:
         rows = await fetch(queries.claim_jobs(limit, worker_id, queues, names, limits))
-        rows, limited_queues = claimed_rows(rows)
+        rows, order.queue_limits = claimed_rows(rows)
         claimed = _claimed(rows)
     left = limit - len(claimed)
-    if left > 0 and names is not None and (limits.jobs or limited_queues):
-        more = await _claim_limited(fetch, queries, left, worker_id, queues, names, limits)
+    if left > 0 and names is not None and (limits.jobs or order.queue_limits):
+        more = await _claim_limited(fetch, queries, left, worker_id, queues, names, limits, order)
         order.limited_first = bool(more) and not claimed
         claimed += more
     return claimed
@@ -320,16 +323,24 @@ async def _claim_limited(
     queues: Sequence[str] | None,
     names: Sequence[str],
     limits: ClaimLimits,
+    order: ClaimOrder,
 ) -> list[Claimed]:
     """The limited claim, again while it takes some but not all it may: its
     candidates are the first jobs in line, and jobs of one group can fill them while
-    only one may start (the next round steps over that group, now full)."""
+    only one may start (the next round steps over that group, now full); or when it
+    learns that queues have stored limits, which it then counts."""
     claimed: list[Claimed] = []
     for _ in range(LIMITED_ROUNDS):
-        query = queries.claim_limited(limit - len(claimed), worker_id, queues, names, limits)
-        more = _claimed(await fetch(query), limited=True)
+        counted = order.queue_limits
+        if not counted and not limits.jobs:
+            break
+        query = queries.claim_limited(
+            limit - len(claimed), worker_id, queues, names, limits, queue_limits=counted
+        )
+        rows, order.queue_limits = claimed_rows(await fetch(query))
+        more = _claimed(rows, limited=True)
         claimed += more
-        if not more or len(claimed) == limit:
+        if len(claimed) == limit or not (more or order.queue_limits != counted):
             break
     return claimed
 

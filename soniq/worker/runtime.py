@@ -305,8 +305,10 @@ class Worker:
         """Claim in lanes until stopped; returns when a lane does (``burst``: nothing
         ready and nothing running), re-raising a lane's error."""
         # A server overlaps two claims with the running jobs; where each claim is a
-        # commit of a one-writer database, a second one would only wait its turn.
-        lane_count = 1 if self._backend.one_writer else 2
+        # commit of a one-writer database, a second one would only wait its turn, as
+        # would the limited claims of a worker with limited jobs (they take turns):
+        # one claim of all its free slots costs less than two of half.
+        lane_count = 1 if self._backend.one_writer or self._limits.jobs else 2
         lanes = [
             asyncio.ensure_future(self._claim_lane(cap))
             for cap in _lane_caps(self.config.concurrency, lane_count)

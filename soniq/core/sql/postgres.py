@@ -78,6 +78,8 @@ CLAIM_COLUMNS = (
 #: The claim filter that leaves a queue with stored limits to the limited claim.
 LIMITED_QUEUE = "OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL"
 
+_ANY_OF = "= ANY(ARRAY(SELECT jsonb_array_elements_text(@queues@::text::jsonb)))"
+
 #: The limits of a worker's jobs as the claim reads them (see ClaimLimits.spec_json).
 SPEC_RECORD = "name text, concurrency int, ckey text, rate int, period float8, rkey text"
 
@@ -287,7 +289,8 @@ SELECT * FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
         self._claims: dict[tuple[int, bool, bool], str] = {}
-        self._limited_claims: dict[int, str] = {}
+        self._render = render
+        self._limited_claims: dict[tuple[int, tuple[str, ...]], str] = {}
         any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(${}::text::jsonb)))"
         for queue_mode, queue_filter in (
             (0, ""),
@@ -311,29 +314,60 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
                         limited=LIMITED_QUEUE if told else "",
                     )
                     self._claims[queue_mode, named, told] = render(sql)
-            self._limited_claims[queue_mode] = render(
-                self._limited_claim(jobs, queues, queue_filter.replace("queue", "j.queue"))
-            )
         self._worker_sql(jobs, render)
         self._periodic_sql(jobs, render, channel_literal)
         self._limits_sql(jobs, render)
 
-    def _limited_claim(self, jobs: str, queues: str, queue_filter: str) -> str:
+    def _limited_claim(self, queue_mode: int, kinds: tuple[str, ...]) -> str:
         """The claim of jobs with limits (theirs, or their queue's): it first takes its
         turn and counts what runs (soniq_limit_usage), then takes what the limits
         leave, each group's jobs in claim order, skipping full groups (so a job that
-        must wait holds up no other), and logs the starts that rate limits count."""
+        must wait holds up no other), and logs the starts that rate limits count.
+
+        ``kinds`` are the groups it ranks (``cg`` job concurrency, ``rg`` job rate,
+        ``qg`` and ``qrg`` the queue's): the fewer, the cheaper to plan and run. Without
+        the queue's it leaves the jobs of limited queues queued. Its last row is all
+        NULL when there are limited queues (as the plain claim's)."""
+        jobs = f"{quote_ident(self.schema)}.soniq_jobs"
+        queues = f"{quote_ident(self.schema)}.soniq_queues"
+        queue_filter = ("", "AND j.queue = @queues@::text", "AND j.queue " + _ANY_OF)[queue_mode]
+        with_queues = "qg" in kinds
         schema = quote_ident(self.schema)
         ready = JobStatus.QUEUED.value
         claim_to = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
         rate_log = f"{schema}.soniq_rate_log"
         rank = "row_number() OVER (PARTITION BY {grp} ORDER BY priority DESC, run_at, id)"
-        groups = (("cg", "ccap"), ("rg", "rcap"), ("qg", "qcap"), ("qrg", "qrcap"))
+        caps = {"cg": "ccap", "rg": "rcap", "qg": "qcap", "qrg": "qrcap"}
+        groups = [(g, caps[g]) for g in kinds]
+        # Without the queue's limits, the groups of every limited queue count as full:
+        # their jobs are stepped over like those of full groups (a filter the planner
+        # reads as unselective, as it must, see full_groups).
+        skipped_queues = (
+            ""
+            if with_queues
+            else (
+                f" || ARRAY(SELECT 'q:' || queue FROM {queues} WHERE concurrency IS NOT NULL)"
+                f" || ARRAY(SELECT 'rq:' || queue FROM {queues} WHERE rate_count IS NOT NULL)"
+            )
+        )
+        rates = "rg" in kinds or "qrg" in kinds
+        log_starts = f"""
+logged AS (
+    INSERT INTO {rate_log} (grp, cap, source, is_queue, until)
+    SELECT rg, rcap, name, false, statement_timestamp() + rperiod * interval '1 second'
+    FROM claimed WHERE rg IS NOT NULL
+    UNION ALL
+    SELECT qrg, qrcap, queue, true, statement_timestamp() + qrperiod * interval '1 second'
+    FROM claimed WHERE qrg IS NOT NULL
+),
+expired AS (
+    DELETE FROM {rate_log} WHERE until <= statement_timestamp()
+),"""
         rooms = ", ".join(f"c.{cap} - coalesce(u_{g}.used, 0) AS {g}_room" for g, cap in groups)
         usage_of = " ".join(f"LEFT JOIN usage AS u_{g} ON u_{g}.grp = c.{g}" for g, _ in groups)
         ranks = ", ".join(rank.format(grp=grp) + f" AS {grp}_rank" for grp, _ in groups)
         fits = " AND ".join(f"({g} IS NULL OR {g}_rank <= {g}_room)" for g, _ in groups)
-        free = " AND ".join(f"(g.{g} IS NULL OR g.{g} <> ALL(f.groups))" for g, _ in groups)
+        free = " AND ".join(f"(g.{g} IS NULL OR g.{g} <> ALL(f.groups))" for g in caps)
         # Each placeholder appears once, numbered in order of use (see to_format_style).
         sql = f"""
 WITH doc AS MATERIALIZED (SELECT @spec@::text::jsonb AS limits),
@@ -347,7 +381,8 @@ usage AS MATERIALIZED (
 -- claim order (the planner reads "not one of these" as unselective, so it walks the
 -- claim index and stops at the LIMIT instead of sorting every queued job).
 full_groups AS MATERIALIZED (
-    SELECT coalesce(array_agg(grp) FILTER (WHERE used >= cap), '{{}}') AS groups FROM usage
+    SELECT coalesce(array_agg(grp) FILTER (WHERE used >= cap), '{{}}'){skipped_queues} AS groups
+    FROM usage
 ),
 cand AS MATERIALIZED (
     SELECT j.id, j.priority, j.run_at, g.*
@@ -390,23 +425,20 @@ claimed AS (
     FROM picked, no_flush_wait WHERE j.id = picked.id AND j.status = '{ready}'
     RETURNING {CLAIM_COLUMNS}, picked.rg, picked.rcap, picked.rperiod, picked.qrg,
         picked.qrcap, picked.qrperiod
-),
-logged AS (
-    INSERT INTO {rate_log} (grp, cap, source, is_queue, until)
-    SELECT rg, rcap, name, false, statement_timestamp() + rperiod * interval '1 second'
-    FROM claimed WHERE rg IS NOT NULL
-    UNION ALL
-    SELECT qrg, qrcap, queue, true, statement_timestamp() + qrperiod * interval '1 second'
-    FROM claimed WHERE qrg IS NOT NULL
-),
-expired AS (
-    DELETE FROM {rate_log} WHERE until <= statement_timestamp()
+),{log_starts if rates else ""}
+limited_queues AS (
+    SELECT 1 FROM {queues} AS q
+    WHERE (q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL) @sentinel_filter@
 )
-SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims FROM claimed"""
-        tokens = ["spec", "turn", *(["queues"] if queue_filter else []), "names"]
-        tokens += ["candidates", "limit", "worker"]
+SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+WHERE EXISTS (SELECT 1 FROM limited_queues)"""
+        sentinel_filter = queue_filter.replace("j.queue", "q.queue").replace("@queues@", "@again@")
+        tokens = ["spec", "turn", *(["queues"] if queue_mode else []), "names"]
+        tokens += ["candidates", "limit", "worker", *(["again"] if queue_mode else [])]
         values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
-        return _fill(sql, queue_filter=queue_filter.replace("$1", "@queues@"), **values)
+        return _fill(sql, queue_filter=queue_filter, sentinel_filter=sentinel_filter, **values)
 
     def _limits_sql(self, jobs: str, render: Any) -> None:
         """Statements of stored queue limits, and what a limited claim counts."""
@@ -661,15 +693,25 @@ DELETE FROM {jobs} WHERE id IN (
         queues: Sequence[str] | None,
         names: Sequence[str],
         limits: ClaimLimits,
+        *,
+        queue_limits: bool = True,
     ) -> Query:
         """Claim up to ``limit`` ready jobs of ``names`` that have limits of their own
-        (``limits``) or a queue with stored limits, within those limits."""
+        (``limits``) or, with ``queue_limits``, a queue with stored limits, within
+        those limits. Its last row is all NULL when there are queues with stored
+        limits (see :func:`claimed_rows`): then claim with ``queue_limits``."""
         queue_mode = _queue_mode(queues)
+        kinds = limits.kinds + (("qg", "qrg") if queue_limits else ())
+        sql = self._limited_claims.get((queue_mode, kinds))
+        if sql is None:
+            sql = self._render(self._limited_claim(queue_mode, kinds))
+            self._limited_claims[queue_mode, kinds] = sql
         params = [limits.spec_json(), str(self.limit_turn)]
+        queue = []
         if queues is not None:
-            params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
-        params += [serialize.dumps(list(names)), str(limit), str(limit)]
-        return Query(self._limited_claims[queue_mode], (*params, worker_id))
+            queue = [queues[0] if queue_mode == 1 else serialize.dumps(list(queues))]
+        params += [*queue, serialize.dumps(list(names)), str(limit), str(limit), worker_id]
+        return Query(sql, (*params, *queue))
 
     def set_queue_limits(self, queue: str, limits: QueueLimits) -> Query:
         """Store the limits of ``queue`` (None: no limit)."""
