@@ -189,9 +189,10 @@ class ClaimLimits:
         """The names of the limited jobs."""
         return frozenset(name for name, _ in self.jobs)
 
-    def spec_json(self) -> str:
+    def spec_json(self, kinds: tuple[str, ...] = ()) -> str:
         """The limits as one JSON document, as the claim reads them: ``jobs``, one
-        record per limited job, and the ``ended`` job ids."""
+        record per limited job, the ``ended`` job ids, and the ``kinds`` of group the
+        claim ranks (what PostgreSQL's count counts)."""
         jobs = [
             {
                 "name": name,
@@ -203,7 +204,7 @@ class ClaimLimits:
             }
             for name, lim in self.jobs
         ]
-        return serialize.dumps({"jobs": jobs, "ended": list(self.ended)})
+        return serialize.dumps({"jobs": jobs, "ended": list(self.ended), "kinds": list(kinds)})
 
 
 __all__ = [

@@ -706,7 +706,7 @@ DELETE FROM {jobs} WHERE id IN (
         if sql is None:
             sql = self._render(self._limited_claim(queue_mode, kinds))
             self._limited_claims[queue_mode, kinds] = sql
-        params = [limits.spec_json(), str(self.limit_turn)]
+        params = [limits.spec_json(kinds), str(self.limit_turn)]
         queue = []
         if queues is not None:
             queue = [queues[0] if queue_mode == 1 else serialize.dumps(list(queues))]

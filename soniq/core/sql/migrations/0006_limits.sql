@@ -47,28 +47,40 @@ BEGIN
             USING HINT = 'set default_transaction_isolation to read committed for Soniq''s role';
     END IF;
     PERFORM pg_advisory_xact_lock(turn);
-    RETURN QUERY
-    SELECT u.grp, count(*), min(u.cap) FROM (
-        SELECT {schema}.soniq_limit_group('c', s.concurrency IS NOT NULL, j.name, s.ckey, j.args),
-               s.concurrency
-        FROM {schema}.soniq_jobs AS j
-        JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, concurrency int, ckey text)
-          ON s.name = j.name
-        WHERE j.status = 'running' AND s.concurrency IS NOT NULL
-          AND j.id <> ALL(ended)
-        UNION ALL
-        SELECT 'q:' || j.queue, q.concurrency
+    -- Only the kinds of limit the claim ranks (limits -> 'kinds'); each RETURN QUERY
+    -- takes a snapshot of its own, after the lock, as the count needs.
+    IF limits -> 'kinds' ? 'cg' THEN
+        RETURN QUERY
+        SELECT u.grp, count(*), min(u.cap) FROM (
+            SELECT {schema}.soniq_limit_group(
+                       'c', s.concurrency IS NOT NULL, j.name, s.ckey, j.args),
+                   s.concurrency
+            FROM {schema}.soniq_jobs AS j
+            JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, concurrency int, ckey text)
+              ON s.name = j.name
+            WHERE j.status = 'running' AND s.concurrency IS NOT NULL
+              AND j.id <> ALL(ended)
+        ) AS u (grp, cap) GROUP BY u.grp;
+    END IF;
+    IF limits -> 'kinds' ? 'qg' THEN
+        RETURN QUERY
+        SELECT 'q:' || j.queue, count(*), min(q.concurrency)
         FROM {schema}.soniq_jobs AS j JOIN {schema}.soniq_queues AS q ON q.queue = j.queue
         WHERE j.status = 'running' AND q.concurrency IS NOT NULL AND j.id <> ALL(ended)
-        UNION ALL
-        -- A rate's limit is the one in force now (the log's is the fallback, for
-        -- a job this worker does not know the limit of).
-        SELECT l.grp, coalesce(CASE WHEN l.is_queue THEN q.rate_count ELSE s.rate END, l.cap)
+        GROUP BY j.queue;
+    END IF;
+    IF limits -> 'kinds' ? 'rg' OR limits -> 'kinds' ? 'qrg' THEN
+        -- A rate's limit is the one in force now (the log's is the fallback, for a
+        -- job this worker does not know the limit of).
+        RETURN QUERY
+        SELECT l.grp, count(*),
+               min(coalesce(CASE WHEN l.is_queue THEN q.rate_count ELSE s.rate END, l.cap))
         FROM {schema}.soniq_rate_log AS l
         LEFT JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, rate int)
           ON NOT l.is_queue AND s.name = l.source
         LEFT JOIN {schema}.soniq_queues AS q ON l.is_queue AND q.queue = l.source
         WHERE l.until > statement_timestamp()
-    ) AS u (grp, cap) GROUP BY u.grp;
+        GROUP BY l.grp;
+    END IF;
 END
 $$;
