@@ -501,6 +501,8 @@ def account_job(account_id: int, note: str = "") -> None: ...
         ({"concurrency": True}, JobDefinitionError, "concurrency must be an int"),
         ({"rate_limit": "10/fortnight"}, JobDefinitionError, "rate_limit must be a string"),
         ({"rate_limit": "0/s"}, JobDefinitionError, "at least 1 start"),
+        ({"concurrency": 2**31}, JobDefinitionError, "concurrency must be at most 1,000,000"),
+        ({"rate_limit": f"{2**31}/s"}, JobDefinitionError, "allows at most 1,000,000 starts"),
         ({"rate_limit": 10}, JobDefinitionError, "rate_limit must be a string"),
         (
             {"concurrency": 1, "concurrency_key": "account"},
@@ -546,5 +548,7 @@ def test_bad_queue_limits_name_the_argument(tmp_path: Path) -> None:
         eq.sync.set_queue_limits("mail", rate_limit="5 per second")
     with pytest.raises(TypeError, match="concurrency must be an int"):
         eq.sync.set_queue_limits("mail", concurrency="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="concurrency must be at most"):
+        eq.sync.set_queue_limits("mail", concurrency=2**31)
     assert eq.sync.queue_limits() == {}  # nothing stored
     eq.sync.close()

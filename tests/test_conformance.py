@@ -772,3 +772,61 @@ async def test_a_limited_claim_refuses_to_count_under_repeatable_read(
                 f'SELECT * FROM "{schema}".soniq_limit_usage(1, %s::jsonb)',
                 ['{"jobs": [], "ended": []}'],
             )
+
+
+async def test_a_limited_claim_skips_a_row_a_caller_holds(
+    server_eq: Soniq, database_url: str
+) -> None:
+    # A caller's transaction holding a queued job's row (e.g. a dedupe hit) must not
+    # hold up limited claims: the claim steps over the locked row.
+    held = await server_eq.enqueue("c.lim", n=0)
+    free = await server_eq.enqueue("c.lim", n=1)
+    limits = _limits("c.lim", concurrency=5)
+    schema = server_eq.backend.queries.schema
+    with psycopg.connect(database_url) as conn:
+        conn.execute(f'SELECT 1 FROM "{schema}".soniq_jobs WHERE id = %s FOR UPDATE', [held])
+        claimed = await asyncio.wait_for(_claim_ids(server_eq, limits, ["c.lim"]), 5)
+        assert claimed == [free]
+        conn.rollback()
+    assert await _claim_ids(server_eq, limits, ["c.lim"]) == [held]
+
+
+async def test_an_ended_run_is_uncounted_only_while_it_is_this_workers_run(
+    any_eq: Soniq,
+) -> None:
+    first = await any_eq.enqueue("c.lim", n=0)
+    second = await any_eq.enqueue("c.lim", n=1)
+    limits = _limits("c.lim", concurrency=1)
+    [run] = await any_eq.backend.claim_jobs(1, "w2", None, ["c.lim"], limits)
+    assert run.id == first
+    # Worker w1 says it ended run 1 of the first job: not its run (w2 holds it), so
+    # the job still counts; nor does a run number that is not the row's.
+    for worker, ended in (("w1", ((first, 1),)), ("w2", ((first, 2),))):
+        told = ClaimLimits(limits.jobs, ended)
+        assert await any_eq.backend.claim_jobs(1, worker, None, ["c.lim"], told) == []
+    told = ClaimLimits(limits.jobs, ((first, 1),))  # w2's own ended run: uncounted
+    assert [c.id for c in await any_eq.backend.claim_jobs(1, "w2", None, ["c.lim"], told)] == [
+        second
+    ]
+
+
+async def test_a_rate_window_starts_when_the_claims_turn_comes(
+    server_eq: Soniq, database_url: str
+) -> None:
+    # A claim that waited for its turn stamps its starts (and their windows) from
+    # when it could count, not from when its statement began.
+    jobs = [await server_eq.enqueue("c.lim", n=i) for i in range(2)]
+    limits = _limits("c.lim", rate=Rate(1, 0.5))
+    assert await _claim_ids(server_eq, limits, ["c.lim"]) == jobs[:1]
+    turn = server_eq.backend.queries.limit_turn
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [turn])
+        waiting = asyncio.ensure_future(_claim_ids(server_eq, limits, ["c.lim"]))
+        await asyncio.sleep(0.6)  # the claim waits for its turn past the window
+        assert not waiting.done()
+        conn.rollback()
+    assert await asyncio.wait_for(waiting, 5) == jobs[1:]
+    first, second = [await server_eq.get_job(i) for i in jobs]
+    assert first is not None and second is not None
+    assert first.started_at is not None and second.started_at is not None
+    assert (second.started_at - first.started_at).total_seconds() >= 0.5

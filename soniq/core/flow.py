@@ -42,6 +42,10 @@ RATE_UNITS: Mapping[str, float] = {
     "hour": 3600.0,
 }
 
+#: The largest concurrency limit and the largest count of a rate: far above any
+#: worker's slots, and within the database's 32-bit integers.
+MAX_LIMIT = 1_000_000
+
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 
@@ -71,6 +75,8 @@ def parse_rate(value: object, argument: str) -> Rate:
     count = int(match[1])
     if count < 1:
         raise ValueError(f"{argument} must allow at least 1 start, got {value!r}")
+    if count > MAX_LIMIT:
+        raise ValueError(f"{argument} allows at most {MAX_LIMIT:,} starts, got {value!r}")
     return Rate(count, RATE_UNITS[match[2]])
 
 
@@ -84,6 +90,10 @@ def check_concurrency(value: object, argument: str) -> int | None:
         raise ValueError(
             f"{argument} must be at least 1, got {value}; to stop a queue, pause it "
             "(eq.pause_queue)"
+        )
+    if value > MAX_LIMIT:
+        raise ValueError(
+            f"{argument} must be at most {MAX_LIMIT:,}, got {value}; for no limit pass None"
         )
     return value
 
@@ -168,9 +178,11 @@ class ClaimLimits:
     which runs one job at a time) obeys neither."""
 
     jobs: tuple[tuple[str, JobLimits], ...] = ()
-    #: Jobs of this worker that have ended but whose outcome is not written yet: no
-    #: longer running, though their rows still say so (a claim does not count them).
-    ended: tuple[int, ...] = ()
+    #: Runs of this worker that have ended but whose outcome is not written yet, as
+    #: (job id, run number: ``claims``): no longer running, though their rows still
+    #: say so. A claim does not count them (only while the row is still that run of
+    #: this worker's, so a run claimed again since is counted).
+    ended: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, limits: Iterable[tuple[str, JobLimits | None]]) -> ClaimLimits:
@@ -189,10 +201,10 @@ class ClaimLimits:
         """The names of the limited jobs."""
         return frozenset(name for name, _ in self.jobs)
 
-    def spec_json(self, kinds: tuple[str, ...] = ()) -> str:
-        """The limits as one JSON document, as the claim reads them: ``jobs``, one
-        record per limited job, the ``ended`` job ids, and the ``kinds`` of group the
-        claim ranks (what PostgreSQL's count counts)."""
+    def spec_json(self, worker_id: str, kinds: tuple[str, ...] = ()) -> str:
+        """The limits as one JSON document, as the claim of ``worker_id`` reads them:
+        ``jobs``, one record per limited job, the ``ended`` runs of the ``worker``, and
+        the ``kinds`` of group the claim ranks (what PostgreSQL's count counts)."""
         jobs = [
             {
                 "name": name,
@@ -204,10 +216,18 @@ class ClaimLimits:
             }
             for name, lim in self.jobs
         ]
-        return serialize.dumps({"jobs": jobs, "ended": list(self.ended), "kinds": list(kinds)})
+        return serialize.dumps(
+            {
+                "jobs": jobs,
+                "worker": worker_id,
+                "ended": [list(run) for run in self.ended],
+                "kinds": list(kinds),
+            }
+        )
 
 
 __all__ = [
+    "MAX_LIMIT",
     "RATE_UNITS",
     "ClaimLimits",
     "JobLimits",

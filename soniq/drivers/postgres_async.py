@@ -148,7 +148,13 @@ class PostgresAsyncOps:
         names: Sequence[str] | None = None,
         limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
-        return await _claim(self.fetch, self.queries, limit, worker_id, queues, names, limits)
+        # (The pool's claims keep an order too; made here: the blocking twin has none.)
+        order: ClaimOrder | None = getattr(self, "_claim_order", None)
+        if order is None:
+            order = self._claim_order = ClaimOrder()
+        return await _claim(
+            self.fetch, self.queries, limit, worker_id, queues, names, limits, order
+        )
 
     @async_only
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
@@ -254,19 +260,26 @@ class PinnedWorkerOps:
         self._ops.abort_own(self._conn)
 
 
-#: Rounds of one limited claim at most (see _claim_limited).
-LIMITED_ROUNDS = 3
+#: Rounds of one limited claim at most: each round takes what the groups with room
+#: allow among its candidates; a group filled by one round is stepped over by the next.
+LIMITED_ROUNDS = 8
+
+#: Claims in a row that the first claim may fill alone before the other kind of job
+#: goes first (see ClaimOrder): neither kind can keep every slot for long.
+FAIR_TURNS = 16
 
 
 @async_only
 class ClaimOrder:
-    """Which of a worker's two claims goes first. Each one's index walk steps over
-    the other's queued jobs, so the one that last found jobs goes first, and the other
-    runs only for the slots it left: a backlog of limited jobs does not make every
-    claim walk past all of it to find no unlimited job (and the other way round)."""
+    """Which of a worker's two claims (jobs under limits, the others) goes first.
+    Each one's index walk steps over the other's queued jobs, so the one that last
+    found jobs goes first, and the other takes the slots it left; when it left none
+    :data:`FAIR_TURNS` times in a row, the other goes first once, so that a backlog
+    of one kind cannot starve the other."""
 
     def __init__(self) -> None:
         self.limited_first = False
+        self.filled_alone = 0
         #: Whether the last claim saw queues with stored limits (then the limited
         #: claim also counts its queue's limits; without, it leaves those jobs).
         self.queue_limits = False
@@ -284,34 +297,39 @@ async def _claim(
     order: ClaimOrder | None = None,
 ) -> list[Claimed]:
     """A claim; told of ``limits`` (a worker's), the jobs under limits are claimed by
-    their own statement (when there are such jobs), and the rest by the plain claim."""
+    their own statement (when there are such jobs), and the rest by the plain claim,
+    in the order ``order`` keeps."""
     if limits is None:
         return _claimed(await fetch(queries.claim_jobs(limit, worker_id, queues, names)))
     order = order or ClaimOrder()
-    claimed: list[Claimed] = []
+
+    async def plain(n: int) -> list[Claimed]:
+        rows = await fetch(queries.claim_jobs(n, worker_id, queues, names, limits))
+        rows, order.queue_limits = claimed_rows(rows)
+        return _claimed(rows)
+
+    async def limited(n: int) -> list[Claimed]:
+        if names is None or not (limits.jobs or order.queue_limits):
+            return []
+        return await _claim_limited(fetch, queries, n, worker_id, queues, names, limits, order)
+
     # With only limited names the plain claim has nothing to find.
     plain_too = names is None or not limits.names.issuperset(names)
-    if order.limited_first and names is not None:
-        claimed = await _claim_limited(
-            fetch, queries, limit, worker_id, queues, names, limits, order
-        )
-        order.limited_first = bool(claimed)
-        if not plain_too or len(claimed) == limit:
-            return claimed
-        left = limit - len(claimed)
-        rows = await fetch(queries.claim_jobs(left, worker_id, queues, names, limits))
-        rows, order.queue_limits = claimed_rows(rows)
-        return claimed + _claimed(rows)
-    if plain_too:
-        rows = await fetch(queries.claim_jobs(limit, worker_id, queues, names, limits))
-        rows, order.queue_limits = claimed_rows(rows)
-        claimed = _claimed(rows)
-    left = limit - len(claimed)
-    if left > 0 and names is not None and (limits.jobs or order.queue_limits):
-        more = await _claim_limited(fetch, queries, left, worker_id, queues, names, limits, order)
-        order.limited_first = bool(more) and not claimed
-        claimed += more
-    return claimed
+    limited_first = order.limited_first or not plain_too
+    first, second = (limited, plain if plain_too else None) if limited_first else (plain, limited)
+    claimed = await first(limit)
+    if second is None:
+        return claimed
+    if len(claimed) == limit:
+        order.filled_alone += 1
+        if order.filled_alone >= FAIR_TURNS:  # the other kind's turn to go first
+            order.limited_first, order.filled_alone = not limited_first, 0
+        return claimed
+    order.filled_alone = 0
+    more = await second(limit - len(claimed))
+    if more and not claimed:  # the one that finds jobs goes first
+        order.limited_first = not limited_first
+    return claimed + more
 
 
 @async_only
@@ -325,7 +343,7 @@ async def _claim_limited(
     limits: ClaimLimits,
     order: ClaimOrder,
 ) -> list[Claimed]:
-    """The limited claim, again while it takes some but not all it may: its
+    """The limited claim, again while a round takes some but not all it may: its
     candidates are the first jobs in line, and jobs of one group can fill them while
     only one may start (the next round steps over that group, now full); or when it
     learns that queues have stored limits, which it then counts."""

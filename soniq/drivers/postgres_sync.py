@@ -124,5 +124,10 @@ class PostgresSyncOps:
         return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
 
 
-#: Rounds of one limited claim at most (see _claim_limited).
-LIMITED_ROUNDS = 3
+#: Rounds of one limited claim at most: each round takes what the groups with room
+#: allow among its candidates; a group filled by one round is stepped over by the next.
+LIMITED_ROUNDS = 8
+
+#: Claims in a row that the first claim may fill alone before the other kind of job
+#: goes first (see ClaimOrder): neither kind can keep every slot for long.
+FAIR_TURNS = 16

@@ -175,8 +175,10 @@ class Worker:
         self._limits = registry.claim_limits()
         # Limited jobs running, and whether one has ended since the last flush: a
         # limit counts a job as running until its outcome is written.
-        self._limited_ids: set[int] = set()
+        self._limited_runs: dict[int, int] = {}  # job id: run number (claims)
         self._limited_ended = False
+        # Their runs that have ended, the outcome not written yet (see _claim_limits).
+        self._ended_runs: dict[int, int] = {}
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._writing: list[Outcome] = []  # the completer's batch in flight
@@ -433,11 +435,12 @@ class Worker:
     def _claim_limits(self) -> ClaimLimits:
         """The limits a claim obeys, told which of this worker's limited jobs have
         ended with their outcome not written yet (not running any more: not counted)."""
-        if not self._writing and not self._pending:
+        if not self._ended_runs:
             return self._limits
-        # (A job that timed out but still runs, in a thread, keeps counting.)
-        pending = (*self._writing, *self._pending)
-        ended = tuple(o.job_id for o in pending if o.job_id not in self._running)
+        # (A job past its timeout whose body still runs keeps counting until its
+        # outcome is written; see docs/flow-control.md.)
+        running = self._running
+        ended = tuple((i, run) for i, run in self._ended_runs.items() if i not in running)
         return attrs.evolve(self._limits, ended=ended)
 
     async def _burst_due_in(self) -> float | None:
@@ -536,7 +539,7 @@ class Worker:
         running = _Running(JobRun.of(definition, claimed, self.id, self._random))
         self._running[job_id] = running
         if claimed.limited:
-            self._limited_ids.add(job_id)
+            self._limited_runs[job_id] = claimed.claims
         log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
         if definition.is_async:
             running.task = self._loop.create_task(self._run_async(running))
@@ -705,8 +708,9 @@ class Worker:
     # -- completing --------------------------------------------------------------
 
     def _record(self, outcome: Outcome) -> None:
-        if self._limited_ids and outcome.job_id in self._limited_ids:
-            self._limited_ids.discard(outcome.job_id)
+        run = self._limited_runs.pop(outcome.job_id, None) if self._limited_runs else None
+        if run is not None:
+            self._ended_runs[outcome.job_id] = run
             self._limited_ended = True
         self._pending.append(outcome)
         self._flush_needed.set()
@@ -747,6 +751,9 @@ class Worker:
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
                 self._writing = []
+                if self._ended_runs:
+                    for outcome in batch:
+                        self._ended_runs.pop(outcome.job_id, None)
                 if limited_ended:  # a limit has room now: claim again
                     self._nudge(slot=False)
             if self._stopping_completer and not self._pending:

@@ -78,6 +78,10 @@ CLAIM_COLUMNS = (
 #: The claim filter that leaves a queue with stored limits to the limited claim.
 LIMITED_QUEUE = "OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL"
 
+#: How many queued jobs a limited claim ranks per free slot: several jobs of one
+#: group can stand first in line while only one may start.
+CANDIDATES_PER_SLOT = 2
+
 _ANY_OF = "= ANY(ARRAY(SELECT jsonb_array_elements_text(@queues@::text::jsonb)))"
 
 #: The limits of a worker's jobs as the claim reads them (see ClaimLimits.spec_json).
@@ -354,14 +358,14 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
         log_starts = f"""
 logged AS (
     INSERT INTO {rate_log} (grp, cap, source, is_queue, until)
-    SELECT rg, rcap, name, false, statement_timestamp() + rperiod * interval '1 second'
-    FROM claimed WHERE rg IS NOT NULL
+    SELECT rg, rcap, name, false, turn.at + rperiod * interval '1 second'
+    FROM claimed, turn WHERE rg IS NOT NULL
     UNION ALL
-    SELECT qrg, qrcap, queue, true, statement_timestamp() + qrperiod * interval '1 second'
-    FROM claimed WHERE qrg IS NOT NULL
+    SELECT qrg, qrcap, queue, true, turn.at + qrperiod * interval '1 second'
+    FROM claimed, turn WHERE qrg IS NOT NULL
 ),
 expired AS (
-    DELETE FROM {rate_log} WHERE until <= statement_timestamp()
+    DELETE FROM {rate_log} WHERE until <= (SELECT at FROM turn)
 ),"""
         rooms = ", ".join(f"c.{cap} - coalesce(u_{g}.used, 0) AS {g}_room" for g, cap in groups)
         usage_of = " ".join(f"LEFT JOIN usage AS u_{g} ON u_{g}.grp = c.{g}" for g, _ in groups)
@@ -406,6 +410,9 @@ cand AS MATERIALIZED (
       AND {free}
     ORDER BY j.priority DESC, j.run_at, j.id
     LIMIT @candidates@::text::int
+    -- Locked, skipping rows others hold (a caller's transaction, another claim in
+    -- flight); a row claimed since this statement's snapshot is rechecked and left.
+    FOR UPDATE OF j SKIP LOCKED
 ),
 ranked AS (
     SELECT c.*, {rooms}, {ranks} FROM cand AS c {usage_of}
@@ -418,11 +425,16 @@ picked AS MATERIALIZED (
 no_flush_wait AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
 ),
+-- The time of the claim, read once its turn came (after usage): the start of its
+-- jobs, and of their rate windows, as the count measured them.
+turn AS MATERIALIZED (
+    SELECT clock_timestamp() AS at FROM (SELECT count(*) FROM usage) AS counted
+),
 claimed AS (
     UPDATE {jobs} AS j
     SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
-        worker_id = @worker@::text, started_at = now()
-    FROM picked, no_flush_wait WHERE j.id = picked.id AND j.status = '{ready}'
+        worker_id = @worker@::text, started_at = turn.at
+    FROM picked, no_flush_wait, turn WHERE j.id = picked.id AND j.status = '{ready}'
     RETURNING {CLAIM_COLUMNS}, picked.rg, picked.rcap, picked.rperiod, picked.qrg,
         picked.qrcap, picked.qrperiod
 ),{log_starts if rates else ""}
@@ -706,11 +718,12 @@ DELETE FROM {jobs} WHERE id IN (
         if sql is None:
             sql = self._render(self._limited_claim(queue_mode, kinds))
             self._limited_claims[queue_mode, kinds] = sql
-        params = [limits.spec_json(kinds), str(self.limit_turn)]
+        params = [limits.spec_json(worker_id, kinds), str(self.limit_turn)]
         queue = []
         if queues is not None:
             queue = [queues[0] if queue_mode == 1 else serialize.dumps(list(queues))]
-        params += [*queue, serialize.dumps(list(names)), str(limit), str(limit), worker_id]
+        candidates = str(limit * CANDIDATES_PER_SLOT)
+        params += [*queue, serialize.dumps(list(names)), candidates, str(limit), worker_id]
         return Query(sql, (*params, *queue))
 
     def set_queue_limits(self, queue: str, limits: QueueLimits) -> Query:

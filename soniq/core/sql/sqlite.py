@@ -29,7 +29,7 @@ with aware UTC datetimes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import attrs
@@ -472,11 +472,15 @@ usage AS MATERIALIZED (
         SELECT {_limit_group("c", "concurrency", "ckey")} AS grp
         FROM {JOBS} AS j JOIN spec AS s ON s.name = j.name
         WHERE j.status = '{_RUNNING}' AND s.concurrency IS NOT NULL
-          AND j.id NOT IN (SELECT value FROM json_each(:spec, '$.ended'))
+          AND NOT (j.worker_id = :spec ->> '$.worker' AND EXISTS (
+              SELECT 1 FROM json_each(:spec, '$.ended') AS e
+              WHERE e.value ->> 0 = j.id AND e.value ->> 1 = j.claims))
         UNION ALL
         SELECT 'q:' || j.queue FROM {JOBS} AS j JOIN {QUEUES} AS q ON q.queue = j.queue
         WHERE j.status = '{_RUNNING}' AND q.concurrency IS NOT NULL
-          AND j.id NOT IN (SELECT value FROM json_each(:spec, '$.ended'))
+          AND NOT (j.worker_id = :spec ->> '$.worker' AND EXISTS (
+              SELECT 1 FROM json_each(:spec, '$.ended') AS e
+              WHERE e.value ->> 0 = j.id AND e.value ->> 1 = j.claims))
         UNION ALL
         SELECT grp FROM {RATE_LOG} WHERE until > :now
     ) GROUP BY grp
@@ -530,6 +534,13 @@ ORDER BY priority DESC, run_at, id
 LIMIT :limit"""
 
 
+#: Rounds of one limited claim at most: each round takes what the groups with room
+#: allow among as many candidates as slots (times CANDIDATES_PER_SLOT); a group
+#: filled by one round is stepped over by the next.
+LIMITED_ROUNDS = 8
+CANDIDATES_PER_SLOT = 2
+
+
 def claim_jobs(
     limit: int,
     worker_id: str,
@@ -537,53 +548,67 @@ def claim_jobs(
     now: float,
     names: Sequence[str] | None = None,
     limits: ClaimLimits | None = None,
+    *,
+    clock: Callable[[], float] | None = None,
+    limited_first: bool = False,
 ) -> Operation[list[Claimed]]:
     """Claim up to ``limit`` due jobs, by priority DESC, then run_at, then id, of
     ``queues`` and ``names`` (None: all). Under the write lock, so no other worker
     (thread or process) can claim the same rows. The names filter the rows the claim
     index gives in order (as on PostgreSQL). Told of ``limits`` (a worker's claim),
-    the jobs under limits (theirs or their queue's) are claimed within them, for the
-    slots the others left."""
-    params: list[Any] = []
+    the jobs under limits (theirs or their queue's) are claimed within them, by a
+    claim of their own; with ``limited_first`` it goes first (the caller alternates,
+    so that neither kind of job can keep every slot). ``clock``, when given, is read
+    once the write lock is held, instead of ``now``: a rate's window is then measured
+    from when the claim could count."""
     queue_filter = name_filter = ""
+    queue_params: list[Any] = []
     if queues is not None and len(queues) == 1:
         # One queue is the common case: an equality lets the index give claim order.
         queue_filter = "AND queue = ?"
-        params.append(queues[0])
+        queue_params.append(queues[0])
     elif queues is not None:
         queue_filter = f"AND queue IN ({', '.join('?' * len(queues))})"
-        params += queues
+        queue_params += queues
     unlimited = names
     if limits is not None and names is not None:
         unlimited = [name for name in names if name not in limits.names]
     if unlimited is not None:
         name_filter = "AND name IN (SELECT value FROM json_each(?))"
-        params.append(serialize.dumps(list(unlimited)))
+        queue_params.append(serialize.dumps(list(unlimited)))
     sql = _CLAIM_SELECT.replace("@queue_filter@", queue_filter)
     sql = sql.replace("@name_filter@", name_filter)
     sql = sql.replace("@limited@", "" if limits is None else _LIMITED_QUEUE)
-    params += (now, limit)
+
+    def plain(at: float, left: int) -> Steps[list[Claimed]]:
+        if not left or (unlimited is not None and not unlimited):
+            return []  # (no name: nothing for the index walk to find)
+        found = _claimed((yield Step(sql, (*queue_params, at, left))).rows)
+        if found:
+            yield Step(_CLAIM_UPDATE, [(worker_id, at, c.id) for c in found], many=True)
+        return found
+
+    def limited(at: float, left: int) -> Steps[list[Claimed]]:
+        claimed: list[Claimed] = []
+        if limits is None or names is None:
+            return claimed
+        for _ in range(LIMITED_ROUNDS):
+            if len(claimed) == left:
+                break
+            more = yield from _claim_limited(
+                left - len(claimed), queues, names, limits, worker_id, at
+            )
+            if not more:
+                break
+            yield Step(_CLAIM_UPDATE, [(worker_id, at, c.id) for c in more], many=True)
+            claimed += more
+        return claimed
 
     def steps() -> Steps[list[Claimed]]:
-        found: list[tuple[Any, ...]] = []
-        if unlimited is None or unlimited:  # (none: nothing for the index walk to find)
-            found = (yield Step(sql, tuple(params))).rows
-        claimed = _claimed(found)
-        if claimed:
-            rows = [(worker_id, now, c.id) for c in claimed]
-            yield Step(_CLAIM_UPDATE, rows, many=True)
-        # The limited claim, again while it takes some but not all it may (as on
-        # PostgreSQL): one group's jobs can fill its candidates while one may start.
-        for _ in range(3 if limits is not None and names is not None else 0):
-            left = limit - len(claimed)
-            assert limits is not None and names is not None
-            more = (yield from _claim_limited(left, queues, names, limits, now)) if left else []
-            if more:
-                rows = [(worker_id, now, c.id) for c in more]
-                yield Step(_CLAIM_UPDATE, rows, many=True)
-            claimed += more
-            if not more or len(claimed) == limit:
-                break
+        at = now if clock is None else clock()
+        first, second = (limited, plain) if limited_first else (plain, limited)
+        claimed = yield from first(at, limit)
+        claimed += yield from second(at, limit - len(claimed))
         return claimed
 
     return Operation(steps(), immediate=True)
@@ -601,6 +626,7 @@ def _claim_limited(
     queues: Sequence[str] | None,
     names: Sequence[str],
     limits: ClaimLimits,
+    worker_id: str,
     now: float,
 ) -> Steps[list[Claimed]]:
     """The limited part of :func:`claim_jobs`: picks within the limits and logs the
@@ -615,7 +641,7 @@ def _claim_limited(
     named: dict[str, Any] = {
         "now": now,
         "names": serialize.dumps(list(names)),
-        "candidates": limit,
+        "candidates": limit * CANDIDATES_PER_SLOT,
         "limit": limit,
     }
     for n, queue in enumerate(queues or ()):
@@ -623,7 +649,7 @@ def _claim_limited(
     filter_sql = ""
     if queues is not None:
         filter_sql = f"AND j.queue IN ({', '.join(f':q{n}' for n in range(len(queues)))})"
-    named["spec"] = limits.spec_json()
+    named["spec"] = limits.spec_json(worker_id)
     sql = _LIMITED_SELECT.replace("@queue_filter@", filter_sql)
     found = (yield Step(sql, named)).rows
     starts = [(r[8], now + r[9]) for r in found if r[8] is not None]

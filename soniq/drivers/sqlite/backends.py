@@ -191,6 +191,7 @@ class SqliteBackend(_OnDatabase):
         self._lock = threading.Lock()
         self._current: WriteThread | None = None
         self._owner: object = None
+        self._limited_first = False  # the kind of job the next limited claim takes first
 
     # -- plumbing
 
@@ -316,8 +317,20 @@ class SqliteBackend(_OnDatabase):
         completes there; the jobs it took are then put back (attempt not counted), as
         nobody will run them. A claim cancelled before it started never runs.
         """
+        # A worker's claims alternate which kind of job goes first (see sq.claim_jobs).
+        limited_first = self._limited_first = limits is not None and not self._limited_first
+        clock = self.database.clock
         future: Future[list[Claimed]] = self._write(
-            lambda: sq.claim_jobs(limit, worker_id, queues, self.database.clock(), names, limits)
+            lambda: sq.claim_jobs(
+                limit,
+                worker_id,
+                queues,
+                clock(),
+                names,
+                limits,
+                clock=clock,
+                limited_first=limited_first,
+            )
         )
         try:
             return await asyncio.wrap_future(future)

@@ -31,13 +31,19 @@ $$;
 -- rate window; and the limit), read after taking their turn: a VOLATILE function's
 -- statements see what was committed before they started, so each claim counts what
 -- the claim before it took (a statement's own snapshot predates the lock). limits:
--- soniq.core.flow.ClaimLimits.spec_json (the limits of the worker's jobs, and the ids
--- of its jobs that have ended, their outcome not written yet: not counted).
+-- soniq.core.flow.ClaimLimits.spec_json (the limits of the worker's jobs, and its runs
+-- that have ended, their outcome not written yet: not counted).
 CREATE OR REPLACE FUNCTION {schema}.soniq_limit_usage(turn bigint, limits jsonb)
 RETURNS TABLE (grp text, used bigint, cap integer)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE ROWS 10 AS $$
 DECLARE
-    ended bigint[] := ARRAY(SELECT jsonb_array_elements_text(limits -> 'ended')::bigint);
+    -- The worker's runs that have ended, their outcome not written: not counted.
+    me text := limits ->> 'worker';
+    ended_ids bigint[] := ARRAY(SELECT (e ->> 0)::bigint
+                                FROM jsonb_array_elements(limits -> 'ended') AS e);
+    ended_runs int[] := ARRAY(SELECT (e ->> 1)::int
+                              FROM jsonb_array_elements(limits -> 'ended') AS e);
+    now_counted timestamptz;
 BEGIN
     -- Under REPEATABLE READ or SERIALIZABLE the count would come from the snapshot
     -- taken before the lock: refuse rather than overrun a limit.
@@ -47,6 +53,7 @@ BEGIN
             USING HINT = 'set default_transaction_isolation to read committed for Soniq''s role';
     END IF;
     PERFORM pg_advisory_xact_lock(turn);
+    now_counted := clock_timestamp();  -- the window's end is measured after the wait
     -- Only the kinds of limit the claim ranks (limits -> 'kinds'); each RETURN QUERY
     -- takes a snapshot of its own, after the lock, as the count needs.
     IF limits -> 'kinds' ? 'cg' THEN
@@ -59,14 +66,19 @@ BEGIN
             JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, concurrency int, ckey text)
               ON s.name = j.name
             WHERE j.status = 'running' AND s.concurrency IS NOT NULL
-              AND j.id <> ALL(ended)
+              AND NOT (j.worker_id = me AND EXISTS (
+                  SELECT 1 FROM unnest(ended_ids, ended_runs) AS e (id, run)
+                  WHERE e.id = j.id AND e.run = j.claims))
         ) AS u (grp, cap) GROUP BY u.grp;
     END IF;
     IF limits -> 'kinds' ? 'qg' THEN
         RETURN QUERY
         SELECT 'q:' || j.queue, count(*), min(q.concurrency)
         FROM {schema}.soniq_jobs AS j JOIN {schema}.soniq_queues AS q ON q.queue = j.queue
-        WHERE j.status = 'running' AND q.concurrency IS NOT NULL AND j.id <> ALL(ended)
+        WHERE j.status = 'running' AND q.concurrency IS NOT NULL
+          AND NOT (j.worker_id = me AND EXISTS (
+              SELECT 1 FROM unnest(ended_ids, ended_runs) AS e (id, run)
+              WHERE e.id = j.id AND e.run = j.claims))
         GROUP BY j.queue;
     END IF;
     IF limits -> 'kinds' ? 'rg' OR limits -> 'kinds' ? 'qrg' THEN
@@ -79,7 +91,7 @@ BEGIN
         LEFT JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, rate int)
           ON NOT l.is_queue AND s.name = l.source
         LEFT JOIN {schema}.soniq_queues AS q ON l.is_queue AND q.queue = l.source
-        WHERE l.until > statement_timestamp()
+        WHERE l.until > now_counted
         GROUP BY l.grp;
     END IF;
 END
