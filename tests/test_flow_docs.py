@@ -322,7 +322,7 @@ def test_a_backlog_of_one_kind_of_job_does_not_starve_the_other(
 
     crowd, lone = (free, limited) if backlog == "unlimited" else (limited, free)
     eq.sync.enqueue_many(crowd, [{} for _ in range(60)])
-    waiting = eq.sync.enqueue(lone)
+    waiting = eq.sync.enqueue(lone, priority=10)  # first in claim order
     eq.sync.close()
 
     async def claims_until_it_starts() -> int:
@@ -337,9 +337,9 @@ def test_a_backlog_of_one_kind_of_job_does_not_starve_the_other(
             await eq.close()
         return 0
 
-    # Every claim of a worker fills its one slot from the backlog; the other kind's
-    # claim goes first at least once in FAIR_TURNS + 1 claims (every other claim on
-    # SQLite).
+    # Each claim of the other kind fills the worker's one slot from its backlog; the
+    # waiting job's claim goes first at least once in FAIR_TURNS + 1 claims (every
+    # other claim on SQLite), and finds it at the head of the line.
     assert 0 < asyncio.run(claims_until_it_starts()) <= FAIR_TURNS + 1
 
 

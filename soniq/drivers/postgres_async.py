@@ -268,18 +268,23 @@ LIMITED_ROUNDS = 8
 #: goes first (see ClaimOrder): neither kind can keep every slot for long.
 FAIR_TURNS = 16
 
+#: How far down the line a claim given a turn for fairness looks, per free slot.
+FAIR_SCAN_PER_SLOT = 10
+
 
 @async_only
 class ClaimOrder:
     """Which of a worker's two claims (jobs under limits, the others) goes first.
     Each one's index walk steps over the other's queued jobs, so the one that last
-    found jobs goes first, and the other takes the slots it left; when it left none
-    :data:`FAIR_TURNS` times in a row, the other goes first once, so that a backlog
-    of one kind cannot starve the other."""
+    found jobs while the other found none goes first, and the other takes the slots
+    it left. When it left none :data:`FAIR_TURNS` times in a row, the other goes
+    first once (the limited claim then looks near the head of the line only), so that
+    a backlog of one kind cannot keep every slot from the other."""
 
     def __init__(self) -> None:
         self.limited_first = False
         self.filled_alone = 0
+        self.turn_pending = False
         #: Whether the last claim saw queues with stored limits (then the limited
         #: claim also counts its queue's limits; without, it leaves those jobs).
         self.queue_limits = False
@@ -302,6 +307,12 @@ async def _claim(
     if limits is None:
         return _claimed(await fetch(queries.claim_jobs(limit, worker_id, queues, names)))
     order = order or ClaimOrder()
+    # With only limited names the plain claim has nothing to find.
+    plain_too = names is None or not limits.names.issuperset(names)
+    limited_first = order.limited_first or not plain_too
+    fairness_turn = order.turn_pending and plain_too
+    if fairness_turn:
+        limited_first, order.turn_pending = not limited_first, False
 
     async def plain(n: int) -> list[Claimed]:
         rows = await fetch(queries.claim_jobs(n, worker_id, queues, names, limits))
@@ -311,23 +322,25 @@ async def _claim(
     async def limited(n: int) -> list[Claimed]:
         if names is None or not (limits.jobs or order.queue_limits):
             return []
-        return await _claim_limited(fetch, queries, n, worker_id, queues, names, limits, order)
+        # A turn given for fairness looks near the head of the line only: a job
+        # waiting ahead of the others in claim order is there.
+        scan = n * FAIR_SCAN_PER_SLOT if fairness_turn else None
+        return await _claim_limited(
+            fetch, queries, n, worker_id, queues, names, limits, order, scan
+        )
 
-    # With only limited names the plain claim has nothing to find.
-    plain_too = names is None or not limits.names.issuperset(names)
-    limited_first = order.limited_first or not plain_too
     first, second = (limited, plain if plain_too else None) if limited_first else (plain, limited)
     claimed = await first(limit)
-    if second is None:
+    if second is None or (fairness_turn and len(claimed) == limit):
         return claimed
     if len(claimed) == limit:
         order.filled_alone += 1
         if order.filled_alone >= FAIR_TURNS:  # the other kind's turn to go first
-            order.limited_first, order.filled_alone = not limited_first, 0
+            order.turn_pending, order.filled_alone = True, 0
         return claimed
     order.filled_alone = 0
     more = await second(limit - len(claimed))
-    if more and not claimed:  # the one that finds jobs goes first
+    if more and not claimed and not fairness_turn:  # the one that finds jobs goes first
         order.limited_first = not limited_first
     return claimed + more
 
@@ -342,6 +355,7 @@ async def _claim_limited(
     names: Sequence[str],
     limits: ClaimLimits,
     order: ClaimOrder,
+    scan: int | None = None,
 ) -> list[Claimed]:
     """The limited claim, again while a round takes some but not all it may: its
     candidates are the first jobs in line, and jobs of one group can fill them while
@@ -352,8 +366,9 @@ async def _claim_limited(
         counted = order.queue_limits
         if not counted and not limits.jobs:
             break
+        left = limit - len(claimed)
         query = queries.claim_limited(
-            limit - len(claimed), worker_id, queues, names, limits, queue_limits=counted
+            left, worker_id, queues, names, limits, queue_limits=counted, scan=scan
         )
         rows, order.queue_limits = claimed_rows(await fetch(query))
         more = _claimed(rows, limited=True)

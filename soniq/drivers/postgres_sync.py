@@ -131,3 +131,6 @@ LIMITED_ROUNDS = 8
 #: Claims in a row that the first claim may fill alone before the other kind of job
 #: goes first (see ClaimOrder): neither kind can keep every slot for long.
 FAIR_TURNS = 16
+
+#: How far down the line a claim given a turn for fairness looks, per free slot.
+FAIR_SCAN_PER_SLOT = 10

@@ -78,9 +78,11 @@ CLAIM_COLUMNS = (
 #: The claim filter that leaves a queue with stored limits to the limited claim.
 LIMITED_QUEUE = "OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL"
 
-#: How many queued jobs a limited claim ranks per free slot: several jobs of one
-#: group can stand first in line while only one may start.
-CANDIDATES_PER_SLOT = 2
+#: How many queued jobs a limited claim ranks per free slot. When several jobs of one
+#: group stand first in line and only one may start, the claim takes another round
+#: (see soniq.drivers.postgres_async), which steps over the group, now full: cheaper
+#: than ranking more candidates every time.
+CANDIDATES_PER_SLOT = 1
 
 _ANY_OF = "= ANY(ARRAY(SELECT jsonb_array_elements_text(@queues@::text::jsonb)))"
 
@@ -294,7 +296,7 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
         self._claims: dict[tuple[int, bool, bool], str] = {}
         self._render = render
-        self._limited_claims: dict[tuple[int, tuple[str, ...]], str] = {}
+        self._limited_claims: dict[tuple[int, tuple[str, ...], bool], str] = {}
         any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(${}::text::jsonb)))"
         for queue_mode, queue_filter in (
             (0, ""),
@@ -322,7 +324,7 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
         self._periodic_sql(jobs, render, channel_literal)
         self._limits_sql(jobs, render)
 
-    def _limited_claim(self, queue_mode: int, kinds: tuple[str, ...]) -> str:
+    def _limited_claim(self, queue_mode: int, kinds: tuple[str, ...], capped: bool) -> str:
         """The claim of jobs with limits (theirs, or their queue's): it first takes its
         turn and counts what runs (soniq_limit_usage), then takes what the limits
         leave, each group's jobs in claim order, skipping full groups (so a job that
@@ -331,7 +333,10 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
         ``kinds`` are the groups it ranks (``cg`` job concurrency, ``rg`` job rate,
         ``qg`` and ``qrg`` the queue's): the fewer, the cheaper to plan and run. Without
         the queue's it leaves the jobs of limited queues queued. Its last row is all
-        NULL when there are limited queues (as the plain claim's)."""
+        NULL when there are limited queues (as the plain claim's). ``capped``: it looks
+        only at the first ``scan`` queued jobs in claim order (a turn given to it for
+        fairness, see ClaimOrder, need not walk a backlog of other jobs).
+        """
         jobs = f"{quote_ident(self.schema)}.soniq_jobs"
         queues = f"{quote_ident(self.schema)}.soniq_queues"
         queue_filter = ("", "AND j.queue = @queues@::text", "AND j.queue " + _ANY_OF)[queue_mode]
@@ -390,7 +395,7 @@ full_groups AS MATERIALIZED (
 ),
 cand AS MATERIALIZED (
     SELECT j.id, j.priority, j.run_at, g.*
-    FROM {jobs} AS j
+    FROM @source@ AS j
     CROSS JOIN full_groups AS f
     LEFT JOIN LATERAL (SELECT * FROM spec WHERE spec.name = j.name LIMIT 1) AS s ON true
     LEFT JOIN LATERAL (
@@ -410,17 +415,21 @@ cand AS MATERIALIZED (
       AND {free}
     ORDER BY j.priority DESC, j.run_at, j.id
     LIMIT @candidates@::text::int
-    -- Locked, skipping rows others hold (a caller's transaction, another claim in
-    -- flight); a row claimed since this statement's snapshot is rechecked and left.
-    FOR UPDATE OF j SKIP LOCKED
 ),
 ranked AS (
     SELECT c.*, {rooms}, {ranks} FROM cand AS c {usage_of}
 ),
-picked AS MATERIALIZED (
+chosen AS MATERIALIZED (
     SELECT id, rg, rcap, rperiod, qrg, qrcap, qrperiod FROM ranked WHERE {fits}
     ORDER BY priority DESC, run_at, id
     LIMIT @limit@::text::int
+),
+-- Locked, skipping rows others hold (a caller's transaction); a row claimed since
+-- this statement's snapshot is rechecked and left (the caller claims again).
+picked AS MATERIALIZED (
+    SELECT c.* FROM chosen AS c
+    WHERE c.id IN (SELECT j.id FROM {jobs} AS j WHERE j.id IN (SELECT id FROM chosen)
+                   AND j.status = '{ready}' FOR UPDATE SKIP LOCKED)
 ),
 no_flush_wait AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
@@ -447,10 +456,18 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 WHERE EXISTS (SELECT 1 FROM limited_queues)"""
         sentinel_filter = queue_filter.replace("j.queue", "q.queue").replace("@queues@", "@again@")
-        tokens = ["spec", "turn", *(["queues"] if queue_mode else []), "names"]
-        tokens += ["candidates", "limit", "worker", *(["again"] if queue_mode else [])]
+        ready_first = (
+            f"(SELECT * FROM {jobs} WHERE status = '{ready}' AND run_at <= now() "
+            "ORDER BY priority DESC, run_at, id LIMIT @scan@::text::int)"
+        )
+        source = ready_first if capped else jobs
+        tokens = ["spec", "turn", *(["scan"] if capped else [])]
+        tokens += [*(["queues"] if queue_mode else []), "names", "candidates", "limit", "worker"]
+        tokens += ["again"] if queue_mode else []
         values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
-        return _fill(sql, queue_filter=queue_filter, sentinel_filter=sentinel_filter, **values)
+        return _fill(
+            sql, source=source, queue_filter=queue_filter, sentinel_filter=sentinel_filter, **values
+        )
 
     def _limits_sql(self, jobs: str, render: Any) -> None:
         """Statements of stored queue limits, and what a limited claim counts."""
@@ -707,18 +724,22 @@ DELETE FROM {jobs} WHERE id IN (
         limits: ClaimLimits,
         *,
         queue_limits: bool = True,
+        scan: int | None = None,
     ) -> Query:
         """Claim up to ``limit`` ready jobs of ``names`` that have limits of their own
         (``limits``) or, with ``queue_limits``, a queue with stored limits, within
-        those limits. Its last row is all NULL when there are queues with stored
-        limits (see :func:`claimed_rows`): then claim with ``queue_limits``."""
+        those limits (looking at the first ``scan`` ready jobs only, when given). Its
+        last row is all NULL when there are queues with stored limits (see
+        :func:`claimed_rows`): then claim with ``queue_limits``."""
         queue_mode = _queue_mode(queues)
         kinds = limits.kinds + (("qg", "qrg") if queue_limits else ())
-        sql = self._limited_claims.get((queue_mode, kinds))
+        key = (queue_mode, kinds, scan is not None)
+        sql = self._limited_claims.get(key)
         if sql is None:
-            sql = self._render(self._limited_claim(queue_mode, kinds))
-            self._limited_claims[queue_mode, kinds] = sql
+            sql = self._limited_claims[key] = self._render(self._limited_claim(*key))
         params = [limits.spec_json(worker_id, kinds), str(self.limit_turn)]
+        if scan is not None:
+            params.append(str(scan))
         queue = []
         if queues is not None:
             queue = [queues[0] if queue_mode == 1 else serialize.dumps(list(queues))]

@@ -66,9 +66,8 @@ BEGIN
             JOIN jsonb_to_recordset(limits -> 'jobs') AS s(name text, concurrency int, ckey text)
               ON s.name = j.name
             WHERE j.status = 'running' AND s.concurrency IS NOT NULL
-              AND NOT (j.worker_id = me AND EXISTS (
-                  SELECT 1 FROM unnest(ended_ids, ended_runs) AS e (id, run)
-                  WHERE e.id = j.id AND e.run = j.claims))
+              AND NOT (j.worker_id = me AND (j.id, j.claims) IN (
+                  SELECT e.id, e.run FROM unnest(ended_ids, ended_runs) AS e (id, run)))
         ) AS u (grp, cap) GROUP BY u.grp;
     END IF;
     IF limits -> 'kinds' ? 'qg' THEN
@@ -76,9 +75,8 @@ BEGIN
         SELECT 'q:' || j.queue, count(*), min(q.concurrency)
         FROM {schema}.soniq_jobs AS j JOIN {schema}.soniq_queues AS q ON q.queue = j.queue
         WHERE j.status = 'running' AND q.concurrency IS NOT NULL
-          AND NOT (j.worker_id = me AND EXISTS (
-              SELECT 1 FROM unnest(ended_ids, ended_runs) AS e (id, run)
-              WHERE e.id = j.id AND e.run = j.claims))
+          AND NOT (j.worker_id = me AND (j.id, j.claims) IN (
+              SELECT e.id, e.run FROM unnest(ended_ids, ended_runs) AS e (id, run)))
         GROUP BY j.queue;
     END IF;
     IF limits -> 'kinds' ? 'rg' OR limits -> 'kinds' ? 'qrg' THEN
