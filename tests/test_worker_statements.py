@@ -208,3 +208,66 @@ def test_a_job_table_without_statistics_gets_them_once_it_holds_jobs(
         assert session.analyze_if_never(1000) is False  # it has statistics now
     finally:
         session.close()
+
+
+def _plan_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        if "Node Type" in node:
+            yield node
+        for value in node.values():
+            yield from _plan_nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _plan_nodes(value)
+
+
+@pytest.mark.timeout(90)
+def test_limited_claims_walk_the_claim_index_in_custom_and_generic_plans(
+    db: Any, pg: psycopg.Connection
+) -> None:
+    """A limited claim steps over the jobs of full groups in claim order and stops at
+    its LIMIT: its plan must walk a claim index, never scan or sort the job table,
+    whether planned for its parameters or reused generically (as drivers do)."""
+    from soniq.core.flow import ClaimLimits, JobLimits, Rate
+
+    _, q = db
+    jobs = f'"{q.schema}".soniq_jobs'
+    pg.execute(
+        f"INSERT INTO {jobs} (name, queue, args) SELECT 'lim', q, "
+        "jsonb_build_object('account', i % 100) "
+        "FROM generate_series(1, 10000) AS i, unnest(ARRAY['default', 'mail']) AS q"
+    )
+    pg.execute(f"ANALYZE {jobs}")
+    specs = [
+        ClaimLimits.of([("lim", JobLimits(concurrency=1, concurrency_key="account"))]),
+        ClaimLimits.of([("lim", JobLimits(rate=Rate(5, 1.0), rate_key="account"))]),
+        ClaimLimits.of([("lim", JobLimits(concurrency=2, rate=Rate(5, 1.0)))]),
+    ]
+    checked = 0
+    for limits in specs:
+        for queues in (None, ["mail"], ["mail", "default"]):
+            for queue_limits in (False, True):
+                for limit, scan in ((1, None), (100, None), (10, 100)):
+                    claim = q.claim_limited(
+                        limit, "w", queues, ["lim"], limits, queue_limits=queue_limits, scan=scan
+                    )
+                    for mode in ("force_custom_plan", "force_generic_plan"):
+                        with pg.transaction():
+                            pg.execute(f"SET LOCAL plan_cache_mode = {mode}")
+                            explained = pg.execute(
+                                f"EXPLAIN (FORMAT JSON) {claim.sql}", claim.params
+                            ).fetchone()
+                        assert explained is not None
+                        nodes = list(_plan_nodes(explained[0]))
+                        walked = {n.get("Index Name") for n in nodes}
+                        assert walked & {"soniq_jobs_claim_idx", "soniq_jobs_claim_queue_idx"}
+                        scans = {
+                            n.get("Relation Name") for n in nodes if n["Node Type"] == "Seq Scan"
+                        }
+                        assert "soniq_jobs" not in scans, (mode, queues, limit)
+                        sorts = [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
+                        assert not any(
+                            "j.priority DESC" in " ".join(n.get("Sort Key", [])) for n in sorts
+                        ), (mode, queues, limit)
+                        checked += 1
+    assert checked == 3 * 3 * 2 * 3 * 2
