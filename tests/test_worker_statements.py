@@ -271,3 +271,19 @@ def test_limited_claims_walk_the_claim_index_in_custom_and_generic_plans(
                         ), (mode, queues, limit)
                         checked += 1
     assert checked == 3 * 3 * 2 * 3 * 2
+    # And the plain claim's turn given for fairness, which looks at the head of the line.
+    for queues in (None, ["mail"], ["mail", "default"]):
+        capped = q.claim_jobs(10, "w", queues, ["lim", "free"], specs[0], scan=100)
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            with pg.transaction():
+                pg.execute(f"SET LOCAL plan_cache_mode = {mode}")
+                explained = pg.execute(f"EXPLAIN (FORMAT JSON) {capped.sql}", capped.params)
+                row = explained.fetchone()
+            assert row is not None
+            nodes = list(_plan_nodes(row[0]))
+            assert {n.get("Index Name") for n in nodes} & {
+                "soniq_jobs_claim_idx",
+                "soniq_jobs_claim_queue_idx",
+            }
+            scans = {n.get("Relation Name") for n in nodes if n["Node Type"] == "Seq Scan"}
+            assert "soniq_jobs" not in scans, (mode, queues)

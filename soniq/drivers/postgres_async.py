@@ -314,19 +314,21 @@ async def _claim(
     if fairness_turn:
         limited_first, order.turn_pending = not limited_first, False
 
+    # A turn given for fairness looks near the head of the line only: a job waiting
+    # ahead of the other kind's backlog in claim order is there.
+    scan_for = (lambda n: n * FAIR_SCAN_PER_SLOT) if fairness_turn else (lambda n: None)
+
     async def plain(n: int) -> list[Claimed]:
-        rows = await fetch(queries.claim_jobs(n, worker_id, queues, names, limits))
+        query = queries.claim_jobs(n, worker_id, queues, names, limits, scan=scan_for(n))
+        rows = await fetch(query)
         rows, order.queue_limits = claimed_rows(rows)
         return _claimed(rows)
 
     async def limited(n: int) -> list[Claimed]:
         if names is None or not (limits.jobs or order.queue_limits):
             return []
-        # A turn given for fairness looks near the head of the line only: a job
-        # waiting ahead of the others in claim order is there.
-        scan = n * FAIR_SCAN_PER_SLOT if fairness_turn else None
         return await _claim_limited(
-            fetch, queries, n, worker_id, queues, names, limits, order, scan
+            fetch, queries, n, worker_id, queues, names, limits, order, scan_for(n)
         )
 
     first, second = (limited, plain if plain_too else None) if limited_first else (plain, limited)

@@ -296,6 +296,30 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
         self._claims: dict[tuple[int, bool, bool], str] = {}
         self._render = render
+        # A worker's claim given a turn for fairness (see ClaimOrder) looks only at
+        # the first ready jobs in line, whatever their names: it need not walk a
+        # backlog of limited jobs to find the one waiting ahead of them.
+        capped_head = claim_head.replace(
+            "WITH picked AS MATERIALIZED (",
+            f"""WITH head AS MATERIALIZED (
+    SELECT id FROM {jobs} WHERE status = '{ready}' @queue_filter@ AND run_at <= now()
+    ORDER BY priority DESC, run_at, id LIMIT @scan@::text::int
+),
+picked AS MATERIALIZED (""",
+        ).replace(
+            "WHERE status = '{ready}' @queue_filter@ @name_filter@ AND run_at <= now()".replace(
+                "{ready}", ready
+            ),
+            # (An id array: looked up by primary key, never a scan of the table.)
+            f"WHERE id = ANY(ARRAY(SELECT id FROM head)) AND status = '{ready}' @name_filter@",
+        )
+        self._capped_claim = f"""{capped_head},
+claimed AS ({claim_update}
+)
+SELECT * FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
+        self._capped_claims: dict[int, str] = {}
         self._limited_claims: dict[tuple[int, tuple[str, ...], bool, int], str] = {}
         any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(${}::text::jsonb)))"
         for queue_mode, queue_filter in (
@@ -704,19 +728,27 @@ DELETE FROM {jobs} WHERE id IN (
         queues: Sequence[str] | None,
         names: Sequence[str] | None = None,
         limits: ClaimLimits | None = None,
+        *,
+        scan: int | None = None,
     ) -> Query:
         """Claim up to ``limit`` ready jobs, by priority, then run_at, then id: of
         ``queues`` (None: every queue) and ``names`` (None: every name).
 
         Told of ``limits`` (a worker's claim), the claim leaves the limited jobs and
         the jobs of queues with stored limits to :meth:`claim_limited`, and its last
-        row is all NULL when there are such queues (see :func:`claimed_rows`)."""
+        row is all NULL when there are such queues (see :func:`claimed_rows`); with
+        ``scan`` too, it looks at the first ``scan`` ready jobs only."""
         params: list[str] = []
         queue_mode = _queue_mode(queues)
         if queues is not None:
             params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
         if limits is not None and names is not None:
             names = [name for name in names if name not in limits.names]
+        if scan is not None and limits is not None and names is not None:
+            return Query(
+                self._capped(queue_mode),
+                (*params, str(scan), serialize.dumps(list(names)), str(limit), worker_id, *params),
+            )
         if names is not None:
             params.append(serialize.dumps(list(names)))
         sql = self._claims[queue_mode, names is not None, limits is not None]
@@ -724,6 +756,34 @@ DELETE FROM {jobs} WHERE id IN (
         # question about limited queues.
         again = params[:1] if queue_mode and limits is not None else []
         return Query(sql, (*params, str(limit), worker_id, *again))
+
+    def _capped(self, queue_mode: int) -> str:
+        sql = self._capped_claims.get(queue_mode)
+        if sql is None:
+            any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(@{}@::text::jsonb)))"
+            queue_filter = (
+                "",
+                "AND queue = @queues@::text",
+                "AND queue " + any_of.format("queues"),
+            )
+            tokens = [*(["queues"] if queue_mode else []), "scan", "names", "limit", "worker"]
+            tokens += ["again"] if queue_mode else []
+            values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
+            on_q = queue_filter[queue_mode].replace("AND queue", "AND q.queue")
+            on_q = on_q.replace("@queues@", "@again@")
+            text = _fill(
+                self._capped_claim,
+                any_limited=(
+                    f"SELECT 1 FROM {quote_ident(self.schema)}.soniq_queues AS q "
+                    f"WHERE (q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL) {on_q}"
+                ),
+                queue_filter=queue_filter[queue_mode],
+                name_filter=f"AND name {any_of.format('names')}",
+                limited=LIMITED_QUEUE,
+                **values,
+            )
+            sql = self._capped_claims[queue_mode] = self._render(text)
+        return sql
 
     def claim_limited(
         self,
