@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from soniq.core.errors import SoniqError
-from soniq.core.flow import QueueLimits, check_concurrency, parse_rate
+from soniq.core.flow import QueueLimits, queue_limits
 from soniq.core.sql.migrate import LATEST_VERSION, MigrationPlan
 
 
@@ -218,10 +218,8 @@ def _queues(args: argparse.Namespace) -> int:
         # naming the options as typed.
         for name in args.names:
             check_queue(name)
-        wanted = QueueLimits(
-            check_concurrency(args.concurrency, "--concurrency"),
-            None if args.rate_limit is None else parse_rate(args.rate_limit, "--rate-limit"),
-        )
+        options = ("--concurrency", "--rate-limit")
+        wanted = queue_limits(args.concurrency, args.rate_limit, options=options)
         eq = Soniq(args.database_url, schema=args.schema)
         try:
             eq.sync.ensure_initialized(migrate=False)

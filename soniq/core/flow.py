@@ -22,7 +22,7 @@ each counts what the one before it took; claims of other jobs do not wait for th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -64,8 +64,6 @@ class Rate:
 def parse_rate(value: object, argument: str) -> Rate:
     """``"10/s"``, ``"100/m"``, ``"5000/h"`` (or ``second``, ``minute``, ``hour``) as a
     :class:`Rate`; anything else is a ``ValueError`` naming ``argument``."""
-    if isinstance(value, Rate):
-        return value
     match = _RATE.match(value) if isinstance(value, str) else None
     if match is None or match[2] not in RATE_UNITS:
         raise ValueError(
@@ -158,17 +156,34 @@ class QueueLimits:
         return None if self.rate is None else str(self.rate)
 
 
-def queue_limits(concurrency: object = None, rate_limit: object = None) -> QueueLimits:
-    """Check the arguments of ``set_queue_limits``."""
+def queue_limits(
+    concurrency: object = None,
+    rate_limit: object = None,
+    *,
+    options: tuple[str, str] = ("concurrency", "rate_limit"),
+) -> QueueLimits:
+    """Check the arguments of ``set_queue_limits`` (errors name them as ``options``,
+    e.g. the CLI's ``--concurrency``)."""
     return QueueLimits(
-        check_concurrency(concurrency, "concurrency"),
-        None if rate_limit is None else parse_rate(rate_limit, "rate_limit"),
+        check_concurrency(concurrency, options[0]),
+        None if rate_limit is None else parse_rate(rate_limit, options[1]),
     )
 
 
-def stored_rate(count: Any, period: Any) -> Rate | None:
-    """A queue's rate as read back from its row."""
-    return None if count is None else Rate(int(count), float(period))
+def stored_queue_limits(limits: QueueLimits) -> tuple[int | None, int | None, float | None]:
+    """A queue's limits as its row stores them: concurrency, rate count, rate period."""
+    rate = limits.rate
+    if rate is None:
+        return limits.concurrency, None, None
+    return limits.concurrency, rate.count, rate.period
+
+
+def queue_limits_by_name(rows: Iterable[Sequence[Any]]) -> dict[str, QueueLimits]:
+    """Rows of (queue, concurrency, rate count, rate period) as limits by queue name."""
+    return {
+        queue: QueueLimits(concurrency, None if count is None else Rate(int(count), float(period)))
+        for queue, concurrency, count, period in rows
+    }
 
 
 @attrs.frozen
@@ -237,4 +252,6 @@ __all__ = [
     "job_limits",
     "parse_rate",
     "queue_limits",
+    "queue_limits_by_name",
+    "stored_queue_limits",
 ]

@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
-from soniq.core.flow import ClaimLimits, QueueLimits, stored_rate
+from soniq.core.flow import ClaimLimits, QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import MigrationPlan
@@ -136,8 +136,7 @@ class PostgresAsyncOps:
         await self.fetch(self.queries.set_queue_limits(queue, limits))
 
     async def queue_limits(self) -> dict[str, QueueLimits]:
-        rows = await self.fetch(self.queries.queue_limits())
-        return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
+        return queue_limits_by_name(await self.fetch(self.queries.queue_limits()))
 
     @async_only
     async def claim_jobs(

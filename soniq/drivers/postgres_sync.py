@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from soniq.core.flow import QueueLimits, stored_rate
+from soniq.core.flow import QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Job, JobSpec
 from soniq.core.sql.migrate import MigrationPlan
 from soniq.core.sql.postgres import (
@@ -120,8 +120,7 @@ class PostgresSyncOps:
         self.fetch(self.queries.set_queue_limits(queue, limits))
 
     def queue_limits(self) -> dict[str, QueueLimits]:
-        rows = self.fetch(self.queries.queue_limits())
-        return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
+        return queue_limits_by_name(self.fetch(self.queries.queue_limits()))
 
 
 #: Rounds of one limited claim at most: each round takes what the groups with room

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import attrs
 
 from soniq.core import serialize, states
-from soniq.core.flow import ClaimLimits, QueueLimits
+from soniq.core.flow import ClaimLimits, QueueLimits, stored_queue_limits
 from soniq.core.jobs import Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
@@ -820,16 +820,8 @@ DELETE FROM {jobs} WHERE id IN (
 
     def set_queue_limits(self, queue: str, limits: QueueLimits) -> Query:
         """Store the limits of ``queue`` (None: no limit)."""
-        rate = limits.rate
-        return Query(
-            self._set_queue_limits,
-            (
-                queue,
-                _text(limits.concurrency),
-                _text(None if rate is None else rate.count),
-                _text(None if rate is None else rate.period),
-            ),
-        )
+        columns = (_text(value) for value in stored_queue_limits(limits))
+        return Query(self._set_queue_limits, (queue, *columns))
 
     def queue_limits(self) -> Query:
         """Select the queues with stored limits: queue, concurrency, rate count, period."""

@@ -36,7 +36,12 @@ import attrs
 
 from soniq.core import serialize, states
 from soniq.core.errors import SchemaNotReadyError
-from soniq.core.flow import ClaimLimits, QueueLimits, stored_rate
+from soniq.core.flow import (
+    ClaimLimits,
+    QueueLimits,
+    queue_limits_by_name,
+    stored_queue_limits,
+)
 from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
@@ -724,14 +729,7 @@ def next_due(
 
 def set_queue_limits(queue: str, limits: QueueLimits, now: float) -> Operation[None]:
     """Store the limits of ``queue`` (None fields: no limit)."""
-    rate = limits.rate
-    values = (
-        queue,
-        limits.concurrency,
-        None if rate is None else rate.count,
-        None if rate is None else rate.period,
-        now,
-    )
+    values = (queue, *stored_queue_limits(limits), now)
 
     def steps() -> Steps[None]:
         yield Step(
@@ -755,7 +753,7 @@ def queue_limits() -> Operation[dict[str, QueueLimits]]:
                 "WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL ORDER BY queue"
             )
         ).rows
-        return {r[0]: QueueLimits(r[1], stored_rate(r[2], r[3])) for r in rows}
+        return queue_limits_by_name(rows)
 
     return Operation(steps(), immediate=False)
 
