@@ -173,12 +173,9 @@ class Worker:
         # versions can share a database and its queues.
         self._names = registry.names()
         self._limits = registry.claim_limits()
-        # Limited jobs running, and whether one has ended since the last flush: a
-        # limit counts a job as running until its outcome is written.
-        self._limited_runs: dict[int, int] = {}  # job id: run number (claims)
-        self._limited_ended = False
-        # Their runs that have ended, the outcome not written yet (see _claim_limits).
-        self._ended_runs: dict[int, int] = {}
+        # The runs claimed under limits, job id: run number (claims), from the claim
+        # until their outcome is written: a limit counts them as running until then.
+        self._limited_runs: dict[int, int] = {}
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._writing: list[Outcome] = []  # the completer's batch in flight
@@ -435,13 +432,18 @@ class Worker:
     def _claim_limits(self) -> ClaimLimits:
         """The limits a claim obeys, told which of this worker's limited jobs have
         ended with their outcome not written yet (not running any more: not counted)."""
-        if not self._ended_runs:
+        if not self._limited_runs:
             return self._limits
-        # (A job past its timeout whose body still runs keeps counting until its
-        # outcome is written; see docs/flow-control.md.)
-        running = self._running
-        ended = tuple((i, run) for i, run in self._ended_runs.items() if i not in running)
-        return attrs.evolve(self._limits, ended=ended)
+        # Ended: its outcome is recorded and it has left its slot (a job past its
+        # timeout whose body still runs keeps its slot, so it keeps counting until its
+        # outcome is written; see docs/flow-control.md).
+        recorded = {o.job_id for o in (*self._writing, *self._pending)}
+        ended = tuple(
+            (i, run)
+            for i, run in self._limited_runs.items()
+            if i in recorded and i not in self._running
+        )
+        return attrs.evolve(self._limits, ended=ended) if ended else self._limits
 
     async def _burst_due_in(self) -> float | None:
         """Seconds until a job of this burst worker is due, if that is before its
@@ -708,10 +710,6 @@ class Worker:
     # -- completing --------------------------------------------------------------
 
     def _record(self, outcome: Outcome) -> None:
-        run = self._limited_runs.pop(outcome.job_id, None) if self._limited_runs else None
-        if run is not None:
-            self._ended_runs[outcome.job_id] = run
-            self._limited_ended = True
         self._pending.append(outcome)
         self._flush_needed.set()
 
@@ -726,7 +724,6 @@ class Worker:
             await self._flush_needed.wait()
             self._flush_needed.clear()
             batch, self._pending = self._pending, []
-            limited_ended, self._limited_ended = self._limited_ended, False
             if batch:
                 self._writing = batch
                 try:
@@ -736,7 +733,6 @@ class Worker:
                     failures = 0
                 except Exception as error:
                     self._pending[:0], self._writing = batch, []
-                    self._limited_ended |= limited_ended
                     await session.drop(error)
                     exc = session.timed_out() or error
                     if not is_connection_error(exc):
@@ -751,11 +747,9 @@ class Worker:
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
                 self._writing = []
-                if self._ended_runs:
-                    for outcome in batch:
-                        self._ended_runs.pop(outcome.job_id, None)
-                if limited_ended:  # a limit has room now: claim again
-                    self._nudge(slot=False)
+                limited = self._limited_runs
+                if limited and [limited.pop(o.job_id) for o in batch if o.job_id in limited]:
+                    self._nudge(slot=False)  # a limit has room now: claim again
             if self._stopping_completer and not self._pending:
                 return
 
