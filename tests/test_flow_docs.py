@@ -21,7 +21,7 @@ from psycopg import sql
 from soniq import JobDefinitionError, JobStatus, QueueLimits, Soniq
 from soniq.cli import main
 from soniq.core.flow import ClaimLimits, JobLimits, Rate
-from soniq.drivers.postgres_async import FAIR_TURNS
+from soniq.drivers.postgres_async import ClaimOrder
 from soniq.testing import drain
 from tests.conftest import url_for_database
 
@@ -338,9 +338,9 @@ def test_a_backlog_of_one_kind_of_job_does_not_starve_the_other(
         return 0
 
     # Each claim of the other kind fills the worker's one slot from its backlog; the
-    # waiting job's claim goes first at least once in FAIR_TURNS + 1 claims (every
+    # waiting job's claim goes first at least once in ClaimOrder.FAIR_TURNS + 1 claims (every
     # other claim on SQLite), and finds it at the head of the line.
-    assert 0 < asyncio.run(claims_until_it_starts()) <= FAIR_TURNS + 1
+    assert 0 < asyncio.run(claims_until_it_starts()) <= ClaimOrder.FAIR_TURNS + 1
 
 
 # Two Soniq instances on one database: memory:// gives each a database of its own.

@@ -147,13 +147,7 @@ class PostgresAsyncOps:
         names: Sequence[str] | None = None,
         limits: ClaimLimits | None = None,
     ) -> list[Claimed]:
-        # (The pool's claims keep an order too; made here: the blocking twin has none.)
-        order: ClaimOrder | None = getattr(self, "_claim_order", None)
-        if order is None:
-            order = self._claim_order = ClaimOrder()
-        return await _claim(
-            self.fetch, self.queries, limit, worker_id, queues, names, limits, order
-        )
+        return await _claim(self.fetch, self.queries, limit, worker_id, queues, names, limits)
 
     @async_only
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
@@ -259,26 +253,22 @@ class PinnedWorkerOps:
         self._ops.abort_own(self._conn)
 
 
-#: Rounds of one limited claim at most: each round takes what the groups with room
-#: allow among its candidates; a group filled by one round is stepped over by the next.
-LIMITED_ROUNDS = 8
-
-#: Claims in a row that the first claim may fill alone before the other kind of job
-#: goes first (see ClaimOrder): neither kind can keep every slot for long.
-FAIR_TURNS = 16
-
-#: How far down the line a claim given a turn for fairness looks, per free slot.
-FAIR_SCAN_PER_SLOT = 10
-
-
 @async_only
 class ClaimOrder:
     """Which of a worker's two claims (jobs under limits, the others) goes first.
     Each one's index walk steps over the other's queued jobs, so the one that last
     found jobs while the other found none goes first, and the other takes the slots
-    it left. When it left none :data:`FAIR_TURNS` times in a row, the other goes
-    first once (the limited claim then looks near the head of the line only), so that
-    a backlog of one kind cannot keep every slot from the other."""
+    it left. When it left none :attr:`FAIR_TURNS` times in a row, the other goes
+    first once, looking near the head of the line only, so that a backlog of one kind
+    cannot keep every slot from a job of the other ahead of it."""
+
+    #: Claims in a row that the first claim may fill alone before the other goes first.
+    FAIR_TURNS = 16
+    #: How far down the line a claim given a turn for fairness looks, per free slot.
+    FAIR_SCAN_PER_SLOT = 10
+    #: Rounds of one limited claim at most: a group filled by one round is stepped
+    #: over by the next.
+    LIMITED_ROUNDS = 8
 
     def __init__(self) -> None:
         self.limited_first = False
@@ -302,81 +292,63 @@ async def _claim(
 ) -> list[Claimed]:
     """A claim; told of ``limits`` (a worker's), the jobs under limits are claimed by
     their own statement (when there are such jobs), and the rest by the plain claim,
-    in the order ``order`` keeps."""
+    in the order ``order`` keeps (a new one: the plain claim first)."""
     if limits is None:
         return _claimed(await fetch(queries.claim_jobs(limit, worker_id, queues, names)))
     order = order or ClaimOrder()
     # With only limited names the plain claim has nothing to find.
     plain_too = names is None or not limits.names.issuperset(names)
     limited_first = order.limited_first or not plain_too
-    fairness_turn = order.turn_pending and plain_too
+    # Turns for fairness, between two kinds of job only.
+    both = plain_too and names is not None and bool(limits.jobs or order.queue_limits)
+    fairness_turn = both and order.turn_pending
     if fairness_turn:
         limited_first, order.turn_pending = not limited_first, False
-
     # A turn given for fairness looks near the head of the line only: a job waiting
     # ahead of the other kind's backlog in claim order is there.
-    scan_for = (lambda n: n * FAIR_SCAN_PER_SLOT) if fairness_turn else (lambda n: None)
+    scan_per_slot = order.FAIR_SCAN_PER_SLOT if fairness_turn else None
 
     async def plain(n: int) -> list[Claimed]:
-        query = queries.claim_jobs(n, worker_id, queues, names, limits, scan=scan_for(n))
-        rows = await fetch(query)
+        scan = None if scan_per_slot is None else n * scan_per_slot
+        rows = await fetch(queries.claim_jobs(n, worker_id, queues, names, limits, scan=scan))
         rows, order.queue_limits = claimed_rows(rows)
         return _claimed(rows)
 
     async def limited(n: int) -> list[Claimed]:
-        if names is None or not (limits.jobs or order.queue_limits):
-            return []
-        return await _claim_limited(
-            fetch, queries, n, worker_id, queues, names, limits, order, scan_for(n)
-        )
+        """Again while a round takes some but not all it may (its candidates are the
+        first jobs in line, and one group's can fill them while one may start), or
+        when it learns that queues have stored limits, which it then counts."""
+        claimed: list[Claimed] = []
+        scan = None if scan_per_slot is None else n * scan_per_slot
+        for _ in range(order.LIMITED_ROUNDS):
+            counted = order.queue_limits
+            if names is None or not (counted or limits.jobs):
+                break
+            query = queries.claim_limited(
+                n - len(claimed), worker_id, queues, names, limits, queue_limits=counted, scan=scan
+            )
+            rows, order.queue_limits = claimed_rows(await fetch(query))
+            more = _claimed(rows, limited=True)
+            claimed += more
+            if len(claimed) == n or not (more or order.queue_limits != counted):
+                break
+        return claimed
 
     first, second = (limited, plain if plain_too else None) if limited_first else (plain, limited)
     claimed = await first(limit)
     if second is None or (fairness_turn and len(claimed) == limit):
         return claimed
     if len(claimed) == limit:
-        order.filled_alone += 1
-        if order.filled_alone >= FAIR_TURNS:  # the other kind's turn to go first
-            order.turn_pending, order.filled_alone = True, 0
+        if both:
+            order.filled_alone += 1
+            if order.filled_alone >= order.FAIR_TURNS:  # the other kind's turn first
+                order.turn_pending, order.filled_alone = True, 0
         return claimed
     order.filled_alone = 0
     more = await second(limit - len(claimed))
     if more and not claimed and not fairness_turn:  # the one that finds jobs goes first
         order.limited_first = not limited_first
     return claimed + more
-
-
-@async_only
-async def _claim_limited(
-    fetch: Callable[[Query], Awaitable[Sequence[Sequence[Any]]]],
-    queries: PostgresQueries,
-    limit: int,
-    worker_id: str,
-    queues: Sequence[str] | None,
-    names: Sequence[str],
-    limits: ClaimLimits,
-    order: ClaimOrder,
-    scan: int | None = None,
-) -> list[Claimed]:
-    """The limited claim, again while a round takes some but not all it may: its
-    candidates are the first jobs in line, and jobs of one group can fill them while
-    only one may start (the next round steps over that group, now full); or when it
-    learns that queues have stored limits, which it then counts."""
-    claimed: list[Claimed] = []
-    for _ in range(LIMITED_ROUNDS):
-        counted = order.queue_limits
-        if not counted and not limits.jobs:
-            break
-        left = limit - len(claimed)
-        query = queries.claim_limited(
-            left, worker_id, queues, names, limits, queue_limits=counted, scan=scan
-        )
-        rows, order.queue_limits = claimed_rows(await fetch(query))
-        more = _claimed(rows, limited=True)
-        claimed += more
-        if len(claimed) == limit or not (more or order.queue_limits != counted):
-            break
-    return claimed
 
 
 @async_only

@@ -121,15 +121,3 @@ class PostgresSyncOps:
 
     def queue_limits(self) -> dict[str, QueueLimits]:
         return queue_limits_by_name(self.fetch(self.queries.queue_limits()))
-
-
-#: Rounds of one limited claim at most: each round takes what the groups with room
-#: allow among its candidates; a group filled by one round is stepped over by the next.
-LIMITED_ROUNDS = 8
-
-#: Claims in a row that the first claim may fill alone before the other kind of job
-#: goes first (see ClaimOrder): neither kind can keep every slot for long.
-FAIR_TURNS = 16
-
-#: How far down the line a claim given a turn for fairness looks, per free slot.
-FAIR_SCAN_PER_SLOT = 10
