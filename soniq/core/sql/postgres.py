@@ -75,16 +75,14 @@ CLAIM_COLUMNS = (
 )
 
 
-#: The claim filter that leaves a queue with stored limits to the limited claim.
-LIMITED_QUEUE = "OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL"
+#: Whether a queue's row ``q`` holds stored limits.
+HAS_LIMITS = "(q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL)"
 
 #: How many queued jobs a limited claim ranks per free slot. When several jobs of one
 #: group stand first in line and only one may start, the claim takes another round
 #: (see soniq.drivers.postgres_async), which steps over the group, now full: cheaper
 #: than ranking more candidates every time.
 CANDIDATES_PER_SLOT = 1
-
-_ANY_OF = "= ANY(ARRAY(SELECT jsonb_array_elements_text(@queues@::text::jsonb)))"
 
 #: The limits of a worker's jobs as the claim reads them (see ClaimLimits.spec_json).
 SPEC_RECORD = "name text, concurrency int, ckey text, rate int, period float8, rkey text"
@@ -256,10 +254,10 @@ WHERE status = '{ready}'
         # only puts its jobs back, which the crash does to running jobs anyway (and a
         # later durable commit, such as the completion, flushes it). The setting is
         # local to the statement's transaction, so it is safe behind PgBouncer too.
-        claim_head = f"""
-WITH picked AS MATERIALIZED (
+        self._claim_head = f"""
+WITH @first_ready@picked AS MATERIALIZED (
     SELECT id FROM {jobs}
-    WHERE status = '{ready}' @queue_filter@ @name_filter@ AND run_at <= now()
+    WHERE @ready_rows@ @name_filter@
       AND queue NOT IN (SELECT q.queue FROM {queues} AS q WHERE q.paused @limited@)
     ORDER BY priority DESC, run_at, id
     LIMIT @limit@::text::int
@@ -268,85 +266,79 @@ WITH picked AS MATERIALIZED (
 no_flush_wait AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
 )"""
-        claim_update = f"""
+        self._claim_update = f"""
 UPDATE {jobs} AS j
 SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
     worker_id = @worker@::text, started_at = now()
 FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS}"""
-        claim_body = claim_head + claim_update
-        # Keyed by (how many queues: 0 all, 1, 2 several; names filtered): the
-        # worker claims only the names it has registered (a job no running worker
-        # knows stays queued), so applications can share a database and a queue. The
-        # names are a filter on the rows the claim index gives in order, not an index
-        # condition: known names cost nothing; unknown jobs ahead of known ones in the
-        # same queue are stepped over.
-        # A claim told of limits (a worker's; see claim_jobs) leaves the jobs of limited
-        # queues to the limited claim, and says whether there are any: one more row,
-        # of NULLs, after the claimed ones.
-        any_limited = (
-            "SELECT 1 FROM {queues} AS q WHERE (q.concurrency IS NOT NULL "
-            "OR q.rate_count IS NOT NULL) @queue_filter@"
-        ).replace("{queues}", queues)
-        claim_told = f"""{claim_head},
-claimed AS ({claim_update}
-)
-SELECT * FROM claimed
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
-        self._claims: dict[tuple[int, bool, bool], str] = {}
         self._render = render
-        # A worker's claim given a turn for fairness (see ClaimOrder) looks only at
-        # the first ready jobs in line, whatever their names: it need not walk a
-        # backlog of limited jobs to find the one waiting ahead of them.
-        capped_head = claim_head.replace(
-            "WITH picked AS MATERIALIZED (",
-            f"""WITH head AS MATERIALIZED (
-    SELECT id FROM {jobs} WHERE status = '{ready}' @queue_filter@ AND run_at <= now()
-    ORDER BY priority DESC, run_at, id LIMIT @scan@::text::int
-),
-picked AS MATERIALIZED (""",
-        ).replace(
-            "WHERE status = '{ready}' @queue_filter@ @name_filter@ AND run_at <= now()".replace(
-                "{ready}", ready
-            ),
-            # (An id array: looked up by primary key, never a scan of the table.)
-            f"WHERE id = ANY(ARRAY(SELECT id FROM head)) AND status = '{ready}' @name_filter@",
-        )
-        self._capped_claim = f"""{capped_head},
-claimed AS ({claim_update}
-)
-SELECT * FROM claimed
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_limited@)"""
-        self._capped_claims: dict[int, str] = {}
+        # The claims, rendered when first used (see _plain_claim and _limited_claim).
+        self._claims: dict[tuple[int, bool, bool, bool], str] = {}
         self._limited_claims: dict[tuple[int, tuple[str, ...], bool, int], str] = {}
-        any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(${}::text::jsonb)))"
-        for queue_mode, queue_filter in (
-            (0, ""),
-            # One queue is the common case: an equality lets the index give claim order.
-            (1, "AND queue = $1::text"),
-            (2, "AND queue " + any_of.format(1)),
-        ):
-            on_q = queue_filter.replace("queue", "q.queue")
-            for named in (False, True):
-                n = (1 if queue_mode else 0) + named  # placeholders before the limit
-                for told in (False, True):
-                    sql = _fill(
-                        claim_told if told else claim_body,
-                        any_limited=any_limited.replace(
-                            "@queue_filter@", on_q.replace("$1", f"${n + 3}")
-                        ),
-                        queue_filter=queue_filter,
-                        name_filter="AND name " + any_of.format(n) if named else "",
-                        limit=f"${n + 1}",
-                        worker=f"${n + 2}",
-                        limited=LIMITED_QUEUE if told else "",
-                    )
-                    self._claims[queue_mode, named, told] = render(sql)
         self._worker_sql(jobs, render)
         self._periodic_sql(jobs, render, channel_literal)
-        self._limits_sql(jobs, render)
+        self._limits_sql(render)
+
+    def _plain_claim(self, queue_mode: int, named: bool, told: bool, capped: bool) -> str:
+        """The claim of ready jobs of the queues (``queue_mode`` 0: all, 1: one, 2:
+        several) and, when ``named``, of the names asked for: the worker claims only
+        the names it has registered (a job no running worker knows stays queued), so
+        applications can share a database and a queue. The names are a filter on the
+        rows the claim index gives in order, not an index condition: known names cost
+        nothing; unknown jobs ahead of known ones in the same queue are stepped over.
+
+        ``told`` (of limits: a worker's claim, see claim_jobs), it leaves the jobs of
+        limited queues to the limited claim, and says whether there are any: one more
+        row, of NULLs, after the claimed ones. ``capped`` (a turn given to it for
+        fairness, see ClaimOrder), it looks at the first ``scan`` ready jobs in line
+        only, whatever their names: no walk past a backlog of limited jobs.
+
+        The claim's commit need not wait for the disk: a claim lost in a server crash
+        only puts its jobs back, which the crash does to running jobs anyway (and a
+        later durable commit, such as the completion, flushes it). The setting is
+        local to the statement's transaction, so it is safe behind PgBouncer too."""
+        key = (queue_mode, named, told, capped)
+        sql = self._claims.get(key)
+        if sql is not None:
+            return sql
+        ready = JobStatus.QUEUED.value
+        first_ready, ready_rows = "", f"status = '{ready}' @queue_filter@ AND run_at <= now()"
+        if capped:  # (an id array: looked up by primary key, never a table scan)
+            jobs = f"{quote_ident(self.schema)}.soniq_jobs"
+            first_ready = f"head AS MATERIALIZED ({_first_ready(jobs, 'id', '@queue_filter@')}),\n"
+            ready_rows = f"id = ANY(ARRAY(SELECT id FROM head)) AND status = '{ready}'"
+        head = _fill(self._claim_head, first_ready=first_ready, ready_rows=ready_rows)
+        text = head + self._claim_update
+        if told:
+            text = f"""{head},
+claimed AS ({self._claim_update}
+)
+SELECT * FROM claimed
+{self._limited_queues_row(queue_mode)}"""
+        tokens = [*(["queues"] if queue_mode else []), *(["scan"] if capped else [])]
+        tokens += [*(["names"] if named else []), "limit", "worker"]
+        tokens += ["again"] if told and queue_mode else []
+        sql = self._claims[key] = self._render(
+            _number(
+                text,
+                tokens,
+                queue_filter=_queue_filter(queue_mode, "queue"),
+                name_filter=f"AND name {_any_of('@names@')}" if named else "",
+                limited=f"OR {HAS_LIMITS}" if told else "",
+            )
+        )
+        return sql
+
+    def _limited_queues_row(self, queue_mode: int) -> str:
+        """The row of NULLs a claim told of limits ends with when queues of its own
+        (``@again@``) have stored limits (see claimed_rows)."""
+        queues = f"{quote_ident(self.schema)}.soniq_queues"
+        on_q = _queue_filter(queue_mode, "q.queue", "@again@")
+        return (
+            "UNION ALL\nSELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL\n"
+            f"WHERE EXISTS (SELECT 1 FROM {queues} AS q WHERE {HAS_LIMITS} {on_q})"
+        )
 
     def _limited_claim(
         self, queue_mode: int, kinds: tuple[str, ...], capped: bool, candidates: int
@@ -368,7 +360,6 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
         """
         jobs = f"{quote_ident(self.schema)}.soniq_jobs"
         queues = f"{quote_ident(self.schema)}.soniq_queues"
-        queue_filter = ("", "AND j.queue = @queues@::text", "AND j.queue " + _ANY_OF)[queue_mode]
         with_queues = "qg" in kinds
         schema = quote_ident(self.schema)
         ready = JobStatus.QUEUED.value
@@ -389,7 +380,7 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE EXISTS (@any_l
             )
         )
         rates = "rg" in kinds or "qrg" in kinds
-        log_starts = f"""
+        log_starts = f""",
 logged AS (
     INSERT INTO {rate_log} (grp, cap, source, is_queue, until)
     SELECT rg, rcap, name, false, turn.at + rperiod * interval '1 second'
@@ -400,7 +391,7 @@ logged AS (
 ),
 expired AS (
     DELETE FROM {rate_log} WHERE until <= (SELECT at FROM turn)
-),"""
+)"""
         rooms = ", ".join(f"c.{cap} - coalesce(u_{g}.used, 0) AS {g}_room" for g, cap in groups)
         usage_of = " ".join(f"LEFT JOIN usage AS u_{g} ON u_{g}.grp = c.{g}" for g, _ in groups)
         ranks = ", ".join(rank.format(grp=grp) + f" AS {grp}_rank" for grp, _ in groups)
@@ -438,9 +429,9 @@ cand AS MATERIALIZED (
         CASE WHEN q.rate_count IS NOT NULL THEN 'rq:' || j.queue END AS qrg,
         q.rate_count AS qrcap, q.rate_period AS qrperiod) AS g
     WHERE j.status = '{ready}' @queue_filter@
-      AND j.name = ANY(ARRAY(SELECT jsonb_array_elements_text(@names@::text::jsonb)))
+      AND j.name {_any_of("@names@")}
       AND j.run_at <= now() AND q.paused IS NOT TRUE
-      AND (s.name IS NOT NULL OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL)
+      AND (s.name IS NOT NULL OR {HAS_LIMITS})
       AND {free}
     ORDER BY j.priority DESC, j.run_at, j.id
     LIMIT @candidates@
@@ -475,35 +466,26 @@ claimed AS (
     FROM picked, no_flush_wait, turn WHERE j.id = picked.id AND j.status = '{ready}'
     RETURNING {CLAIM_COLUMNS}, picked.rg, picked.rcap, picked.rperiod, picked.qrg,
         picked.qrcap, picked.qrperiod
-),{log_starts if rates else ""}
-limited_queues AS (
-    SELECT 1 FROM {queues} AS q
-    WHERE (q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL) @sentinel_filter@
-)
+){log_starts if rates else ""}
 SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims FROM claimed
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-WHERE EXISTS (SELECT 1 FROM limited_queues)"""
-        sentinel_filter = queue_filter.replace("j.queue", "q.queue").replace("@queues@", "@again@")
-        ready_first = (
-            f"(SELECT * FROM {jobs} WHERE status = '{ready}' AND run_at <= now() "
-            "ORDER BY priority DESC, run_at, id LIMIT @scan@::text::int)"
-        )
-        source = ready_first if capped else jobs
-        tokens = ["spec", "turn", *(["scan"] if capped else [])]
-        tokens += [*(["queues"] if queue_mode else []), "names", "limit", "worker"]
-        tokens += ["again"] if queue_mode else []
-        values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
-        return _fill(
+{self._limited_queues_row(queue_mode)}"""
+        source = f"({_first_ready(jobs, '*', '')})" if capped else jobs
+        tokens = [
+            "spec",
+            "turn",
+            *(["scan"] if capped else []),
+            *(["queues"] if queue_mode else []),
+        ]
+        tokens += ["names", "limit", "worker", *(["again"] if queue_mode else [])]
+        return _number(
             sql,
+            tokens,
             source=source,
-            queue_filter=queue_filter,
-            sentinel_filter=sentinel_filter,
+            queue_filter=_queue_filter(queue_mode, "j.queue"),
             candidates=str(candidates),
-            **values,
         )
 
-    def _limits_sql(self, jobs: str, render: Any) -> None:
+    def _limits_sql(self, render: Any) -> None:
         """Statements of stored queue limits, and what a limited claim counts."""
         schema = quote_ident(self.schema)
         queues = f"{schema}.soniq_queues"
@@ -514,8 +496,8 @@ VALUES ($1::text, $2::text::int, $3::text::int, $4::text::float8)
 ON CONFLICT (queue) DO UPDATE SET concurrency = excluded.concurrency,
     rate_count = excluded.rate_count, rate_period = excluded.rate_period, updated_at = now()""")
         self._queue_limits = (
-            f"SELECT queue, concurrency, rate_count, rate_period FROM {queues} "
-            "WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL ORDER BY queue"
+            f"SELECT queue, concurrency, rate_count, rate_period FROM {queues} AS q "
+            f"WHERE {HAS_LIMITS} ORDER BY queue"
         )
 
     def _periodic_sql(self, jobs: str, render: Any, channel_literal: str) -> None:
@@ -738,52 +720,18 @@ DELETE FROM {jobs} WHERE id IN (
         the jobs of queues with stored limits to :meth:`claim_limited`, and its last
         row is all NULL when there are such queues (see :func:`claimed_rows`); with
         ``scan`` too, it looks at the first ``scan`` ready jobs only."""
-        params: list[str] = []
         queue_mode = _queue_mode(queues)
-        if queues is not None:
-            params.append(queues[0] if queue_mode == 1 else serialize.dumps(list(queues)))
+        queue = _queue_params(queues)
+        told = limits is not None
         if limits is not None and names is not None:
             names = [name for name in names if name not in limits.names]
-        if scan is not None and limits is not None and names is not None:
-            return Query(
-                self._capped(queue_mode),
-                (*params, str(scan), serialize.dumps(list(names)), str(limit), worker_id, *params),
-            )
-        if names is not None:
-            params.append(serialize.dumps(list(names)))
-        sql = self._claims[queue_mode, names is not None, limits is not None]
+        capped = told and scan is not None and names is not None
+        params = [*queue, *([str(scan)] if capped else [])]
+        params += [*([serialize.dumps(list(names))] if names is not None else [])]
         # A claim told of limits names its queues twice: in the claim and in the
         # question about limited queues.
-        again = params[:1] if queue_mode and limits is not None else []
-        return Query(sql, (*params, str(limit), worker_id, *again))
-
-    def _capped(self, queue_mode: int) -> str:
-        sql = self._capped_claims.get(queue_mode)
-        if sql is None:
-            any_of = "= ANY(ARRAY(SELECT jsonb_array_elements_text(@{}@::text::jsonb)))"
-            queue_filter = (
-                "",
-                "AND queue = @queues@::text",
-                "AND queue " + any_of.format("queues"),
-            )
-            tokens = [*(["queues"] if queue_mode else []), "scan", "names", "limit", "worker"]
-            tokens += ["again"] if queue_mode else []
-            values = {token: f"${n}" for n, token in enumerate(tokens, 1)}
-            on_q = queue_filter[queue_mode].replace("AND queue", "AND q.queue")
-            on_q = on_q.replace("@queues@", "@again@")
-            text = _fill(
-                self._capped_claim,
-                any_limited=(
-                    f"SELECT 1 FROM {quote_ident(self.schema)}.soniq_queues AS q "
-                    f"WHERE (q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL) {on_q}"
-                ),
-                queue_filter=queue_filter[queue_mode],
-                name_filter=f"AND name {any_of.format('names')}",
-                limited=LIMITED_QUEUE,
-                **values,
-            )
-            sql = self._capped_claims[queue_mode] = self._render(text)
-        return sql
+        params += [str(limit), worker_id, *(queue if told else [])]
+        return Query(self._plain_claim(queue_mode, names is not None, told, capped), tuple(params))
 
     def claim_limited(
         self,
@@ -812,9 +760,7 @@ DELETE FROM {jobs} WHERE id IN (
         params = [limits.spec_json(worker_id, kinds), str(self.limit_turn)]
         if scan is not None:
             params.append(str(scan))
-        queue = []
-        if queues is not None:
-            queue = [queues[0] if queue_mode == 1 else serialize.dumps(list(queues))]
+        queue = _queue_params(queues)
         params += [*queue, serialize.dumps(list(names)), str(limit), worker_id]
         return Query(sql, (*params, *queue))
 
@@ -973,6 +919,39 @@ def claimed_rows(rows: Sequence[Sequence[Any]]) -> tuple[Sequence[Sequence[Any]]
 
 def _queue_mode(queues: Sequence[str] | None) -> int:
     return 0 if queues is None else 1 if len(queues) == 1 else 2
+
+
+def _queue_params(queues: Sequence[str] | None) -> list[str]:
+    """The parameter of a claim's queue filter (none for every queue)."""
+    if queues is None:
+        return []
+    return [queues[0] if len(queues) == 1 else serialize.dumps(list(queues))]
+
+
+def _any_of(token: str) -> str:
+    """``= ANY`` the strings of the JSON array of placeholder ``token``."""
+    return f"= ANY(ARRAY(SELECT jsonb_array_elements_text({token}::text::jsonb)))"
+
+
+def _queue_filter(queue_mode: int, column: str, token: str = "@queues@") -> str:
+    """The condition on ``column`` for a claim's queues (see _queue_mode): one queue
+    is the common case, and an equality lets the index give claim order."""
+    return ("", f"AND {column} = {token}::text", f"AND {column} {_any_of(token)}")[queue_mode]
+
+
+def _first_ready(jobs: str, columns: str, queue_filter: str) -> str:
+    """The first ``@scan@`` ready jobs in claim order (a turn given for fairness)."""
+    ready = JobStatus.QUEUED.value
+    return (
+        f"SELECT {columns} FROM {jobs} WHERE status = '{ready}' {queue_filter} "
+        "AND run_at <= now() ORDER BY priority DESC, run_at, id LIMIT @scan@::text::int"
+    )
+
+
+def _number(sql: str, tokens: Sequence[str], **text: str) -> str:
+    """Fill the ``text`` tokens, then number the placeholder ``tokens`` $1..$N, in
+    the order they are used (see check_placeholders)."""
+    return _fill(sql, **text, **{token: f"${n}" for n, token in enumerate(tokens, 1)})
 
 
 def _text(value: object) -> str | None:
