@@ -450,8 +450,13 @@ _CLAIM_UPDATE = (
     "claims = claims + 1, worker_id = ?, "
     f"started_at = ? WHERE id = ? AND status = '{_QUEUED}'"
 )
-#: The claim filter that leaves a queue with stored limits to the limited claim.
-_LIMITED_QUEUE = "OR concurrency IS NOT NULL OR rate_count IS NOT NULL"
+#: Whether a queue's row holds stored limits.
+_HAS_LIMITS = "(concurrency IS NOT NULL OR rate_count IS NOT NULL)"
+#: A running job ``j`` is counted unless it is a run of this worker's that has ended
+#: (its outcome not written yet; see ClaimLimits.ended).
+_NOT_ENDED = """AND NOT (j.worker_id = :spec ->> '$.worker' AND EXISTS (
+              SELECT 1 FROM json_each(:spec, '$.ended') AS e
+              WHERE e.value ->> 0 = j.id AND e.value ->> 1 = j.claims))"""
 
 
 def _limit_group(kind: str, limit: str, key: str) -> str:
@@ -477,15 +482,11 @@ usage AS MATERIALIZED (
         SELECT {_limit_group("c", "concurrency", "ckey")} AS grp
         FROM {JOBS} AS j JOIN spec AS s ON s.name = j.name
         WHERE j.status = '{_RUNNING}' AND s.concurrency IS NOT NULL
-          AND NOT (j.worker_id = :spec ->> '$.worker' AND EXISTS (
-              SELECT 1 FROM json_each(:spec, '$.ended') AS e
-              WHERE e.value ->> 0 = j.id AND e.value ->> 1 = j.claims))
+          {_NOT_ENDED}
         UNION ALL
         SELECT 'q:' || j.queue FROM {JOBS} AS j JOIN {QUEUES} AS q ON q.queue = j.queue
         WHERE j.status = '{_RUNNING}' AND q.concurrency IS NOT NULL
-          AND NOT (j.worker_id = :spec ->> '$.worker' AND EXISTS (
-              SELECT 1 FROM json_each(:spec, '$.ended') AS e
-              WHERE e.value ->> 0 = j.id AND e.value ->> 1 = j.claims))
+          {_NOT_ENDED}
         UNION ALL
         SELECT grp FROM {RATE_LOG} WHERE until > :now
     ) GROUP BY grp
@@ -583,7 +584,7 @@ def claim_jobs(
         queue_params.append(serialize.dumps(list(unlimited)))
     sql = _CLAIM_SELECT.replace("@queue_filter@", queue_filter)
     sql = sql.replace("@name_filter@", name_filter)
-    sql = sql.replace("@limited@", "" if limits is None else _LIMITED_QUEUE)
+    sql = sql.replace("@limited@", "" if limits is None else f"OR {_HAS_LIMITS}")
 
     def plain(at: float, left: int) -> Steps[list[Claimed]]:
         if not left or (unlimited is not None and not unlimited):
@@ -636,13 +637,9 @@ def _claim_limited(
 ) -> Steps[list[Claimed]]:
     """The limited part of :func:`claim_jobs`: picks within the limits and logs the
     starts that rate limits count (the caller marks the jobs claimed)."""
-    if not limits.jobs:
-        limited_queue = (
-            f"SELECT 1 FROM {QUEUES} WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL "
-            "LIMIT 1"
-        )
-        if not (yield Step(limited_queue)).rows:
-            return []
+    limited_queues = f"SELECT 1 FROM {QUEUES} WHERE {_HAS_LIMITS} LIMIT 1"
+    if not limits.jobs and not (yield Step(limited_queues)).rows:
+        return []
     named: dict[str, Any] = {
         "now": now,
         "names": serialize.dumps(list(names)),
@@ -750,7 +747,7 @@ def queue_limits() -> Operation[dict[str, QueueLimits]]:
         rows = (
             yield Step(
                 f"SELECT queue, concurrency, rate_count, rate_period FROM {QUEUES} "
-                "WHERE concurrency IS NOT NULL OR rate_count IS NOT NULL ORDER BY queue"
+                f"WHERE {_HAS_LIMITS} ORDER BY queue"
             )
         ).rows
         return queue_limits_by_name(rows)
