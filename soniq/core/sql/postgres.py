@@ -723,7 +723,7 @@ DELETE FROM {jobs} WHERE id IN (
         queue_mode = _queue_mode(queues)
         queue = _queue_params(queues)
         told = limits is not None
-        if limits is not None and names is not None:
+        if limits is not None and limits.jobs and names is not None:
             names = [name for name in names if name not in limits.names]
         capped = told and scan is not None and names is not None
         params = [*queue, *([str(scan)] if capped else [])]

@@ -577,7 +577,7 @@ def claim_jobs(
         queue_filter = f"AND queue IN ({', '.join('?' * len(queues))})"
         queue_params += queues
     unlimited = names
-    if limits is not None and names is not None:
+    if limits is not None and limits.jobs and names is not None:
         unlimited = [name for name in names if name not in limits.names]
     if unlimited is not None:
         name_filter = "AND name IN (SELECT value FROM json_each(?))"
