@@ -18,10 +18,25 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from soniq.core.enqueue import JobRef, Registry, build_spec, check_queue, split_options
+from soniq.core.enqueue import (
+    JobRef,
+    Registry,
+    build_graph,
+    build_spec,
+    check_queue,
+    split_options,
+)
 from soniq.core.errors import ConfigurationError, DatabaseUnavailable
 from soniq.core.flow import QueueLimits, queue_limits
-from soniq.core.jobs import DEFAULT_MAX_RETRIES, DEFAULT_QUEUE, Job, JobDefinition, JobSpec
+from soniq.core.jobs import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_QUEUE,
+    Job,
+    JobDefinition,
+    JobNode,
+    JobSpec,
+)
+from soniq.core.results import result_of
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.schedules import Schedule, make_schedule
 from soniq.core.sql.postgres import quote_ident
@@ -34,6 +49,7 @@ from soniq.drivers.embedded import (
     embedded_location,
     embedded_sync_backend,
 )
+from soniq.waiting import EndWaiters, LoopThread
 from soniq.worker import Worker, WorkerConfig
 
 if TYPE_CHECKING:
@@ -213,6 +229,7 @@ class Soniq:
             self.backend = _postgres_async_driver(config)
         self._sync: SyncSoniq | None = None
         self._initialized = False
+        self._waiters = EndWaiters(self.backend)
 
     @property
     def sync(self) -> SyncSoniq:
@@ -375,6 +392,12 @@ class Soniq:
         ``dedupe_key``, ``timeout``) are read out; every other keyword is an argument.
         With ``connection=`` the job is inserted on that connection, inside its
         transaction: it exists if and only if that transaction commits.
+
+        ``depends_on=[id, ...]``: the job waits (status ``waiting``) until every one of
+        those jobs is done; if one fails or is cancelled, it is cancelled too (with
+        ``on_parent_failure="run"`` it runs anyway). ``dedupe="replace"`` with a
+        ``dedupe_key``: a job holding the key that has not started takes this call's
+        arguments and options instead of keeping its own. See docs/workflows.md.
         """
         options = split_options(kwargs)
         spec = build_spec(self.registry, job, [kwargs], options)
@@ -398,6 +421,48 @@ class Soniq:
             return []
         spec = build_spec(self.registry, job, batch, _only_options(options))
         return await self._insert(spec, connection)
+
+    async def enqueue_group(
+        self,
+        members: Iterable[tuple[JobRef, Mapping[str, Any]]],
+        /,
+        *,
+        then: tuple[JobRef, Mapping[str, Any]] | None = None,
+        connection: Any = None,
+    ) -> list[int]:
+        """Enqueue the ``members`` (``(job, arguments)`` pairs, run side by side) and,
+        with ``then``, a job that runs once after all of them are done, with their
+        results in ``current_job().parent_results``; in one statement (on
+        ``connection``, inside its transaction, when given). Returns the members' ids
+        in order, then ``then``'s. A member's mapping may hold enqueue options too."""
+        nodes = build_graph(
+            self.registry, members, chained=False, then=then, caller="enqueue_group"
+        )
+        return await self._insert_graph(nodes, connection)
+
+    async def enqueue_chain(
+        self,
+        links: Iterable[tuple[JobRef, Mapping[str, Any]]],
+        /,
+        *,
+        connection: Any = None,
+    ) -> list[int]:
+        """Enqueue ``(job, arguments)`` pairs that run one after the other: each once
+        the one before is done (its result in ``current_job().parent_results``); a
+        failure cancels the rest. One statement (on ``connection`` when given); ids in
+        order."""
+        nodes = build_graph(self.registry, links, chained=True, caller="enqueue_chain")
+        return await self._insert_graph(nodes, connection)
+
+    async def wait_for(self, job_id: int, /, *, timeout: float | None = None) -> Any:
+        """Wait until the job has ended and return its result (what it returned);
+        raise :class:`soniq.JobFailed` if it failed, :class:`soniq.JobCancelled` if it
+        was cancelled, ``TimeoutError`` if it has not ended within ``timeout`` seconds
+        (None: no limit; the job is not touched), :class:`soniq.JobNotFound` if there
+        is no such job. Woken by PostgreSQL's NOTIFY at the job's end (one listening
+        connection for all the waiters of this Soniq), polling otherwise."""
+        job = await self._waiters.wait(_check_job_id(job_id), _wait_timeout(timeout))
+        return result_of(job)
 
     async def get_job(self, job_id: int) -> Job | None:
         """The job with this id, or None."""
@@ -495,6 +560,7 @@ class Soniq:
 
     async def close(self) -> None:
         """Close Soniq's pools (the async one, and the sync twin's if it was used)."""
+        await self._waiters.close()
         await self.backend.close()
         if self._sync is not None:
             self._sync.close()
@@ -503,6 +569,11 @@ class Soniq:
         if connection is None:
             return await self.backend.insert_jobs(spec)
         return await self._config.callers().insert_jobs(spec, connection)
+
+    async def _insert_graph(self, nodes: list[JobNode], connection: Any) -> list[int]:
+        if connection is None:
+            return await self.backend.insert_graph(nodes)
+        return await self._config.callers().insert_graph(nodes, connection)
 
 
 class SyncSoniq:
@@ -523,6 +594,8 @@ class SyncSoniq:
 
             self.backend = PsycopgSyncDriver(config.dsn, **config.driver_options())
         self._initialized = False
+        # wait_for's waiters share one loop on a thread of its own (see LoopThread).
+        self._wait_loop = LoopThread(self.async_twin)
 
     def __repr__(self) -> str:
         cfg = self._config
@@ -555,6 +628,37 @@ class SyncSoniq:
             return []
         spec = build_spec(self.registry, job, batch, _only_options(options))
         return self._insert(spec, connection)
+
+    def enqueue_group(
+        self,
+        members: Iterable[tuple[JobRef, Mapping[str, Any]]],
+        /,
+        *,
+        then: tuple[JobRef, Mapping[str, Any]] | None = None,
+        connection: Any = None,
+    ) -> list[int]:
+        """Blocking :meth:`Soniq.enqueue_group`."""
+        nodes = build_graph(
+            self.registry, members, chained=False, then=then, caller="enqueue_group"
+        )
+        return self._insert_graph(nodes, connection)
+
+    def enqueue_chain(
+        self,
+        links: Iterable[tuple[JobRef, Mapping[str, Any]]],
+        /,
+        *,
+        connection: Any = None,
+    ) -> list[int]:
+        """Blocking :meth:`Soniq.enqueue_chain`."""
+        nodes = build_graph(self.registry, links, chained=True, caller="enqueue_chain")
+        return self._insert_graph(nodes, connection)
+
+    def wait_for(self, job_id: int, /, *, timeout: float | None = None) -> Any:
+        """Blocking :meth:`Soniq.wait_for`: the waiters of all threads share one loop
+        (on a thread of its own) and one listening connection."""
+        job_id, timeout = _check_job_id(job_id), _wait_timeout(timeout)
+        return self._wait_loop.run(lambda app: app.wait_for(job_id, timeout=timeout))
 
     def get_job(self, job_id: int) -> Job | None:
         """Blocking :meth:`Soniq.get_job`."""
@@ -626,13 +730,29 @@ class SyncSoniq:
         return app
 
     def close(self) -> None:
-        """Close the twin's pool."""
+        """Close the twin's pool (and the waiting loop's, if it was used)."""
+        self._wait_loop.close(lambda app: app.close())
         self.backend.close()
 
     def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
             return self.backend.insert_jobs(spec)
         return self._config.callers().insert_jobs_sync(spec, connection)
+
+    def _insert_graph(self, nodes: list[JobNode], connection: Any) -> list[int]:
+        if connection is None:
+            return self.backend.insert_graph(nodes)
+        return self._config.callers().insert_graph_sync(nodes, connection)
+
+
+def _check_job_id(job_id: object) -> int:
+    if isinstance(job_id, bool) or not isinstance(job_id, int):
+        raise TypeError(f"job_id must be an int (an id from enqueue), got {job_id!r}")
+    return job_id
+
+
+def _wait_timeout(timeout: object) -> float | None:
+    return None if timeout is None else _seconds("timeout", timeout, zero=True)
 
 
 def _as_batch(args: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from soniq.core.jobs import Claimed, Job, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
 from soniq.worker.execute import JobRun
+from soniq.worker.progress import ProgressWriter
 
 if TYPE_CHECKING:
     from soniq.drivers.sqlite import SqliteMemory
@@ -469,7 +470,7 @@ def _max_jobs(value: int | None) -> int | None:
 class _Drain:
     """The state of one drain: its worker identity, the tally, the options."""
 
-    def __init__(self, eq: Soniq, options: _DrainOptions) -> None:
+    def __init__(self, eq: Soniq, options: _DrainOptions, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = eq.backend
         self.registry = eq.registry
         self.options = options
@@ -479,6 +480,7 @@ class _Drain:
         self.counts = {"done": 0, "failed": 0, "retried": 0, "cancelled": 0, "snoozed": 0}
         self.errors: list[tuple[int, str]] = []
         self._beat = 0.0
+        self._progress = ProgressWriter(loop, self.backend.set_progress)
 
     def more(self) -> bool:
         limit = self.options.max_jobs
@@ -506,7 +508,14 @@ class _Drain:
         definition = self.registry.get(claimed.name)
         if definition is None:  # claimed by name: only if the registry lost it since
             raise RuntimeError(f"job {claimed.id}: {claimed.name!r} is no longer registered")
-        return JobRun.of(definition, claimed, self.worker_id)
+        return JobRun.of(definition, claimed, self.worker_id, on_progress=self._progress.report)
+
+    async def close(self) -> None:
+        """Write the progress reported last, and unregister."""
+        try:
+            await self._progress.flush()
+        finally:
+            await self.backend.unregister_worker(self.worker_id)
 
     async def finish(self, outcome: Outcome, error: BaseException | None) -> None:
         """Write the outcome, count it, and re-raise the job's error if asked."""
@@ -600,7 +609,7 @@ async def _run_sync_job_in_thread(run: JobRun) -> tuple[Outcome, BaseException |
 
 async def _drain_async(eq: Soniq, options: _DrainOptions) -> DrainResult:
     await eq.ensure_initialized()
-    drainer = _Drain(eq, options)
+    drainer = _Drain(eq, options, asyncio.get_running_loop())
     await drainer.register()
     try:
         while drainer.more():
@@ -618,7 +627,7 @@ async def _drain_async(eq: Soniq, options: _DrainOptions) -> DrainResult:
                 raise
             await drainer.finish(outcome, error)
     finally:
-        await drainer.backend.unregister_worker(drainer.worker_id)
+        await drainer.close()
     return drainer.result()
 
 
@@ -637,7 +646,7 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
     run = loop.run_until_complete
     try:
         run(app.ensure_initialized())
-        drainer = _Drain(app, options)
+        drainer = _Drain(app, options, loop)
         run(drainer.register())
         try:
             while drainer.more():
@@ -655,7 +664,7 @@ def _drain_sync(eq: SyncSoniq, options: _DrainOptions) -> DrainResult:
                     raise
                 run(drainer.finish(outcome, error))
         finally:
-            run(drainer.backend.unregister_worker(drainer.worker_id))
+            run(drainer.close())
         return drainer.result()
     finally:
         try:

@@ -35,9 +35,19 @@ def test_putting_back_a_running_job_makes_it_queued() -> None:
         assert states.next_status(JobStatus.RUNNING, event) is JobStatus.QUEUED
 
 
-def test_dedupe_keys_are_held_while_queued_or_running() -> None:
-    assert {JobStatus.QUEUED, JobStatus.RUNNING} == states.ACTIVE
-    assert states.sql_status_list(states.ACTIVE) == "('queued', 'running')"
+def test_dedupe_keys_are_held_while_waiting_queued_or_running() -> None:
+    assert {JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING} == states.ACTIVE
+    assert states.sql_status_list(states.ACTIVE) == "('waiting', 'queued', 'running')"
+
+
+def test_a_waiting_job_is_queued_when_its_parents_are_done_or_cancelled() -> None:
+    assert TRANSITIONS[JobStatus.WAITING] == {
+        Event.PARENTS_DONE: JobStatus.QUEUED,
+        Event.PARENT_FAILED: JobStatus.CANCELLED,
+        Event.CANCEL: JobStatus.CANCELLED,
+    }
+    assert {JobStatus.WAITING, JobStatus.QUEUED} == states.CANCELLED_AT_ONCE
+    assert {JobStatus.FAILED, JobStatus.CANCELLED} == states.UNSUCCESSFUL
 
 
 @given(st.lists(st.sampled_from(list(Event)), max_size=30))

@@ -42,6 +42,7 @@ def test_ten_processes_migrating_at_once(
         (schema,),
     ).fetchall()
     assert tables == [
+        ("soniq_job_deps",),
         ("soniq_jobs",),
         ("soniq_migrations",),
         ("soniq_periodic",),

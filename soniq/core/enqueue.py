@@ -23,6 +23,7 @@ from soniq.core.jobs import (
     PRIORITY_RANGE,
     RESERVED_OPTIONS,
     JobDefinition,
+    JobNode,
     JobSpec,
 )
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
@@ -297,7 +298,114 @@ def _spec_with_options(
         max_retries = _check_max_retries(options["max_retries"])
     if "timeout" in options:
         timeout = _check_timeout(options["timeout"])
-    return JobSpec(name, queue, args, priority, run_at, delay, max_retries, dedupe_key, timeout)
+    replace = _check_dedupe(options.get("dedupe", "keep"), dedupe_key)
+    parents = check_parents(options.get("depends_on"))
+    run_anyway = _check_on_parent_failure(options.get("on_parent_failure"), parents)
+    if parents and dedupe_key is not None:
+        raise ValueError(
+            "dedupe_key cannot be combined with depends_on: a job that waits for others "
+            "is not deduplicated; enqueue it without one of them"
+        )
+    return JobSpec(
+        name,
+        queue,
+        args,
+        priority,
+        run_at,
+        delay,
+        max_retries,
+        dedupe_key,
+        timeout,
+        replace=replace,
+        parents=parents,
+        run_if_parent_fails=run_anyway,
+    )
+
+
+#: Most parents one job may have (``depends_on``), and most jobs one group or chain.
+MAX_PARENTS = 100_000
+
+
+def check_parents(depends_on: object) -> tuple[int, ...]:
+    """The ids of ``depends_on`` (a job id, or a list of them), each once, in order."""
+    if depends_on is None:
+        return ()
+    ids = [depends_on] if isinstance(depends_on, int) else depends_on
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise TypeError(f"depends_on must be a job id or a list of job ids, got {depends_on!r}")
+    parents: dict[int, None] = {}
+    for job_id in ids:
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+            raise TypeError(
+                f"depends_on must hold job ids (ints from enqueue), got {job_id!r} in it"
+            )
+        parents[job_id] = None
+    if len(parents) > MAX_PARENTS:
+        raise ValueError(f"depends_on names {len(parents):,} jobs, more than {MAX_PARENTS:,}")
+    return tuple(parents)
+
+
+def _check_on_parent_failure(value: object, parents: tuple[int, ...]) -> bool:
+    """True for ``"run"`` (run anyway), False for ``"cancel"`` (the default)."""
+    if value is None:
+        return False
+    if value not in ("cancel", "run"):
+        raise ValueError(f"on_parent_failure must be 'cancel' or 'run', got {value!r}")
+    if not parents:
+        raise ValueError("on_parent_failure applies to a job with depends_on; give both")
+    return value == "run"
+
+
+def _check_dedupe(value: object, dedupe_key: object) -> bool:
+    """True for ``dedupe="replace"``, False for ``"keep"`` (the default)."""
+    if value not in ("keep", "replace"):
+        raise ValueError(f"dedupe must be 'keep' or 'replace', got {value!r}")
+    if value == "replace" and dedupe_key is None:
+        raise ValueError('dedupe="replace" needs a dedupe_key: the key names the job to replace')
+    return value == "replace"
+
+
+def build_graph(
+    registry: Registry,
+    members: Iterable[tuple[JobRef, Mapping[str, Any]]],
+    *,
+    chained: bool,
+    then: tuple[JobRef, Mapping[str, Any]] | None = None,
+    caller: str,
+) -> list[JobNode]:
+    """The jobs of a group (``then`` waits for all members) or of a chain
+    (``chained``: each waits for the one before). A member is ``(job, mapping)``: the
+    mapping holds its arguments, and may hold enqueue options too (``queue``,
+    ``priority``, ``delay``, ...), not ``depends_on``, ``dedupe_key`` nor
+    ``connection``. ``caller`` names the method in messages."""
+    if isinstance(members, (str, bytes, Mapping)) or not isinstance(members, Iterable):
+        raise TypeError(f"{caller} takes a list of (job, arguments) pairs, got {members!r}")
+    nodes: list[JobNode] = []
+    for index, member in enumerate(members):
+        spec = _member_spec(registry, member, f"{caller}: the job at index {index}")
+        nodes.append(JobNode(spec, (index - 1,) if chained and index else ()))
+    if not nodes:
+        raise ValueError(f"{caller}: no job given")
+    if then is not None:
+        spec = _member_spec(registry, then, f"{caller}: then")
+        nodes.append(JobNode(spec, tuple(range(len(nodes)))))
+    if len(nodes) > MAX_PARENTS:
+        raise ValueError(f"{caller}: {len(nodes):,} jobs, more than {MAX_PARENTS:,} in one call")
+    return nodes
+
+
+def _member_spec(registry: Registry, member: object, where: str) -> JobSpec:
+    if not isinstance(member, tuple) or len(member) != 2 or not isinstance(member[1], Mapping):
+        raise TypeError(
+            f"{where} is {member!r}; expected a (job, arguments) pair, e.g. (resize, {{'path': p}})"
+        )
+    job, mapping = member
+    args = dict(mapping)
+    options = split_options(args)
+    refused = options.keys() & {"connection", "depends_on", "on_parent_failure", "dedupe_key"}
+    if refused:
+        raise ValueError(f"{where}: {', '.join(sorted(refused))} cannot be given to one job here")
+    return build_spec(registry, job, [args], options)
 
 
 def _check_name(name: object) -> None:

@@ -99,3 +99,42 @@ class DatabaseUnavailable(SoniqError, ConnectionError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class JobNotFound(SoniqError, LookupError):
+    """No job has this id (never enqueued, or deleted: pruned, or finished with
+    ``retention=0``). ``job_id`` is the id asked for."""
+
+    def __init__(self, message: str, *, job_id: int) -> None:
+        super().__init__(message)
+        #: The id that matched no job.
+        self.job_id = job_id
+
+
+class JobFailed(SoniqError):
+    """The job awaited with ``wait_for`` failed: its retries are spent, or it raised
+    :class:`PermanentError`. Its last error: ``error_type`` (the exception's class
+    name), ``message`` and ``traceback`` (as its worker formatted it)."""
+
+    def __init__(self, job_id: int, error_type: str, message: str, traceback: str | None) -> None:
+        super().__init__(f"job {job_id} failed: {error_type}: {message}".rstrip(": "))
+        #: The failed job's id.
+        self.job_id = job_id
+        #: The class name of the exception it last raised (``"ValueError"``).
+        self.error_type = error_type
+        #: That exception's message.
+        self.message = message
+        #: The formatted traceback of that exception (None when none was stored).
+        self.traceback = traceback
+
+
+class JobCancelled(SoniqError):
+    """The job awaited with ``wait_for`` was cancelled: by ``cancel_job``, or because
+    a job it depended on failed or was cancelled (``reason`` says which)."""
+
+    def __init__(self, job_id: int, reason: str | None) -> None:
+        super().__init__(f"job {job_id} was cancelled" + (f": {reason}" if reason else ""))
+        #: The cancelled job's id.
+        self.job_id = job_id
+        #: Why, as stored in its ``last_error`` (None when nothing was stored).
+        self.reason = reason

@@ -15,7 +15,19 @@ from soniq.core.states import JobStatus
 
 #: Keyword names that ``enqueue`` reads as options; a job may not use them as parameters.
 RESERVED_OPTIONS: frozenset[str] = frozenset(
-    {"connection", "queue", "priority", "run_at", "delay", "max_retries", "dedupe_key", "timeout"}
+    {
+        "connection",
+        "queue",
+        "priority",
+        "run_at",
+        "delay",
+        "max_retries",
+        "dedupe_key",
+        "dedupe",
+        "timeout",
+        "depends_on",
+        "on_parent_failure",
+    }
 )
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRIES = 3
@@ -40,12 +52,36 @@ class JobSpec:
     max_retries: int = DEFAULT_MAX_RETRIES
     dedupe_key: str | None = None
     timeout: float | None = None
+    #: ``dedupe="replace"``: a job holding ``dedupe_key`` that has not started takes
+    #: this call's arguments and options (one that runs gives the key up instead).
+    replace: bool = False
+    #: The existing jobs these wait for (``depends_on``).
+    parents: tuple[int, ...] = ()
+    #: ``on_parent_failure="run"``: a parent that fails or is cancelled counts as
+    #: ended instead of cancelling these jobs.
+    run_if_parent_fails: bool = False
+
+    @property
+    def is_plain(self) -> bool:
+        """Inserted by the plain enqueue statements, which group commit may merge: no
+        parents, no replacing."""
+        return not self.parents and not self.replace
 
     def due_at(self, now: dt.datetime) -> dt.datetime:
         """When the jobs become ready, for backends that keep time themselves."""
         if self.run_at is not None:
             return self.run_at
         return now + dt.timedelta(seconds=self.delay)
+
+
+@attrs.frozen
+class JobNode:
+    """One job of an insert of several that wait for one another (``enqueue_group``,
+    ``enqueue_chain``): ``spec`` holds one job, ``after`` the positions of the earlier
+    nodes of the same insert that it waits for."""
+
+    spec: JobSpec
+    after: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -76,6 +112,16 @@ class Job:
     claims: int = 0
     #: How many times the job snoozed (raised :class:`soniq.Snooze`).
     snoozes: int = 0
+    #: The traceback of the last error (a failure, a retry), as the worker formatted it.
+    traceback: str | None = None
+    #: The jobs it waits (or waited) for: ``depends_on``, or its group's or chain's.
+    parents: tuple[int, ...] = ()
+    #: How many of :attr:`parents` have not ended yet (0 unless ``waiting``).
+    waiting_for: int = 0
+    #: The last progress the job reported (``current_job().set_progress``), 0 to 1.
+    progress: float | None = None
+    #: The message that came with :attr:`progress`.
+    progress_message: str | None = None
 
 
 @attrs.frozen
@@ -105,6 +151,8 @@ class Claimed:
     #: Claimed under limits (its own or its queue's): when its end is written, the
     #: worker claims again at once, as the limit then has room.
     limited: bool = False
+    #: The results of its parents that are done, by id (None: it has no parents).
+    parent_results: Mapping[int, Any] | None = None
 
 
 @attrs.frozen(eq=False)

@@ -4,9 +4,10 @@ Rule 1: everything that decides whether a job may move from one status to anothe
 lives here, in ``TRANSITIONS``. SQL builders and backends ask this module which
 statuses an event applies to; they never spell a status list themselves.
 
-A job is ``queued`` (this includes a future ``run_at`` and a retry waiting for its
-back-off), ``running`` (claimed by a worker), or finished: ``done``, ``failed``
-(retries exhausted or not retryable) or ``cancelled``.
+A job is ``waiting`` (for its parents, see ``depends_on``), ``queued`` (this includes
+a future ``run_at`` and a retry waiting for its back-off), ``running`` (claimed by a
+worker), or finished: ``done``, ``failed`` (retries exhausted or not retryable) or
+``cancelled``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from soniq.core.errors import InvalidTransition
 class JobStatus(str, enum.Enum):
     """Where a job is in its life."""
 
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -41,13 +43,16 @@ class Event(str, enum.Enum):
     RESCUE = "rescue"  # its worker died: put back, attempt counted
     RELEASE = "release"  # graceful shutdown: put back, attempt not counted
     SNOOZE = "snooze"  # the job asked to run later: put back, attempt not counted
+    PARENTS_DONE = "parents_done"  # the last of a waiting job's parents is done
+    PARENT_FAILED = "parent_failed"  # a parent failed or was cancelled: the child too
 
 
-Q, R = JobStatus.QUEUED, JobStatus.RUNNING
+W, Q, R = JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING
 D, F, C = JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED
 
 #: {current status: {event: next status}}. A missing entry is an illegal move.
 TRANSITIONS: dict[JobStatus, dict[Event, JobStatus]] = {
+    W: {Event.PARENTS_DONE: Q, Event.PARENT_FAILED: C, Event.CANCEL: C},
     Q: {Event.CLAIM: R, Event.CANCEL: C},
     R: {
         Event.SUCCEED: D,
@@ -66,9 +71,16 @@ TRANSITIONS: dict[JobStatus, dict[Event, JobStatus]] = {
 FINISHED: frozenset[JobStatus] = frozenset(s for s, moves in TRANSITIONS.items() if not moves)
 #: Statuses in which a job still holds its ``dedupe_key``.
 ACTIVE: frozenset[JobStatus] = frozenset(JobStatus) - FINISHED
-#: Statuses a cancel request applies to: queued jobs are cancelled at once, running
-#: jobs get the request recorded and stop when their worker acknowledges it.
-CANCELLABLE: frozenset[JobStatus] = frozenset({Q, R})
+#: Statuses a cancel request applies to: waiting and queued jobs are cancelled at once,
+#: running jobs get the request recorded and stop when their worker acknowledges it.
+CANCELLABLE: frozenset[JobStatus] = frozenset({W, Q, R})
+#: Statuses cancelled at once by a cancel request (no worker to acknowledge it).
+CANCELLED_AT_ONCE: frozenset[JobStatus] = frozenset(
+    s for s, moves in TRANSITIONS.items() if Event.CANCEL in moves
+)
+#: Finished statuses that are not success: a child of such a parent is cancelled
+#: (or, when it asked to run anyway, counts the parent as ended).
+UNSUCCESSFUL: frozenset[JobStatus] = FINISHED - {D}
 
 
 def next_status(status: JobStatus, event: Event) -> JobStatus:

@@ -162,16 +162,18 @@ class AsyncpgDriver(PostgresAsyncOps):
                 "connection: its transaction has already failed; roll it back first"
             ) from exc
 
-    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
+    async def listen(
+        self, on_notify: Callable[[str], None], on_ready: Callable[[], None], *, ends: bool = False
+    ) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
-        raises when the connection is lost (the caller reconnects)."""
+        raises when the connection is lost (the caller reconnects). With ``ends``, the
+        ends of awaited jobs (their ids) instead of enqueues."""
+        channel = self.queries.done_channel if ends else self.queries.channel
         conn = await self._connect()
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
-            await conn.add_listener(
-                self.queries.channel, lambda _c, _pid, _ch, payload: on_notify(payload)
-            )
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
             on_ready()
             await lost.wait()
             raise ConnectionError("the LISTEN connection was closed by the server")

@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
 from soniq.core.flow import ClaimLimits, QueueLimits
-from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
+from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 
 
@@ -177,9 +177,27 @@ class AsyncBackend(Protocol):
         ``enqueue``) insert the job of ``spec`` due at ``tick``; its id, or None when
         nothing was inserted (another worker had moved it, or ``enqueue`` was false)."""
 
-    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
+    async def listen(
+        self, on_notify: Callable[[str], None], on_ready: Callable[[], None], *, ends: bool = False
+    ) -> None:
         """Call ``on_notify(queues)`` when jobs are enqueued, until the connection is
-        lost (then raise). ``on_ready`` once listening."""
+        lost (then raise). ``on_ready`` once listening. With ``ends``: call
+        ``on_notify(ids)`` (comma-separated) when awaited jobs end (see
+        :meth:`mark_awaited`), where the backend can tell (else never)."""
+
+    async def mark_awaited(self, job_id: int) -> bool:
+        """Mark an active job as awaited (its end is told to :meth:`listen` with
+        ``ends``); False when it is not active (finished, or unknown)."""
+
+    async def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
+        """Insert jobs that wait for one another: each node's ``spec.parents``
+        (existing jobs) and the earlier nodes of its ``after``; ids in input order.
+        :class:`soniq.JobNotFound` (nothing inserted) when a parent does not exist."""
+
+    async def set_progress(
+        self, job_id: int, claims: int, progress: float, message: str | None
+    ) -> None:
+        """Store the progress run ``claims`` of a job reported."""
 
     def maintenance(self) -> MaintenanceSession:
         """A blocking session of its own, for the heartbeat thread."""
@@ -205,6 +223,9 @@ class SyncBackend(Protocol):
 
     def get_job(self, job_id: int) -> Job | None:
         """The job, or None."""
+
+    def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
+        """Blocking :meth:`AsyncBackend.insert_graph`."""
 
     def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
         """Blocking :meth:`AsyncBackend.list_jobs`."""

@@ -13,13 +13,14 @@ facade asks once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import asyncpg
 import psycopg
 
 from soniq.core.errors import ConnectionStateError
-from soniq.core.jobs import Job, JobSpec
+from soniq.core.jobs import Job, JobNode, JobSpec
 from soniq.drivers import asyncpg as asyncpg_driver
 from soniq.drivers.psycopg2_compat import Psycopg2Runner, is_psycopg2_connection
 
@@ -206,6 +207,11 @@ class CallerConnections:
         runner, raw = await self._async(conn)
         return await runner.insert_jobs(spec, raw)  # type: ignore[no-any-return]
 
+    async def insert_graph(self, nodes: Sequence[JobNode], conn: Any) -> list[int]:
+        """Insert jobs that wait for one another on ``conn``; ids in input order."""
+        runner, raw = await self._async(conn)
+        return await runner.insert_graph(nodes, raw)  # type: ignore[no-any-return]
+
     async def list_jobs(self, name: str | None, queue: str | None, conn: Any) -> list[Job]:
         """Queued jobs as ``conn`` sees them (its own transaction's included)."""
         runner, raw = await self._async(conn)
@@ -216,6 +222,11 @@ class CallerConnections:
         SQLAlchemy)."""
         runner, raw = self._sync(conn)
         return runner.insert_jobs(spec, raw)  # type: ignore[no-any-return]
+
+    def insert_graph_sync(self, nodes: Sequence[JobNode], conn: Any) -> list[int]:
+        """:meth:`insert_graph` on a blocking connection."""
+        runner, raw = self._sync(conn)
+        return runner.insert_graph(nodes, raw)  # type: ignore[no-any-return]
 
     def list_jobs_sync(self, name: str | None, queue: str | None, conn: Any) -> list[Job]:
         """:meth:`list_jobs` on a blocking connection."""

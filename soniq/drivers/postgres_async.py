@@ -16,7 +16,7 @@ from typing import Any
 
 from soniq.core import serialize
 from soniq.core.flow import ClaimLimits, QueueLimits, queue_limits_by_name
-from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
+from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql.migrate import MigrationPlan
 from soniq.core.sql.postgres import (
@@ -27,9 +27,13 @@ from soniq.core.sql.postgres import (
     group_ids,
     ids_in_input_order,
     job_from_row,
+    parent_results,
 )
 from soniq.drivers._common import Target, async_only, async_owner, redact_url
 from soniq.drivers.insert_lines import AsyncInsertLine
+
+#: How many times an enqueue with ``dedupe="replace"`` runs its statement at most.
+REPLACE_TRIES = 5
 
 
 class PostgresAsyncOps:
@@ -83,11 +87,34 @@ class PostgresAsyncOps:
         """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order.
         One job on Soniq's own pool goes through the enqueue line, merged with the
         enqueues of this process that are waiting (:mod:`soniq.drivers.insert_lines`)."""
-        if conn is None and len(spec.args) == 1:
+        if conn is None and len(spec.args) == 1 and spec.is_plain:
             return [await self.insert_line().insert(spec)]
         query = self.queries.insert_jobs(spec)
+        for _ in range(REPLACE_TRIES):
+            rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
+            if rows or not spec.replace:  # (a replace returns no row: again, see there)
+                return ids_in_input_order(rows)
+        raise RuntimeError(
+            f"dedupe='replace': the holder of {spec.dedupe_key!r} changed {REPLACE_TRIES} "
+            "times while enqueueing; try again"
+        )
+
+    async def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
+        """Insert jobs that wait for one another (on ``conn`` if given); ids in order."""
+        query = self.queries.insert_graph(nodes)
         rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
         return ids_in_input_order(rows)
+
+    async def mark_awaited(self, job_id: int) -> bool:
+        """Mark an active job as awaited: its end is then told on the done channel
+        (see :meth:`listen`); False when it is not active (finished, or unknown)."""
+        return bool(await self.fetch(self.queries.mark_awaited(job_id)))
+
+    async def set_progress(
+        self, job_id: int, claims: int, progress: float, message: str | None
+    ) -> None:
+        """Store the progress run ``claims`` of a job reported."""
+        await self.fetch(self.queries.set_progress(job_id, claims, progress, message))
 
     def insert_line(self) -> AsyncInsertLine:
         """The line of enqueues on Soniq's pool: one per event loop (per process in
@@ -355,6 +382,6 @@ async def _claim(
 def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Claimed]:
     args = serialize.loads_each([r[3] for r in rows])
     return [
-        Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6], r[8], limited)
+        Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6], r[8], limited, parent_results(r[9]))
         for r, a in zip(rows, args, strict=True)
     ]

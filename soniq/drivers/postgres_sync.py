@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from soniq.core.flow import QueueLimits, queue_limits_by_name
-from soniq.core.jobs import Job, JobSpec
+from soniq.core.jobs import Job, JobNode, JobSpec
 from soniq.core.sql.migrate import MigrationPlan
 from soniq.core.sql.postgres import (
     ParamStyle,
@@ -20,6 +20,9 @@ from soniq.core.sql.postgres import (
 )
 from soniq.drivers._common import Target, redact_url, sync_owner
 from soniq.drivers.insert_lines import SyncInsertLine
+
+#: How many times an enqueue with ``dedupe="replace"`` runs its statement at most.
+REPLACE_TRIES = 5
 
 
 class PostgresSyncOps:
@@ -67,11 +70,32 @@ class PostgresSyncOps:
         """Insert the jobs of one enqueue call (on ``conn`` if given); ids in order.
         One job on Soniq's own pool goes through the enqueue line, merged with the
         enqueues of this process that are waiting (:mod:`soniq.drivers.insert_lines`)."""
-        if conn is None and len(spec.args) == 1:
+        if conn is None and len(spec.args) == 1 and spec.is_plain:
             return [self.insert_line().insert(spec)]
         query = self.queries.insert_jobs(spec)
+        for _ in range(REPLACE_TRIES):
+            rows = self.fetch(query) if conn is None else self.fetch_on(conn, query)
+            if rows or not spec.replace:  # (a replace returns no row: again, see there)
+                return ids_in_input_order(rows)
+        raise RuntimeError(
+            f"dedupe='replace': the holder of {spec.dedupe_key!r} changed {REPLACE_TRIES} "
+            "times while enqueueing; try again"
+        )
+
+    def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
+        """Insert jobs that wait for one another (on ``conn`` if given); ids in order."""
+        query = self.queries.insert_graph(nodes)
         rows = self.fetch(query) if conn is None else self.fetch_on(conn, query)
         return ids_in_input_order(rows)
+
+    def mark_awaited(self, job_id: int) -> bool:
+        """Mark an active job as awaited: its end is then told on the done channel
+        (see :meth:`listen`); False when it is not active (finished, or unknown)."""
+        return bool(self.fetch(self.queries.mark_awaited(job_id)))
+
+    def set_progress(self, job_id: int, claims: int, progress: float, message: str | None) -> None:
+        """Store the progress run ``claims`` of a job reported."""
+        self.fetch(self.queries.set_progress(job_id, claims, progress, message))
 
     def insert_line(self) -> SyncInsertLine:
         """The line of enqueues on Soniq's pool: one per event loop (per process in

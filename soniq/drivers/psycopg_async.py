@@ -173,13 +173,15 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             return await cur.fetchall() if cur.description is not None else []
 
     @async_only
-    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
+    async def listen(
+        self, on_notify: Callable[[str], None], on_ready: Callable[[], None], *, ends: bool = False
+    ) -> None:
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
-        raises when the connection is lost (the caller reconnects)."""
+        raises when the connection is lost (the caller reconnects). With ``ends``, the
+        ends of awaited jobs (their ids) instead of enqueues."""
+        channel = self.queries.done_channel if ends else self.queries.channel
         async with await self._connect() as conn:
-            await conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.queries.channel))
-            )
+            await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
             on_ready()
             async for notify in conn.notifies():
                 on_notify(notify.payload)

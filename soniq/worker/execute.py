@@ -53,8 +53,10 @@ class JobRun:
         claimed: Claimed,
         worker_id: str,
         jitter: Callable[[], float] = _jitter,  # the back-off's (see ``random``)
+        on_progress: Callable[[JobContext], None] | None = None,
     ) -> JobRun:
-        """The run of a job ``worker_id`` claimed, as ``current_job()`` describes it."""
+        """The run of a job ``worker_id`` claimed, as ``current_job()`` describes it;
+        its progress reports go to ``on_progress``."""
         ctx = JobContext(
             claimed.id,
             claimed.name,
@@ -64,6 +66,8 @@ class JobRun:
             claimed.timeout,
             worker_id,
             claimed.claims,
+            parent_results=claimed.parent_results or {},
+            on_progress=on_progress,
         )
         return cls(definition, ctx, claimed.args, jitter)
 

@@ -47,6 +47,7 @@ from soniq.drivers.base import AsyncBackend, WorkerOps
 from soniq.worker.execute import JobRun
 from soniq.worker.heartbeat import Heartbeat
 from soniq.worker.periodic import run_schedules
+from soniq.worker.progress import ProgressWriter
 from soniq.worker.threads import DaemonThreadPool
 
 log = logging.getLogger("soniq.worker")
@@ -210,6 +211,7 @@ class Worker:
         self._no_claim_in_flight.set()
         self._slot_freed = asyncio.Event()
         self._flush_needed = asyncio.Event()
+        self._progress = ProgressWriter(loop, self._backend.set_progress)
         self._threads = DaemonThreadPool(self.config.concurrency)
         identity = WorkerIdentity(
             self.id,
@@ -289,6 +291,7 @@ class Worker:
         self._stopping_completer = True
         await asyncio.wait(helpers, timeout=10)
         self._threads.shutdown()
+        await asyncio.wait_for(self._progress.flush(), self.config.command_timeout)
         await asyncio.to_thread(heartbeat.stop)
         try:
             await asyncio.wait_for(
@@ -538,7 +541,8 @@ class Worker:
                 claimed.claims,
                 attempts,
             )
-        running = _Running(JobRun.of(definition, claimed, self.id, self._random))
+        run = JobRun.of(definition, claimed, self.id, self._random, self._progress.report)
+        running = _Running(run)
         self._running[job_id] = running
         if claimed.limited:
             self._limited_runs[job_id] = claimed.claims

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import attrs
 
 from soniq.core import serialize, states
+from soniq.core.errors import JobNotFound
 from soniq.core.flow import ClaimLimits, QueueLimits, stored_queue_limits
-from soniq.core.jobs import Job, JobSpec, WorkerIdentity
+from soniq.core.jobs import Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
 
@@ -64,14 +65,19 @@ class Query:
 JOB_COLUMNS = (
     "id, name, queue, args::text, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result::text, cancel_requested, created_at, "
-    "started_at, finished_at, claims, snoozes"
+    "started_at, finished_at, claims, snoozes, last_traceback, array_to_json(parents)::text, "
+    "waiting_for, "
+    "progress, progress_message"
 )
 
 
-#: What a worker needs of a claimed job, in this order (see ``soniq.worker``).
+#: What a worker needs of a claimed job, in this order (see ``soniq.worker``): last,
+#: the results of its parents that are done, as one JSON object (NULL: no parents).
 CLAIM_COLUMNS = (
     "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority, "
-    "j.claims"
+    "j.claims, CASE WHEN j.parents IS NULL THEN NULL ELSE coalesce((SELECT "
+    "jsonb_object_agg(p.id::text, p.result) FROM @jobs@ AS p WHERE p.id = ANY(j.parents) "
+    f"AND p.status = '{JobStatus.DONE.value}'), '{{}}')::text END AS parent_results"
 )
 
 
@@ -117,6 +123,11 @@ def job_from_row(row: Sequence[Any]) -> Job:
         finished_at=row[17],
         claims=row[18],
         snoozes=row[19],
+        traceback=row[20],
+        parents=tuple(serialize.loads(row[21]) or ()),
+        waiting_for=row[22],
+        progress=row[23],
+        progress_message=row[24],
     )
 
 
@@ -127,6 +138,8 @@ class PostgresQueries:
         self.schema = schema
         self.paramstyle = paramstyle
         self.channel = f"soniq:{schema}"[:63]
+        #: Where the end of a job someone waits for (``wait_for``) is told: its id.
+        self.done_channel = f"soniq.done:{schema}"[:63]
         channel_literal = self.channel.replace("'", "''")
         jobs = f"{quote_ident(schema)}.soniq_jobs"
         render = to_format_style if paramstyle == "format" else check_placeholders
@@ -205,18 +218,21 @@ SELECT ins.id, ins.dedupe_key FROM ins, wake""")
 SELECT {JOB_COLUMNS} FROM {jobs}
 WHERE status = '{ready}' AND name = coalesce($1::text, name) AND queue = coalesce($2::text, queue)
 ORDER BY id""")
-        queued_to = states.next_status(JobStatus.QUEUED, Event.CANCEL).value
+        cancelled = states.next_status(JobStatus.QUEUED, Event.CANCEL).value
+        at_once = states.sql_status_list(states.CANCELLED_AT_ONCE)
         running = JobStatus.RUNNING.value
         cancellable = states.sql_status_list(states.CANCELLABLE)
-        # A queued job is cancelled at once; for a running one the request is recorded
-        # and its worker acknowledges it.
+        # A waiting or queued job is cancelled at once (its children settled); for a
+        # running one the request is recorded and its worker acknowledges it.
         self._cancel = render(f"""
-UPDATE {jobs}
-SET status = CASE WHEN status = '{ready}' THEN '{queued_to}' ELSE status END,
-    finished_at = CASE WHEN status = '{ready}' THEN now() ELSE finished_at END,
-    cancel_requested = cancel_requested OR status = '{running}'
-WHERE id = $1::text::bigint AND status IN {cancellable}
-RETURNING id""")
+WITH ended AS (
+    UPDATE {jobs} AS j
+    SET status = CASE WHEN status IN {at_once} THEN '{cancelled}' ELSE status END,
+        finished_at = CASE WHEN status IN {at_once} THEN now() ELSE finished_at END,
+        cancel_requested = cancel_requested OR status = '{running}'
+    WHERE id = $1::text::bigint AND status IN {cancellable}
+    RETURNING j.id, j.status, j.has_children, j.awaited
+){self._ended_effects()}""")
         claim_to = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
         queues = f"{quote_ident(schema)}.soniq_queues"
         # Pause and resume: stored, so every worker's next claim obeys; a resume wakes
@@ -271,7 +287,7 @@ UPDATE {jobs} AS j
 SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
     worker_id = @worker@::text, started_at = now()
 FROM picked, no_flush_wait WHERE j.id = picked.id
-RETURNING {CLAIM_COLUMNS}"""
+RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         self._render = render
         # The claims, rendered when first used (see _plain_claim and _limited_claim).
         self._claims: dict[tuple[int, bool, bool, bool], str] = {}
@@ -279,6 +295,7 @@ RETURNING {CLAIM_COLUMNS}"""
         self._worker_sql(jobs, render)
         self._periodic_sql(jobs, render, channel_literal)
         self._limits_sql(render)
+        self._workflow_sql(jobs, render, channel_literal)
 
     def _plain_claim(self, queue_mode: int, named: bool, told: bool, capped: bool) -> str:
         """The claim of ready jobs of the queues (``queue_mode`` 0: all, 1: one, 2:
@@ -336,7 +353,7 @@ SELECT * FROM claimed
         queues = f"{quote_ident(self.schema)}.soniq_queues"
         on_q = _queue_filter(queue_mode, "q.queue", "@again@")
         return (
-            "UNION ALL\nSELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL\n"
+            "UNION ALL\nSELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL\n"
             f"WHERE EXISTS (SELECT 1 FROM {queues} AS q WHERE {HAS_LIMITS} {on_q})"
         )
 
@@ -464,10 +481,11 @@ claimed AS (
     SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
         worker_id = @worker@::text, started_at = turn.at
     FROM picked, no_flush_wait, turn WHERE j.id = picked.id AND j.status = '{ready}'
-    RETURNING {CLAIM_COLUMNS}, picked.rg, picked.rcap, picked.rperiod, picked.qrg,
-        picked.qrcap, picked.qrperiod
+    RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}, picked.rg, picked.rcap,
+        picked.rperiod, picked.qrg, picked.qrcap, picked.qrperiod
 ){log_starts if rates else ""}
-SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims FROM claimed
+SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims, parent_results
+FROM claimed
 {self._limited_queues_row(queue_mode)}"""
         source = f"({_first_ready(jobs, '*', '')})" if capped else jobs
         tokens = [
@@ -484,6 +502,169 @@ SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims F
             queue_filter=_queue_filter(queue_mode, "j.queue"),
             candidates=str(candidates),
         )
+
+    def _workflow_sql(self, jobs: str, render: Any, channel_literal: str) -> None:
+        """Statements of workflows: jobs that wait for others, replacing a queued job
+        by its dedupe key, waiting for a job's end, progress."""
+        schema = quote_ident(self.schema)
+        active = states.sql_status_list(states.ACTIVE)
+        finished = states.sql_status_list(states.FINISHED)
+        waiting, queued, running = (
+            s.value for s in (JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING)
+        )
+        failed, cancelled = JobStatus.FAILED.value, JobStatus.CANCELLED.value
+        not_started = states.sql_status_list(frozenset({JobStatus.WAITING, JobStatus.QUEUED}))
+        jobs_text = jobs.replace("'", "''")
+        # Jobs and the jobs they wait for, in one statement: ids are drawn first (in
+        # input order) so that each row can name its parents. Existing parents are
+        # locked and marked (has_children): a parent ending at the same moment either
+        # ended before (its status says so here) or waits for this commit and then
+        # settles the children (see soniq_settle_children). Nothing is inserted when
+        # a parent does not exist: the last row names it instead.
+        self._insert_graph = render(f"""
+WITH n AS MATERIALIZED (
+    SELECT * FROM ROWS FROM (jsonb_to_recordset($1::text::jsonb) AS (
+        name text, queue text, args jsonb, priority int, run_at timestamptz, delay float8,
+        max_retries int, timeout float8, after int[], parents bigint[], run_anyway boolean
+    )) WITH ORDINALITY AS n(name, queue, args, priority, run_at, delay, max_retries, timeout,
+                           after, parents, run_anyway, ord)
+),
+new_ids AS MATERIALIZED (
+    SELECT ord, nextval(pg_get_serial_sequence('{jobs_text}', 'id')) AS id
+    FROM n ORDER BY ord
+),
+parent_rows AS MATERIALIZED (
+    UPDATE {jobs} AS p SET has_children = true
+    WHERE p.id = ANY(ARRAY(SELECT DISTINCT unnest(n.parents) FROM n))
+    RETURNING p.id, p.status
+),
+node AS MATERIALIZED (
+    SELECT n.*, i.id,
+        ARRAY(SELECT i2.id FROM unnest(n.after) AS a(o) JOIN new_ids AS i2 ON i2.ord = a.o)
+            || n.parents AS all_parents,
+        ARRAY(SELECT i2.id FROM unnest(n.after) AS a(o) JOIN new_ids AS i2 ON i2.ord = a.o)
+            || ARRAY(SELECT p.id FROM parent_rows AS p
+                     WHERE p.id = ANY(n.parents) AND p.status NOT IN {finished}) AS pending,
+        (SELECT min(p.id) FROM parent_rows AS p
+         WHERE p.id = ANY(n.parents) AND p.status = '{failed}') AS failed_parent,
+        (SELECT min(p.id) FROM parent_rows AS p
+         WHERE p.id = ANY(n.parents) AND p.status = '{cancelled}') AS cancelled_parent,
+        (SELECT min(x) FROM unnest(n.parents) AS x
+         WHERE x NOT IN (SELECT p.id FROM parent_rows AS p)) AS missing
+    FROM n JOIN new_ids AS i USING (ord)
+),
+checked AS MATERIALIZED (
+    SELECT node.*,
+        (failed_parent IS NOT NULL OR cancelled_parent IS NOT NULL) AND NOT run_anyway AS doomed
+    FROM node WHERE NOT EXISTS (SELECT 1 FROM node WHERE missing IS NOT NULL)
+),
+ins AS (
+    INSERT INTO {jobs} AS j
+        (id, name, queue, args, priority, run_at, max_retries, timeout, status, parents,
+         waiting_for, has_children, run_if_parent_fails, finished_at, last_error)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, name, queue, args, priority,
+           coalesce(run_at, statement_timestamp() + delay * interval '1 second'),
+           max_retries, timeout,
+           CASE WHEN doomed THEN '{cancelled}'
+                WHEN cardinality(pending) > 0 THEN '{waiting}' ELSE '{queued}' END,
+           nullif(all_parents, '{{}}'),
+           CASE WHEN doomed THEN 0 ELSE cardinality(pending) END,
+           ord IN (SELECT unnest(n.after) FROM n), run_anyway,
+           CASE WHEN doomed THEN now() END,
+           CASE WHEN NOT doomed THEN NULL
+                WHEN failed_parent IS NOT NULL
+                THEN 'Cancelled: parent job ' || failed_parent || ' failed'
+                ELSE 'Cancelled: parent job ' || cancelled_parent || ' was cancelled' END
+    FROM checked ORDER BY ord
+    RETURNING j.id, j.queue, j.status, j.run_at
+),
+edges AS (
+    INSERT INTO {schema}.soniq_job_deps (parent_id, child_id)
+    SELECT DISTINCT p.id, c.id FROM checked AS c, unnest(c.pending) AS p(id) WHERE NOT c.doomed
+),
+wake AS (
+    SELECT CASE WHEN count(*) > 0
+           THEN pg_notify('{channel_literal}', string_agg(DISTINCT queue, ',')) END
+    FROM ins WHERE status = '{queued}' AND run_at <= statement_timestamp()
+)
+SELECT ins.id, NULL::bigint FROM ins, wake
+UNION ALL
+SELECT NULL, min(missing) FROM node HAVING min(missing) IS NOT NULL""")
+        # dedupe="replace": the holder of the key takes the call's arguments and options
+        # if it has not started; a running one gives the key up, and the statement
+        # returns no row: run again, it inserts a new job with the key (a statement
+        # cannot insert the key its own update gave up: the unique check still sees
+        # it). No row either when another call took the key meanwhile: again too.
+        self._insert_replace = render(f"""
+WITH held AS MATERIALIZED (
+    SELECT id, status FROM {jobs}
+    WHERE dedupe_key = $1::text AND status IN {active} FOR UPDATE
+),
+replaced AS (
+    UPDATE {jobs} AS j SET queue = $2::text, args = $3::text::jsonb, priority = $4::text::int,
+        run_at = coalesce($5::text::timestamptz,
+                          statement_timestamp() + $6::text::float8 * interval '1 second'),
+        max_retries = $7::text::int, timeout = $8::text::float8
+    FROM held WHERE j.id = held.id AND held.status IN {not_started}
+    RETURNING j.id, j.queue, j.run_at, j.status
+),
+given_up AS (
+    UPDATE {jobs} AS j SET dedupe_key = NULL
+    FROM held WHERE j.id = held.id AND held.status = '{running}'
+),
+ins AS (
+    INSERT INTO {jobs} AS j
+        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
+    SELECT $9::text, $10::text, $11::text::jsonb, $12::text::int,
+           coalesce($13::text::timestamptz,
+                    statement_timestamp() + $14::text::float8 * interval '1 second'),
+           $15::text::int, $16::text, $17::text::float8
+    WHERE NOT EXISTS (SELECT 1 FROM held)
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
+    DO UPDATE SET queue = excluded.queue, args = excluded.args, priority = excluded.priority,
+        run_at = excluded.run_at, max_retries = excluded.max_retries, timeout = excluded.timeout
+    WHERE j.status IN {not_started}
+    RETURNING j.id, j.queue, j.run_at, j.status
+),
+kept AS (SELECT * FROM replaced UNION ALL SELECT * FROM ins)
+SELECT id, CASE WHEN status = '{queued}' AND run_at <= statement_timestamp()
+                THEN pg_notify('{channel_literal}', queue) END
+FROM kept""")
+        self._mark_awaited = render(
+            f"UPDATE {jobs} SET awaited = true WHERE id = $1::text::bigint AND status IN {active} "
+            "RETURNING id"
+        )
+        self._set_progress = render(
+            f"UPDATE {jobs} SET progress = $1::text::float8, progress_message = $2::text "
+            "WHERE id = $3::text::bigint AND claims = $4::text::int"
+        )
+
+    def _ended_effects(self, columns: str = "e.id") -> str:
+        """The end of a statement that moves jobs (CTE ``ended``: id, status,
+        has_children, awaited): the children of those that ended are settled
+        (soniq_settle_children, migration 0007), their waiters told on
+        :attr:`done_channel`; it selects the ids. Both cost nothing when no ended job
+        has children or waiters."""
+        schema = quote_ident(self.schema)
+        done, failed, cancelled = (s.value for s in (_DONE, JobStatus.FAILED, JobStatus.CANCELLED))
+        finished = states.sql_status_list(states.FINISHED)
+        work, told = (c.replace("'", "''") for c in (self.channel, self.done_channel))
+
+        def ended_as(status: str) -> str:
+            return f"coalesce(array_agg(id) FILTER (WHERE status = '{status}'), '{{}}')"
+
+        return f""",
+settled AS (
+    SELECT CASE WHEN bool_or(has_children) THEN {schema}.soniq_settle_children(
+        {ended_as(done)}, {ended_as(failed)}, {ended_as(cancelled)}, '{work}', '{told}') END
+    FROM ended WHERE has_children AND status IN {finished}
+),
+told AS (
+    SELECT CASE WHEN count(*) > 0 THEN pg_notify('{told}', string_agg(id::text, ',')) END
+    FROM ended WHERE awaited AND status IN {finished}
+)
+SELECT {columns} FROM ended AS e, settled, told"""
 
     def _limits_sql(self, render: Any) -> None:
         """Statements of stored queue limits, and what a limited claim counts."""
@@ -575,32 +756,36 @@ UPDATE {jobs} AS j SET
     result = u.result::jsonb
 FROM u
 WHERE {u_fence}"""
+        ended = self._ended_effects()
+        returning = "RETURNING j.id, {status} AS status, j.has_children, j.awaited"
         self._finish = render(f"""{outcomes},
 ok_done AS (
     UPDATE {jobs} AS j SET status = '{done}', finished_at = now(), result = NULL
     FROM ok AS f WHERE {ok_fence}
-    RETURNING j.id
+    {returning.format(status="j.status")}
 ),
 other AS ({update}
-    RETURNING j.id
-)
-SELECT id FROM ok_done UNION ALL SELECT id FROM other""")
+    {returning.format(status="j.status")}
+),
+ended AS (SELECT * FROM ok_done UNION ALL SELECT * FROM other){ended}""")
         # With no retention, finished rows are deleted instead of kept.
         self._finish_delete = render(f"""{outcomes},
 ok_gone AS (
     DELETE FROM {jobs} AS j USING ok AS f WHERE {ok_fence}
-    RETURNING j.id
+    {returning.format(status=f"'{done}'::text")}
 ),
 gone AS (
     DELETE FROM {jobs} AS j USING u
     WHERE {u_fence} AND u.status IN {finished}
-    RETURNING j.id
+    {returning.format(status="u.status")}
 ),
 kept AS ({update}
     AND u.status NOT IN {finished}
-    RETURNING j.id
-)
-SELECT id FROM ok_gone UNION ALL SELECT id FROM gone UNION ALL SELECT id FROM kept""")
+    {returning.format(status="j.status")}
+),
+ended AS (
+    SELECT * FROM ok_gone UNION ALL SELECT * FROM gone UNION ALL SELECT * FROM kept
+){ended}""")
         self._register = render(f"""
 INSERT INTO {workers} (id, hostname, pid, queues, concurrency)
 VALUES ($1::text, $2::text, $3::text::int,
@@ -620,7 +805,8 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()""")
 WITH dead AS (
     DELETE FROM {workers} WHERE heartbeat_at < now() - $1::text::float8 * interval '1 second'
     RETURNING id
-)
+),
+ended AS (
 UPDATE {jobs} AS j SET
     status = CASE WHEN j.attempts > j.max_retries THEN '{gave_up}' ELSE '{requeued}' END,
     finished_at = CASE WHEN j.attempts > j.max_retries THEN now() END,
@@ -629,7 +815,8 @@ UPDATE {jobs} AS j SET
 WHERE j.status = '{running}'
   AND (j.worker_id IN (SELECT id FROM dead)
        OR NOT EXISTS (SELECT 1 FROM {workers} AS w WHERE w.id = j.worker_id))
-RETURNING j.id, j.status""")
+RETURNING j.id, j.status, j.has_children, j.awaited
+){self._ended_effects("e.id, e.status")}""")
         # After a lost connection: running rows of ours that we do not hold were claimed
         # but never received; put them back, the attempt not counted.
         self._reconcile = render(f"""
@@ -647,7 +834,10 @@ DELETE FROM {jobs} WHERE id IN (
 )""")
 
     def insert_jobs(self, spec: JobSpec) -> Query:
-        """Insert the jobs of one enqueue call; rows hold each new (or deduplicated) id."""
+        """Insert the jobs of one enqueue call; rows hold each new (or deduplicated) id
+        (see :func:`ids_in_input_order`)."""
+        if spec.parents:
+            return self.insert_graph([JobNode(attrs.evolve(spec, args=(a,))) for a in spec.args])
         one = len(spec.args) == 1
         args = serialize.dumps(spec.args[0] if one else spec.args)
         options = (
@@ -658,6 +848,14 @@ DELETE FROM {jobs} WHERE id IN (
             spec.dedupe_key,
             None if spec.timeout is None else repr(spec.timeout),
         )
+        if spec.replace:
+            when = (_iso(spec.run_at), repr(spec.delay))
+            rest = (str(spec.max_retries), options[-1])
+            replacing = (spec.queue, args, str(spec.priority), *when, *rest)
+            return Query(
+                self._insert_replace,
+                (spec.dedupe_key, *replacing, spec.name, spec.queue, args, *options),
+            )
         if one:
             return Query(self._insert_one, (spec.name, spec.queue, args, *options))
         return Query(self._insert, (spec.name, spec.queue, *options, args))
@@ -690,6 +888,38 @@ DELETE FROM {jobs} WHERE id IN (
             for spec in ordered
         ]
         return Query(self._insert_group, (serialize.dumps(rows),))
+
+    def insert_graph(self, nodes: Sequence[JobNode]) -> Query:
+        """Insert jobs that wait for their parents: the existing jobs of each node's
+        ``spec.parents`` and the earlier nodes of ``after``; rows as for
+        :meth:`insert_jobs` (see :func:`ids_in_input_order`), or one row naming a
+        parent that does not exist (and nothing inserted)."""
+        rows = [
+            {
+                "name": node.spec.name,
+                "queue": node.spec.queue,
+                "args": node.spec.args[0],
+                "priority": node.spec.priority,
+                "run_at": _iso(node.spec.run_at),
+                "delay": node.spec.delay,
+                "max_retries": node.spec.max_retries,
+                "timeout": node.spec.timeout,
+                "after": [a + 1 for a in node.after],  # ordinalities count from 1
+                "parents": list(node.spec.parents),
+                "run_anyway": node.spec.run_if_parent_fails,
+            }
+            for node in nodes
+        ]
+        return Query(self._insert_graph, (serialize.dumps(rows),))
+
+    def mark_awaited(self, job_id: int) -> Query:
+        """Mark an active job as awaited (its end is then sent on :attr:`done_channel`);
+        a row when it was active."""
+        return Query(self._mark_awaited, (str(_job_id(job_id)),))
+
+    def set_progress(self, job_id: int, claims: int, progress: float, message: str | None) -> Query:
+        """Store the progress run ``claims`` of a job reported."""
+        return Query(self._set_progress, (repr(progress), message, str(job_id), str(claims)))
 
     def get_job(self, job_id: int) -> Query:
         """Select one job by id (no row when it does not exist)."""
@@ -891,13 +1121,32 @@ DELETE FROM {jobs} WHERE id IN (
 
 
 def ids_in_input_order(rows: Sequence[Sequence[Any]]) -> list[int]:
-    """Ids returned by :meth:`PostgresQueries.insert_jobs`, in the order of the input.
+    """Ids returned by :meth:`PostgresQueries.insert_jobs`, in the order of the input;
+    :class:`JobNotFound` when a row names a parent that does not exist (its id is
+    NULL, see :meth:`PostgresQueries.insert_graph`).
 
     Identity values are drawn as rows are inserted, and rows are inserted in input
     order (``ORDER BY ord``), so ascending ids are input order. A dedupe hit can only
     occur in a single-job call, where order is moot.
     """
+    if rows and rows[-1][0] is None:
+        raise unknown_parent(rows[-1][1])
     return sorted(row[0] for row in rows)
+
+
+def unknown_parent(job_id: int) -> JobNotFound:
+    """The error of a ``depends_on`` naming a job that does not exist."""
+    return JobNotFound(
+        f"depends_on: no job has id {job_id} (a parent must be enqueued first)", job_id=job_id
+    )
+
+
+def parent_results(text: str | None) -> dict[int, Any] | None:
+    """A claimed job's parent results, by id, from the claim's JSON object (None: the
+    job has no parents)."""
+    if text is None:
+        return None
+    return {int(key): value for key, value in serialize.loads(text).items()}
 
 
 def group_ids(specs: Sequence[JobSpec], rows: Sequence[Sequence[Any]]) -> list[int]:

@@ -35,14 +35,14 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import attrs
 
 from soniq.core import serialize, states
-from soniq.core.errors import SchemaNotReadyError
+from soniq.core.errors import JobNotFound, SchemaNotReadyError
 from soniq.core.flow import (
     ClaimLimits,
     QueueLimits,
     queue_limits_by_name,
     stored_queue_limits,
 )
-from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
+from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.states import Event, JobStatus
 
@@ -100,6 +100,7 @@ class Inserted(NamedTuple):
 
 _QUEUED = JobStatus.QUEUED.value
 _RUNNING = JobStatus.RUNNING.value
+_WAITING = JobStatus.WAITING.value
 _ALL = states.sql_status_list(frozenset(JobStatus))
 _ACTIVE = states.sql_status_list(states.ACTIVE)
 _FINISHED = states.sql_status_list(states.FINISHED)
@@ -110,6 +111,7 @@ WORKERS = "soniq_workers"
 PERIODIC = "soniq_periodic"
 QUEUES = "soniq_queues"
 RATE_LOG = "soniq_rate_log"
+DEPS = "soniq_job_deps"
 
 
 @attrs.frozen
@@ -121,6 +123,69 @@ class Migration:
     name: str
     statements: tuple[str, ...]
 
+
+def _job_indexes(active: str, finished: str) -> tuple[str, ...]:
+    """The job table's indexes, for the statuses of its schema version."""
+    return (
+        # The claim reads queued rows in claim order and stops after its LIMIT: one
+        # index for workers of every queue, one for workers of one queue. Only queued
+        # rows are indexed, so finished history (or waiting jobs) never slows a claim.
+        f"CREATE INDEX soniq_jobs_claim_idx ON {JOBS} (priority DESC, run_at, id) "
+        "WHERE status = 'queued'",
+        f"CREATE INDEX soniq_jobs_claim_queue_idx ON {JOBS} "
+        "(queue, priority DESC, run_at, id) WHERE status = 'queued'",
+        # dedupe_key is unique among jobs that are still active.
+        f"CREATE UNIQUE INDEX soniq_jobs_dedupe_idx ON {JOBS} (dedupe_key) "
+        f"WHERE dedupe_key IS NOT NULL AND status IN {active}",
+        # Recovery of dead workers' jobs, reconciliation, cancellation requests.
+        f"CREATE INDEX soniq_jobs_running_idx ON {JOBS} (worker_id) WHERE status = 'running'",
+        # Pruning finished jobs by age.
+        f"CREATE INDEX soniq_jobs_finished_idx ON {JOBS} (finished_at) WHERE status IN {finished}",
+    )
+
+
+# Migrations keep the statuses of their time: a later one widens them.
+_JOB_INDEXES_V1 = _job_indexes("('queued', 'running')", "('done', 'failed', 'cancelled')")
+
+#: The job table from migration 7 on (SQLite cannot widen a CHECK: the table is
+#: rebuilt). parents: a JSON list of the jobs it waited for (NULL: none); waiting_for:
+#: how many of them have not ended; has_children: some job waits for this one, so its
+#: end settles them; run_if_parent_fails: a failed or cancelled parent counts as ended
+#: instead of cancelling it.
+_JOBS_V7 = f"""CREATE TABLE {{table}} (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    name                TEXT NOT NULL,
+    queue               TEXT NOT NULL,
+    args                TEXT NOT NULL,
+    status              TEXT NOT NULL DEFAULT 'queued' CHECK (status IN {_ALL}),
+    priority            INTEGER NOT NULL DEFAULT 0,
+    run_at              REAL NOT NULL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    max_retries         INTEGER NOT NULL DEFAULT 3 CHECK (max_retries >= 0),
+    timeout             REAL CHECK (timeout > 0),
+    dedupe_key          TEXT,
+    worker_id           TEXT,
+    cancel_requested    INTEGER NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    last_traceback      TEXT,
+    result              TEXT,
+    created_at          REAL NOT NULL,
+    started_at          REAL,
+    finished_at         REAL,
+    claims              INTEGER NOT NULL DEFAULT 0,
+    snoozes             INTEGER NOT NULL DEFAULT 0,
+    parents             TEXT,
+    waiting_for         INTEGER NOT NULL DEFAULT 0,
+    has_children        INTEGER NOT NULL DEFAULT 0,
+    run_if_parent_fails INTEGER NOT NULL DEFAULT 0,
+    progress            REAL,
+    progress_message    TEXT
+)"""
+_COLUMNS_V6 = (
+    "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
+    "dedupe_key, worker_id, cancel_requested, last_error, last_traceback, result, "
+    "created_at, started_at, finished_at, claims, snoozes"
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -134,7 +199,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     name             TEXT NOT NULL,
     queue            TEXT NOT NULL,
     args             TEXT NOT NULL,
-    status           TEXT NOT NULL DEFAULT '{_QUEUED}' CHECK (status IN {_ALL}),
+    status           TEXT NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
     priority         INTEGER NOT NULL DEFAULT 0,
     run_at           REAL NOT NULL,
     attempts         INTEGER NOT NULL DEFAULT 0,
@@ -150,22 +216,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     started_at       REAL,
     finished_at      REAL
 )""",
-            # The claim reads queued rows in claim order and stops after its LIMIT: one
-            # index for workers of every queue, one for workers of one queue. Only
-            # queued rows are indexed, so finished history never slows a claim.
-            f"CREATE INDEX soniq_jobs_claim_idx ON {JOBS} (priority DESC, run_at, id) "
-            f"WHERE status = '{_QUEUED}'",
-            f"CREATE INDEX soniq_jobs_claim_queue_idx ON {JOBS} "
-            f"(queue, priority DESC, run_at, id) WHERE status = '{_QUEUED}'",
-            # dedupe_key is unique among jobs that are still queued or running.
-            f"CREATE UNIQUE INDEX soniq_jobs_dedupe_idx ON {JOBS} (dedupe_key) "
-            f"WHERE dedupe_key IS NOT NULL AND status IN {_ACTIVE}",
-            # Recovery of dead workers' jobs, reconciliation, cancellation requests.
-            f"CREATE INDEX soniq_jobs_running_idx ON {JOBS} (worker_id) "
-            f"WHERE status = '{_RUNNING}'",
-            # Pruning finished jobs by age.
-            f"CREATE INDEX soniq_jobs_finished_idx ON {JOBS} (finished_at) "
-            f"WHERE status IN {_FINISHED}",
+            # (The indexes are those of migration 7, which rebuilt the table.)
+            *_JOB_INDEXES_V1,
             f"""CREATE TABLE {WORKERS} (
     id           TEXT PRIMARY KEY,
     hostname     TEXT NOT NULL,
@@ -217,6 +269,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             f"ALTER TABLE {QUEUES} ADD COLUMN rate_period REAL",
             f"CREATE TABLE {RATE_LOG} (grp TEXT NOT NULL, until REAL NOT NULL)",
             f"CREATE INDEX soniq_rate_log_until_idx ON {RATE_LOG} (until)",
+        ),
+    ),
+    # Workflows (see docs/workflows.md): the 'waiting' status and what a job waits
+    # for, progress; the edges still to settle, one row per (parent, child) until the
+    # parent ends. The table is copied into the new shape, its id counter kept.
+    Migration(
+        7,
+        "workflows",
+        (
+            _JOBS_V7.format(table="soniq_jobs_v7"),
+            f"INSERT INTO soniq_jobs_v7 ({_COLUMNS_V6}) SELECT {_COLUMNS_V6} FROM {JOBS}",
+            "DELETE FROM sqlite_sequence WHERE name = 'soniq_jobs_v7'",
+            "INSERT INTO sqlite_sequence (name, seq) "
+            f"SELECT 'soniq_jobs_v7', seq FROM sqlite_sequence WHERE name = '{JOBS}'",
+            f"DROP TABLE {JOBS}",
+            f"ALTER TABLE soniq_jobs_v7 RENAME TO {JOBS}",
+            *_job_indexes(_ACTIVE, _FINISHED),
+            f"CREATE TABLE {DEPS} (parent_id INTEGER NOT NULL, child_id INTEGER NOT NULL, "
+            "PRIMARY KEY (parent_id, child_id)) WITHOUT ROWID",
         ),
     ),
 )
@@ -291,7 +362,8 @@ def migrate(now: float) -> Operation[int]:
 JOB_COLUMNS = (
     "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result, cancel_requested, created_at, "
-    "started_at, finished_at, claims, snoozes"
+    "started_at, finished_at, claims, snoozes, last_traceback, parents, waiting_for, "
+    "progress, progress_message"
 )
 
 
@@ -325,6 +397,11 @@ def job_from_row(row: Sequence[Any]) -> Job:
         finished_at=to_datetime(row[17]),
         claims=row[18],
         snoozes=row[19],
+        traceback=row[20],
+        parents=tuple(serialize.loads(row[21]) or ()),
+        waiting_for=row[22],
+        progress=row[23],
+        progress_message=row[24],
     )
 
 
@@ -346,7 +423,11 @@ INSERT_JOB = (
 
 def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
     """Insert the jobs of one enqueue call; ids in input order. A ``dedupe_key`` held by
-    a queued or running job returns that job's id and inserts nothing."""
+    an active job returns that job's id and inserts nothing (with ``spec.replace``,
+    the job takes the call's arguments and options if it has not started; if it
+    runs, it gives the key up to a new job). Jobs with ``parents`` wait for them."""
+    if spec.parents:
+        return insert_graph([JobNode(attrs.evolve(spec, args=(a,))) for a in spec.args], now)
     run_at = spec.run_at.timestamp() if spec.run_at is not None else now + spec.delay
     shared = (spec.priority, run_at, spec.max_retries, spec.dedupe_key, spec.timeout, now)
     values = [(spec.name, spec.queue, serialize.dumps(args), *shared) for args in spec.args]
@@ -360,10 +441,16 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
             # Under the write lock: nobody can insert the key between this and the insert
             # (and the partial unique index would refuse it anyway).
             held = yield Step(
-                f"SELECT id FROM {JOBS} WHERE dedupe_key = ? AND status IN {_ACTIVE}",
+                f"SELECT id, status FROM {JOBS} WHERE dedupe_key = ? AND status IN {_ACTIVE}",
                 (spec.dedupe_key,),
             )
-            if held.rows:
+            if held.rows and spec.replace and held.rows[0][1] != _RUNNING:
+                job_id = held.rows[0][0]
+                yield Step(_REPLACE, (*values[0][1:6], spec.timeout, job_id))
+                return Inserted([job_id], wake if held.rows[0][1] == _QUEUED else None)
+            if held.rows and spec.replace:  # it runs: a new job takes the key
+                yield Step(f"UPDATE {JOBS} SET dedupe_key = NULL WHERE id = ?", (held.rows[0][0],))
+            elif held.rows:
                 return Inserted([held.rows[0][0]], None)
             if len(values) == 1:
                 return (yield from _insert_one(values[0], wake))
@@ -375,6 +462,180 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
         return Inserted(ids, wake)
 
     return Operation(steps(), immediate=True)
+
+
+#: A job replaced by a later enqueue of its dedupe_key (``dedupe="replace"``).
+_REPLACE = f"""UPDATE {JOBS} SET queue = ?, args = ?, priority = ?, run_at = ?, max_retries = ?,
+    timeout = ? WHERE id = ?"""
+
+_INSERT_NODE = (
+    f"INSERT INTO {JOBS} (id, name, queue, args, priority, run_at, max_retries, dedupe_key, "
+    "timeout, created_at, status, parents, waiting_for, has_children, run_if_parent_fails, "
+    "finished_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: The id AUTOINCREMENT gives next, less one.
+_LAST_ID = (
+    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'soniq_jobs'), 0), "
+    f"coalesce((SELECT max(id) FROM {JOBS}), 0))"
+)
+#: Most parameters one statement binds (SQLite's default limit is 32,766 since 3.32,
+#: 999 before).
+_CHUNK = 900
+
+
+def _chunks(ids: Sequence[int]) -> list[Sequence[int]]:
+    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
+
+
+def _marks(ids: Sequence[int]) -> str:
+    return ", ".join("?" * len(ids))
+
+
+def insert_graph(nodes: Sequence[JobNode], now: float) -> Operation[Inserted]:
+    """Insert jobs that wait for their parents: the existing jobs of each node's
+    ``spec.parents`` and the earlier nodes of ``after``; ids in input order. A node
+    whose parents are all done is queued, else waiting; one with a failed or
+    cancelled existing parent is cancelled at once (unless it runs anyway). An
+    unknown parent id raises :class:`JobNotFound` and inserts nothing."""
+
+    def steps() -> Steps[Inserted]:
+        external = sorted({p for node in nodes for p in node.spec.parents})
+        status_of: dict[int, str] = {}
+        for chunk in _chunks(external):
+            found = yield Step(
+                f"SELECT id, status FROM {JOBS} WHERE id IN ({_marks(chunk)})", chunk
+            )
+            status_of.update(found.rows)
+            yield Step(f"UPDATE {JOBS} SET has_children = 1 WHERE id IN ({_marks(chunk)})", chunk)
+        missing = [p for p in external if p not in status_of]
+        if missing:
+            raise JobNotFound(
+                f"depends_on: no job has id {missing[0]} (a parent must be enqueued first)",
+                job_id=missing[0],
+            )
+        first = (yield Step(_LAST_ID)).rows[0][0] + 1
+        ids = list(range(first, first + len(nodes)))
+        has_children = {a for node in nodes for a in node.after}
+        rows, edges, woken = [], [], set()
+        for index, node in enumerate(nodes):
+            spec = node.spec
+            run_at = spec.run_at.timestamp() if spec.run_at is not None else now + spec.delay
+            parents = [ids[a] for a in node.after] + list(spec.parents)
+            pending = [ids[a] for a in node.after]
+            pending += [p for p in spec.parents if status_of[p] not in _FINISHED_VALUES]
+            ended_badly = sorted(
+                (status_of[p] != _FAILED, p) for p in spec.parents if status_of[p] in _BAD_VALUES
+            )
+            doomed = bool(ended_badly) and not spec.run_if_parent_fails
+            status = _CANCELLED if doomed else _WAITING if pending else _QUEUED
+            error = _parent_ended_message(*ended_badly[0]) if doomed else None
+            rows.append(
+                (
+                    ids[index],
+                    spec.name,
+                    spec.queue,
+                    serialize.dumps(spec.args[0]),
+                    spec.priority,
+                    run_at,
+                    spec.max_retries,
+                    spec.dedupe_key,
+                    spec.timeout,
+                    now,
+                    status,
+                    serialize.dumps(parents) if parents else None,
+                    0 if doomed else len(pending),
+                    index in has_children,
+                    spec.run_if_parent_fails,
+                    now if doomed else None,
+                    error,
+                )
+            )
+            if not doomed:
+                edges += [(p, ids[index]) for p in pending]
+            if status == _QUEUED and run_at <= now:
+                woken.add(spec.queue)
+        yield Step(_INSERT_NODE, rows, many=True)
+        if edges:
+            yield Step(f"INSERT OR IGNORE INTO {DEPS} VALUES (?, ?)", edges, many=True)
+        return Inserted(ids, ",".join(sorted(woken)) or None)
+
+    return Operation(steps(), immediate=True)
+
+
+_FAILED = JobStatus.FAILED.value
+_CANCELLED = JobStatus.CANCELLED.value
+_FINISHED_VALUES = frozenset(s.value for s in states.FINISHED)
+_BAD_VALUES = frozenset(s.value for s in states.UNSUCCESSFUL)
+
+
+def _parent_ended_message(cancelled: bool, parent: int) -> str:
+    """Why a child of ``parent`` was cancelled (as soniq_settle_children says it)."""
+    return f"Cancelled: parent job {parent} " + ("was cancelled" if cancelled else "failed")
+
+
+def settle_children(
+    done: Sequence[int], failed: Sequence[int], cancelled: Sequence[int], now: float
+) -> Steps[set[str]]:
+    """Settle the children of jobs that just ended, as PostgreSQL's
+    soniq_settle_children does (migration 0007): a child counts one parent fewer per
+    parent done (or ended otherwise, when it runs anyway) and is queued when none is
+    left; a child of a failed or cancelled parent is cancelled, naming it, and so are
+    its own children in turn. Returns the queues of children queued and due now."""
+    woken: set[str] = set()
+    ok, bad = set(done), {p: False for p in failed} | {p: True for p in cancelled}
+    while ok or bad:
+        ended = sorted(ok | bad.keys())
+        children: dict[int, list[Any]] = {}
+        for chunk in _chunks(ended):
+            found = yield Step(
+                f"""SELECT d.parent_id, c.id, c.waiting_for, c.run_if_parent_fails, c.queue,
+    c.run_at, c.has_children
+FROM {DEPS} AS d JOIN {JOBS} AS c ON c.id = d.child_id
+WHERE d.parent_id IN ({_marks(chunk)}) AND c.status = '{_WAITING}'""",
+                chunk,
+            )
+            for parent, child, waiting_for, runs_anyway, queue, run_at, kids in found.rows:
+                seen = children.setdefault(child, [waiting_for, runs_anyway, queue, run_at, kids])
+                seen.append(parent)
+            yield Step(f"DELETE FROM {DEPS} WHERE parent_id IN ({_marks(chunk)})", chunk)
+        counted, doomed, next_bad = [], [], {}
+        for child, (waiting_for, runs_anyway, queue, run_at, kids, *parents) in children.items():
+            culprits = sorted((bad[p], p) for p in parents if p in bad)
+            if culprits and not runs_anyway:
+                doomed.append((now, _parent_ended_message(*culprits[0]), child))
+                if kids:
+                    next_bad[child] = True
+                continue
+            left = waiting_for - len(parents)
+            counted.append((max(left, 0), _QUEUED if left <= 0 else _WAITING, child))
+            if left <= 0 and run_at <= now:
+                woken.add(queue)
+        if counted:
+            yield Step(
+                f"UPDATE {JOBS} SET waiting_for = ?, status = ? WHERE id = ?", counted, many=True
+            )
+        if doomed:
+            yield Step(
+                f"UPDATE {JOBS} SET status = '{_CANCELLED}', finished_at = ?, last_error = ? "
+                "WHERE id = ?",
+                doomed,
+                many=True,
+            )
+        ok, bad = set(), next_bad
+    return woken
+
+
+def _any_children(ids: Sequence[int]) -> Steps[set[int]]:
+    """Which of ``ids`` have children to settle (nothing to ask when no job waits)."""
+    if not ids or not (yield Step(f"SELECT 1 FROM {DEPS} LIMIT 1")).rows:
+        return set()
+    found: set[int] = set()
+    for chunk in _chunks(ids):
+        rows = yield Step(
+            f"SELECT id FROM {JOBS} WHERE id IN ({_marks(chunk)}) AND has_children", chunk
+        )
+        found.update(row[0] for row in rows.rows)
+    return found
 
 
 def _insert_one(values: tuple[Any, ...], wake: str | None) -> Steps[Inserted]:
@@ -415,22 +676,27 @@ def list_jobs(name: str | None, queue: str | None) -> Operation[list[Job]]:
 
 
 _CANCEL_TO = states.next_status(JobStatus.QUEUED, Event.CANCEL).value
+_AT_ONCE = states.sql_status_list(states.CANCELLED_AT_ONCE)
 _CANCEL = f"""UPDATE {JOBS}
-SET status = CASE WHEN status = '{_QUEUED}' THEN '{_CANCEL_TO}' ELSE status END,
-    finished_at = CASE WHEN status = '{_QUEUED}' THEN ? ELSE finished_at END,
+SET status = CASE WHEN status IN {_AT_ONCE} THEN '{_CANCEL_TO}' ELSE status END,
+    finished_at = CASE WHEN status IN {_AT_ONCE} THEN ? ELSE finished_at END,
     cancel_requested = (cancel_requested OR status = '{_RUNNING}')
 WHERE id = ? AND status IN {_CANCELLABLE}"""
 
 
 def cancel_job(job_id: int, now: float) -> Operation[bool]:
-    """Cancel a queued job at once, or record the request for a running one (its
-    worker acknowledges it); False when the job is unknown or finished."""
+    """Cancel a waiting or queued job at once (its children settled), or record the
+    request for a running one (its worker acknowledges it); False when the job is
+    unknown or finished."""
     known = _known_id(job_id)
 
     def steps() -> Steps[bool]:
         if not known:
             return False
+        found = yield Step(f"SELECT status, has_children FROM {JOBS} WHERE id = ?", (job_id,))
         changed = yield Step(_CANCEL, (now, job_id))
+        if changed.rowcount and found.rows[0][1] and found.rows[0][0] != _RUNNING:
+            yield from settle_children((), (), (job_id,), now)
         return changed.rowcount > 0
 
     return Operation(steps(), immediate=True)
@@ -439,7 +705,7 @@ def cancel_job(job_id: int, now: float) -> Operation[bool]:
 # -- the worker ----------------------------------------------------------------------
 
 _CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
-_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims
+_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims, parents
 FROM {JOBS}
 WHERE status = '{_QUEUED}' @queue_filter@ @name_filter@ AND run_at <= ?
   AND queue NOT IN (SELECT queue FROM {QUEUES} WHERE paused @limited@)
@@ -493,7 +759,7 @@ usage AS MATERIALIZED (
 ),
 grouped AS (
     SELECT j.id, j.name, j.queue, j.args, j.attempts, j.max_retries, j.timeout, j.claims,
-        j.priority, j.run_at,
+        j.parents, j.priority, j.run_at,
         {_limit_group("c", "concurrency", "ckey")} AS cg, s.concurrency AS ccap,
         {_limit_group("r", "rate", "rkey")} AS rg, s.rate AS rcap, s.period AS rperiod,
         CASE WHEN q.concurrency IS NOT NULL THEN 'q:' || j.queue END AS qg,
@@ -532,7 +798,7 @@ ranked AS (
 }
     FROM cand
 )
-SELECT id, name, queue, args, attempts, max_retries, timeout, claims,
+SELECT id, name, queue, args, attempts, max_retries, timeout, claims, parents,
     rg, rperiod, qrg, qrperiod
 FROM ranked
 WHERE {" AND ".join(f"({grp} IS NULL OR {grp}_rank <= {grp}_room)" for grp, _ in _ROOMS)}
@@ -615,15 +881,51 @@ def claim_jobs(
         first, second = (limited, plain) if limited_first else (plain, limited)
         claimed = yield from first(at, limit)
         claimed += yield from second(at, limit - len(claimed))
-        return claimed
+        return (yield from _with_parent_results(claimed))
 
     return Operation(steps(), immediate=True)
 
 
 def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Claimed]:
+    # (A job's parents, when it has some, are read here, and replaced by their results
+    # before the claim returns: see _with_parent_results.)
     return [
-        Claimed(r[0], r[1], r[2], serialize.loads(r[3]), r[4] + 1, r[5], r[6], r[7] + 1, limited)
+        Claimed(
+            r[0],
+            r[1],
+            r[2],
+            serialize.loads(r[3]),
+            r[4] + 1,
+            r[5],
+            r[6],
+            r[7] + 1,
+            limited,
+            None if r[8] is None else {p: None for p in serialize.loads(r[8])},
+        )
         for r in rows
+    ]
+
+
+def _with_parent_results(claimed: list[Claimed]) -> Steps[list[Claimed]]:
+    """The claimed jobs, each with the results of its parents that are done."""
+    parents = sorted({p for c in claimed if c.parent_results for p in c.parent_results})
+    if not parents:
+        return claimed
+    results: dict[int, Any] = {}
+    for chunk in _chunks(parents):
+        found = yield Step(
+            f"SELECT id, result FROM {JOBS} WHERE id IN ({_marks(chunk)}) "
+            f"AND status = '{JobStatus.DONE.value}'",
+            chunk,
+        )
+        results.update((i, serialize.loads(r)) for i, r in found.rows)
+    return [
+        c
+        if c.parent_results is None
+        else attrs.evolve(
+            c, parent_results={p: results[p] for p in c.parent_results if p in results}
+        )
+        for c in claimed
     ]
 
 
@@ -654,8 +956,8 @@ def _claim_limited(
     named["spec"] = limits.spec_json(worker_id)
     sql = _LIMITED_SELECT.replace("@queue_filter@", filter_sql)
     found = (yield Step(sql, named)).rows
-    starts = [(r[8], now + r[9]) for r in found if r[8] is not None]
-    starts += [(r[10], now + r[11]) for r in found if r[10] is not None]
+    starts = [(r[9], now + r[10]) for r in found if r[9] is not None]
+    starts += [(r[11], now + r[12]) for r in found if r[11] is not None]
     if starts:
         yield Step(f"INSERT INTO {RATE_LOG} (grp, until) VALUES (?, ?)", starts, many=True)
     yield Step(f"DELETE FROM {RATE_LOG} WHERE until <= ?", (now,))
@@ -832,10 +1134,13 @@ _FINISH_DELETE = f"DELETE FROM {JOBS} WHERE {_FENCE}"
 
 def finish_jobs(
     outcomes: Sequence[Outcome], worker_id: str, *, keep: bool, now: float
-) -> Operation[int]:
+) -> Operation[str | None]:
     """Write a batch of outcomes in one transaction, each fenced by worker and attempt;
-    with ``keep=False`` finished jobs are deleted. Returns how many rows were written."""
+    with ``keep=False`` finished jobs are deleted. The children of jobs that ended are
+    settled (:func:`settle_children`). Returns the queues of children that became
+    ready now (to wake, comma-separated), or None."""
     updates, deletes = [], []
+    ended = {o.job_id: o for o in outcomes if o.status in states.FINISHED}
     for o in outcomes:
         finished = o.status in states.FINISHED
         if finished and not keep:
@@ -860,13 +1165,28 @@ def finish_jobs(
             )
         )
 
-    def steps() -> Steps[int]:
-        written = 0
+    def steps() -> Steps[str | None]:
+        parents = yield from _any_children(list(ended))
+        # Only the runs this write ends settle their children (the fence, read first).
+        if parents:
+            found = yield Step(
+                f"SELECT id, attempts FROM {JOBS} WHERE id IN ({_marks(list(parents))}) "
+                f"AND status = '{_RUNNING}' AND worker_id = ?",
+                (*parents, worker_id),
+            )
+            parents = {i for i, attempts in found.rows if ended[i].attempts == attempts}
         if updates:
-            written += (yield Step(_FINISH_UPDATE, updates, many=True)).rowcount
+            yield Step(_FINISH_UPDATE, updates, many=True)
         if deletes:
-            written += (yield Step(_FINISH_DELETE, deletes, many=True)).rowcount
-        return written
+            yield Step(_FINISH_DELETE, deletes, many=True)
+        woken: set[str] = set()
+        if parents:
+            done, failed, cancelled = (
+                [i for i in parents if ended[i].status is status]
+                for status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+            )
+            woken = yield from settle_children(done, failed, cancelled, now)
+        return ",".join(sorted(woken)) or None
 
     return Operation(steps(), immediate=True)
 
@@ -951,6 +1271,10 @@ def rescue_stale(stale_after: float, now: float) -> Operation[list[tuple[int, st
 WHERE {_ORPHANED}""",
             (now,),
         )
+        gave_up = [row[0] for row in found.rows if row[1] == _GAVE_UP]
+        parents = yield from _any_children(gave_up)
+        if parents:
+            yield from settle_children((), sorted(parents), (), now)
         return [(row[0], row[1]) for row in found.rows]
 
     return Operation(steps(), immediate=True)
@@ -1006,5 +1330,18 @@ def clear_all() -> Operation[None]:
         yield Step(f"DELETE FROM {JOBS}", ())
         yield Step(f"DELETE FROM {WORKERS}", ())
         yield Step("DELETE FROM sqlite_sequence WHERE name = ?", (JOBS,))
+
+    return Operation(steps(), immediate=True)
+
+
+def set_progress(job_id: int, claims: int, progress: float, message: str | None) -> Operation[None]:
+    """Store the progress a run of a job reported (fenced by its run number: a later
+    run's progress is not overwritten by an earlier one's)."""
+
+    def steps() -> Steps[None]:
+        yield Step(
+            f"UPDATE {JOBS} SET progress = ?, progress_message = ? WHERE id = ? AND claims = ?",
+            (progress, message, job_id, claims),
+        )
 
     return Operation(steps(), immediate=True)

@@ -15,9 +15,10 @@ from concurrent.futures import Future
 from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
+from soniq.core import states
 from soniq.core.errors import ConfigurationError
 from soniq.core.flow import ClaimLimits, QueueLimits
-from soniq.core.jobs import Claimed, Job, JobSpec, WorkerIdentity
+from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation
@@ -86,6 +87,13 @@ def _inserted_ids(key: str, inserted: sq.Inserted) -> list[int]:
     if inserted.wake is not None:
         _wake(key, inserted.wake)
     return inserted.ids
+
+
+def _woken(key: str, queues: str | None) -> None:
+    """Once jobs became ready (children whose parents are done): wake this process's
+    workers of their queues."""
+    if queues is not None:
+        _wake(key, queues)
 
 
 def _resumed(key: str, queue: str, resumed: bool) -> bool:
@@ -259,6 +267,27 @@ class SqliteBackend(_OnDatabase):
             functools.partial(_inserted_ids, self.database.key),
         )
 
+    async def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
+        """Insert jobs that wait for one another (see ``sq.insert_graph``); ids in order."""
+        if conn is not None:
+            _refuse_connection(self.name)
+        return await self._commit(
+            lambda: sq.insert_graph(nodes, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+
+    async def mark_awaited(self, job_id: int) -> bool:
+        """Whether the job is active: nobody is told of its end here (see
+        :meth:`listen`), its waiters poll."""
+        job = await self.get_job(job_id)
+        return job is not None and job.status in states.ACTIVE
+
+    async def set_progress(
+        self, job_id: int, claims: int, progress: float, message: str | None
+    ) -> None:
+        """Store the progress a run of a job reported."""
+        await self._commit(lambda: sq.set_progress(job_id, claims, progress, message))
+
     async def get_job(self, job_id: int) -> Job | None:
         """The job, or None."""
         op = sq.get_job(job_id)  # validates the id here, not on the thread
@@ -361,6 +390,7 @@ class SqliteBackend(_OnDatabase):
         finished ones)."""
         await self._commit(
             lambda: sq.finish_jobs(outcomes, worker_id, keep=keep, now=self.database.clock()),
+            functools.partial(_woken, self.database.key),
             linger=True,
         )
 
@@ -396,10 +426,16 @@ class SqliteBackend(_OnDatabase):
         )
         return None if inserted is None else _inserted_ids(self.database.key, inserted)[0]
 
-    async def listen(self, on_notify: Callable[[str], None], on_ready: Callable[[], None]) -> None:
+    async def listen(
+        self, on_notify: Callable[[str], None], on_ready: Callable[[], None], *, ends: bool = False
+    ) -> None:
         """Call ``on_notify(queues)`` on this loop when this process enqueues due jobs
         on the same file (any Soniq, any thread), until cancelled. Other processes
-        cannot be heard: the worker's polling finds their jobs."""
+        cannot be heard: the worker's polling finds their jobs. With ``ends`` (the
+        ends of awaited jobs) nothing is heard: waiters poll."""
+        if ends:
+            on_ready()
+            await asyncio.get_running_loop().create_future()  # forever
         listener = (asyncio.get_running_loop(), on_notify)
         _add_listener(self.database.key, listener)
         try:
@@ -521,6 +557,15 @@ class SqliteSyncBackend(_OnDatabase):
             _refuse_connection(self.name)
         return self._commit(
             lambda: sq.insert_jobs(spec, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+
+    def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
+        """Blocking :meth:`SqliteBackend.insert_graph`."""
+        if conn is not None:
+            _refuse_connection(self.name)
+        return self._commit(
+            lambda: sq.insert_graph(nodes, self.database.clock()),
             functools.partial(_inserted_ids, self.database.key),
         )
 
