@@ -11,6 +11,8 @@
    worker processes for 60 s: every tick enqueued once.
 5. Limits (:mod:`benchmarks.limits`): a drain under a per-key concurrency limit, and
    an unlimited drain by a worker with limits on another job, beside today's drain.
+6. Workflows (:mod:`benchmarks.workflows`): a fan-out with a fan-in callback and a
+   chain, each beside as many independent jobs; the chain's latency per link.
 
 Prints one table per part and the targets, writes
 ``benchmarks/results/bench-<UTC time>.json`` and a PNG chart beside it. ``--quick``
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import embedded, enqueue, limits, periodic, worker
+from benchmarks import embedded, enqueue, limits, periodic, worker, workflows
 from benchmarks._common import (
     RESULTS_DIR,
     admin_url,
@@ -38,7 +40,7 @@ from benchmarks._common import (
     write_results,
 )
 
-PARTS = ("enqueue", "worker", "embedded", "periodic", "limits")
+PARTS = ("enqueue", "worker", "embedded", "periodic", "limits", "workflows")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -212,6 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"limits: {n:,} jobs per drain, {repeats} repeat(s)", flush=True)
         with fresh_databases(admin, ["limits"], statement_timeout=args.statement_timeout) as urls:
             result["limits"] = limits.run(urls["limits"], n=n, repeats=repeats)
+    if "workflows" in args.parts:
+        fan_out, links = (2_000, 200) if args.quick else (10_000, 1_000)
+        repeats = 1 if args.quick else args.repeats
+        print(
+            f"workflows: a group of {fan_out:,} and a chain of {links:,}, each beside as "
+            f"many independent jobs, {repeats} repeat(s)",
+            flush=True,
+        )
+        with fresh_databases(
+            admin, ["workflows"], statement_timeout=args.statement_timeout
+        ) as urls:
+            result["workflows"] = workflows.run(
+                urls["workflows"], fan_out=fan_out, links=links, repeats=repeats
+            )
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["cpu_check_end_ms"] = cpu_check()
 
@@ -230,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     if "limits" in result:
         print("\nLIMITS (drains under concurrency limits, asyncpg)\n", flush=True)
         print(limits.render(result["limits"]), flush=True)
+    if "workflows" in result:
+        print("\nWORKFLOWS (groups and chains beside independent jobs, asyncpg)\n", flush=True)
+        print(workflows.render(result["workflows"]), flush=True)
 
     path = write_results("bench", result, args.output)
     print(

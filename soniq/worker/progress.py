@@ -15,7 +15,8 @@ from soniq.worker.context import JobContext
 log = logging.getLogger("soniq.worker")
 
 #: Seconds between two progress writes of one job. The first report is written at
-#: once; later ones wait out the interval, and the value written is the latest.
+#: once; later ones wait out the interval, and the value written is the latest; the
+#: last report is written when the job ends (see ProgressWriter.ended).
 INTERVAL = 1.0
 
 Write = Callable[[int, int, float, "str | None"], Awaitable[None]]
@@ -28,7 +29,8 @@ class ProgressWriter:
     def __init__(self, loop: asyncio.AbstractEventLoop, write: Write) -> None:
         self._loop = loop
         self._write = write
-        self._due: set[JobContext] = set()  # a write of theirs is scheduled
+        # Jobs with a write scheduled, and its timer.
+        self._due: dict[JobContext, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def report(self, ctx: JobContext) -> None:
@@ -47,13 +49,19 @@ class ProgressWriter:
     def _schedule(self, ctx: JobContext) -> None:
         if ctx in self._due:
             return  # the write already scheduled takes the latest value
-        self._due.add(ctx)
         last = ctx.progress_written_at
         delay = 0.0 if last is None else max(0.0, last + INTERVAL - self._loop.time())
-        self._loop.call_later(delay, self._start, ctx)
+        self._due[ctx] = self._loop.call_later(delay, self._start, ctx)
+
+    def ended(self, ctx: JobContext) -> None:
+        """The job ended: write its last report now, if one waits (on the loop)."""
+        timer = self._due.get(ctx)
+        if timer is not None:
+            timer.cancel()
+            self._start(ctx)
 
     def _start(self, ctx: JobContext) -> None:
-        self._due.discard(ctx)
+        self._due.pop(ctx, None)
         ctx.progress_written_at = self._loop.time()
         task = self._loop.create_task(self._store(ctx))
         self._tasks.add(task)
@@ -69,6 +77,8 @@ class ProgressWriter:
             log.warning("job %s: could not store its progress (%s)", ctx.id, exc)
 
     async def flush(self) -> None:
-        """Wait for the writes started (at shutdown)."""
+        """Write what waits now, and wait for the writes (at shutdown)."""
+        for ctx in list(self._due):
+            self.ended(ctx)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -180,6 +180,7 @@ class Worker:
         self._running: dict[int, _Running] = {}
         self._pending: list[Outcome] = []
         self._writing: list[Outcome] = []  # the completer's batch in flight
+        self._batches_written = 0  # (a burst worker claims again after one is written)
         # Sync jobs' outcomes on their way from the threads to the loop.
         self._sync_done_lock = threading.Lock()
         self._sync_done: list[tuple[_Running, Outcome, float]] = []
@@ -211,6 +212,7 @@ class Worker:
         self._no_claim_in_flight.set()
         self._slot_freed = asyncio.Event()
         self._flush_needed = asyncio.Event()
+        self._batch_written = asyncio.Event()
         self._progress = ProgressWriter(loop, self._backend.set_progress)
         self._threads = DaemonThreadPool(self.config.concurrency)
         identity = WorkerIdentity(
@@ -383,6 +385,7 @@ class Worker:
                     continue
             gather_until = None
             self._wake.clear()  # a NOTIFY during the claim will still wake the next wait
+            written = self._batches_written
             try:
                 if self._reconcile_needed:
                     await self._reconcile(session)
@@ -422,9 +425,14 @@ class Worker:
             if len(rows) == free:
                 continue
             if self.config.burst and not rows and not self._unsettled() and not self._reserved:
-                if any(o.retry_in is not None for o in (*self._pending, *self._writing)):
-                    await asyncio.sleep(0.01)  # a retry not written yet: not queued yet
+                if self._pending or self._writing:
+                    # An outcome not written yet: a retry is not queued yet, nor are the
+                    # children its end releases. Claim again once it is.
+                    self._batch_written.clear()
+                    await _wait(self._batch_written, 0.05)
                     continue
+                if self._batches_written != written:
+                    continue  # written during the claim: what it released, claim it
                 due_in = await self._burst_due_in()
                 if due_in is None:
                     return
@@ -652,6 +660,7 @@ class Worker:
             return
         running.settled = True
         ctx = running.run.context
+        self._progress.ended(ctx)
         status = outcome.status.value
         if outcome.snoozed:
             self._counts["snoozed"] += 1
@@ -751,6 +760,8 @@ class Worker:
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
                 self._writing = []
+                self._batches_written += 1
+                self._batch_written.set()
                 limited = self._limited_runs
                 if limited and [limited.pop(o.job_id) for o in batch if o.job_id in limited]:
                     self._nudge(slot=False)  # a limit has room now: claim again
