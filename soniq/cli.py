@@ -20,6 +20,12 @@ every worker; ``soniq queues limit QUEUE... [--concurrency N] [--rate-limit 100/
 sets both limits of the queues, as ``eq.set_queue_limits`` does (an option left out
 removes that limit; with neither, the queue has no limit), and prints them. A bad
 value is one line on stderr and exit 1; a usage error exits 2.
+
+``soniq job ID --database-url URL [--json] [--wait SECONDS]`` shows one job: its
+status, arguments, attempts, result, last error and traceback, progress, the jobs it
+waits for, and its times (exit 1 when there is no such job). With ``--wait`` it first
+waits up to that long for the job to end, as ``eq.wait_for`` does, and exits 0 when
+the job is done, 1 when it failed or was cancelled, 124 when it has not ended in time.
 """
 
 from __future__ import annotations
@@ -71,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="with limit: at most this many starts per window, e.g. 10/s, 100/m, 5000/h "
         "(default: no limit)",
+    )
+    job = commands.add_parser("job", help="show one job (and, with --wait, wait for its end)")
+    job.add_argument("id", type=int, help="the job's id")
+    _database_options(job)
+    job.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    job.add_argument(
+        "--wait",
+        type=_non_negative_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wait up to this long for the job to end first; exit 0 done, 1 failed or "
+        "cancelled, 124 not ended in time",
     )
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
@@ -170,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     if args.command == "queues":
         return _queues(args)
+    if args.command == "job":
+        return _job(args)
     return 2  # pragma: no cover  (argparse rejects unknown commands)
 
 
@@ -250,6 +270,71 @@ def _queues(args: argparse.Namespace) -> int:
         print(f"{command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+#: The exit status of ``soniq job --wait`` when the job has not ended in time (as
+#: coreutils' ``timeout``).
+TIMED_OUT = 124
+
+
+def _job(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        print("soniq job: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
+        return 2
+    from soniq.app import Soniq
+    from soniq.core.states import JobStatus
+
+    status = 0
+    try:
+        eq = Soniq(args.database_url, schema=args.schema)
+        try:
+            eq.sync.ensure_initialized(migrate=False)
+            if args.wait is not None:
+                try:
+                    eq.sync.wait_for(args.id, timeout=args.wait)
+                except TimeoutError:
+                    status = TIMED_OUT
+                except SoniqError:  # failed or cancelled: shown below; not found: too
+                    status = 1
+            job = eq.sync.get_job(args.id)
+        finally:
+            eq.sync.close()
+    except (SoniqError, ValueError, TypeError) as exc:
+        print(f"soniq job: {exc}", file=sys.stderr)
+        return 1
+    if job is None:
+        print(f"soniq job: no job has id {args.id}", file=sys.stderr)
+        return 1
+    fields = _job_fields(job)
+    if args.json:
+        print(json.dumps(fields))
+    else:
+        traceback = fields.pop("traceback")
+        width = max(len(name) for name in fields)
+        for name, value in fields.items():
+            if value not in (None, [], {}):
+                shown = value if isinstance(value, str) else json.dumps(value)
+                print(f"{name.ljust(width)}  {shown}")
+        if traceback:
+            print(f"\n{traceback.rstrip()}")
+    if args.wait is not None and status == 0 and job.status is not JobStatus.DONE:
+        status = 1
+    return status
+
+
+def _job_fields(job: Any) -> dict[str, Any]:
+    """A job's fields as JSON values (times in ISO 8601)."""
+    import attrs
+
+    fields = attrs.asdict(job, recurse=False)
+    for name, value in fields.items():
+        if hasattr(value, "isoformat"):
+            fields[name] = value.isoformat()
+        elif isinstance(value, tuple):
+            fields[name] = list(value)
+    fields["status"] = job.status.value
+    fields["args"] = dict(job.args)
+    return fields
 
 
 def _list_queues(paused: list[str], limits: dict[str, QueueLimits], *, as_json: bool) -> None:

@@ -287,10 +287,13 @@ WITH @first_ready@picked AS MATERIALIZED (
 no_flush_wait AS MATERIALIZED (
     SELECT set_config('synchronous_commit', 'off', true) AS setting
 )"""
+        # The start is read as the claim runs, after its snapshot (now() is when its
+        # transaction began, which a wait for a lock may put before a parent's end
+        # that the claim saw): a child never starts before its parent ended.
         self._claim_update = f"""
 UPDATE {jobs} AS j
 SET status = '{claim_to}', attempts = j.attempts + 1, claims = j.claims + 1,
-    worker_id = @worker@::text, started_at = now()
+    worker_id = @worker@::text, started_at = (SELECT clock_timestamp())
 FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         self._render = render
