@@ -193,23 +193,12 @@ async def test_insert_in_a_callers_transaction(
     server_eq: Soniq, database_url: str, commit: bool
 ) -> None:
     any_eq = server_eq
-    conn = await _connect(any_eq.backend.name, database_url)
-    try:
-        tx = conn.transaction()
-        await tx.start() if any_eq.backend.name == "asyncpg" else await tx.__aenter__()
+    async with caller_transaction(any_eq.backend.name, database_url, commit) as conn:
         ids = [
             await any_eq.enqueue("c.job", connection=conn, n=1),
             *await any_eq.enqueue_many("c.job", [{"n": 2}, {"n": 3}], connection=conn),
         ]
         assert await any_eq.get_job(ids[0]) is None  # not committed: invisible outside
-        if any_eq.backend.name == "asyncpg":
-            await (tx.commit() if commit else tx.rollback())
-        elif commit:
-            await tx.__aexit__(None, None, None)
-        else:
-            await tx.__aexit__(RuntimeError, RuntimeError("roll back"), None)
-    finally:
-        await conn.close()
     found = [await any_eq.get_job(i) for i in ids]
     if commit:
         assert [j.args if j else None for j in found] == [{"n": 1}, {"n": 2}, {"n": 3}]
@@ -223,12 +212,28 @@ async def test_insert_in_a_callers_transaction(
     assert (any_eq.sync.get_job(sync_id) is None) is not commit
 
 
-async def _connect(driver: str, url: str) -> Any:
+@contextlib.asynccontextmanager
+async def caller_transaction(driver: str, url: str, commit: bool) -> AsyncIterator[Any]:
+    """A connection of ``driver`` (a caller's own), in a transaction that is committed,
+    or rolled back, when the block ends."""
     if driver == "asyncpg":
         import asyncpg
 
-        return await asyncpg.connect(url)
-    return await psycopg.AsyncConnection.connect(url)
+        conn = await asyncpg.connect(url)
+    else:
+        conn = await psycopg.AsyncConnection.connect(url)
+    try:
+        tx = conn.transaction()
+        await tx.start() if driver == "asyncpg" else await tx.__aenter__()
+        yield conn
+        if driver == "asyncpg":
+            await (tx.commit() if commit else tx.rollback())
+        elif commit:
+            await tx.__aexit__(None, None, None)
+        else:
+            await tx.__aexit__(RuntimeError, RuntimeError("roll back"), None)
+    finally:
+        await conn.close()
 
 
 # -- claim ----------------------------------------------------------------------------------

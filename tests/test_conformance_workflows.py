@@ -13,7 +13,7 @@ import pytest
 from soniq import Job, JobNotFound, Soniq
 from soniq.core import outcomes
 from soniq.core.jobs import WorkerIdentity
-from tests.test_conformance import Face, _connect, face, server_eq
+from tests.test_conformance import Face, caller_transaction, face, server_eq
 
 __all__ = ["face", "server_eq"]  # fixtures, used by name
 
@@ -249,24 +249,13 @@ async def test_a_chain_is_released_and_cancelled_link_by_link(any_eq: Soniq) -> 
 async def test_a_graph_in_a_callers_transaction(
     server_eq: Soniq, database_url: str, commit: bool
 ) -> None:
-    conn = await _connect(server_eq.backend.name, database_url)
-    try:
-        tx = conn.transaction()
-        await tx.start() if server_eq.backend.name == "asyncpg" else await tx.__aenter__()
+    async with caller_transaction(server_eq.backend.name, database_url, commit) as conn:
         pay = await server_eq.enqueue("c.pay", connection=conn)
         ship = await server_eq.enqueue("c.ship", depends_on=[pay], connection=conn)
         group = await server_eq.enqueue_group(
             [("c.m", {"n": 1})], then=("c.then", {}), connection=conn
         )
         assert await server_eq.get_job(ship) is None  # not committed: invisible outside
-        if server_eq.backend.name == "asyncpg":
-            await (tx.commit() if commit else tx.rollback())
-        elif commit:
-            await tx.__aexit__(None, None, None)
-        else:
-            await tx.__aexit__(RuntimeError, RuntimeError("roll back"), None)
-    finally:
-        await conn.close()
     found = [await server_eq.get_job(i) for i in (pay, ship, *group)]
     if commit:
         assert [state(j)[:3] if j else None for j in found] == [

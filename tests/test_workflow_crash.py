@@ -44,15 +44,12 @@ import random
 import signal
 import sqlite3
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import psycopg
 import pytest
-from psycopg import sql
 
 from soniq import Job, JobStatus, Soniq
 from tests.conftest import Process, wait_until
@@ -489,21 +486,13 @@ def check(
     assert not early, early
 
 
-@pytest.fixture
-def pg_schema(database_url: str) -> Iterator[str]:
-    name = f"wfcrash_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    yield name
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 def test_a_worker_killed_mid_graph_on_postgresql(
-    driver: str, database_url: str, pg_schema: str, tmp_path: Path
+    driver: str, database_url: str, schema: str, tmp_path: Path
 ) -> None:
     url = database_url.replace("postgresql://", f"postgresql+{driver}://", 1)
-    crash_and_rescue(url, pg_schema, tmp_path, 1, store_url=database_url, sqlite_path=None)
+    crash_and_rescue(url, schema, tmp_path, 1, store_url=database_url, sqlite_path=None)
 
 
 @pytest.mark.timeout(120)

@@ -6,59 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from soniq import JobStatus, Soniq
 from soniq.worker.context import JobContext
-from tests.conftest import url_for_database
+from tests.test_flow_docs import database, fresh_database
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "workflows.md"
 TEXT = DOC.read_text()
 EXAMPLES = re.findall(r"```python\n(.*?)```", TEXT, re.S)
-KINDS = ("memory", "sqlite", "postgresql")
+__all__ = ["database", "fresh_database"]  # fixtures, used by name
 TRANSACTIONAL = 3  # the example with connection=: PostgreSQL only
-
-
-@pytest.fixture
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """A PostgreSQL database of its own (the examples use the ``public`` schema)."""
-    name = f"soniq_wf_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    info = psycopg.conninfo.conninfo_to_dict(url_for_database(admin_url, name))
-    password = f":{info['password']}" if info.get("password") else ""
-    user, host = info.get("user", "postgres"), info.get("host", "127.0.0.1")
-    try:
-        yield f"postgresql://{user}{password}@{host}:{info.get('port', '5432')}/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-@pytest.fixture(params=KINDS)
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty, migrated database of each kind."""
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        url = request.getfixturevalue("fresh_database")
-    app = Soniq(url)
-    try:
-        app.sync.ensure_initialized()
-    finally:
-        app.sync.close()
-    return url
 
 
 def run_example(index: int, url: str) -> dict[str, Any]:
