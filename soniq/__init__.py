@@ -4,6 +4,7 @@ if and only if the caller's transaction commits."""
 from soniq._version import __version__
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import limits
+from soniq.core.admin import WorkerInfo
 from soniq.core.errors import (
     ConfigurationError,
     ConnectionStateError,
@@ -55,6 +56,7 @@ __all__ = [
     "SyncSoniq",
     "UnknownJobError",
     "WorkerConfig",
+    "WorkerInfo",
     "__version__",
     "current_job",
     "limits",

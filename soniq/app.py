@@ -18,6 +18,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from soniq.core.admin import (
+    PURGE_BATCH,
+    RETRY_BATCH,
+    WorkerInfo,
+    job_filter,
+    purge_selection,
+)
 from soniq.core.enqueue import (
     JobRef,
     Registry,
@@ -40,6 +47,7 @@ from soniq.core.results import result_of
 from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.schedules import Schedule, make_schedule
 from soniq.core.sql.postgres import quote_ident
+from soniq.core.states import JobStatus
 from soniq.drivers._common import redact_url, split_postgres_url
 from soniq.drivers.base import AsyncBackend, SyncBackend
 from soniq.drivers.embedded import (
@@ -468,6 +476,62 @@ class Soniq:
         """The job with this id, or None."""
         return await self.backend.get_job(job_id)
 
+    async def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[Job]:
+        """A page of jobs, newest first: of ``status``, ``queue`` and ``name`` (None:
+        any), at most ``limit`` (1 to 1,000), with ids below ``before_id``. For the
+        next page pass the last id of this one as ``before_id`` (keyset paging: a page
+        costs the same however deep)."""
+        return await self.backend.page_jobs(job_filter(status, queue, name, limit, before_id))
+
+    async def purge_jobs(
+        self,
+        *,
+        older_than: float | dt.timedelta,
+        status: JobStatus | str | Sequence[JobStatus | str] | None = None,
+    ) -> int:
+        """Delete the finished jobs (``done``, ``failed``, ``cancelled``; or those of
+        ``status``) that ended more than ``older_than`` (seconds or a timedelta) ago,
+        in batches of 1,000 (never one huge DELETE); how many. Active jobs are never
+        deleted (an active ``status`` is an error)."""
+        seconds, statuses = purge_selection(older_than, status)
+        total = 0
+        while True:
+            count = await self.backend.purge_jobs(seconds, statuses, PURGE_BATCH)
+            total += count
+            if count < PURGE_BATCH:
+                return total
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """The registered workers, oldest first: host, pid, queues, slots, when each
+        started, seconds since its last heartbeat, and the ids of the jobs it runs."""
+        return await self.backend.list_workers()
+
+    async def retry_job(self, job_id: int) -> bool:
+        """Put a ``failed`` or ``cancelled`` job back in line, due now, with all its
+        attempts again (``attempts`` counts from 0; ``claims`` keeps counting its runs;
+        its last error stays until it runs). Its children cancelled by its failure
+        stay cancelled. False when it is not failed or cancelled (or does not exist),
+        or when another active job holds its ``dedupe_key``."""
+        return await self.backend.retry_job(_check_job_id(job_id))
+
+    async def retry_failed(self, *, queue: str | None = None, name: str | None = None) -> int:
+        """:meth:`retry_job` for every ``failed`` job of ``queue`` and ``name`` (None:
+        any), oldest first, in batches of 1,000 (one per dedupe key); how many."""
+        total, queue, name = 0, *_queue_and_name(queue, name)
+        while True:
+            count = await self.backend.retry_failed(queue, name, RETRY_BATCH)
+            total += count
+            if count < RETRY_BATCH:
+                return total
+
     async def cancel_job(self, job_id: int) -> bool:
         """Cancel a queued job (True), or request that a running one stop (True; its
         status turns ``cancelled`` when its worker acknowledges). False otherwise."""
@@ -664,6 +728,50 @@ class SyncSoniq:
         """Blocking :meth:`Soniq.get_job`."""
         return self.backend.get_job(job_id)
 
+    def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[Job]:
+        """Blocking :meth:`Soniq.list_jobs`."""
+        return self.backend.page_jobs(job_filter(status, queue, name, limit, before_id))
+
+    def purge_jobs(
+        self,
+        *,
+        older_than: float | dt.timedelta,
+        status: JobStatus | str | Sequence[JobStatus | str] | None = None,
+    ) -> int:
+        """Blocking :meth:`Soniq.purge_jobs`."""
+        seconds, statuses = purge_selection(older_than, status)
+        total = 0
+        while True:
+            count = self.backend.purge_jobs(seconds, statuses, PURGE_BATCH)
+            total += count
+            if count < PURGE_BATCH:
+                return total
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Blocking :meth:`Soniq.list_workers`."""
+        return self.backend.list_workers()
+
+    def retry_job(self, job_id: int) -> bool:
+        """Blocking :meth:`Soniq.retry_job`."""
+        return self.backend.retry_job(_check_job_id(job_id))
+
+    def retry_failed(self, *, queue: str | None = None, name: str | None = None) -> int:
+        """Blocking :meth:`Soniq.retry_failed`."""
+        total, queue, name = 0, *_queue_and_name(queue, name)
+        while True:
+            count = self.backend.retry_failed(queue, name, RETRY_BATCH)
+            total += count
+            if count < RETRY_BATCH:
+                return total
+
     def cancel_job(self, job_id: int) -> bool:
         """Blocking :meth:`Soniq.cancel_job`."""
         return self.backend.cancel_job(job_id)
@@ -749,6 +857,11 @@ def _check_job_id(job_id: object) -> int:
     if isinstance(job_id, bool) or not isinstance(job_id, int):
         raise TypeError(f"job_id must be an int (an id from enqueue), got {job_id!r}")
     return job_id
+
+
+def _queue_and_name(queue: str | None, name: str | None) -> tuple[str | None, str | None]:
+    selection = job_filter(queue=queue, name=name)
+    return selection.queue, selection.name
 
 
 def _wait_timeout(timeout: object) -> float | None:

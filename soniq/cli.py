@@ -21,6 +21,15 @@ sets both limits of the queues, as ``eq.set_queue_limits`` does (an option left 
 removes that limit; with neither, the queue has no limit), and prints them. A bad
 value is one line on stderr and exit 1; a usage error exits 2.
 
+``soniq jobs [--status S] [--queue Q] [--name N] [--limit N] [--before-id ID]
+[--json]`` lists jobs, newest first (the next page: ``--before-id`` the last id
+shown); ``soniq retry ID...`` or ``soniq retry --failed [--queue Q] [--name N]`` puts
+failed (or cancelled) jobs back in line; ``soniq cancel ID...`` cancels jobs (a
+running one is asked to stop). Both exit 1 when a job named was left as it was.
+``soniq purge --older-than 7d [--status done] [--yes]`` deletes finished jobs that
+ended before then (asking first on a terminal; elsewhere ``--yes`` is required).
+``soniq workers [--json]`` lists the live workers and the jobs each runs.
+
 ``soniq job ID --database-url URL [--json] [--wait SECONDS]`` shows one job: its
 status, arguments, attempts, result, last error and traceback, progress, the jobs it
 waits for, and its times (exit 1 when there is no such job). With ``--wait`` it first
@@ -78,6 +87,47 @@ def _parser() -> argparse.ArgumentParser:
         help="with limit: at most this many starts per window, e.g. 10/s, 100/m, 5000/h "
         "(default: no limit)",
     )
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    _database_options(jobs)
+    jobs.add_argument("--status", default=None, help="only jobs of this status")
+    jobs.add_argument("--queue", default=None, help="only jobs of this queue")
+    jobs.add_argument("--name", default=None, help="only jobs of this name")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    jobs.add_argument(
+        "--before-id", type=int, default=None, metavar="ID", help="the next page: below this id"
+    )
+    jobs.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    retry = commands.add_parser("retry", help="put failed or cancelled jobs back in line")
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="the jobs to retry")
+    _database_options(retry)
+    retry.add_argument("--failed", action="store_true", help="every failed job (of --queue)")
+    retry.add_argument("--queue", default=None, help="with --failed: only this queue")
+    retry.add_argument("--name", default=None, help="with --failed: only jobs of this name")
+    retry.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    cancel = commands.add_parser("cancel", help="cancel jobs (ask running ones to stop)")
+    cancel.add_argument("ids", nargs="+", type=int, metavar="ID", help="the jobs to cancel")
+    _database_options(cancel)
+    cancel.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    purge = commands.add_parser("purge", help="delete finished jobs older than a duration")
+    _database_options(purge)
+    purge.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="jobs that ended more than this long ago: 90s, 30m, 12h, 7d (or seconds)",
+    )
+    purge.add_argument(
+        "--status",
+        action="append",
+        choices=["done", "failed", "cancelled"],
+        help="only jobs that ended so (repeatable; default: all three)",
+    )
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    workers = commands.add_parser("workers", help="list the live workers and their jobs")
+    _database_options(workers)
+    workers.add_argument("--json", action="store_true", help="print JSON, for scripts")
     job = commands.add_parser("job", help="show one job (and, with --wait, wait for its end)")
     job.add_argument("id", type=int, help="the job's id")
     _database_options(job)
@@ -190,6 +240,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _queues(args)
     if args.command == "job":
         return _job(args)
+    if args.command == "jobs":
+        return _opened(args, _list_jobs)
+    if args.command == "retry":
+        if bool(args.ids) == args.failed:
+            print("soniq retry: name the jobs, or pass --failed", file=sys.stderr)
+            return 2
+        if not args.failed and (args.queue or args.name):
+            print("soniq retry: --queue and --name go with --failed", file=sys.stderr)
+            return 2
+        return _opened(args, _retry)
+    if args.command == "cancel":
+        return _opened(args, _cancel)
+    if args.command == "workers":
+        return _opened(args, _workers)
+    if args.command == "purge":
+        statuses = ", ".join(args.status or ["done", "failed", "cancelled"])
+        question = (
+            f"Delete the jobs ({statuses}) that ended more than "
+            f"{_spoken(args.older_than)} ago? [y/N] "
+        )
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("soniq purge: pass --yes to delete without a terminal", file=sys.stderr)
+                return 2
+            if input(question).strip().lower() not in ("y", "yes"):
+                print("soniq purge: nothing deleted")
+                return 1
+        return _opened(args, _purge)
     return 2  # pragma: no cover  (argparse rejects unknown commands)
 
 
@@ -270,6 +348,179 @@ def _queues(args: argparse.Namespace) -> int:
         print(f"{command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _opened(args: argparse.Namespace, act: Any) -> int:
+    """Run ``act(eq.sync, args)`` (its exit status) on the database of ``args``; a bad
+    value or an unreachable database is one line on stderr and exit 1."""
+    command = f"soniq {args.command}"
+    if not args.database_url:
+        print(f"{command}: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
+        return 2
+    from soniq.app import Soniq
+
+    try:
+        eq = Soniq(args.database_url, schema=args.schema)
+        try:
+            eq.sync.ensure_initialized(migrate=False)
+            return int(act(eq.sync, args))
+        finally:
+            eq.sync.close()
+    except (SoniqError, ValueError, TypeError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _list_jobs(eq: Any, args: argparse.Namespace) -> int:
+    jobs = eq.list_jobs(
+        status=args.status,
+        queue=args.queue,
+        name=args.name,
+        limit=args.limit,
+        before_id=args.before_id,
+    )
+    if args.json:
+        print(json.dumps([_job_fields(job) for job in jobs]))
+        return 0
+    if not jobs:
+        print("no job")
+        return 0
+    rows = [("id", "status", "queue", "name", "attempts", "at", "last error")]
+    for job in jobs:
+        at = job.finished_at or job.started_at or job.run_at
+        error = job.last_error or ""
+        rows.append(
+            (
+                str(job.id),
+                job.status.value,
+                job.queue,
+                job.name,
+                f"{job.attempts}/{job.max_retries + 1}",
+                at.isoformat(timespec="seconds"),
+                error if len(error) <= 60 else error[:57] + "...",
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+def _retry(eq: Any, args: argparse.Namespace) -> int:
+    if args.failed:
+        count = eq.retry_failed(queue=args.queue, name=args.name)
+        print(json.dumps({"retried": count}) if args.json else f"retried {count} job(s)")
+        return 0
+    left = 0
+    for job_id in args.ids:
+        retried = eq.retry_job(job_id)
+        left += not retried
+        if args.json:
+            print(json.dumps({"id": job_id, "retried": retried}))
+        elif retried:
+            print(f"{job_id}: retried")
+        else:
+            print(f"{job_id}: left as it was (not failed nor cancelled, or its dedupe key is held)")
+    return 1 if left else 0
+
+
+def _cancel(eq: Any, args: argparse.Namespace) -> int:
+    from soniq.core.states import JobStatus
+
+    left = 0
+    for job_id in args.ids:
+        changed = eq.cancel_job(job_id)
+        job = eq.get_job(job_id) if changed else None
+        running = job is not None and job.status is JobStatus.RUNNING
+        left += not changed
+        if args.json:
+            print(json.dumps({"id": job_id, "cancelled": changed, "running": running}))
+        elif running:
+            print(f"{job_id}: asked to stop (it is running; its worker cancels it)")
+        elif changed:
+            print(f"{job_id}: cancelled")
+        else:
+            print(f"{job_id}: left as it was (finished, or no such job)")
+    return 1 if left else 0
+
+
+def _purge(eq: Any, args: argparse.Namespace) -> int:
+    count = eq.purge_jobs(older_than=args.older_than, status=args.status)
+    print(json.dumps({"deleted": count}) if args.json else f"deleted {count} job(s)")
+    return 0
+
+
+def _workers(eq: Any, args: argparse.Namespace) -> int:
+    workers = eq.list_workers()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": w.id,
+                        "hostname": w.hostname,
+                        "pid": w.pid,
+                        "queues": None if w.queues is None else list(w.queues),
+                        "concurrency": w.concurrency,
+                        "started_at": w.started_at.isoformat(),
+                        "heartbeat_age": round(w.heartbeat_age, 3),
+                        "running": list(w.running),
+                    }
+                    for w in workers
+                ]
+            )
+        )
+        return 0
+    if not workers:
+        print("no worker")
+        return 0
+    rows = [("worker", "host", "pid", "queues", "running", "heartbeat", "jobs")]
+    for w in workers:
+        jobs = " ".join(str(i) for i in w.running[:10]) + (" ..." if len(w.running) > 10 else "")
+        rows.append(
+            (
+                w.id,
+                w.hostname,
+                str(w.pid),
+                ",".join(w.queues) if w.queues else "*",
+                f"{len(w.running)}/{w.concurrency}",
+                f"{w.heartbeat_age:.1f}s ago",
+                jobs,
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` or plain seconds, as seconds."""
+    unit = _UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}"
+        )
+    return value
+
+
+def _spoken(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Rows as aligned columns, the first the header (the last column unpadded)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]).rstrip())
 
 
 #: The exit status of ``soniq job --wait`` when the job has not ended in time (as
@@ -363,10 +614,7 @@ def _list_queues(paused: list[str], limits: dict[str, QueueLimits], *, as_json: 
                 "-" if rate is None else rate,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
-        print("  ".join([*cells, row[-1]]))
+    _print_table(rows)
 
 
 def _print_limits(name: str, limits: QueueLimits, *, as_json: bool) -> None:

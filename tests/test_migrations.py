@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from soniq import SchemaNotReadyError, Soniq
+from soniq.core.admin import job_filter
 from soniq.core.sql.migrate import LATEST_VERSION
 from soniq.core.sql.postgres import PostgresQueries
 
@@ -149,3 +150,42 @@ def _nodes(plan: Any) -> Iterator[dict[str, Any]]:
         node = stack.pop()
         yield node
         stack.extend(node.get("Plans", []))
+
+
+def test_a_page_of_jobs_walks_down_the_primary_key(
+    database_url: str, schema: str, pg: psycopg.Connection
+) -> None:
+    """list_jobs: whatever the filter, a page is read from the primary key backwards
+    from before_id, never by sorting the table (one page costs the same on a table
+    of millions of rows)."""
+    eq = Soniq(database_url, schema=schema)
+    try:
+        eq.sync.ensure_initialized()
+    finally:
+        eq.sync.close()
+    jobs = f'"{schema}".soniq_jobs'
+    pg.execute(
+        f"INSERT INTO {jobs} (name, queue, args, status, finished_at) "
+        "SELECT 'j' || (n % 7), 'q' || (n % 3), '{}', "
+        "CASE WHEN n % 100 = 0 THEN 'failed' ELSE 'done' END, now() "
+        "FROM generate_series(1, 100000) AS n"
+    )
+    pg.execute(f"ANALYZE {jobs}")
+    queries = PostgresQueries(schema, "format")
+    for selection in (
+        job_filter(),
+        job_filter(status="failed"),
+        job_filter(queue="q1", name="j3", before_id=50_000),
+        job_filter(status="done", limit=1000),
+    ):
+        page = queries.page_jobs(selection)
+        plan = pg.execute(f"EXPLAIN (FORMAT JSON) {page.sql}", page.params).fetchone()
+        assert plan is not None
+        nodes = list(_nodes(plan[0]))
+        assert any(
+            n["Node Type"] == "Index Scan"
+            and n.get("Index Name") == "soniq_jobs_pkey"
+            and n.get("Scan Direction") == "Backward"
+            for n in nodes
+        ), json.dumps(plan[0])
+        assert not any(n["Node Type"] in ("Seq Scan", "Sort") for n in nodes), json.dumps(plan[0])

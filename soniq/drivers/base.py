@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
+from soniq.core.admin import JobFilter, WorkerInfo
 from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
+from soniq.core.states import JobStatus
 
 
 class MaintenanceSession(Protocol):
@@ -185,6 +187,25 @@ class AsyncBackend(Protocol):
         ``on_notify(ids)`` (comma-separated) when awaited jobs end (see
         :meth:`mark_awaited`), where the backend can tell (else never)."""
 
+    async def page_jobs(self, selection: JobFilter) -> list[Job]:
+        """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`)."""
+
+    async def retry_job(self, job_id: int) -> bool:
+        """Put a failed or cancelled job back in line, due now, its attempts counted
+        from zero; False when it is not one, or another active job holds its
+        dedupe key."""
+
+    async def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
+        """Put up to ``limit`` failed jobs of ``queue`` and ``name`` (None: any) back in
+        line, oldest first, one per dedupe key; how many (0: none is left)."""
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """The registered workers, oldest first, each with the jobs it runs."""
+
+    async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
+        """Delete up to ``limit`` finished jobs of ``statuses`` that ended more than
+        ``older_than`` seconds ago; how many (0: none is left)."""
+
     async def mark_awaited(self, job_id: int) -> bool:
         """Mark an active job as awaited (its end is told to :meth:`listen` with
         ``ends``); False when it is not active (finished, or unknown)."""
@@ -226,6 +247,21 @@ class SyncBackend(Protocol):
 
     def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
         """Blocking :meth:`AsyncBackend.insert_graph`."""
+
+    def page_jobs(self, selection: JobFilter) -> list[Job]:
+        """Blocking :meth:`AsyncBackend.page_jobs`."""
+
+    def retry_job(self, job_id: int) -> bool:
+        """Blocking :meth:`AsyncBackend.retry_job`."""
+
+    def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
+        """Blocking :meth:`AsyncBackend.retry_failed`."""
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Blocking :meth:`AsyncBackend.list_workers`."""
+
+    def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
+        """Blocking :meth:`AsyncBackend.purge_jobs`."""
 
     def list_jobs(self, name: str | None, queue: str | None, conn: Any = None) -> list[Job]:
         """Blocking :meth:`AsyncBackend.list_jobs`."""

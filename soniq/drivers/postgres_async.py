@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
+from soniq.core.admin import JobFilter, WorkerInfo
 from soniq.core.flow import ClaimLimits, QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
@@ -28,7 +29,9 @@ from soniq.core.sql.postgres import (
     ids_in_input_order,
     job_from_row,
     parent_results,
+    worker_from_row,
 )
+from soniq.core.states import JobStatus
 from soniq.drivers._common import Target, async_only, async_owner, redact_url
 from soniq.drivers.insert_lines import AsyncInsertLine
 
@@ -104,6 +107,29 @@ class PostgresAsyncOps:
         query = self.queries.insert_graph(nodes)
         rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
         return ids_in_input_order(rows)
+
+    async def page_jobs(self, selection: JobFilter) -> list[Job]:
+        """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`)."""
+        return [job_from_row(row) for row in await self.fetch(self.queries.page_jobs(selection))]
+
+    async def retry_job(self, job_id: int) -> bool:
+        """Put a failed or cancelled job back in line; False when it was not one (or
+        another active job holds its dedupe key)."""
+        return bool(await self.fetch(self.queries.retry_job(job_id)))
+
+    async def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
+        """Put up to ``limit`` failed jobs back in line; how many."""
+        return len(await self.fetch(self.queries.retry_failed(queue, name, limit)))
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """The registered workers, oldest first, each with the jobs it runs."""
+        return [worker_from_row(row) for row in await self.fetch(self.queries.list_workers())]
+
+    async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
+        """Delete up to ``limit`` jobs of ``statuses`` (finished) that ended more than
+        ``older_than`` seconds ago; how many."""
+        query = self.queries.prune_finished(older_than, limit, statuses)
+        return len(await self.fetch(query))
 
     async def mark_awaited(self, job_id: int) -> bool:
         """Mark an active job as awaited: its end is then told on the done channel

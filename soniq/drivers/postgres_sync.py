@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from soniq.core.admin import JobFilter, WorkerInfo
 from soniq.core.flow import QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Job, JobNode, JobSpec
 from soniq.core.sql.migrate import MigrationPlan
@@ -17,7 +18,9 @@ from soniq.core.sql.postgres import (
     group_ids,
     ids_in_input_order,
     job_from_row,
+    worker_from_row,
 )
+from soniq.core.states import JobStatus
 from soniq.drivers._common import Target, redact_url, sync_owner
 from soniq.drivers.insert_lines import SyncInsertLine
 
@@ -87,6 +90,29 @@ class PostgresSyncOps:
         query = self.queries.insert_graph(nodes)
         rows = self.fetch(query) if conn is None else self.fetch_on(conn, query)
         return ids_in_input_order(rows)
+
+    def page_jobs(self, selection: JobFilter) -> list[Job]:
+        """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`)."""
+        return [job_from_row(row) for row in self.fetch(self.queries.page_jobs(selection))]
+
+    def retry_job(self, job_id: int) -> bool:
+        """Put a failed or cancelled job back in line; False when it was not one (or
+        another active job holds its dedupe key)."""
+        return bool(self.fetch(self.queries.retry_job(job_id)))
+
+    def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
+        """Put up to ``limit`` failed jobs back in line; how many."""
+        return len(self.fetch(self.queries.retry_failed(queue, name, limit)))
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """The registered workers, oldest first, each with the jobs it runs."""
+        return [worker_from_row(row) for row in self.fetch(self.queries.list_workers())]
+
+    def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
+        """Delete up to ``limit`` jobs of ``statuses`` (finished) that ended more than
+        ``older_than`` seconds ago; how many."""
+        query = self.queries.prune_finished(older_than, limit, statuses)
+        return len(self.fetch(query))
 
     def mark_awaited(self, job_id: int) -> bool:
         """Mark an active job as awaited: its end is then told on the done channel

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import attrs
 
 from soniq.core import serialize, states
+from soniq.core.admin import RETRYABLE, JobFilter, WorkerInfo
 from soniq.core.errors import JobNotFound
 from soniq.core.flow import ClaimLimits, QueueLimits, stored_queue_limits
 from soniq.core.jobs import Job, JobNode, JobSpec, WorkerIdentity
@@ -29,6 +30,9 @@ from soniq.core.states import Event, JobStatus
 ParamStyle = Literal["numeric", "format"]
 _DONE = states.next_status(JobStatus.RUNNING, Event.SUCCEED)
 _NUMERIC = re.compile(r"\$\d+")
+_MAX_BIGINT = 2**63 - 1
+#: Every finished status, in the table's order.
+FINISHED_ORDER = tuple(s for s in JobStatus if s in states.FINISHED)
 
 
 def quote_ident(name: str) -> str:
@@ -304,6 +308,7 @@ RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         self._periodic_sql(jobs, render, channel_literal)
         self._limits_sql(render)
         self._workflow_sql(jobs, render, channel_literal)
+        self._admin_sql(jobs, render, channel_literal)
 
     def _plain_claim(self, queue_mode: int, named: bool, told: bool, capped: bool) -> str:
         """The claim of ready jobs of the queues (``queue_mode`` 0: all, 1: one, 2:
@@ -648,6 +653,69 @@ FROM kept""")
             "WHERE id = $3::text::bigint AND claims = $4::text::int"
         )
 
+    def _admin_sql(self, jobs: str, render: Any, channel_literal: str) -> None:
+        """Statements of the operator's calls: pages of jobs, retries."""
+        active = states.sql_status_list(states.ACTIVE)
+        retryable = states.sql_status_list(RETRYABLE)
+        queued, failed = JobStatus.QUEUED.value, JobStatus.FAILED.value
+        # Newest first, by primary key: a page is a walk down the primary key from
+        # before_id, whatever the table's size (see tests/test_migrations.py). One
+        # statement per set of filters given (rendered on first use): a "column =
+        # coalesce(NULL, column)" for a filter not given would read to the planner as
+        # selective, and it would sort the whole table instead.
+        self._page_template = f"""
+SELECT {JOB_COLUMNS} FROM {jobs}
+WHERE id < $1::text::bigint @filters@
+ORDER BY id DESC LIMIT @limit@::text::int"""
+        self._pages: dict[tuple[bool, bool, bool], str] = {}
+        running = JobStatus.RUNNING.value
+        workers = f"{quote_ident(self.schema)}.soniq_workers"
+        # Each worker with the jobs it runs (the running index, by worker).
+        self._list_workers = f"""
+SELECT w.id, w.hostname, w.pid, array_to_json(w.queues)::text, w.concurrency, w.started_at,
+    w.heartbeat_at, extract(epoch FROM now() - w.heartbeat_at)::float8,
+    array_to_json(ARRAY(SELECT j.id FROM {jobs} AS j
+                        WHERE j.worker_id = w.id AND j.status = '{running}' ORDER BY j.id))::text
+FROM {workers} AS w ORDER BY w.started_at, w.id"""
+        # Back to queued, due now, with every attempt again; its last error stays
+        # until it runs. Not while another active job holds its dedupe_key.
+        free_key = (
+            f"(j.dedupe_key IS NULL OR NOT EXISTS (SELECT 1 FROM {jobs} AS o "
+            f"WHERE o.dedupe_key = j.dedupe_key AND o.status IN {active}))"
+        )
+        back = f"""UPDATE {jobs} AS j SET status = '{queued}', attempts = 0, run_at = now(),
+    finished_at = NULL, worker_id = NULL, cancel_requested = false, result = NULL"""
+        wake = f"""SELECT r.id, w.n FROM retried AS r, (
+    SELECT CASE WHEN count(*) > 0
+           THEN pg_notify('{channel_literal}', string_agg(DISTINCT queue, ',')) END AS n
+    FROM retried) AS w"""
+        self._retry_job = render(f"""
+WITH retried AS (
+    {back}
+    WHERE j.id = $1::text::bigint AND j.status IN {retryable} AND {free_key}
+    RETURNING j.id, j.queue
+)
+{wake}""")
+        # A batch of failed jobs (one per dedupe key), oldest first.
+        self._retry_failed = render(f"""
+WITH locked AS (
+    SELECT j.id, j.dedupe_key FROM {jobs} AS j
+    WHERE j.status = '{failed}' AND j.queue = coalesce($1::text, j.queue)
+      AND j.name = coalesce($2::text, j.name) AND {free_key}
+    ORDER BY j.id LIMIT $3::text::int
+    FOR UPDATE SKIP LOCKED
+),
+picked AS (
+    SELECT DISTINCT ON (coalesce(dedupe_key, id::text)) id FROM locked
+    ORDER BY coalesce(dedupe_key, id::text), id
+),
+retried AS (
+    {back}
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.queue
+)
+{wake}""")
+
     def _ended_effects(self, columns: str = "e.id") -> str:
         """The end of a statement that moves jobs (CTE ``ended``: id, status,
         has_children, awaited): the children of those that ended are settled
@@ -838,8 +906,10 @@ DELETE FROM {jobs} WHERE id IN (
     SELECT id FROM {jobs}
     WHERE status IN {finished}
       AND finished_at < now() - $1::text::float8 * interval '1 second'
-    LIMIT $2::text::int
-)""")
+      AND status = ANY(ARRAY(SELECT jsonb_array_elements_text($2::text::jsonb)))
+    LIMIT $3::text::int
+)
+RETURNING id""")
 
     def insert_jobs(self, spec: JobSpec) -> Query:
         """Insert the jobs of one enqueue call; rows hold each new (or deduplicated) id
@@ -928,6 +998,39 @@ DELETE FROM {jobs} WHERE id IN (
     def set_progress(self, job_id: int, claims: int, progress: float, message: str | None) -> Query:
         """Store the progress run ``claims`` of a job reported."""
         return Query(self._set_progress, (repr(progress), message, str(job_id), str(claims)))
+
+    def page_jobs(self, selection: JobFilter) -> Query:
+        """Select a page of jobs, newest first (see :class:`JobFilter`)."""
+        status = None if selection.status is None else selection.status.value
+        given = [
+            (c, v)
+            for c, v in (("status", status), ("queue", selection.queue), ("name", selection.name))
+        ]
+        key = (status is not None, selection.queue is not None, selection.name is not None)
+        sql = self._pages.get(key)
+        if sql is None:
+            columns = [column for column, value in given if value is not None]
+            filters = " ".join(f"AND {c} = ${n}::text" for n, c in enumerate(columns, 2))
+            limit = f"${len(columns) + 2}"
+            sql = self._pages[key] = self._render(
+                _fill(self._page_template, filters=filters, limit=limit)
+            )
+        before = _MAX_BIGINT if selection.before_id is None else selection.before_id
+        values = [v for _, v in given if v is not None]
+        return Query(sql, (str(before), *values, str(selection.limit)))
+
+    def list_workers(self) -> Query:
+        """Select the registered workers (see :func:`worker_from_row`)."""
+        return Query(self._list_workers, ())
+
+    def retry_job(self, job_id: int) -> Query:
+        """Put a failed or cancelled job back in line (a row when it was)."""
+        return Query(self._retry_job, (str(_job_id(job_id)),))
+
+    def retry_failed(self, queue: str | None, name: str | None, limit: int) -> Query:
+        """Put up to ``limit`` failed jobs (of ``queue``, ``name``) back in line; rows
+        hold their ids (none: nothing left)."""
+        return Query(self._retry_failed, (queue, name, str(limit)))
 
     def get_job(self, job_id: int) -> Query:
         """Select one job by id (no row when it does not exist)."""
@@ -1123,9 +1226,13 @@ DELETE FROM {jobs} WHERE id IN (
         """Put back this worker's running rows that it does not hold."""
         return Query(self._reconcile, (worker_id, serialize.dumps([str(i) for i in held])))
 
-    def prune_finished(self, older_than: float, limit: int) -> Query:
-        """Delete up to ``limit`` jobs finished more than ``older_than`` seconds ago."""
-        return Query(self._prune, (repr(float(older_than)), str(limit)))
+    def prune_finished(
+        self, older_than: float, limit: int, statuses: Sequence[JobStatus] = FINISHED_ORDER
+    ) -> Query:
+        """Delete up to ``limit`` jobs finished (of ``statuses``) more than
+        ``older_than`` seconds ago."""
+        wanted = serialize.dumps([s.value for s in statuses])
+        return Query(self._prune, (repr(float(older_than)), wanted, str(limit)))
 
 
 def ids_in_input_order(rows: Sequence[Sequence[Any]]) -> list[int]:
@@ -1146,6 +1253,22 @@ def unknown_parent(job_id: int) -> JobNotFound:
     """The error of a ``depends_on`` naming a job that does not exist."""
     return JobNotFound(
         f"depends_on: no job has id {job_id} (a parent must be enqueued first)", job_id=job_id
+    )
+
+
+def worker_from_row(row: Sequence[Any]) -> WorkerInfo:
+    """A row of :meth:`PostgresQueries.list_workers` as a :class:`WorkerInfo`."""
+    queues = serialize.loads(row[3]) if row[3] is not None else None
+    return WorkerInfo(
+        id=row[0],
+        hostname=row[1],
+        pid=row[2],
+        queues=tuple(queues) if queues else None,
+        concurrency=row[4],
+        started_at=row[5],
+        heartbeat_at=row[6],
+        heartbeat_age=max(0.0, row[7]),
+        running=tuple(serialize.loads(row[8])),
     )
 
 

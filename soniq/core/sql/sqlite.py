@@ -35,6 +35,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import attrs
 
 from soniq.core import serialize, states
+from soniq.core.admin import RETRYABLE, JobFilter, WorkerInfo
 from soniq.core.errors import JobNotFound, SchemaNotReadyError
 from soniq.core.flow import (
     ClaimLimits,
@@ -1308,13 +1309,19 @@ def reconcile(worker_id: str, held: Sequence[int]) -> Operation[int]:
     return Operation(steps(), immediate=True)
 
 
-def prune_finished(older_than: float, limit: int, now: float) -> Operation[int]:
-    """Delete up to ``limit`` jobs finished more than ``older_than`` seconds ago."""
+def prune_finished(
+    older_than: float, limit: int, now: float, statuses: Sequence[JobStatus] | None = None
+) -> Operation[int]:
+    """Delete up to ``limit`` jobs finished (of ``statuses``; None: any) more than
+    ``older_than`` seconds ago."""
+    only = (
+        "" if statuses is None else f"AND status IN {states.sql_status_list(frozenset(statuses))}"
+    )
 
     def steps() -> Steps[int]:
         deleted = yield Step(
             f"DELETE FROM {JOBS} WHERE id IN (SELECT id FROM {JOBS} "
-            f"WHERE status IN {_FINISHED} AND finished_at < ? LIMIT ?)",
+            f"WHERE status IN {_FINISHED} {only} AND finished_at < ? LIMIT ?)",
             (now - older_than, limit),
         )
         return deleted.rowcount
@@ -1345,3 +1352,114 @@ def set_progress(job_id: int, claims: int, progress: float, message: str | None)
         )
 
     return Operation(steps(), immediate=True)
+
+
+# -- the operator's calls ---------------------------------------------------------------
+
+
+def page_jobs(selection: JobFilter) -> Operation[list[Job]]:
+    """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`): a walk
+    down the primary key from ``before_id``."""
+    where = ["id < ?"]
+    params: list[Any] = [selection.before_id or _MAX_ID]
+    for column, value in (
+        ("status", None if selection.status is None else selection.status.value),
+        ("queue", selection.queue),
+        ("name", selection.name),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    sql = f"SELECT {JOB_COLUMNS} FROM {JOBS} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+
+    def steps() -> Steps[list[Job]]:
+        found = yield Step(sql, (*params, selection.limit))
+        return [job_from_row(row) for row in found.rows]
+
+    return Operation(steps(), immediate=False)
+
+
+#: Back to queued, due now, with every attempt again; its last error stays until it
+#: runs. Not while another active job holds its dedupe_key.
+_FREE_KEY = (
+    f"(j.dedupe_key IS NULL OR NOT EXISTS (SELECT 1 FROM {JOBS} AS o "
+    f"WHERE o.dedupe_key = j.dedupe_key AND o.status IN {_ACTIVE}))"
+)
+_RETRY = f"""UPDATE {JOBS} AS j SET status = '{_QUEUED}', attempts = 0, run_at = ?,
+    finished_at = NULL, worker_id = NULL, cancel_requested = 0, result = NULL
+WHERE j.id = ? AND j.status IN {states.sql_status_list(RETRYABLE)} AND {_FREE_KEY}"""
+
+
+def retry_jobs(job_ids: Sequence[int], now: float) -> Operation[Inserted]:
+    """Put failed or cancelled jobs back in line, one per dedupe key; the ids put
+    back, and their queues to wake."""
+
+    def steps() -> Steps[Inserted]:
+        retried, queues = [], set()
+        for job_id in job_ids:
+            if not _known_id(job_id):
+                continue
+            found = yield Step(f"SELECT queue FROM {JOBS} WHERE id = ?", (job_id,))
+            if found.rows and (yield Step(_RETRY, (now, job_id))).rowcount:
+                retried.append(job_id)
+                queues.add(found.rows[0][0])
+        return Inserted(retried, ",".join(sorted(queues)) or None)
+
+    return Operation(steps(), immediate=True)
+
+
+def retry_failed(
+    queue: str | None, name: str | None, limit: int, now: float
+) -> Operation[Inserted]:
+    """Put up to ``limit`` failed jobs of ``queue`` and ``name`` (None: any) back in
+    line, oldest first, one per dedupe key; the ids put back (none: nothing is left),
+    and their queues to wake."""
+    where, params = [f"j.status = '{JobStatus.FAILED.value}'", _FREE_KEY], []
+    for column, value in (("queue", queue), ("name", name)):
+        if value is not None:
+            where.append(f"j.{column} = ?")
+            params.append(value)
+    sql = f"SELECT j.id FROM {JOBS} AS j WHERE {' AND '.join(where)} ORDER BY j.id LIMIT ?"
+
+    def steps() -> Steps[Inserted]:
+        ids = [row[0] for row in (yield Step(sql, (*params, limit))).rows]
+        return (yield from retry_jobs(ids, now).steps)
+
+    return Operation(steps(), immediate=True)
+
+
+def list_workers(now: float) -> Operation[list[WorkerInfo]]:
+    """The registered workers, oldest first, each with the jobs it runs."""
+
+    def steps() -> Steps[list[WorkerInfo]]:
+        found = yield Step(
+            f"SELECT id, hostname, pid, queues, concurrency, started_at, heartbeat_at "
+            f"FROM {WORKERS} ORDER BY started_at, id"
+        )
+        running = yield Step(
+            f"SELECT worker_id, id FROM {JOBS} WHERE status = '{_RUNNING}' ORDER BY id"
+        )
+        jobs: dict[str, list[int]] = {}
+        for worker_id, job_id in running.rows:
+            jobs.setdefault(worker_id, []).append(job_id)
+        workers = []
+        for worker_id, host, pid, queues, concurrency, started, beat in found.rows:
+            listed = serialize.loads(queues) if queues is not None else None
+            started_at, heartbeat_at = to_datetime(started), to_datetime(beat)
+            assert started_at is not None and heartbeat_at is not None  # NOT NULL columns
+            workers.append(
+                WorkerInfo(
+                    worker_id,
+                    host,
+                    pid,
+                    tuple(listed) if listed else None,
+                    concurrency,
+                    started_at,
+                    heartbeat_at,
+                    max(0.0, now - beat),
+                    tuple(jobs.get(worker_id, ())),
+                )
+            )
+        return workers
+
+    return Operation(steps(), immediate=False)

@@ -16,12 +16,14 @@ from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
 from soniq.core import states
+from soniq.core.admin import JobFilter, WorkerInfo
 from soniq.core.errors import ConfigurationError
 from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
 from soniq.core.sql import sqlite as sq
 from soniq.core.sql.sqlite import Operation
+from soniq.core.states import JobStatus
 from soniq.drivers._common import sync_owner
 from soniq.drivers.lines import ThreadLine
 from soniq.drivers.sqlite import writes
@@ -275,6 +277,37 @@ class SqliteBackend(_OnDatabase):
             lambda: sq.insert_graph(nodes, self.database.clock()),
             functools.partial(_inserted_ids, self.database.key),
         )
+
+    async def page_jobs(self, selection: JobFilter) -> list[Job]:
+        """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`)."""
+        op = sq.page_jobs(selection)
+        return await self._call(lambda conn: run(conn, op))
+
+    async def retry_job(self, job_id: int) -> bool:
+        """Put a failed or cancelled job back in line (see PostgresAsyncOps)."""
+        ids = await self._commit(
+            lambda: sq.retry_jobs([job_id], self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+        return bool(ids)
+
+    async def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
+        """Put up to ``limit`` failed jobs back in line; how many."""
+        ids = await self._commit(
+            lambda: sq.retry_failed(queue, name, limit, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+        return len(ids)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """The registered workers, oldest first, each with the jobs it runs."""
+        op = sq.list_workers(self.database.clock())
+        return await self._call(lambda conn: run(conn, op))
+
+    async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
+        """Delete up to ``limit`` finished jobs of ``statuses``; how many."""
+        clock = self.database.clock
+        return await self._commit(lambda: sq.prune_finished(older_than, limit, clock(), statuses))
 
     async def mark_awaited(self, job_id: int) -> bool:
         """Whether the job is active: nobody is told of its end here (see
@@ -559,6 +592,35 @@ class SqliteSyncBackend(_OnDatabase):
             lambda: sq.insert_jobs(spec, self.database.clock()),
             functools.partial(_inserted_ids, self.database.key),
         )
+
+    def page_jobs(self, selection: JobFilter) -> list[Job]:
+        """Blocking :meth:`SqliteBackend.page_jobs`."""
+        return self._run(sq.page_jobs(selection))
+
+    def retry_job(self, job_id: int) -> bool:
+        """Blocking :meth:`SqliteBackend.retry_job`."""
+        ids = self._commit(
+            lambda: sq.retry_jobs([job_id], self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+        return bool(ids)
+
+    def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
+        """Blocking :meth:`SqliteBackend.retry_failed`."""
+        ids = self._commit(
+            lambda: sq.retry_failed(queue, name, limit, self.database.clock()),
+            functools.partial(_inserted_ids, self.database.key),
+        )
+        return len(ids)
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Blocking :meth:`SqliteBackend.list_workers`."""
+        return self._run(sq.list_workers(self.database.clock()))
+
+    def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
+        """Blocking :meth:`SqliteBackend.purge_jobs`."""
+        clock = self.database.clock
+        return self._commit(lambda: sq.prune_finished(older_than, limit, clock(), statuses))
 
     def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
         """Blocking :meth:`SqliteBackend.insert_graph`."""
