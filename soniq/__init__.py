@@ -4,7 +4,7 @@ if and only if the caller's transaction commits."""
 from soniq._version import __version__
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import limits
-from soniq.core.admin import WorkerInfo
+from soniq.core.admin import BacklogProblem, WorkerInfo
 from soniq.core.errors import (
     ConfigurationError,
     ConnectionStateError,
@@ -30,6 +30,7 @@ from soniq.core.states import JobStatus
 from soniq.worker import JobContext, WorkerConfig, current_job
 
 __all__ = [
+    "BacklogProblem",
     "Backoff",
     "ConfigurationError",
     "ConnectionStateError",

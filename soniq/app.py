@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from soniq.core.admin import (
     PURGE_BATCH,
     RETRY_BATCH,
+    BacklogProblem,
     WorkerInfo,
+    backlog_problems,
     job_filter,
     purge_selection,
 )
@@ -509,6 +511,14 @@ class Soniq:
             if count < PURGE_BATCH:
                 return total
 
+    async def check_backlog(self) -> list[BacklogProblem]:
+        """The jobs waiting to run (``waiting``, ``queued``: scheduled and retrying
+        ones too) that the jobs registered here would fail: an unknown name, a missing
+        or unexpected argument; grouped by name and argument names, with how many and
+        the oldest id. Empty when the code fits the backlog: run it (``soniq check
+        module:eq``) before a deploy."""
+        return backlog_problems(self.registry, await self.backend.backlog_shapes())
+
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first: host, pid, queues, slots, when each
         started, seconds since its last heartbeat, and the ids of the jobs it runs."""
@@ -754,6 +764,10 @@ class SyncSoniq:
             total += count
             if count < PURGE_BATCH:
                 return total
+
+    def check_backlog(self) -> list[BacklogProblem]:
+        """Blocking :meth:`Soniq.check_backlog`."""
+        return backlog_problems(self.registry, self.backend.backlog_shapes())
 
     def list_workers(self) -> list[WorkerInfo]:
         """Blocking :meth:`Soniq.list_workers`."""

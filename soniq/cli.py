@@ -30,6 +30,11 @@ running one is asked to stop). Both exit 1 when a job named was left as it was.
 ended before then (asking first on a terminal; elsewhere ``--yes`` is required).
 ``soniq workers [--json]`` lists the live workers and the jobs each runs.
 
+``soniq check module:eq [--json]`` compares the jobs waiting to run in the database of
+``eq`` with the jobs of the code at hand, before it is deployed: it names every kind
+of job the code would fail (an unknown name, a missing or unexpected argument) and
+exits 1; 0 when all fit.
+
 ``soniq job ID --database-url URL [--json] [--wait SECONDS]`` shows one job: its
 status, arguments, attempts, result, last error and traceback, progress, the jobs it
 waits for, and its times (exit 1 when there is no such job). With ``--wait`` it first
@@ -49,6 +54,8 @@ import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import attrs
 
 from soniq.core.errors import SoniqError
 from soniq.core.flow import QueueLimits, queue_limits
@@ -128,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="list the live workers and their jobs")
     _database_options(workers)
     workers.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    check = commands.add_parser(
+        "check", help="check that the code's jobs can run every job waiting in the database"
+    )
+    check.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
+    check.add_argument("--json", action="store_true", help="print JSON, for scripts")
     job = commands.add_parser("job", help="show one job (and, with --wait, wait for its end)")
     job.add_argument("id", type=int, help="the job's id")
     _database_options(job)
@@ -254,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _opened(args, _cancel)
     if args.command == "workers":
         return _opened(args, _workers)
+    if args.command == "check":
+        return _check(args)
     if args.command == "purge":
         statuses = ", ".join(args.status or ["done", "failed", "cancelled"])
         question = (
@@ -440,6 +454,28 @@ def _cancel(eq: Any, args: argparse.Namespace) -> int:
         else:
             print(f"{job_id}: left as it was (finished, or no such job)")
     return 1 if left else 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    app = load_app(args.app, command="soniq check")
+    try:
+        app.sync.ensure_initialized(migrate=False)
+        problems = app.sync.check_backlog()
+    except (SoniqError, ValueError) as exc:
+        print(f"soniq check: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        app.sync.close()
+    if args.json:
+        print(json.dumps([attrs.asdict(p, recurse=False) for p in problems]))
+    elif problems:
+        print(f"soniq check: {len(problems)} kind(s) of waiting job would fail with this code:")
+        for p in problems:
+            given = f"arguments ({', '.join(p.arguments)})" if p.arguments else "no arguments"
+            print(f"  {p.name} ({p.jobs:,} job(s), oldest {p.oldest_id}) with {given}: {p.problem}")
+    else:
+        print("soniq check: every job waiting to run fits the code")
+    return 1 if problems else 0
 
 
 def _purge(eq: Any, args: argparse.Namespace) -> int:
@@ -638,16 +674,14 @@ def _print_limits(name: str, limits: QueueLimits, *, as_json: bool) -> None:
         print(f"{name}: concurrency {concurrency}, rate limit {rate}")
 
 
-def load_app(spec: str) -> Any:
+def load_app(spec: str, command: str = "soniq worker") -> Any:
     """Import ``module:attribute`` (the working directory is importable, as with
-    ``python -m``) and return the attribute."""
+    ``python -m``) and return the attribute; ``command`` names the command in errors."""
     from soniq.app import Soniq
 
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise SystemExit(
-            f"soniq worker: expected module:attribute (e.g. myapp.jobs:eq), got {spec!r}"
-        )
+        raise SystemExit(f"{command}: expected module:attribute (e.g. myapp.jobs:eq), got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -657,17 +691,17 @@ def load_app(spec: str) -> Any:
         if missing is None or not (module_name + ".").startswith(missing + "."):
             raise  # the app's own import failed: its traceback says where
         raise SystemExit(
-            f"soniq worker: no module named {exc.name!r} (from {spec!r}); run the worker "
+            f"{command}: no module named {exc.name!r} (from {spec!r}); run the worker "
             "from your project's directory, or put it on PYTHONPATH"
         ) from None
     if not hasattr(module, attribute):
         raise SystemExit(
-            f"soniq worker: module {module_name!r} has no attribute {attribute!r} "
+            f"{command}: module {module_name!r} has no attribute {attribute!r} "
             f"(the Soniq instance, as in {module_name}:eq)"
         )
     app = getattr(module, attribute)
     if not isinstance(app, Soniq):
-        raise SystemExit(f"soniq worker: {spec} is {type(app).__name__}, not a Soniq instance")
+        raise SystemExit(f"{command}: {spec} is {type(app).__name__}, not a Soniq instance")
     return app
 
 

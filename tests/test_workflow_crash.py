@@ -232,6 +232,12 @@ class Store:
     def waiting(self) -> set[int]:
         return {int(i) for (i,) in self._rows("SELECT id FROM soniq_jobs WHERE status = 'waiting'")}
 
+    def status_of(self, job_id: int) -> list[tuple[Any, ...]]:
+        """A job's status, claims, worker and last error (for a failure's message)."""
+        return self._rows(
+            f"SELECT status, claims, worker_id, last_error FROM soniq_jobs WHERE id = {job_id}"
+        )
+
     def edges_left(self) -> int:
         return int(self._rows("SELECT count(*) FROM soniq_job_deps")[0][0])
 
@@ -318,7 +324,11 @@ def crash_and_rescue(
         )
         assert store.statuses() == {"queued": ready, "waiting": TOTAL - ready}
 
-        first = Process(list(WORKER), {**env, "SONIQ_WORKFLOW_APP_FREEZE": "1"})
+        # The first worker judges no worker dead for a long while: with its loop
+        # frozen and the machine busy, it must not put back its own frozen job (the
+        # second worker, with the short stale_after, rescues its jobs after the kill).
+        patient = [*WORKER[:-8], "--stale-after", "60", *WORKER[-6:]]
+        first = Process(patient, {**env, "SONIQ_WORKFLOW_APP_FREEZE": "1"})
         workers.append(first)
         start = time.monotonic()
 
@@ -344,7 +354,10 @@ def crash_and_rescue(
         # been written, its children still waiting; other jobs not done either.
         [frozen_line] = [line for line in read_log(str(log)) if line[0] == "frozen"]
         assert frozen_line[4] == first.pid
-        assert killed.running.get(frozen_id) == frozen_line[2] == 1, killed
+        assert killed.running.get(frozen_id) == frozen_line[2] == 1, (
+            killed,
+            store.status_of(frozen_id),
+        )
         frozen_children = [ids[c] for c in children[index_of[frozen_id]]]
         assert frozen_children and set(frozen_children) <= killed.waiting, killed
         assert ARM_AT <= killed.statuses["done"] < TOTAL - 100, killed.statuses

@@ -8,7 +8,7 @@ import math
 
 import attrs
 
-from soniq.core.enqueue import check_queue
+from soniq.core.enqueue import Registry, check_queue
 from soniq.core.states import FINISHED, JobStatus
 
 #: Most jobs one page of ``list_jobs`` holds.
@@ -110,3 +110,44 @@ def purge_selection(older_than: object, status: object) -> tuple[float, tuple[Jo
         statuses.append(found)
     order = [s for s in JobStatus if s in statuses]
     return float(seconds), tuple(order)
+
+
+@attrs.frozen
+class BacklogShape:
+    """Jobs waiting to run (``waiting`` or ``queued``: scheduled and retrying ones
+    too) that share a name and a set of argument names: how many, and the oldest."""
+
+    name: str
+    arguments: tuple[str, ...]
+    jobs: int
+    oldest_id: int
+
+
+@attrs.frozen
+class BacklogProblem:
+    """Jobs waiting to run that the code at hand would fail (``check_backlog``):
+    their name, argument names, how many, the oldest id, and why."""
+
+    name: str
+    arguments: tuple[str, ...]
+    jobs: int
+    oldest_id: int
+    problem: str
+
+
+def backlog_problems(registry: Registry, shapes: list[BacklogShape]) -> list[BacklogProblem]:
+    """The shapes of the backlog that the jobs of ``registry`` cannot run: an unknown
+    name, or arguments that do not fit the function's signature. By name, then
+    arguments."""
+    found = []
+    for shape in sorted(shapes, key=lambda s: (s.name, s.arguments)):
+        definition = registry.get(shape.name)
+        if definition is None:
+            problem: str | None = "no job of this name in the code (a worker would not claim it)"
+        else:
+            problem = definition.check_names(frozenset(shape.arguments))
+        if problem is not None:
+            found.append(
+                BacklogProblem(shape.name, shape.arguments, shape.jobs, shape.oldest_id, problem)
+            )
+    return found

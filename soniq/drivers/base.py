@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
-from soniq.core.admin import JobFilter, WorkerInfo
+from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
 from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
@@ -202,6 +202,10 @@ class AsyncBackend(Protocol):
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""
 
+    async def backlog_shapes(self) -> list[BacklogShape]:
+        """The jobs waiting to run (waiting, queued), grouped by name and argument
+        names."""
+
     async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Delete up to ``limit`` finished jobs of ``statuses`` that ended more than
         ``older_than`` seconds ago; how many (0: none is left)."""
@@ -259,6 +263,9 @@ class SyncBackend(Protocol):
 
     def list_workers(self) -> list[WorkerInfo]:
         """Blocking :meth:`AsyncBackend.list_workers`."""
+
+    def backlog_shapes(self) -> list[BacklogShape]:
+        """Blocking :meth:`AsyncBackend.backlog_shapes`."""
 
     def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Blocking :meth:`AsyncBackend.purge_jobs`."""

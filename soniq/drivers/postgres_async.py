@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
-from soniq.core.admin import JobFilter, WorkerInfo
+from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
 from soniq.core.flow import ClaimLimits, QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
@@ -120,6 +120,11 @@ class PostgresAsyncOps:
     async def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
         """Put up to ``limit`` failed jobs back in line; how many."""
         return len(await self.fetch(self.queries.retry_failed(queue, name, limit)))
+
+    async def backlog_shapes(self) -> list[BacklogShape]:
+        """The jobs waiting to run, grouped by name and argument names."""
+        rows = await self.fetch(self.queries.backlog_shapes())
+        return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
 
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""

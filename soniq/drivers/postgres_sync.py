@@ -7,7 +7,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from soniq.core.admin import JobFilter, WorkerInfo
+from soniq.core import serialize
+from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
 from soniq.core.flow import QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Job, JobNode, JobSpec
 from soniq.core.sql.migrate import MigrationPlan
@@ -103,6 +104,11 @@ class PostgresSyncOps:
     def retry_failed(self, queue: str | None, name: str | None, limit: int) -> int:
         """Put up to ``limit`` failed jobs back in line; how many."""
         return len(self.fetch(self.queries.retry_failed(queue, name, limit)))
+
+    def backlog_shapes(self) -> list[BacklogShape]:
+        """The jobs waiting to run, grouped by name and argument names."""
+        rows = self.fetch(self.queries.backlog_shapes())
+        return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
 
     def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""

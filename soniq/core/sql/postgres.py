@@ -677,6 +677,16 @@ SELECT w.id, w.hostname, w.pid, array_to_json(w.queues)::text, w.concurrency, w.
     array_to_json(ARRAY(SELECT j.id FROM {jobs} AS j
                         WHERE j.worker_id = w.id AND j.status = '{running}' ORDER BY j.id))::text
 FROM {workers} AS w ORDER BY w.started_at, w.id"""
+        # The backlog's shapes (soniq check): waiting and queued jobs grouped by name
+        # and argument names, read through the claim index and the waiting rows.
+        waiting = states.sql_status_list(frozenset({JobStatus.WAITING, JobStatus.QUEUED}))
+        self._backlog_shapes = f"""
+SELECT j.name, array_to_json(k.keys)::text, count(*), min(j.id)
+FROM {jobs} AS j,
+     LATERAL (SELECT coalesce(array_agg(a.key ORDER BY a.key), '{{}}') AS keys
+              FROM jsonb_object_keys(j.args) AS a(key)) AS k
+WHERE j.status IN {waiting}
+GROUP BY j.name, k.keys"""
         # Back to queued, due now, with every attempt again; its last error stays
         # until it runs. Not while another active job holds its dedupe_key.
         free_key = (
@@ -1018,6 +1028,10 @@ RETURNING id""")
         before = _MAX_BIGINT if selection.before_id is None else selection.before_id
         values = [v for _, v in given if v is not None]
         return Query(sql, (str(before), *values, str(selection.limit)))
+
+    def backlog_shapes(self) -> Query:
+        """Select the backlog's shapes: name, argument names (JSON), count, oldest id."""
+        return Query(self._backlog_shapes, ())
 
     def list_workers(self) -> Query:
         """Select the registered workers (see :func:`worker_from_row`)."""

@@ -35,7 +35,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import attrs
 
 from soniq.core import serialize, states
-from soniq.core.admin import RETRYABLE, JobFilter, WorkerInfo
+from soniq.core.admin import RETRYABLE, BacklogShape, JobFilter, WorkerInfo
 from soniq.core.errors import JobNotFound, SchemaNotReadyError
 from soniq.core.flow import (
     ClaimLimits,
@@ -1461,5 +1461,19 @@ def list_workers(now: float) -> Operation[list[WorkerInfo]]:
                 )
             )
         return workers
+
+    return Operation(steps(), immediate=False)
+
+
+def backlog_shapes() -> Operation[list[BacklogShape]]:
+    """The jobs waiting to run (waiting, queued), grouped by name and argument names."""
+    waiting = states.sql_status_list(frozenset({JobStatus.WAITING, JobStatus.QUEUED}))
+    sql = f"""SELECT j.name, (SELECT json_group_array(key) FROM (
+        SELECT key FROM json_each(j.args) ORDER BY key)) AS keys, count(*), min(j.id)
+FROM {JOBS} AS j WHERE j.status IN {waiting} GROUP BY 1, 2"""
+
+    def steps() -> Steps[list[BacklogShape]]:
+        rows = (yield Step(sql)).rows
+        return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
 
     return Operation(steps(), immediate=False)

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
 from soniq.core import states
-from soniq.core.admin import JobFilter, WorkerInfo
+from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
 from soniq.core.errors import ConfigurationError
 from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
@@ -298,6 +298,11 @@ class SqliteBackend(_OnDatabase):
             functools.partial(_inserted_ids, self.database.key),
         )
         return len(ids)
+
+    async def backlog_shapes(self) -> list[BacklogShape]:
+        """The jobs waiting to run, grouped by name and argument names."""
+        op = sq.backlog_shapes()
+        return await self._call(lambda conn: run(conn, op))
 
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""
@@ -612,6 +617,10 @@ class SqliteSyncBackend(_OnDatabase):
             functools.partial(_inserted_ids, self.database.key),
         )
         return len(ids)
+
+    def backlog_shapes(self) -> list[BacklogShape]:
+        """Blocking :meth:`SqliteBackend.backlog_shapes`."""
+        return self._run(sq.backlog_shapes())
 
     def list_workers(self) -> list[WorkerInfo]:
         """Blocking :meth:`SqliteBackend.list_workers`."""
