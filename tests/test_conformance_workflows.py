@@ -334,3 +334,50 @@ async def test_get_job_shows_the_last_traceback(any_eq: Soniq) -> None:
     job = await any_eq.get_job(job_id)
     assert job is not None and job.last_error == "ValueError: deep down"
     assert job.traceback is not None and 'raise ValueError("deep down")' in job.traceback
+
+
+async def test_parent_results_come_in_the_order_of_depends_on(any_eq: Soniq) -> None:
+    a, b, c = [await any_eq.enqueue("c.a") for _ in range(3)]
+    child = await any_eq.enqueue("c.b", depends_on=[c, a, b])
+    for job_id, result in ((a, "A"), (b, "B"), (c, "C")):
+        await _run(any_eq, job_id, "done", result)
+    [claimed] = await any_eq.backend.claim_jobs(1, "w", None)
+    assert claimed.id == child
+    assert claimed.parent_results is not None
+    assert list(claimed.parent_results.items()) == [(c, "C"), (a, "A"), (b, "B")]
+
+
+async def test_a_child_is_retried_only_once_its_parents_are_done(face: Face) -> None:
+    parent = await face.enqueue("c.a", delay=3600)
+    child = await face.enqueue("c.b", depends_on=[parent])
+    await face.cancel(child)
+    retry = face.eq.sync.retry_job if face.sync else face.eq.retry_job
+    assert await _maybe(retry(child)) is False  # its parent has not run
+    backend = face.eq.backend
+    assert await face.cancel(parent) is True
+    assert await _maybe(retry(parent)) is True  # the parent first
+    assert await _maybe(retry(child)) is False  # still not done
+    ids = await backend.claim_jobs(5, "w", None)
+    assert [c.id for c in ids] == [parent]
+    await backend.finish_jobs([outcomes.succeeded(parent, 1, 1)], "w", keep=True)
+    assert await _maybe(retry(child)) is True
+    assert state(await face.get(child)) == ("queued", (parent,), 0, None)
+
+
+async def _maybe(value: Any) -> Any:
+    return await value if hasattr(value, "__await__") else value
+
+
+async def test_ids_outside_every_database_name_no_job(face: Face) -> None:
+    huge = 2**70
+    assert await face.missing(huge)
+    assert await face.cancel(huge) is False
+    retry = face.eq.sync.retry_job if face.sync else face.eq.retry_job
+    assert await _maybe(retry(huge)) is False
+    job_id = await face.enqueue("c.a")
+    page = (
+        face.eq.sync.list_jobs(before_id=huge)
+        if face.sync
+        else await face.eq.list_jobs(before_id=huge)
+    )
+    assert [j.id for j in page] == [job_id]

@@ -17,6 +17,8 @@ import pytest
 import soniq
 from soniq import JobCancelled, JobFailed, JobNotFound, JobStatus, Soniq, waiting
 from soniq.cli import main
+from soniq.core import outcomes
+from soniq.testing import clear_jobs, drain
 from soniq.worker import progress
 from tests.conftest import BACKENDS, migrated_soniq, new_soniq
 
@@ -281,3 +283,47 @@ def _url_and_schema(eq: Soniq) -> tuple[str, str]:
     if config.kind == "postgres":
         return config.dsn, config.schema
     return f"sqlite:///{config.location}", "public"
+
+
+async def test_thousands_of_awaited_jobs_ending_at_once_are_all_told(
+    pg_eq: Soniq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A notification holds 8,000 bytes: ids go 500 to one. Both ways a statement ends
+    # many awaited jobs at once: a completion batch, and a parent's end cancelling
+    # its children.
+    monkeypatch.setattr(waiting, "POLL_LISTENING", 120.0)
+    ids = await pg_eq.enqueue_many("w.big", [{"n": n} for n in range(1200)])
+    parent = await pg_eq.enqueue("w.big", n=-1, delay=3600)
+    children = await pg_eq.enqueue_many(
+        "w.big", [{"n": n} for n in range(1200)], depends_on=[parent]
+    )
+    waiters = [asyncio.ensure_future(pg_eq.wait_for(i, timeout=50)) for i in (*ids, *children)]
+    await _until(lambda: _all_awaited(pg_eq, [*ids, *children]))
+    claimed = await pg_eq.backend.claim_jobs(2000, "w", None)
+    assert sorted(c.id for c in claimed) == ids
+    await pg_eq.backend.finish_jobs([outcomes.succeeded(i, 1, i) for i in ids], "w", keep=True)
+    assert await pg_eq.cancel_job(parent) is True
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert results[: len(ids)] == ids
+    assert all(isinstance(r, JobCancelled) for r in results[len(ids) :])
+
+
+def test_clear_jobs_forgets_the_edges_too() -> None:
+    eq = Soniq("memory://")
+    ran: list[int] = []
+
+    @eq.job(name="w.link")
+    def link(n: int) -> None:
+        ran.append(n)
+
+    try:
+        a, b = eq.sync.enqueue(link, n=0), eq.sync.enqueue(link, n=0)
+        eq.sync.enqueue(link, n=0, depends_on=[a, b])
+        clear_jobs(eq)
+        # The same ids again: a chain whose second link waits an hour.
+        chain = [(link, {"n": 1}), (link, {"n": 2, "delay": 3600}), (link, {"n": 3})]
+        assert eq.sync.enqueue_chain(chain) == [1, 2, 3]
+        drain(eq.sync)
+        assert ran == [1]  # link 3 waits for link 2, not for an edge of before
+    finally:
+        eq.sync.close()

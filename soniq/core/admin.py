@@ -78,6 +78,9 @@ class WorkerInfo:
     running: tuple[int, ...]
 
 
+#: The oldest age ``purge_jobs`` looks back to (a thousand years, in seconds).
+MAX_AGE = 1_000 * 366 * 86_400.0
+
 #: Jobs one statement of ``purge_jobs`` deletes (it repeats until none is left).
 PURGE_BATCH = 1_000
 
@@ -109,7 +112,9 @@ def purge_selection(older_than: object, status: object) -> tuple[float, tuple[Jo
             )
         statuses.append(found)
     order = [s for s in JobStatus if s in statuses]
-    return float(seconds), tuple(order)
+    # Nothing ended more than a few centuries ago: a longer age is that one (a date
+    # that far back would overflow the database's).
+    return min(float(seconds), MAX_AGE), tuple(order)
 
 
 @attrs.frozen

@@ -37,6 +37,10 @@ from soniq.drivers.insert_lines import AsyncInsertLine
 
 #: How many times an enqueue with ``dedupe="replace"`` runs its statement at most.
 REPLACE_TRIES = 5
+#: How many times an enqueue that locks parents runs when PostgreSQL picks it as a
+#: deadlock's victim (SQLSTATE 40P01: a completion of some of those parents held
+#: others).
+DEADLOCK_TRIES, DEADLOCK = 3, "40P01"
 
 
 class PostgresAsyncOps:
@@ -94,7 +98,9 @@ class PostgresAsyncOps:
             return [await self.insert_line().insert(spec)]
         query = self.queries.insert_jobs(spec)
         for _ in range(REPLACE_TRIES):
-            rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
+            rows = await (
+                self._fetch_parents(query) if conn is None else self.fetch_on(conn, query)
+            )
             if rows or not spec.replace:  # (a replace returns no row: again, see there)
                 return ids_in_input_order(rows)
         raise RuntimeError(
@@ -105,8 +111,21 @@ class PostgresAsyncOps:
     async def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
         """Insert jobs that wait for one another (on ``conn`` if given); ids in order."""
         query = self.queries.insert_graph(nodes)
-        rows = await (self.fetch(query) if conn is None else self.fetch_on(conn, query))
+        rows = await (self._fetch_parents(query) if conn is None else self.fetch_on(conn, query))
         return ids_in_input_order(rows)
+
+    async def _fetch_parents(self, query: Query) -> Sequence[Sequence[Any]]:
+        """:meth:`fetch` of a statement that may lock jobs that are ending (a child's
+        parents), run again when PostgreSQL broke a deadlock by cancelling it (it did
+        nothing then). On a caller's connection its transaction is lost: it is the
+        caller's to run again, as with any deadlock."""
+        for attempt in range(1, DEADLOCK_TRIES + 1):
+            try:
+                return await self.fetch(query)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != DEADLOCK or attempt == DEADLOCK_TRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     async def page_jobs(self, selection: JobFilter) -> list[Job]:
         """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`)."""

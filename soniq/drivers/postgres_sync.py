@@ -27,6 +27,10 @@ from soniq.drivers.insert_lines import SyncInsertLine
 
 #: How many times an enqueue with ``dedupe="replace"`` runs its statement at most.
 REPLACE_TRIES = 5
+#: How many times an enqueue that locks parents runs when PostgreSQL picks it as a
+#: deadlock's victim (SQLSTATE 40P01: a completion of some of those parents held
+#: others).
+DEADLOCK_TRIES, DEADLOCK = 3, "40P01"
 
 
 class PostgresSyncOps:
@@ -78,7 +82,7 @@ class PostgresSyncOps:
             return [self.insert_line().insert(spec)]
         query = self.queries.insert_jobs(spec)
         for _ in range(REPLACE_TRIES):
-            rows = self.fetch(query) if conn is None else self.fetch_on(conn, query)
+            rows = self._fetch_parents(query) if conn is None else self.fetch_on(conn, query)
             if rows or not spec.replace:  # (a replace returns no row: again, see there)
                 return ids_in_input_order(rows)
         raise RuntimeError(
@@ -89,8 +93,21 @@ class PostgresSyncOps:
     def insert_graph(self, nodes: Sequence[JobNode], conn: Any = None) -> list[int]:
         """Insert jobs that wait for one another (on ``conn`` if given); ids in order."""
         query = self.queries.insert_graph(nodes)
-        rows = self.fetch(query) if conn is None else self.fetch_on(conn, query)
+        rows = self._fetch_parents(query) if conn is None else self.fetch_on(conn, query)
         return ids_in_input_order(rows)
+
+    def _fetch_parents(self, query: Query) -> Sequence[Sequence[Any]]:
+        """:meth:`fetch` of a statement that may lock jobs that are ending (a child's
+        parents), run again when PostgreSQL broke a deadlock by cancelling it (it did
+        nothing then). On a caller's connection its transaction is lost: it is the
+        caller's to run again, as with any deadlock."""
+        for attempt in range(1, DEADLOCK_TRIES + 1):
+            try:
+                return self.fetch(query)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != DEADLOCK or attempt == DEADLOCK_TRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     def page_jobs(self, selection: JobFilter) -> list[Job]:
         """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`)."""

@@ -80,11 +80,12 @@ JOB_COLUMNS = (
 CLAIM_COLUMNS = (
     "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority, "
     "j.claims, CASE WHEN j.parents IS NULL THEN NULL ELSE coalesce((SELECT "
-    "jsonb_object_agg(p.id::text, p.result) FILTER (WHERE p.status = "
-    f"'{JobStatus.DONE.value}') FROM @jobs@ AS p WHERE p.id = ANY(j.parents)), '{{}}')::text "
-    "END AS parent_results"
+    "json_object_agg(p.id::text, p.result ORDER BY array_position(j.parents, p.id)) "
+    f"FILTER (WHERE p.status = '{JobStatus.DONE.value}') FROM @jobs@ AS p "
+    "WHERE p.id = ANY(j.parents)), '{}')::text END AS parent_results"
 )
-# (The status is a FILTER, not a condition of the scan: so that only the primary key
+# (json, not jsonb: its keys stay in the order of depends_on, as on SQLite. The
+# status is a FILTER, not a condition of the scan: so that only the primary key
 # can find the parents. With statistics from before the parents were done, a status
 # condition drew the planner to the index of finished jobs, checked against every
 # parent: 1 s for a claim of a callback with 10,000 parents.)
@@ -694,7 +695,14 @@ GROUP BY j.name, k.keys"""
             f"WHERE o.dedupe_key = j.dedupe_key AND o.status IN {active}))"
         )
         back = f"""UPDATE {jobs} AS j SET status = '{queued}', attempts = 0, run_at = now(),
-    finished_at = NULL, worker_id = NULL, cancel_requested = false, result = NULL"""
+    finished_at = NULL, worker_id = NULL, cancel_requested = false, result = NULL,
+    waiting_for = 0"""
+        # A job that waited for others runs again only once they are all done (or
+        # gone): retry them first.
+        free_key += (
+            f" AND (j.parents IS NULL OR NOT EXISTS (SELECT 1 FROM {jobs} AS p "
+            f"WHERE p.id = ANY(j.parents) AND p.status <> '{JobStatus.DONE.value}'))"
+        )
         wake = f"""SELECT r.id, w.n FROM retried AS r, (
     SELECT CASE WHEN count(*) > 0
            THEN pg_notify('{channel_literal}', string_agg(DISTINCT queue, ',')) END AS n
@@ -730,7 +738,8 @@ retried AS (
         """The end of a statement that moves jobs (CTE ``ended``: id, status,
         has_children, awaited): the children of those that ended are settled
         (soniq_settle_children, migration 0007), their waiters told on
-        :attr:`done_channel`; it selects the ids. Both cost nothing when no ended job
+        :attr:`done_channel` (500 ids a notification: a payload may hold 8,000
+        bytes); it selects the ids. Both cost nothing when no ended job
         has children or waiters."""
         schema = quote_ident(self.schema)
         done, failed, cancelled = (s.value for s in (_DONE, JobStatus.FAILED, JobStatus.CANCELLED))
@@ -747,8 +756,12 @@ settled AS (
     FROM ended WHERE has_children AND status IN {finished}
 ),
 told AS (
-    SELECT CASE WHEN count(*) > 0 THEN pg_notify('{told}', string_agg(id::text, ',')) END
-    FROM ended WHERE awaited AND status IN {finished}
+    SELECT count(*) AS sent FROM (
+        SELECT pg_notify('{told}', string_agg(a.id::text, ',')) AS sent
+        FROM (SELECT id, (row_number() OVER ()) / 500 AS chunk
+              FROM ended WHERE awaited AND status IN {finished}) AS a
+        GROUP BY a.chunk
+    ) AS s
 )
 SELECT {columns} FROM ended AS e, settled, told"""
 
@@ -1025,7 +1038,7 @@ RETURNING id""")
             sql = self._pages[key] = self._render(
                 _fill(self._page_template, filters=filters, limit=limit)
             )
-        before = _MAX_BIGINT if selection.before_id is None else selection.before_id
+        before = min(selection.before_id or _MAX_BIGINT, _MAX_BIGINT)
         values = [v for _, v in given if v is not None]
         return Query(sql, (str(before), *values, str(selection.limit)))
 
@@ -1190,7 +1203,9 @@ RETURNING id""")
         ok_ids: list[str] = []
         ok_attempts: list[str] = []
         doc = []
-        for o in outcomes:
+        # In id order: rows are locked as listed, as a child's enqueue locks its
+        # parents (fewer deadlocks between the two).
+        for o in sorted(outcomes, key=lambda o: o.job_id):
             if o.status is _DONE and o.result is None and o.error is None and not o.release:
                 ok_ids.append(str(o.job_id))
                 ok_attempts.append(str(o.attempts))
@@ -1364,6 +1379,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def _job_id(job_id: object) -> int:
+    """A job id as the statements take it: one outside PostgreSQL's bigint names no
+    job (0, which no row has), as it would on SQLite."""
     if isinstance(job_id, bool) or not isinstance(job_id, int):
         raise TypeError(f"job_id must be an int, got {job_id!r}")
-    return job_id
+    return job_id if 0 < job_id <= _MAX_BIGINT else 0

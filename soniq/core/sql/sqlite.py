@@ -1335,6 +1335,7 @@ def clear_all() -> Operation[None]:
 
     def steps() -> Steps[None]:
         yield Step(f"DELETE FROM {JOBS}", ())
+        yield Step(f"DELETE FROM {DEPS}", ())
         yield Step(f"DELETE FROM {WORKERS}", ())
         yield Step("DELETE FROM sqlite_sequence WHERE name = ?", (JOBS,))
 
@@ -1361,7 +1362,7 @@ def page_jobs(selection: JobFilter) -> Operation[list[Job]]:
     """A page of jobs, newest first (see :class:`soniq.core.admin.JobFilter`): a walk
     down the primary key from ``before_id``."""
     where = ["id < ?"]
-    params: list[Any] = [selection.before_id or _MAX_ID]
+    params: list[Any] = [min(selection.before_id or _MAX_ID, _MAX_ID)]
     for column, value in (
         ("status", None if selection.status is None else selection.status.value),
         ("queue", selection.queue),
@@ -1386,8 +1387,11 @@ _FREE_KEY = (
     f"WHERE o.dedupe_key = j.dedupe_key AND o.status IN {_ACTIVE}))"
 )
 _RETRY = f"""UPDATE {JOBS} AS j SET status = '{_QUEUED}', attempts = 0, run_at = ?,
-    finished_at = NULL, worker_id = NULL, cancel_requested = 0, result = NULL
-WHERE j.id = ? AND j.status IN {states.sql_status_list(RETRYABLE)} AND {_FREE_KEY}"""
+    finished_at = NULL, worker_id = NULL, cancel_requested = 0, result = NULL, waiting_for = 0
+WHERE j.id = ? AND j.status IN {states.sql_status_list(RETRYABLE)} AND {_FREE_KEY}
+  AND (j.parents IS NULL OR NOT EXISTS (SELECT 1 FROM {JOBS} AS p
+       WHERE p.id IN (SELECT value FROM json_each(j.parents))
+         AND p.status <> '{JobStatus.DONE.value}'))"""
 
 
 def retry_jobs(job_ids: Sequence[int], now: float) -> Operation[Inserted]:

@@ -1,8 +1,9 @@
 -- Soniq 0007: results and workflows (see docs/workflows.md): jobs that wait for
 -- their parents, waiters told when a job ends, progress.
 
--- A job waiting for its parents is 'waiting' until the last one is done. Widened
--- without a table rewrite: NOT VALID, then validated under a weaker lock.
+-- A job waiting for its parents is 'waiting' until the last one is done. (Widened
+-- without a table rewrite; the validation reads the table once, in the migration's
+-- transaction.)
 ALTER TABLE {schema}.soniq_jobs DROP CONSTRAINT soniq_jobs_status_check;
 ALTER TABLE {schema}.soniq_jobs ADD CONSTRAINT soniq_jobs_status_check
     CHECK (status IN ('waiting', 'queued', 'running', 'done', 'failed', 'cancelled')) NOT VALID;
@@ -54,7 +55,7 @@ DECLARE
     n integer;
     ended_now bigint[];
     woken text;
-    told text;
+    told bigint[];
 BEGIN
     WHILE cardinality(done) + cardinality(failed) + cardinality(cancelled) > 0 LOOP
         -- Children are locked in id order: two ends settling the same children
@@ -100,16 +101,18 @@ BEGIN
                         '{}'),
                string_agg(DISTINCT m.queue, ',') FILTER (WHERE m.status = 'queued'
                                                          AND m.run_at <= now()),
-               string_agg(m.id::text, ',') FILTER (WHERE m.status = 'cancelled' AND m.awaited)
+               coalesce(array_agg(m.id) FILTER (WHERE m.status = 'cancelled' AND m.awaited), '{}')
         INTO n, ended_now, woken, told
         FROM moved AS m;
         DELETE FROM {schema}.soniq_job_deps WHERE parent_id = ANY(done || failed || cancelled);
         IF woken IS NOT NULL THEN
             PERFORM pg_notify(work_channel, woken);
         END IF;
-        IF told IS NOT NULL THEN
-            PERFORM pg_notify(done_channel, told);
-        END IF;
+        -- 500 ids a notification: a payload may hold 8,000 bytes.
+        FOR i IN 0..(cardinality(told) - 1) / 500 LOOP
+            EXIT WHEN cardinality(told) = 0;
+            PERFORM pg_notify(done_channel, array_to_string(told[i * 500 + 1:(i + 1) * 500], ','));
+        END LOOP;
         settled := settled + n;
         done := '{}';
         failed := '{}';
