@@ -76,19 +76,21 @@ JOB_COLUMNS = (
 
 
 #: What a worker needs of a claimed job, in this order (see ``soniq.worker``): last,
-#: the results of its parents that are done, as one JSON object (NULL: no parents).
+#: its parents and the results of those that are done, as one JSON array (NULL: no
+#: parents; see parent_results).
 CLAIM_COLUMNS = (
     "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority, "
-    "j.claims, CASE WHEN j.parents IS NULL THEN NULL ELSE coalesce((SELECT "
-    "json_object_agg(p.id::text, p.result ORDER BY array_position(j.parents, p.id)) "
+    "j.claims, CASE WHEN j.parents IS NULL THEN NULL ELSE json_build_array("
+    "array_to_json(j.parents), coalesce((SELECT jsonb_object_agg(p.id::text, p.result) "
     f"FILTER (WHERE p.status = '{JobStatus.DONE.value}') FROM @jobs@ AS p "
-    "WHERE p.id = ANY(j.parents)), '{}')::text END AS parent_results"
+    "WHERE p.id = ANY(j.parents)), '{}'))::text END AS parent_results"
 )
-# (json, not jsonb: its keys stay in the order of depends_on, as on SQLite. The
-# status is a FILTER, not a condition of the scan: so that only the primary key
-# can find the parents. With statistics from before the parents were done, a status
-# condition drew the planner to the index of finished jobs, checked against every
-# parent: 1 s for a claim of a callback with 10,000 parents.)
+# (The results are ordered by depends_on in Python: jsonb sorts its keys, and
+# ordering the aggregate by each parent's position in the array cost a callback of
+# 10,000 parents a second. The status is a FILTER, not a condition of the scan, so
+# that only the primary key can find the parents: with statistics from before the
+# parents were done, a status condition drew the planner to the index of finished
+# jobs, checked against every parent.)
 
 
 #: Whether a queue's row ``q`` holds stored limits.
@@ -1302,11 +1304,12 @@ def worker_from_row(row: Sequence[Any]) -> WorkerInfo:
 
 
 def parent_results(text: str | None) -> dict[int, Any] | None:
-    """A claimed job's parent results, by id, from the claim's JSON object (None: the
-    job has no parents)."""
+    """A claimed job's parent results, by id in the order of its ``depends_on``, from
+    the claim's ``[parents, {id: result}]`` (None: the job has no parents)."""
     if text is None:
         return None
-    return {int(key): value for key, value in serialize.loads(text).items()}
+    parents, results = serialize.loads(text)
+    return {p: results[str(p)] for p in parents if str(p) in results}
 
 
 def group_ids(specs: Sequence[JobSpec], rows: Sequence[Sequence[Any]]) -> list[int]:
