@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import importlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -251,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "queues":
         return _queues(args)
     if args.command == "job":
-        return _job(args)
+        return _opened(args, _job)
     if args.command == "jobs":
         return _opened(args, _list_jobs)
     if args.command == "retry":
@@ -394,7 +395,7 @@ def _list_jobs(eq: Any, args: argparse.Namespace) -> int:
         before_id=args.before_id,
     )
     if args.json:
-        print(json.dumps([_job_fields(job) for job in jobs]))
+        print(json.dumps([_json_fields(job) for job in jobs]))
         return 0
     if not jobs:
         print("no job")
@@ -467,7 +468,7 @@ def _check(args: argparse.Namespace) -> int:
     finally:
         app.sync.close()
     if args.json:
-        print(json.dumps([attrs.asdict(p, recurse=False) for p in problems]))
+        print(json.dumps([_json_fields(p) for p in problems]))
     elif problems:
         print(f"soniq check: {len(problems)} kind(s) of waiting job would fail with this code:")
         for p in problems:
@@ -487,23 +488,7 @@ def _purge(eq: Any, args: argparse.Namespace) -> int:
 def _workers(eq: Any, args: argparse.Namespace) -> int:
     workers = eq.list_workers()
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "id": w.id,
-                        "hostname": w.hostname,
-                        "pid": w.pid,
-                        "queues": None if w.queues is None else list(w.queues),
-                        "concurrency": w.concurrency,
-                        "started_at": w.started_at.isoformat(),
-                        "heartbeat_age": round(w.heartbeat_age, 3),
-                        "running": list(w.running),
-                    }
-                    for w in workers
-                ]
-            )
-        )
+        print(json.dumps([_json_fields(w) for w in workers]))
         return 0
     if not workers:
         print("no worker")
@@ -564,35 +549,22 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 TIMED_OUT = 124
 
 
-def _job(args: argparse.Namespace) -> int:
-    if not args.database_url:
-        print("soniq job: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
-        return 2
-    from soniq.app import Soniq
+def _job(eq: Any, args: argparse.Namespace) -> int:
     from soniq.core.states import JobStatus
 
     status = 0
-    try:
-        eq = Soniq(args.database_url, schema=args.schema)
+    if args.wait is not None:
         try:
-            eq.sync.ensure_initialized(migrate=False)
-            if args.wait is not None:
-                try:
-                    eq.sync.wait_for(args.id, timeout=args.wait)
-                except TimeoutError:
-                    status = TIMED_OUT
-                except SoniqError:  # failed or cancelled: shown below; not found: too
-                    status = 1
-            job = eq.sync.get_job(args.id)
-        finally:
-            eq.sync.close()
-    except (SoniqError, ValueError, TypeError) as exc:
-        print(f"soniq job: {exc}", file=sys.stderr)
-        return 1
+            eq.wait_for(args.id, timeout=args.wait)
+        except TimeoutError:
+            status = TIMED_OUT
+        except SoniqError:  # failed or cancelled: shown below; not found: too
+            status = 1
+    job = eq.get_job(args.id)
     if job is None:
         print(f"soniq job: no job has id {args.id}", file=sys.stderr)
         return 1
-    fields = _job_fields(job)
+    fields = _json_fields(job)
     if args.json:
         print(json.dumps(fields))
     else:
@@ -609,18 +581,19 @@ def _job(args: argparse.Namespace) -> int:
     return status
 
 
-def _job_fields(job: Any) -> dict[str, Any]:
-    """A job's fields as JSON values (times in ISO 8601)."""
-    import attrs
-
-    fields = attrs.asdict(job, recurse=False)
-    for name, value in fields.items():
-        if hasattr(value, "isoformat"):
-            fields[name] = value.isoformat()
-        elif isinstance(value, tuple):
-            fields[name] = list(value)
-    fields["status"] = job.status.value
-    fields["args"] = dict(job.args)
+def _json_fields(value: Any) -> dict[str, Any]:
+    """The fields of an attrs value (a job, a worker, a problem) as JSON values:
+    times in ISO 8601, statuses by name, tuples as lists."""
+    fields = attrs.asdict(value, recurse=False)
+    for name, field in fields.items():
+        if hasattr(field, "isoformat"):
+            fields[name] = field.isoformat()
+        elif isinstance(field, enum.Enum):
+            fields[name] = field.value
+        elif isinstance(field, tuple):
+            fields[name] = list(field)
+        elif isinstance(field, Mapping):
+            fields[name] = dict(field)
     return fields
 
 
