@@ -168,7 +168,7 @@ class AsyncpgDriver(PostgresAsyncOps):
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects). With ``ends``, the
         ends of awaited jobs (their ids) instead of enqueues."""
-        channel = self.queries.done_channel if ends else self.queries.channel
+        channel = self.queries.listen_channel(ends=ends)
         conn = await self._connect()
         lost = asyncio.Event()
         try:

@@ -179,7 +179,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
         """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
         raises when the connection is lost (the caller reconnects). With ``ends``, the
         ends of awaited jobs (their ids) instead of enqueues."""
-        channel = self.queries.done_channel if ends else self.queries.channel
+        channel = self.queries.listen_channel(ends=ends)
         async with await self._connect() as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
             on_ready()

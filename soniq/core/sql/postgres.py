@@ -1024,6 +1024,11 @@ RETURNING id""")
         """Store the progress run ``claims`` of a job reported."""
         return Query(self._set_progress, (repr(progress), message, str(job_id), str(claims)))
 
+    def listen_channel(self, *, ends: bool) -> str:
+        """The channel to LISTEN on: enqueues (for workers), or with ``ends`` the ends
+        of awaited jobs (for wait_for)."""
+        return self.done_channel if ends else self.channel
+
     def page_jobs(self, selection: JobFilter) -> Query:
         """Select a page of jobs, newest first (see :class:`JobFilter`)."""
         status = None if selection.status is None else selection.status.value
