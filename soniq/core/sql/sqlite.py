@@ -291,6 +291,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "PRIMARY KEY (parent_id, child_id)) WITHOUT ROWID",
         ),
     ),
+    # Operations: waiting, failed and cancelled jobs counted per queue without walking
+    # done history; headers carried from enqueue to run (a JSON object; NULL: none).
+    Migration(
+        8,
+        "operations",
+        (
+            f"CREATE INDEX soniq_jobs_queue_status_idx ON {JOBS} (queue, status) "
+            "WHERE status IN ('waiting', 'failed', 'cancelled')",
+            f"ALTER TABLE {JOBS} ADD COLUMN headers TEXT",
+        ),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
