@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -15,7 +17,11 @@ RUFF = "ruff==0.17.6"  # lint's, and the generator's (tools/unasync.py)
 # frameworks whose connections transactional enqueue must accept.
 TEST_DEPS = [
     "-e",
-    ".[binary,sqlalchemy,django,tortoise,psycopg2]",
+    ".[binary,sqlalchemy,django,tortoise,psycopg2,dashboard,prometheus,otel,flask,fastapi]",
+    # tests/test_flask.py: the example app (examples/flask_app) uses Flask-SQLAlchemy.
+    "flask-sqlalchemy>=3.1",
+    # tests/test_otel.py records spans with the SDK's in-memory exporter.
+    "opentelemetry-sdk>=1.20",
     "pytest>=8",
     "pytest-asyncio>=0.24",
     "pytest-timeout>=2.3",
@@ -24,6 +30,12 @@ TEST_DEPS = [
     # The seed documentation's examples are FastAPI routes; they run as written.
     "fastapi>=0.110",
     "httpx>=0.27",
+    # `soniq migrate --sql --from N` is run inside an Alembic revision
+    # (tests/test_migrate_tools.py).
+    "alembic>=1.13",
+    # The dashboard's browser tests drive the system's chromium through its
+    # chromedriver (Debian's packages; .ci/run installs them), never a downloaded one.
+    "selenium>=4.20",
     # tools/unasync.py formats what it generates with ruff (tests/test_unasync.py).
     RUFF,
 ]
@@ -86,6 +98,57 @@ def tests_oldest(session: nox.Session) -> None:
     )
 
 
+# soniq.contrib.django is tested on Django's LTS releases and the latest (6 needs
+# Python 3.12; its Tasks backend is tested there).
+DJANGO_VERSIONS = [("3.11", "4.2"), ("3.11", "5.2"), ("3.12", "6.0"), ("3.12", "6.1")]
+
+
+@nox.session
+@nox.parametrize("python,django", DJANGO_VERSIONS, ids=[version for _, version in DJANGO_VERSIONS])
+def django(session: nox.Session, django: str) -> None:
+    """soniq.contrib.django on each Django of DJANGO_VERSIONS (`nox -s "django(5.2)"`
+    for one): the test project (tests/django_project) and the example project
+    (examples/django_app), with Django's test runner, against the PostgreSQL of
+    SONIQ_TEST_DATABASE_URL (default 127.0.0.1:5432, user postgres)."""
+    from urllib.parse import unquote, urlsplit
+
+    session.install("-e", ".[binary]", f"django~={django}.0")
+    session.run(
+        "python",
+        "-m",
+        "django",
+        "test",
+        "tests.django_project",
+        env={"DJANGO_SETTINGS_MODULE": "tests.django_project.settings"},
+    )
+    admin = urlsplit(
+        os.environ.get("SONIQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
+    session.chdir("examples/django_app")
+    session.run(
+        "python",
+        "manage.py",
+        "test",
+        env={
+            "DJANGO_SETTINGS_MODULE": "project.settings",
+            "EXAMPLE_DB_NAME": f"soniq_example_{os.getpid()}",
+            "PGHOST": admin.hostname or "127.0.0.1",
+            "PGPORT": str(admin.port or 5432),
+            "PGUSER": unquote(admin.username or "postgres"),
+            "PGPASSWORD": unquote(admin.password or ""),
+        },
+    )
+
+
+@nox.session
+def screenshots(session: nox.Session) -> None:
+    """Regenerate the dashboard's screenshots (docs/img/dashboard-*.png) with headless
+    Chromium (Debian's chromium and chromium-driver) on a throwaway SQLite database.
+    Not in the default sessions."""
+    session.install("-e", ".[binary,dashboard]", "selenium>=4.20")
+    session.run("python", "tools/dashboard_screenshots.py", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check, and the generated sync files are current."""
@@ -98,15 +161,34 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def types(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[binary]", "mypy==2.4.1")
+    session.install("-e", ".[binary,dashboard,prometheus,otel,flask,fastapi]", "mypy==2.4.1")
     session.run("mypy", "--strict", "soniq")
 
 
 @nox.session
 def imports(session: nox.Session) -> None:
     """Layering contracts (pyproject.toml [tool.importlinter])."""
-    session.install("-e", ".[binary]", "import-linter>=2.0")
+    session.install("-e", ".[binary,dashboard,prometheus,otel,flask,fastapi]", "import-linter>=2.0")
     session.run("lint-imports")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs-material, the API reference by mkdocstrings from
+    the docstrings) built in strict mode: a broken link or reference fails it. The
+    site lands in site/; `-- serve` previews it instead."""
+    session.install(
+        "-e",
+        ".[binary,dashboard,prometheus,otel,flask,fastapi]",
+        "mkdocs>=1.6,<2",
+        "mkdocs-material>=9.5",
+        "mkdocstrings[python]>=0.26",
+    )
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 # The peers measured by `nox -s bench`, pinned so that figures compare across runs.

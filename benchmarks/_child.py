@@ -98,6 +98,12 @@ class SoniqRunner:
 
         self.eq = jobs.register_soniq(Soniq(spec["url"], driver=spec["driver"]))
         self.concurrency = spec["concurrency"]
+        if spec.get("metrics"):  # the run middleware of soniq.contrib.prometheus
+            from prometheus_client import CollectorRegistry
+
+            from soniq.contrib.prometheus import instrument
+
+            instrument(self.eq, CollectorRegistry())
         self.task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:

@@ -1,12 +1,16 @@
 """The operator's questions on a big table: ``soniq check`` (``check_backlog``) on a
-backlog of queued jobs, and ``list_jobs`` pages on a table of finished ones.
+backlog of queued jobs, and ``list_jobs`` pages, ``queue_stats`` and ``stats`` on a
+table of finished ones.
 
 ``python -m benchmarks.admin [QUEUED] [TOTAL]`` (default 1,000,000 queued jobs, in a
 table of 10,000,000 rows): on a fresh database, the queued jobs are inserted in SQL
 (ten kinds of argument set over five names), analyzed, and ``check_backlog`` timed
 three times; then finished jobs (1 % failed) fill the table up to TOTAL rows,
 analyzed, and pages of 50 are timed: the newest, the newest failed, one queue and
-name, and a page deep down (``before_id`` in the middle). Each figure is the median
+name, and a page deep down (``before_id`` in the middle); then ``queue_stats`` (which
+counts the queued, failed, ... jobs) and ``stats`` over 15 and 60 minutes. The
+finished jobs ended one every 10 ms over the last day (a steady 100 jobs/s: 90,000
+in 15 minutes). Each figure is the median
 of five calls after one to warm up, through ``eq.sync`` (psycopg), as an operator's
 script or the CLI calls them.
 """
@@ -61,7 +65,8 @@ def run(url: str, queued: int, total: int) -> dict[str, Any]:
         conn.execute(
             "INSERT INTO soniq_jobs (name, queue, args, status, finished_at) "
             f"SELECT 'bench.job' || (n % {NAMES}), 'q' || (n % 3), '{{}}', "
-            "CASE WHEN n % 100 = 0 THEN 'failed' ELSE 'done' END, now() "
+            "CASE WHEN n % 100 = 0 THEN 'failed' ELSE 'done' END, "
+            "now() - n * interval '10 milliseconds' "
             f"FROM generate_series(1, {total - queued}) AS n"
         )
         conn.execute("VACUUM ANALYZE soniq_jobs")
@@ -77,6 +82,13 @@ def run(url: str, queued: int, total: int) -> dict[str, Any]:
         ms, page = _timed(lambda o=options: eq.sync.list_jobs(limit=50, **o))
         assert len(page) == 50, (label, len(page))
         figures[f"list_{label}_ms"] = round(ms, 2)
+    ms, stats = _timed(eq.sync.queue_stats)
+    figures["queue_stats_ms"] = round(ms, 1)
+    figures["queue_stats_queued"] = sum(q.queued for q in stats)
+    for minutes in (15, 60):
+        ms, window = _timed(lambda m=minutes: eq.sync.stats(minutes=m))
+        figures[f"stats_{minutes}_ms"] = round(ms, 1)
+        figures[f"stats_{minutes}_ended"] = window.done + window.failed
     eq.sync.close()
     return figures
 
@@ -94,6 +106,16 @@ def main() -> None:
         print(
             f"list_jobs page of 50, {label}, table of {total:,} rows: "
             f"{figures[f'list_{label}_ms']:.2f} ms"
+        )
+    print(
+        f"queue_stats, table of {total:,} rows ({figures['queue_stats_queued']:,} queued): "
+        f"{figures['queue_stats_ms']:,.1f} ms"
+    )
+    for minutes in (15, 60):
+        print(
+            f"stats(minutes={minutes}), table of {total:,} rows "
+            f"({figures[f'stats_{minutes}_ended']:,} ended in the window): "
+            f"{figures[f'stats_{minutes}_ms']:,.1f} ms"
         )
     print(f"(setup: {figures['insert_queued_s']} s + {figures['insert_finished_s']} s)")
 

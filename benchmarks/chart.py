@@ -37,6 +37,7 @@ def _short_worker(m: dict[str, Any]) -> str:
     return {
         "soniq-asyncpg": "soniq asyncpg",
         "soniq-psycopg": "soniq psycopg",
+        "soniq-asyncpg-metrics": "soniq asyncpg + metrics",
         "pgqueuer-50": "pgqueuer 50/100",
         "pgqueuer-200": "pgqueuer 200/400",
         "procrastinate": "procrastinate",

@@ -84,6 +84,10 @@ class System:
     scale: float = 1.0  # a slow system drains this fraction of the jobs the others do
 
 
+#: Soniq on asyncpg with soniq.contrib.prometheus instrumenting its worker.
+METRICS = "soniq-asyncpg-metrics"
+
+
 def systems() -> list[System]:
     pgq, proc = _v("pgqueuer"), _v("procrastinate")
     return [
@@ -105,6 +109,15 @@ def systems() -> list[System]:
             ("async", "sync"),
             latency=True,
             loaded=True,
+        ),
+        # The same worker measured by soniq.contrib.prometheus (its run middleware on
+        # every job): the cost of metrics, reported as a ratio to soniq-asyncpg.
+        System(
+            METRICS,
+            "soniq",
+            "soniq, asyncpg, concurrency 100, Prometheus metrics",
+            {"driver": "asyncpg", "concurrency": 100, "metrics": True},
+            ("async", "sync"),
         ),
         System(
             "pgqueuer-50",
@@ -787,6 +800,22 @@ def summarise(
 
 def _notes(plan: list[System], sizes: Sizes, results: Results) -> list[str]:
     out = []
+    overhead = []
+    for kind in ("async", "sync"):
+        plain = results.series.get(f"drain-{kind}/{SONIQ}")
+        measured = results.series.get(f"drain-{kind}/{METRICS}")
+        pairs = paired_ratios(measured, plain) if plain and measured else []
+        if pairs:
+            ratio = Series(pairs)
+            overhead.append(
+                f"{kind} {ratio.median:.3f} ({ratio.low:.3f}-{ratio.high:.3f}, "
+                f"per repeat {', '.join(f'{x:.3f}' for x in pairs)})"
+            )
+    if overhead:
+        out.append(
+            f"metrics (drain of {METRICS} / {SONIQ}, median of the per-repeat ratios, "
+            f"min-max): {'; '.join(overhead)}"
+        )
     resistance = []
     for s in plan:
         bloat, plain = (

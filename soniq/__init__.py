@@ -4,7 +4,7 @@ if and only if the caller's transaction commits."""
 from soniq._version import __version__
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import limits
-from soniq.core.admin import BacklogProblem, WorkerInfo
+from soniq.core.admin import BacklogProblem, QueueStats, Stats, StatsBucket, WorkerInfo
 from soniq.core.errors import (
     ConfigurationError,
     ConnectionStateError,
@@ -27,6 +27,7 @@ from soniq.core.flow import QueueLimits, Rate
 from soniq.core.jobs import Job, JobDefinition
 from soniq.core.retry import Backoff
 from soniq.core.states import JobStatus
+from soniq.middleware import EnqueueContext, RunContext
 from soniq.worker import JobContext, WorkerConfig, current_job
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionStateError",
     "DatabaseUnavailable",
+    "EnqueueContext",
     "InvalidTransition",
     "Job",
     "JobArgumentsError",
@@ -48,12 +50,16 @@ __all__ = [
     "JobTimeout",
     "PermanentError",
     "QueueLimits",
+    "QueueStats",
     "Rate",
+    "RunContext",
     "SchemaNotReadyError",
     "SerializationError",
     "Snooze",
     "Soniq",
     "SoniqError",
+    "Stats",
+    "StatsBucket",
     "SyncSoniq",
     "UnknownJobError",
     "WorkerConfig",

@@ -16,16 +16,19 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from soniq.core.admin import (
     PURGE_BATCH,
     RETRY_BATCH,
     BacklogProblem,
+    QueueStats,
+    Stats,
     WorkerInfo,
     backlog_problems,
     job_filter,
     purge_selection,
+    stats_minutes,
 )
 from soniq.core.enqueue import (
     JobRef,
@@ -59,6 +62,7 @@ from soniq.drivers.embedded import (
     embedded_location,
     embedded_sync_backend,
 )
+from soniq.middleware import MiddlewareChain, nodes_with_headers, with_headers
 from soniq.waiting import EndWaiters, LoopThread
 from soniq.worker import Worker, WorkerConfig
 
@@ -66,6 +70,7 @@ if TYPE_CHECKING:
     from soniq.drivers.connections import CallerConnections
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=Callable[[Any], Any])
 log = logging.getLogger("soniq")
 
 # The PostgreSQL drivers are imported when a PostgreSQL URL is used: importing asyncpg
@@ -119,8 +124,12 @@ class _Config:
             url = DEFAULT_SQLITE_URL
         self._read(url, database_url, driver, schema, pool_size)
         self._callers: CallerConnections | None = None
+        #: ``@eq.middleware``: around runs and enqueues, shared by ``eq`` and ``eq.sync``.
+        self.middleware = MiddlewareChain()
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.acquire_timeout = _seconds("acquire_timeout", acquire_timeout)
+        #: False: no connection of Soniq's prepares statements (PgBouncer).
+        self.prepared_statements = True
 
     def _read(
         self,
@@ -173,6 +182,7 @@ class _Config:
             "max_size": self.pool_size,
             "connect_timeout": self.connect_timeout,
             "acquire_timeout": self.acquire_timeout,
+            "prepared_statements": self.prepared_statements,
         }
 
     def callers(self) -> CallerConnections:
@@ -209,6 +219,12 @@ class Soniq:
     rounds ``connect_timeout`` up to whole seconds, at least 2, per address of the
     host.) A connection passed as ``connection=`` is the caller's: Soniq sets no
     timeout on it.
+
+    ``prepared_statements=False`` keeps every connection Soniq opens from preparing
+    statements on the server (asyncpg's statement cache off, psycopg's
+    ``prepare_threshold=None``), for PgBouncer in transaction pooling mode, where a
+    statement prepared on one server connection is missing on the next (see
+    docs/pgbouncer.md). PostgreSQL only.
     """
 
     def __init__(
@@ -220,10 +236,20 @@ class Soniq:
         pool_size: int = 10,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        prepared_statements: bool = True,
     ) -> None:
-        self._adopt(
-            _Config(database_url, driver, schema, pool_size, connect_timeout, acquire_timeout)
-        )
+        config = _Config(database_url, driver, schema, pool_size, connect_timeout, acquire_timeout)
+        if not isinstance(prepared_statements, bool):
+            raise ConfigurationError(
+                f"prepared_statements must be True or False, got {prepared_statements!r}"
+            )
+        if not prepared_statements and config.kind != "postgres":
+            raise ConfigurationError(
+                f"prepared_statements=False applies to PostgreSQL (behind PgBouncer); "
+                f"{config.shown_url!r} is {config.kind}"
+            )
+        config.prepared_statements = prepared_statements
+        self._adopt(config)
 
     def __repr__(self) -> str:
         cfg = self._config
@@ -384,6 +410,31 @@ class Soniq:
         make_schedule("check", {}, cron=cron, every=every, timezone=timezone, catch_up=catch_up)
         return register
 
+    @overload
+    def middleware(self, func: M, /) -> M: ...
+    @overload
+    def middleware(
+        self, func: None = ..., /, *, on: Literal["run", "enqueue"] = ...
+    ) -> Callable[[M], M]: ...
+    def middleware(self, func: M | None = None, /, *, on: Literal["run", "enqueue"] = "run") -> Any:
+        """Register a middleware: ``@eq.middleware`` (around each run of a job) or
+        ``@eq.middleware(on="enqueue")`` (around each enqueue call, ``eq.sync``'s too).
+
+        ``func`` takes a :class:`soniq.RunContext` (or :class:`soniq.EnqueueContext`)
+        and returns a context manager, sync or async: usually a generator function
+        decorated with :func:`contextlib.contextmanager`. The first registered is the
+        outermost. A run middleware sees the job's exception in its exit and cannot
+        swallow it; an enqueue middleware may add ``ctx.headers``, stored with the
+        jobs and given to their runs. Workers started after the registration use it.
+        See :mod:`soniq.middleware` and docs/metrics.md. Returns ``func`` unchanged.
+        """
+
+        def register(f: M) -> M:
+            self._config.middleware.add(f, on)
+            return f
+
+        return register(func) if func is not None else register
+
     async def ensure_initialized(self, *, migrate: bool = True) -> None:
         """Open the pool and apply pending migrations under an advisory lock.
 
@@ -430,7 +481,7 @@ class Soniq:
         if not batch:
             return []
         spec = build_spec(self.registry, job, batch, _only_options(options))
-        return await self._insert(spec, connection)
+        return await self._insert(spec, connection, "enqueue_many")
 
     async def enqueue_group(
         self,
@@ -448,7 +499,7 @@ class Soniq:
         nodes = build_graph(
             self.registry, members, chained=False, then=then, caller="enqueue_group"
         )
-        return await self._insert_graph(nodes, connection)
+        return await self._insert_graph(nodes, connection, "enqueue_group")
 
     async def enqueue_chain(
         self,
@@ -462,7 +513,7 @@ class Soniq:
         failure cancels the rest. One statement (on ``connection`` when given); ids in
         order."""
         nodes = build_graph(self.registry, links, chained=True, caller="enqueue_chain")
-        return await self._insert_graph(nodes, connection)
+        return await self._insert_graph(nodes, connection, "enqueue_chain")
 
     async def wait_for(self, job_id: int, /, *, timeout: float | None = None) -> Any:
         """Wait until the job has ended and return its result (what it returned);
@@ -523,6 +574,27 @@ class Soniq:
         """The registered workers, oldest first: host, pid, queues, slots, when each
         started, seconds since its last heartbeat, and the ids of the jobs it runs."""
         return await self.backend.list_workers()
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Every queue with jobs other than done ones, or with stored settings, by
+        name: its jobs by status (queued and due, scheduled for later, running,
+        waiting, failed, cancelled), seconds since its oldest ready job became due,
+        whether it is paused, and its limits. Each count reads only the rows of its
+        status, through an index of those rows alone, so done history, however long,
+        costs nothing: done jobs are counted by :meth:`stats`."""
+        return await self.backend.queue_stats()
+
+    async def stats(self, *, minutes: int = 15, queue: str | None = None) -> Stats:
+        """The jobs (of ``queue``; None: every queue) that ended over the last
+        ``minutes`` minutes (1 to 1,440; the current minute included), per minute
+        and by status (done, failed, cancelled), with the totals and the rate per
+        second, by the database's clock. Computed from the jobs table (a range of its
+        index of finished jobs): it costs the jobs of the window, not of the table.
+        Jobs deleted at completion (``retention=0``) are not seen."""
+        minutes = stats_minutes(minutes)
+        if queue is not None:
+            check_queue(queue)
+        return await self.backend.stats(minutes, queue)
 
     async def retry_job(self, job_id: int) -> bool:
         """Put a ``failed`` or ``cancelled`` job back in line, due now, with all its
@@ -603,7 +675,12 @@ class Soniq:
         """
         config = WorkerConfig(queues=queues, concurrency=concurrency, burst=burst, **settings)
         await self._initialize_waiting(wait_for_database)
-        worker = Worker(backend=self.backend, registry=self.registry, config=config)
+        worker = Worker(
+            backend=self.backend,
+            registry=self.registry,
+            config=config,
+            middleware=self._config.middleware.run,
+        )
         await worker.run()
 
     async def _initialize_waiting(self, wait: float) -> None:
@@ -639,12 +716,29 @@ class Soniq:
         if self._sync is not None:
             self._sync.close()
 
-    async def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
+    async def _insert(
+        self, spec: JobSpec, connection: Any, operation: str = "enqueue"
+    ) -> list[int]:
+        chain = self._config.middleware
+        if chain.enqueue and operation:
+            ctx = chain.enqueue_context(operation, (spec,), connection)
+            return await chain.around_enqueue(
+                ctx, lambda headers: self._insert(with_headers(spec, headers), connection, "")
+            )
         if connection is None:
             return await self.backend.insert_jobs(spec)
         return await self._config.callers().insert_jobs(spec, connection)
 
-    async def _insert_graph(self, nodes: list[JobNode], connection: Any) -> list[int]:
+    async def _insert_graph(
+        self, nodes: list[JobNode], connection: Any, operation: str = ""
+    ) -> list[int]:
+        chain = self._config.middleware
+        if chain.enqueue and operation:
+            ctx = chain.enqueue_context(operation, [n.spec for n in nodes], connection)
+            return await chain.around_enqueue(
+                ctx,
+                lambda headers: self._insert_graph(nodes_with_headers(nodes, headers), connection),
+            )
         if connection is None:
             return await self.backend.insert_graph(nodes)
         return await self._config.callers().insert_graph(nodes, connection)
@@ -701,7 +795,7 @@ class SyncSoniq:
         if not batch:
             return []
         spec = build_spec(self.registry, job, batch, _only_options(options))
-        return self._insert(spec, connection)
+        return self._insert(spec, connection, "enqueue_many")
 
     def enqueue_group(
         self,
@@ -715,7 +809,7 @@ class SyncSoniq:
         nodes = build_graph(
             self.registry, members, chained=False, then=then, caller="enqueue_group"
         )
-        return self._insert_graph(nodes, connection)
+        return self._insert_graph(nodes, connection, "enqueue_group")
 
     def enqueue_chain(
         self,
@@ -726,7 +820,7 @@ class SyncSoniq:
     ) -> list[int]:
         """Blocking :meth:`Soniq.enqueue_chain`."""
         nodes = build_graph(self.registry, links, chained=True, caller="enqueue_chain")
-        return self._insert_graph(nodes, connection)
+        return self._insert_graph(nodes, connection, "enqueue_chain")
 
     def wait_for(self, job_id: int, /, *, timeout: float | None = None) -> Any:
         """Blocking :meth:`Soniq.wait_for`: the waiters of all threads share one loop
@@ -772,6 +866,17 @@ class SyncSoniq:
     def list_workers(self) -> list[WorkerInfo]:
         """Blocking :meth:`Soniq.list_workers`."""
         return self.backend.list_workers()
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Blocking :meth:`Soniq.queue_stats`."""
+        return self.backend.queue_stats()
+
+    def stats(self, *, minutes: int = 15, queue: str | None = None) -> Stats:
+        """Blocking :meth:`Soniq.stats`."""
+        minutes = stats_minutes(minutes)
+        if queue is not None:
+            check_queue(queue)
+        return self.backend.stats(minutes, queue)
 
     def retry_job(self, job_id: int) -> bool:
         """Blocking :meth:`Soniq.retry_job`."""
@@ -856,12 +961,27 @@ class SyncSoniq:
         self._wait_loop.close(lambda app: app.close())
         self.backend.close()
 
-    def _insert(self, spec: JobSpec, connection: Any) -> list[int]:
+    def _insert(self, spec: JobSpec, connection: Any, operation: str = "enqueue") -> list[int]:
+        chain = self._config.middleware
+        if chain.enqueue and operation:
+            ctx = chain.enqueue_context(operation, (spec,), connection)
+            return chain.around_enqueue_sync(
+                ctx, lambda headers: self._insert(with_headers(spec, headers), connection, "")
+            )
         if connection is None:
             return self.backend.insert_jobs(spec)
         return self._config.callers().insert_jobs_sync(spec, connection)
 
-    def _insert_graph(self, nodes: list[JobNode], connection: Any) -> list[int]:
+    def _insert_graph(
+        self, nodes: list[JobNode], connection: Any, operation: str = ""
+    ) -> list[int]:
+        chain = self._config.middleware
+        if chain.enqueue and operation:
+            ctx = chain.enqueue_context(operation, [n.spec for n in nodes], connection)
+            return chain.around_enqueue_sync(
+                ctx,
+                lambda headers: self._insert_graph(nodes_with_headers(nodes, headers), connection),
+            )
         if connection is None:
             return self.backend.insert_graph(nodes)
         return self._config.callers().insert_graph_sync(nodes, connection)

@@ -40,6 +40,11 @@ status, arguments, attempts, result, last error and traceback, progress, the job
 waits for, and its times (exit 1 when there is no such job). With ``--wait`` it first
 waits up to that long for the job to end, as ``eq.wait_for`` does, and exits 0 when
 the job is done, 1 when it failed or was cancelled, 124 when it has not ended in time.
+
+``soniq dashboard module:eq [--host 127.0.0.1] [--port 8080] [--actions]
+[--basic-auth USER:PASSWORD]`` (or ``--database-url URL``) serves the web dashboard
+(``pip install 'soniq[dashboard]'``; see docs/dashboard.md): read-only unless
+``--actions``; it warns when it listens beyond this machine without basic auth.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade Soniq's tables")
     _database_options(migrate)
     migrate.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
+    migrate.add_argument(
+        "--from",
+        dest="from_version",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --sql: only what upgrades a schema at version N (0 to {LATEST_VERSION}), "
+        "without BEGIN/COMMIT, to run inside an Alembic or Django migration",
+    )
     queues = commands.add_parser(
         "queues",
         help="list paused and limited queues, pause or resume queues, or set their limits",
@@ -133,6 +148,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    stats = commands.add_parser(
+        "stats", help="jobs ended per minute (done, failed, cancelled) and per second"
+    )
+    _database_options(stats)
+    stats.add_argument(
+        "--minutes",
+        type=_window_minutes,
+        default=15,
+        help="the window, in minutes up to now, 1 to 1440 (default 15)",
+    )
+    stats.add_argument("--queue", default=None, help="only jobs of this queue")
+    stats.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        default=None,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 2) until interrupted (Ctrl-C)",
+    )
+    stats.add_argument(
+        "--json", action="store_true", help="print JSON, for scripts (with --watch: a line each)"
+    )
     workers = commands.add_parser("workers", help="list the live workers and their jobs")
     _database_options(workers)
     workers.add_argument("--json", action="store_true", help="print JSON, for scripts")
@@ -152,6 +190,32 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait up to this long for the job to end first; exit 0 done, 1 failed or "
         "cancelled, 124 not ended in time",
+    )
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the web dashboard (pip install 'soniq[dashboard]')"
+    )
+    dashboard.add_argument(
+        "app",
+        nargs="?",
+        default=None,
+        help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq (or --database-url)",
+    )
+    _database_options(dashboard)
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dashboard.add_argument(
+        "--actions",
+        action="store_true",
+        help="enable retry, cancel, pause, resume and purge (default: read-only)",
+    )
+    dashboard.add_argument(
+        "--basic-auth",
+        default=os.environ.get("SONIQ_DASHBOARD_BASIC_AUTH"),
+        metavar="USER:PASSWORD",
+        help="require these credentials (default: $SONIQ_DASHBOARD_BASIC_AUTH; prefer the "
+        "variable: a command line is visible to other users)",
     )
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
@@ -190,6 +254,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds (default 2)")
     worker.add_argument(
+        "--retention",
+        type=_retention,
+        default=7 * 86400.0,
+        metavar="DURATION",
+        help="keep finished jobs this long, then delete them: 90s, 30m, 12h, 7d "
+        "(default 7d; 0 = delete at completion; forever = never delete)",
+    )
+    worker.add_argument(
+        "--summary-interval",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="log a summary line (jobs run, failed, retried, per second) at INFO this "
+        "often, and one at exit (default 60)",
+    )
+    worker.add_argument(
         "--poll-interval",
         type=float,
         default=1.0,
@@ -213,6 +293,20 @@ def _parser() -> argparse.ArgumentParser:
         "exiting 1 (default 60; 0 = fail at once)",
     )
     worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics from the worker "
+        "(needs pip install 'soniq[prometheus]'; see docs/metrics.md)",
+    )
+    worker.add_argument(
+        "--metrics-addr",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="the address --metrics-port listens on (default 0.0.0.0)",
+    )
+    worker.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -223,13 +317,81 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _database_options(command: argparse.ArgumentParser) -> None:
-    """``--database-url`` and ``--schema``, for the commands that open the database."""
+    """``--database-url``, ``--schema`` and ``--app``, for the commands that open the
+    database."""
     command.add_argument(
         "--database-url",
         default=os.environ.get("SONIQ_DATABASE_URL"),
         help="postgresql:// or sqlite:/// URL (default: $SONIQ_DATABASE_URL)",
     )
-    command.add_argument("--schema", default="public", help="schema of Soniq's tables")
+    command.add_argument(
+        "--schema", default=None, help="schema of Soniq's tables (default: public)"
+    )
+    command.add_argument(
+        "--app",
+        dest="app_spec",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="your Soniq instance, e.g. myapp.jobs:eq: its database, schema and settings "
+        "(instead of --database-url and --schema)",
+    )
+    command.add_argument(
+        "--no-prepared-statements",
+        dest="prepared_statements",
+        action="store_false",
+        help="prepare no statement on the server: behind PgBouncer in transaction "
+        "pooling mode (as Soniq(prepared_statements=False))",
+    )
+
+
+def _soniq_of(args: argparse.Namespace, command: str, spec: str | None = None) -> Any:
+    """The Soniq an operator command works on: that of ``--app`` (or ``spec``), or
+    one on ``--database-url`` and ``--schema``; None (after saying why on stderr) when
+    neither is given, or when both are. Raises what a bad URL raises."""
+    spec = spec or args.app_spec
+    if spec is not None:
+        if args.schema is not None or not args.prepared_statements:
+            given = "--schema" if args.schema is not None else "--no-prepared-statements"
+            print(
+                f"{command}: {given} goes with --database-url; an app (module:eq) brings "
+                "its own",
+                file=sys.stderr,
+            )
+            return None
+        return load_app(spec, command=command)
+    if not args.database_url:
+        print(
+            f"{command}: pass --database-url (or set SONIQ_DATABASE_URL) or --app module:eq",
+            file=sys.stderr,
+        )
+        return None
+    from soniq.app import Soniq
+
+    return Soniq(
+        args.database_url,
+        schema=args.schema or "public",
+        prepared_statements=args.prepared_statements,
+    )
+
+
+def _window_minutes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1440:
+        raise argparse.ArgumentTypeError(f"expected whole minutes from 1 to 1440, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -267,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _opened(args, _cancel)
     if args.command == "workers":
         return _opened(args, _workers)
+    if args.command == "stats":
+        return _opened(args, _stats)
     if args.command == "check":
         return _check(args)
     if args.command == "purge":
@@ -283,35 +447,49 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("soniq purge: nothing deleted")
                 return 1
         return _opened(args, _purge)
+    if args.command == "dashboard":
+        return _dashboard(args)
     return 2  # pragma: no cover  (argparse rejects unknown commands)
 
 
 def _migrate(args: argparse.Namespace) -> int:
     try:
-        if args.sql:
-            sys.stdout.write(MigrationPlan(args.schema).script())
-            return 0
-        if not args.database_url:
-            print("soniq migrate: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
+        if args.from_version is not None and not args.sql:
+            print("soniq migrate: --from goes with --sql", file=sys.stderr)
             return 2
-        from soniq.app import Soniq
-
-        eq = Soniq(args.database_url, schema=args.schema)
+        if args.from_version is not None and not 0 <= args.from_version <= LATEST_VERSION:
+            print(
+                f"soniq migrate: --from must be a schema version from 0 (none) to "
+                f"{LATEST_VERSION}, got {args.from_version}",
+                file=sys.stderr,
+            )
+            return 2
+        schema = args.schema or "public"
+        if args.sql and args.app_spec is None:
+            sys.stdout.write(MigrationPlan(schema).script(args.from_version))
+            return 0
+        eq = _soniq_of(args, "soniq migrate")
+        if eq is None:
+            return 2
         try:
+            schema = eq._config.schema  # an app's schema is its own
+            if args.sql:  # the DDL of that schema, without opening the database
+                sys.stdout.write(MigrationPlan(schema).script(args.from_version))
+                return 0
             eq.sync.ensure_initialized()
         finally:
             eq.sync.close()
     except (SoniqError, ValueError) as exc:
         print(f"soniq migrate: {exc}", file=sys.stderr)
         return 1
-    print(f"soniq migrate: schema {args.schema!r} is at version {LATEST_VERSION}")
+    print(f"soniq migrate: schema {schema!r} is at version {LATEST_VERSION}")
     return 0
 
 
 def _queues(args: argparse.Namespace) -> int:
     command = "soniq queues" if args.action is None else f"soniq queues {args.action}"
-    if not args.database_url:
-        print(f"{command}: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
+    if args.app_spec is None and not args.database_url:
+        _soniq_of(args, command)  # says what to pass
         return 2
     if args.action is None and args.names:
         print(f"soniq queues: pause, resume or limit {args.names[0]!r}?", file=sys.stderr)
@@ -323,7 +501,6 @@ def _queues(args: argparse.Namespace) -> int:
         given = "--concurrency" if args.concurrency is not None else "--rate-limit"
         print(f"{command}: {given} goes with `soniq queues limit QUEUE`", file=sys.stderr)
         return 2
-    from soniq.app import Soniq
     from soniq.core.enqueue import check_queue
 
     try:
@@ -333,11 +510,11 @@ def _queues(args: argparse.Namespace) -> int:
             check_queue(name)
         options = ("--concurrency", "--rate-limit")
         wanted = queue_limits(args.concurrency, args.rate_limit, options=options)
-        eq = Soniq(args.database_url, schema=args.schema)
+        eq = _soniq_of(args, command)
         try:
             eq.sync.ensure_initialized(migrate=False)
             if args.action is None:
-                _list_queues(eq.sync.paused_queues(), eq.sync.queue_limits(), as_json=args.json)
+                _list_queues(eq.sync, as_json=args.json)
             elif args.action == "limit":
                 for name in args.names:
                     eq.sync.set_queue_limits(
@@ -369,13 +546,10 @@ def _opened(args: argparse.Namespace, act: Any) -> int:
     """Run ``act(eq.sync, args)`` (its exit status) on the database of ``args``; a bad
     value or an unreachable database is one line on stderr and exit 1."""
     command = f"soniq {args.command}"
-    if not args.database_url:
-        print(f"{command}: pass --database-url or set SONIQ_DATABASE_URL", file=sys.stderr)
-        return 2
-    from soniq.app import Soniq
-
     try:
-        eq = Soniq(args.database_url, schema=args.schema)
+        eq = _soniq_of(args, command)
+        if eq is None:
+            return 2
         try:
             eq.sync.ensure_initialized(migrate=False)
             return int(act(eq.sync, args))
@@ -511,6 +685,44 @@ def _workers(eq: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(eq: Any, args: argparse.Namespace) -> int:
+    """``soniq stats``: once, or with ``--watch`` every so often until interrupted."""
+    clear = args.watch is not None and not args.json and sys.stdout.isatty()
+    try:
+        while True:
+            stats = eq.stats(minutes=args.minutes, queue=args.queue)
+            if clear:
+                print("\x1b[H\x1b[2J", end="")  # home, clear: the table stays in place
+            _print_stats(stats, args)
+            if args.watch is None:
+                return 0
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_stats(stats: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        fields = _json_fields(stats)
+        fields["buckets"] = [_json_fields(b) for b in stats.buckets]
+        print(json.dumps(fields))
+        return
+    where = f" of queue {args.queue}" if args.queue else ""
+    print(
+        f"jobs{where} ended in the last {stats.minutes} min: {stats.done} done, "
+        f"{stats.failed} failed, {stats.cancelled} cancelled; {stats.per_second:.1f}/s"
+    )
+    most = max((b.done + b.failed + b.cancelled for b in stats.buckets), default=0)
+    rows = [("minute", "done", "failed", "cancelled", "")]
+    for b in stats.buckets:
+        total = b.done + b.failed + b.cancelled
+        bar = "#" * round(30 * total / most) if most else ""
+        local = b.start.astimezone().strftime("%H:%M")
+        rows.append((local, str(b.done), str(b.failed), str(b.cancelled), bar))
+    _print_table(rows)
+
+
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -527,6 +739,19 @@ def _duration(text: str) -> float:
             f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}"
         )
     return value
+
+
+def _retention(text: str) -> float | None:
+    """``--retention``: a duration, or ``forever`` (None: never delete)."""
+    if text.lower() in ("forever", "none"):
+        return None
+    try:
+        return _duration(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 12h or 7d, 0 (delete at completion) or "
+            f"forever, got {text!r}"
+        ) from None
 
 
 def _spoken(seconds: float) -> str:
@@ -597,33 +822,63 @@ def _json_fields(value: Any) -> dict[str, Any]:
     return fields
 
 
-def _list_queues(paused: list[str], limits: dict[str, QueueLimits], *, as_json: bool) -> None:
-    """The paused queues and the queues' stored limits: a table, or JSON."""
+def _list_queues(eq: Any, *, as_json: bool) -> None:
+    """Every queue with jobs (other than done ones) or settings: its jobs by status,
+    the wait of its oldest ready job, paused, limits (``eq.queue_stats``). A table,
+    or JSON: ``queues`` (the stats), and ``paused`` and ``limits`` as before."""
+    stats = eq.queue_stats()
     if as_json:
-        shown = {
-            name: {"concurrency": lim.concurrency, "rate_limit": lim.rate_limit}
-            for name, lim in limits.items()
+        limits = {
+            q.queue: {"concurrency": q.concurrency, "rate_limit": q.rate_limit}
+            for q in stats
+            if q.concurrency is not None or q.rate_limit is not None
         }
-        print(json.dumps({"paused": paused, "limits": shown}))
+        paused = [q.queue for q in stats if q.paused]
+        shown = [_json_fields(q) for q in stats]
+        print(json.dumps({"queues": shown, "paused": paused, "limits": limits}))
         return
-    names = sorted({*paused, *limits})
-    if not names:
-        print("no queue is paused or limited")
+    if not stats:
+        print("no queue has jobs waiting, running or failed, or settings")
         return
-    rows = [("queue", "paused", "concurrency", "rate")]
-    for name in names:
-        lim = limits.get(name)
-        concurrency = None if lim is None else lim.concurrency
-        rate = None if lim is None else lim.rate_limit
+    rows = [
+        (
+            "queue",
+            "queued",
+            "scheduled",
+            "running",
+            "waiting",
+            "failed",
+            "cancelled",
+            "oldest",
+            "paused",
+            "concurrency",
+            "rate",
+        )
+    ]
+    for q in stats:
+        counts = (q.queued, q.scheduled, q.running, q.waiting, q.failed, q.cancelled)
         rows.append(
             (
-                name,
-                "yes" if name in paused else "no",
-                "-" if concurrency is None else str(concurrency),
-                "-" if rate is None else rate,
+                q.queue,
+                *(str(n) for n in counts),
+                "-" if q.oldest_queued_age is None else _age(q.oldest_queued_age),
+                "yes" if q.paused else "no",
+                "-" if q.concurrency is None else str(q.concurrency),
+                q.rate_limit or "-",
             )
         )
     _print_table(rows)
+
+
+def _age(seconds: float) -> str:
+    """A wait, to the unit an operator reads: 0.4s, 42s, 12m, 3.5h, 2.1d."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size:
+            value = seconds / size
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _print_limits(name: str, limits: QueueLimits, *, as_json: bool) -> None:
@@ -664,8 +919,8 @@ def load_app(spec: str, command: str = "soniq worker") -> Any:
         if missing is None or not (module_name + ".").startswith(missing + "."):
             raise  # the app's own import failed: its traceback says where
         raise SystemExit(
-            f"{command}: no module named {exc.name!r} (from {spec!r}); run the worker "
-            "from your project's directory, or put it on PYTHONPATH"
+            f"{command}: no module named {exc.name!r} (from {spec!r}); run it from your "
+            "project's directory, or put that on PYTHONPATH"
         ) from None
     if not hasattr(module, attribute):
         raise SystemExit(
@@ -684,6 +939,8 @@ def _worker(args: argparse.Namespace) -> int:
     )
     app = load_app(args.app)
     queues = [q for q in args.queues.split(",") if q] if args.queues else None
+    if args.metrics_port is not None and not _serve_metrics(app, args):
+        return 1
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -717,6 +974,8 @@ def _worker(args: argparse.Namespace) -> int:
                 heartbeat_interval=args.heartbeat_interval,
                 poll_interval=args.poll_interval,
                 wait_for_database=args.wait_for_database,
+                retention=args.retention,
+                summary_interval=args.summary_interval,
                 **(
                     {}
                     if args.command_timeout is None
@@ -733,6 +992,82 @@ def _worker(args: argparse.Namespace) -> int:
     except (SoniqError, ValueError) as exc:
         print(f"soniq worker: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _serve_metrics(app: Any, args: argparse.Namespace) -> bool:
+    """``--metrics-port``: instrument the app (if it is not yet) and serve /metrics from
+    a daemon thread; False (said on stderr) when the extra is missing or the port is
+    taken."""
+    try:
+        from soniq.contrib import prometheus
+    except ImportError:
+        print(
+            "soniq worker: --metrics-port needs prometheus-client; pip install 'soniq[prometheus]'",
+            file=sys.stderr,
+        )
+        return False
+    prometheus.instrument(app)
+    try:
+        prometheus.start_http_server(args.metrics_port, args.metrics_addr)
+    except OSError as exc:
+        print(
+            f"soniq worker: --metrics-port {args.metrics_port}: cannot listen on "
+            f"{args.metrics_addr}: {exc}",
+            file=sys.stderr,
+        )
+        return False
+    logging.getLogger("soniq.worker").info(
+        "metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port
+    )
+    return True
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        from soniq import dashboard
+    except ImportError as exc:
+        print(
+            f"soniq dashboard: {exc.name or exc} is not installed; pip install 'soniq[dashboard]'",
+            file=sys.stderr,
+        )
+        return 1
+    if args.basic_auth:
+        try:
+            dashboard.parse_basic_auth(args.basic_auth)
+        except ValueError as exc:
+            print(f"soniq dashboard: --basic-auth: {exc}", file=sys.stderr)
+            return 2
+    elif not dashboard.is_loopback(args.host):
+        print(
+            f"soniq dashboard: WARNING: listening on {args.host} without --basic-auth: "
+            "anyone who can reach this address sees the jobs' arguments and errors"
+            + (" and can act on them" if args.actions else ""),
+            file=sys.stderr,
+        )
+    spec = args.app or args.app_spec
+    if spec is not None or args.database_url:
+        try:
+            app = _soniq_of(args, "soniq dashboard", spec)
+        except (SoniqError, ValueError) as exc:
+            print(f"soniq dashboard: {exc}", file=sys.stderr)
+            return 1
+        if app is None:
+            return 2
+    else:
+        print(
+            "soniq dashboard: name your Soniq (module:eq), or pass --database-url "
+            "or set SONIQ_DATABASE_URL",
+            file=sys.stderr,
+        )
+        return 2
+    dashboard.serve(
+        app,
+        host=args.host,
+        port=args.port,
+        actions=args.actions,
+        basic_auth=args.basic_auth or None,
+    )
     return 0
 
 

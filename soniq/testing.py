@@ -473,6 +473,8 @@ class _Drain:
     def __init__(self, eq: Soniq, options: _DrainOptions, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = eq.backend
         self.registry = eq.registry
+        # The run middleware (@eq.middleware), as a worker of this Soniq runs them.
+        self.middleware = eq._config.middleware.run
         self.options = options
         self.worker_id = f"drain-{uuid.uuid4().hex}"
         # As the worker: only the names registered here (the others stay queued).
@@ -508,7 +510,13 @@ class _Drain:
         definition = self.registry.get(claimed.name)
         if definition is None:  # claimed by name: only if the registry lost it since
             raise RuntimeError(f"job {claimed.id}: {claimed.name!r} is no longer registered")
-        return JobRun.of(definition, claimed, self.worker_id, on_progress=self._progress.report)
+        return JobRun.of(
+            definition,
+            claimed,
+            self.worker_id,
+            on_progress=self._progress.report,
+            middleware=self.middleware,
+        )
 
     async def close(self) -> None:
         """Write the progress reported last, and unregister."""

@@ -3,6 +3,7 @@ sync twin: one suite, parametrized, so the colours cannot drift apart."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 import os
@@ -341,3 +342,21 @@ async def test_one_enqueue_is_one_statement_on_asyncpg(database_url: str, schema
     await eq.close()
     assert len(statements) == 2, statements
     assert all(s.lstrip().upper().startswith(("INSERT", "WITH")) for s in statements), statements
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_close_on_another_event_loop_than_the_one_that_opened(
+    database_url: str, schema: str
+) -> None:
+    """A Soniq opened under one loop (a fixture's, an app's first lifespan) and
+    closed under another: close() does not fail, and the next use opens afresh."""
+    eq = Soniq(database_url, schema=schema)
+
+    async def use() -> int:
+        await eq.ensure_initialized()
+        return await eq.enqueue("api.job")
+
+    first = asyncio.run(use())
+    asyncio.run(eq.close())  # the first loop is gone
+    assert asyncio.run(use()) == first + 1
+    asyncio.run(eq.close())

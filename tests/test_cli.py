@@ -26,6 +26,7 @@ import pytest
 
 from soniq import JobStatus, QueueLimits, Rate, Soniq, SoniqError
 from soniq.cli import _parser, load_app, main
+from soniq.core.sql.migrate import LATEST_VERSION
 from tests.conftest import Process, listening_sessions, soniq_command, wait_until
 
 Spawn = Callable[..., Process]
@@ -210,7 +211,7 @@ def test_the_worker_gets_the_flags(worker_app: Any, monkeypatch: pytest.MonkeyPa
     argv = ["worker", "tests.worker_app:eq", "--queues", "mail,,reports", "--no-listen"]
     argv += ["--concurrency", "3", "--burst", "--shutdown-timeout", "4", "--poll-interval", "0.5"]
     argv += ["--stale-after", "9", "--heartbeat-interval", "3", "--no-periodic"]
-    argv += ["--burst-wait", "2.5"]
+    argv += ["--burst-wait", "2.5", "--retention", "12h", "--summary-interval", "5"]
     assert main(argv) == 0
     assert seen["app"] is worker_app.eq
     expected = {
@@ -224,8 +225,14 @@ def test_the_worker_gets_the_flags(worker_app: Any, monkeypatch: pytest.MonkeyPa
         "stale_after": 9.0,
         "heartbeat_interval": 3.0,
         "poll_interval": 0.5,
+        "retention": 43200.0,
+        "summary_interval": 5.0,
     }
     assert {k: seen[k] for k in expected} == expected
+    assert main(["worker", "tests.worker_app:eq", "--retention", "forever"]) == 0
+    assert seen["retention"] is None  # never delete
+    assert main(["worker", "tests.worker_app:eq"]) == 0
+    assert (seen["retention"], seen["summary_interval"]) == (7 * 86400.0, 60.0)
 
 
 def test_migrate_without_a_url_exits_2(
@@ -233,7 +240,10 @@ def test_migrate_without_a_url_exits_2(
 ) -> None:
     monkeypatch.delenv("SONIQ_DATABASE_URL", raising=False)
     assert main(["migrate"]) == 2
-    assert "pass --database-url or set SONIQ_DATABASE_URL" in capsys.readouterr().err
+    assert (
+        "pass --database-url (or set SONIQ_DATABASE_URL) or --app module:eq"
+        in capsys.readouterr().err
+    )
 
 
 def test_migrate_sql_prints_the_ddl_of_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
@@ -276,7 +286,10 @@ def test_the_installed_script_runs(soniq_processes: Spawn) -> None:
 @pytest.mark.slow
 def test_migrate_exit_statuses(database_url: str, schema: str, soniq_processes: Spawn) -> None:
     code, out = soniq_processes("migrate", env=env_without_url()).finish(30)
-    assert (code, out) == (2, "soniq migrate: pass --database-url or set SONIQ_DATABASE_URL\n")
+    assert (code, out) == (
+        2,
+        "soniq migrate: pass --database-url (or set SONIQ_DATABASE_URL) or --app module:eq\n",
+    )
     code, out = soniq_processes("migrate", "--sql", "--schema", schema).finish(30)
     assert code == 0 and f'"{schema}".soniq_jobs' in out, out
     code, out = soniq_processes("migrate", "--database-url", "mysql://h/db").finish(30)
@@ -328,6 +341,21 @@ def test_queues_only_those_queues_jobs_run_and_burst_exits_0(
         JobStatus.DONE,
         JobStatus.DONE,
     ]
+
+
+@pytest.mark.slow
+def test_retention_and_the_summary_lines(worker_app: Any, soniq_processes: Spawn) -> None:
+    """--retention 0 deletes jobs at completion; --summary-interval logs a line per
+    interval while jobs end, and the worker logs the whole run's counts at exit."""
+    eq = worker_app.eq
+    ids = eq.sync.enqueue_many(worker_app.sleep_then_record, [{"seconds": 0.2}] * 3)
+    argv = ["--burst", "--concurrency", "1", "--retention", "0", "--summary-interval", "0.1"]
+    code, out = worker(soniq_processes, *argv).finish()
+    assert code == 0, out
+    assert all(eq.sync.get_job(i) is None for i in ids), out  # deleted at completion
+    assert re.search(r"INFO soniq.worker: last 0.1s: done 1, .*; [0-9.]+ jobs/s; running", out)
+    stopped = r"worker \S+ stopped after [0-9.]+s: done 3, failed 0, cancelled 0, retried 0, "
+    assert re.search(stopped + r"snoozed 0; [0-9.]+ jobs/s", out), out
 
 
 @pytest.mark.slow
@@ -451,6 +479,25 @@ def test_a_second_signal_exits_1_at_once(
     assert worker_app.eq.sync.get_job(job_id).status == JobStatus.RUNNING
 
 
+QUEUES_HEADER = [
+    "queue",
+    "queued",
+    "scheduled",
+    "running",
+    "waiting",
+    "failed",
+    "cancelled",
+    "oldest",
+    "paused",
+]
+QUEUES_HEADER += ["concurrency", "rate"]
+
+
+def _table(out: str) -> list[list[str]]:
+    """A table printed by the CLI, as rows of cells."""
+    return [line.split() for line in out.splitlines()]
+
+
 def test_queues_are_paused_listed_and_resumed_from_the_command_line(
     database_url: str, schema: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -466,20 +513,38 @@ def test_queues_are_paused_listed_and_resumed_from_the_command_line(
         "changed": False,
     }
     assert main(["queues", *where]) == 0
-    assert capsys.readouterr().out == (
-        "queue    paused  concurrency  rate\n"
-        "mail     yes     -            -\n"
-        "reports  yes     -            -\n"
-    )
+    assert _table(capsys.readouterr().out) == [
+        QUEUES_HEADER,
+        ["mail", *"000000", "-", "yes", "-", "-"],
+        ["reports", *"000000", "-", "yes", "-", "-"],
+    ]
     assert main(["queues", "resume", "mail", *where]) == 0
     assert capsys.readouterr().out == "mail: resumed\n"
     assert main(["queues", "--json", *where]) == 0
-    # "paused" as it always was, so scripts that read it still work; "limits" beside it.
-    assert json.loads(capsys.readouterr().out) == {"paused": ["reports"], "limits": {}}
+    # "paused" as it always was, so scripts that read it still work; "limits" and each
+    # queue's counts ("queues", as eq.queue_stats) beside it.
+    assert json.loads(capsys.readouterr().out) == {
+        "paused": ["reports"],
+        "limits": {},
+        "queues": [
+            {
+                "queue": "reports",
+                **dict.fromkeys(
+                    ["queued", "scheduled", "running", "waiting", "failed", "cancelled"], 0
+                ),
+                "oldest_queued_age": None,
+                "paused": True,
+                "concurrency": None,
+                "rate_limit": None,
+            }
+        ],
+    }
     assert main(["queues", "resume", "reports", *where]) == 0
     capsys.readouterr()
     assert main(["queues", *where]) == 0
-    assert capsys.readouterr().out == "no queue is paused or limited\n"
+    assert capsys.readouterr().out == (
+        "no queue has jobs waiting, running or failed, or settings\n"
+    )
     eq = Soniq(database_url, schema=schema)
     try:
         assert eq.sync.paused_queues() == []  # what every worker reads
@@ -508,15 +573,17 @@ def test_queue_limits_are_set_listed_and_removed_from_the_command_line(
     assert main(["queues", "pause", "archive", "reports", *where]) == 0
     capsys.readouterr()
     assert main(["queues", *where]) == 0
-    assert capsys.readouterr().out == (
-        "queue    paused  concurrency  rate\n"
-        "archive  yes     -            -\n"
-        "bulk     no      2            -\n"
-        "mail     no      5            100/m\n"
-        "reports  yes     -            5000/h\n"
-    )
+    assert _table(capsys.readouterr().out) == [
+        QUEUES_HEADER,
+        ["archive", *"000000", "-", "yes", "-", "-"],
+        ["bulk", *"000000", "-", "no", "2", "-"],
+        ["mail", *"000000", "-", "no", "5", "100/m"],
+        ["reports", *"000000", "-", "yes", "-", "5000/h"],
+    ]
     assert main(["queues", "--json", *where]) == 0
-    assert json.loads(capsys.readouterr().out) == {
+    listed = json.loads(capsys.readouterr().out)
+    assert [q["queue"] for q in listed.pop("queues")] == ["archive", "bulk", "mail", "reports"]
+    assert listed == {
         "paused": ["archive", "reports"],
         "limits": {
             "bulk": {"concurrency": 2, "rate_limit": None},
@@ -544,12 +611,12 @@ def test_queue_limits_are_set_listed_and_removed_from_the_command_line(
         "rate_limit": None,
     }
     assert main(["queues", *where]) == 0
-    assert capsys.readouterr().out == (
-        "queue    paused  concurrency  rate\n"
-        "archive  yes     -            -\n"
-        "bulk     no      2            -\n"
-        "reports  yes     -            -\n"
-    )
+    assert _table(capsys.readouterr().out) == [
+        QUEUES_HEADER,
+        ["archive", *"000000", "-", "yes", "-", "-"],
+        ["bulk", *"000000", "-", "no", "2", "-"],
+        ["reports", *"000000", "-", "yes", "-", "-"],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -595,11 +662,19 @@ def test_queues_limit_with_a_bad_name_changes_no_queue(
 @pytest.mark.parametrize(
     ("argv", "code", "complaint"),
     [
-        (["queues", "pause", "mail"], 2, "pass --database-url or set SONIQ_DATABASE_URL"),
+        (
+            ["queues", "pause", "mail"],
+            2,
+            "pass --database-url (or set SONIQ_DATABASE_URL) or --app module:eq",
+        ),
         (["queues", "pause", "--database-url", "sqlite:///x.db"], 2, "name the queues"),
         (["queues", "mail", "--database-url", "sqlite:///x.db"], 2, "invalid choice: 'mail'"),
         (["queues", "pause", "a,b", "--database-url", "sqlite:///{tmp}/q.db"], 1, "comma"),
-        (["queues", "limit", "mail"], 2, "pass --database-url or set SONIQ_DATABASE_URL"),
+        (
+            ["queues", "limit", "mail"],
+            2,
+            "pass --database-url (or set SONIQ_DATABASE_URL) or --app module:eq",
+        ),
         (["queues", "limit", "--database-url", "sqlite:///x.db"], 2, "limit: name the queues"),
         (
             ["queues", "pause", "mail", "--concurrency", "2", "--database-url", "sqlite:///x.db"],
@@ -663,10 +738,13 @@ def test_a_queue_limit_set_by_the_installed_script_holds_a_running_worker(
         assert statuses(pg, schema) == {"running": 1, "queued": 2}
         time.sleep(0.05)
     code, out = soniq_processes("queues", "--json", *where).finish(30)
-    assert code == 0 and json.loads(out) == {
+    listed = json.loads(out)
+    assert code == 0 and {k: listed[k] for k in ("paused", "limits")} == {
         "paused": [],
         "limits": {"default": {"concurrency": 1, "rate_limit": None}},
     }, out
+    [default] = listed["queues"]  # the limit holds: one running, two queued
+    assert (default["running"], default["queued"], default["concurrency"]) == (1, 2, 1), out
     code, out = soniq_processes("queues", "limit", "default", *where).finish(30)
     assert (code, out) == (0, "default: no limits\n")
     wait_until(lambda: started() == 3, 30, "the others to start once the limit is gone")
@@ -674,3 +752,36 @@ def test_a_queue_limit_set_by_the_installed_script_holds_a_running_worker(
     wait_until(lambda: statuses(pg, schema) == {"done": 3}, 30, "all three to finish")
     proc.send_signal(signal.SIGTERM)
     assert proc.finish()[0] == 0
+
+
+def test_operator_commands_open_the_database_of_an_app(
+    worker_app: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--app module:eq instead of --database-url: that Soniq's database and schema
+    (ahead of $SONIQ_DATABASE_URL)."""
+    monkeypatch.setenv("SONIQ_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/nowhere")
+    job_id = worker_app.eq.sync.enqueue(worker_app.record, n=7, queue="mail")
+    assert main(["jobs", "--app", "tests.worker_app:eq", "--json"]) == 0
+    [shown] = json.loads(capsys.readouterr().out)
+    assert (shown["id"], shown["args"]) == (job_id, {"n": 7})
+    assert main(["queues", "pause", "mail", "--app", "tests.worker_app:eq"]) == 0
+    assert capsys.readouterr().out == "mail: paused\n"
+    assert worker_app.eq.sync.paused_queues() == ["mail"]
+    with pytest.raises(SystemExit, match="expected module:attribute"):
+        main(["stats", "--app", "tests.worker_app"])
+
+
+def test_migrate_with_an_app_uses_its_schema(
+    worker_app: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schema = worker_app.eq._config.schema
+    assert main(["migrate", "--sql", "--from", "0", "--app", "tests.worker_app:eq"]) == 0
+    assert f'CREATE SCHEMA IF NOT EXISTS "{schema}"' in capsys.readouterr().out
+    assert main(["migrate", "--app", "tests.worker_app:eq"]) == 0
+    assert (
+        capsys.readouterr().out
+        == f"soniq migrate: schema {schema!r} is at version {LATEST_VERSION}\n"
+    )
+    # An app brings its own schema: one given beside it is a mistake, not ignored.
+    assert main(["migrate", "--app", "tests.worker_app:eq", "--schema", "other"]) == 2
+    assert "--schema goes with --database-url" in capsys.readouterr().err

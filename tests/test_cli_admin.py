@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,84 @@ def test_soniq_workers_lists_each_worker_and_its_jobs(
 
 def _spec() -> JobSpec:
     return JobSpec("ops.other", "mail", ({},))
+
+
+def test_soniq_queues_counts_each_queues_jobs(
+    eq: Soniq, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _failing(eq)  # 3 failed in default
+    eq.sync.enqueue("ops.other", queue="mail")
+    eq.sync.enqueue("ops.other", queue="mail", delay=3600)
+    eq.sync.pause_queue("mail")
+    status, out = run(eq, capsys, "queues")
+    header, *rows = out.splitlines()
+    assert status == 0 and header.split() == [
+        "queue",
+        "queued",
+        "scheduled",
+        "running",
+        "waiting",
+        "failed",
+        "cancelled",
+        "oldest",
+        "paused",
+        "concurrency",
+        "rate",
+    ]
+    cells = [row.split() for row in rows]
+    assert [c[:7] for c in cells] == [
+        ["default", "0", "0", "0", "0", "3", "0"],
+        ["mail", "1", "1", "0", "0", "0", "0"],
+    ]
+    assert cells[0][7] == "-" and cells[1][7].endswith("s")  # the oldest ready job's wait
+    assert [c[8:] for c in cells] == [["no", "-", "-"], ["yes", "-", "-"]]
+    status, out = run(eq, capsys, "queues", "--json")
+    shown = json.loads(out)
+    assert [(q["queue"], q["failed"], q["queued"]) for q in shown["queues"]] == [
+        ("default", 3, 0),
+        ("mail", 0, 1),
+    ]
+    assert shown["paused"] == ["mail"]
+
+
+def test_soniq_stats_prints_the_jobs_ended_per_minute(
+    eq: Soniq, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _failing(eq)
+    status, out = run(eq, capsys, "stats", "--minutes", "2")
+    summary, header, *rows = out.splitlines()
+    assert status == 0
+    assert summary.startswith("jobs ended in the last 2 min: 0 done, 3 failed, 0 cancelled; ")
+    assert header.split() == ["minute", "done", "failed", "cancelled"]
+    assert len(rows) == 2 and sum(int(r.split()[2]) for r in rows) == 3
+    assert any(r.endswith("#" * 30) for r in rows)  # the busiest minute's bar
+    status, out = run(eq, capsys, "stats", "--queue", "mail", "--json")
+    shown = json.loads(out)
+    assert (shown["minutes"], shown["failed"], len(shown["buckets"])) == (15, 0, 15)
+    assert set(shown["buckets"][0]) == {"start", "done", "failed", "cancelled"}
+    with pytest.raises(SystemExit):
+        main(["stats", "--minutes", "0", *where(eq)])
+    assert "--minutes: expected whole minutes from 1 to 1440" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_soniq_stats_watch_prints_until_interrupted(eq: Soniq) -> None:
+    """--watch prints a fresh JSON line each interval, sees jobs that end meanwhile,
+    and Ctrl-C (SIGINT) ends it with status 0."""
+    argv = [sys.executable, "-m", "soniq", "stats", "--watch", "0.05", "--json", *where(eq)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert first["cancelled"] == 0
+        eq.sync.cancel_job(eq.sync.enqueue("ops.other"))
+        for _ in range(200):  # bounded: at 0.05 s a line, 10 s at most
+            if json.loads(proc.stdout.readline())["cancelled"] == 1:
+                break
+        else:
+            raise AssertionError("the cancelled job never showed")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -4,6 +4,8 @@ the same test on every backend and face (see tests/test_conformance.py)."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import time
 from typing import Any
 
 import pytest
@@ -203,3 +205,92 @@ async def test_list_workers_shows_each_worker_and_the_jobs_it_runs(face: Face) -
         assert worker.started_at <= worker.heartbeat_at
     await backend.unregister_worker("w-all")
     assert [w.id for w in await _call(face, "list_workers")] == ["w-mail"]
+
+
+async def test_queue_stats_counts_each_queues_jobs_by_status_but_not_done_history(
+    face: Face,
+) -> None:
+    failed = await face.enqueue("a.x", queue="mail")
+    await _fail(face, failed)
+    await _ended(face, "done")  # in the default queue: history, not listed
+    running = await face.enqueue("a.x", queue="mail")
+    [claimed] = await face.eq.backend.claim_jobs(1, "w", None)
+    assert claimed.id == running
+    for n in range(2):
+        await face.enqueue("a.x", n=n, queue="mail")
+    await face.enqueue("a.x", queue="mail", delay=3600)
+    parent = await face.enqueue("a.x", queue="sms")
+    await face.enqueue("a.x", queue="mail", depends_on=[parent])
+    await face.cancel(await face.enqueue("a.x", queue="sms"))
+    await _call(face, "set_queue_limits", "idle", concurrency=2, rate_limit="10/s")
+    await _call(face, "pause_queue", "idle")
+
+    stats = await _call(face, "queue_stats")
+    counts = {
+        q.queue: (q.queued, q.scheduled, q.running, q.waiting, q.failed, q.cancelled) for q in stats
+    }
+    assert counts == {
+        "idle": (0, 0, 0, 0, 0, 0),
+        "mail": (2, 1, 1, 1, 1, 0),
+        "sms": (1, 0, 0, 0, 0, 1),
+    }
+    assert [q.queue for q in stats] == ["idle", "mail", "sms"]
+    idle, mail, sms = stats
+    assert (idle.paused, idle.concurrency, idle.rate_limit) == (True, 2, "10/s")
+    assert (mail.paused, mail.concurrency, mail.rate_limit) == (False, None, None)
+    assert idle.oldest_queued_age is None
+    assert mail.oldest_queued_age is not None and 0 <= mail.oldest_queued_age < 60
+    assert sms.oldest_queued_age is not None and sms.oldest_queued_age <= mail.oldest_queued_age
+
+
+def _mid_minute() -> None:
+    """Wait (at most 3 s) for a minute to start if this one is about to end, so that
+    jobs ended now and the stats read next fall in one minute."""
+    left = 60 - time.time() % 60
+    if left < 3:
+        time.sleep(left + 0.05)
+
+
+async def test_stats_counts_the_jobs_ended_per_minute_by_status(face: Face) -> None:
+    _mid_minute()
+    await _ended(face, "done")
+    await _ended(face, "done", queue="mail")
+    await _ended(face, "failed", max_retries=0, queue="mail")
+    await face.cancel(await face.enqueue("a.x"))
+    await face.enqueue("a.x")  # queued: not ended
+
+    stats = await _call(face, "stats", minutes=3)
+    assert (stats.minutes, stats.done, stats.failed, stats.cancelled) == (3, 2, 1, 1)
+    assert len(stats.buckets) == 3
+    starts = [b.start for b in stats.buckets]
+    assert all(b - a == dt.timedelta(minutes=1) for a, b in itertools.pairwise(starts))
+    assert all(s.second == 0 and s.microsecond == 0 and s.tzinfo is not None for s in starts)
+    # Just ended: all in the current minute, the last bucket.
+    last = stats.buckets[-1]
+    assert (last.done, last.failed, last.cancelled) == (2, 1, 1)
+    assert last.start <= dt.datetime.now(dt.timezone.utc) < last.start + dt.timedelta(minutes=1)
+    # 4 jobs over two whole minutes and this one so far.
+    elapsed = 120 + (dt.datetime.now(dt.timezone.utc) - last.start).total_seconds()
+    assert 4 / (elapsed + 1) < stats.per_second <= 4 / 120
+
+    mail = await _call(face, "stats", minutes=1, queue="mail")
+    assert (mail.done, mail.failed, mail.cancelled) == (1, 1, 0)
+    assert (await _call(face, "stats", queue="nowhere")).buckets[-1].done == 0
+    assert len((await _call(face, "stats")).buckets) == 15
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"minutes": 0}, ValueError, "minutes must be an int from 1 to 1,440"),
+        ({"minutes": 1441}, ValueError, "minutes must be an int from 1 to 1,440"),
+        ({"minutes": "5"}, ValueError, "minutes must be an int"),
+        ({"minutes": True}, ValueError, "minutes must be an int"),
+        ({"queue": "a,b"}, ValueError, "queue must not contain a comma"),
+    ],
+)
+async def test_stats_refuses_a_bad_argument(
+    face: Face, options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        await _call(face, "stats", **options)

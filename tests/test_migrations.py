@@ -189,3 +189,53 @@ def test_a_page_of_jobs_walks_down_the_primary_key(
             for n in nodes
         ), json.dumps(plan[0])
         assert not any(n["Node Type"] in ("Seq Scan", "Sort") for n in nodes), json.dumps(plan[0])
+
+
+def test_queue_stats_and_stats_read_indexes_not_done_history(
+    database_url: str, schema: str, pg: psycopg.Connection
+) -> None:
+    """queue_stats counts from the partial indexes of its statuses, and stats reads a
+    range of the finished index: neither scans the table, so 100k rows of done
+    history (or 10M) do not make them slower."""
+    eq = Soniq(database_url, schema=schema)
+    try:
+        eq.sync.ensure_initialized()
+        jobs = f'"{schema}".soniq_jobs'
+        # Done over the last ~9 days, one every 8 seconds; the last 20 minutes hold 150.
+        pg.execute(
+            f"INSERT INTO {jobs} (name, queue, args, status, finished_at) "
+            "SELECT 'j', 'q' || (n % 3), '{}', 'done', now() - n * interval '8 seconds' "
+            "FROM generate_series(1, 100000) AS n"
+        )
+        pg.execute(
+            f"INSERT INTO {jobs} (name, queue, args, status, finished_at, run_at) "
+            "SELECT 'j', 'q1', '{}', s, CASE WHEN s = 'failed' THEN now() END, "
+            "now() + CASE WHEN n % 2 = 0 THEN interval '1 hour' ELSE interval '0' END "
+            "FROM generate_series(1, 40) AS n, unnest(ARRAY['queued', 'failed']) AS s"
+        )
+        pg.execute(f"ANALYZE {jobs}")
+        queries = PostgresQueries(schema, "format")
+        for query, indexes in (
+            (queries.queue_stats(), {"soniq_jobs_claim_idx", "soniq_jobs_claim_queue_idx"}),
+            (queries.stats(15, None), {"soniq_jobs_finished_idx"}),
+            (queries.stats(60, "q1"), {"soniq_jobs_finished_idx"}),
+        ):
+            plan = pg.execute(f"EXPLAIN (FORMAT JSON) {query.sql}", query.params).fetchone()
+            assert plan is not None
+            nodes = list(_nodes(plan[0]))
+            used = {n.get("Index Name") for n in nodes}
+            assert used & indexes, json.dumps(plan[0])
+            scanned = {n.get("Relation Name") for n in nodes if n["Node Type"] == "Seq Scan"}
+            assert scanned <= {"soniq_queues"}, json.dumps(plan[0])
+        # q0 and q2 hold done jobs only: history, not listed.
+        [q1] = eq.sync.queue_stats()
+        assert (q1.queue, q1.queued, q1.scheduled, q1.failed) == ("q1", 20, 20, 40)
+        stats = eq.sync.stats(minutes=20)
+        [(expected,)] = pg.execute(
+            f"SELECT count(*) FROM {jobs} WHERE status = 'done' AND finished_at >= %s",
+            (stats.buckets[0].start,),
+        ).fetchall()
+        assert stats.done == expected and 140 <= expected <= 160
+        assert stats.failed == 40
+    finally:
+        eq.sync.close()

@@ -1074,3 +1074,22 @@ def test_a_sigkilled_workers_job_is_rescued_by_another_process(
         (job_id, 2, second.pid, "started"),
         (job_id, 2, second.pid, "finished"),
     ]
+
+
+def test_queue_stats_and_stats_read_the_indexes_of_their_rows(tmp_path: Path) -> None:
+    """As on PostgreSQL (tests/test_migrations.py): no scan of the job table, so done
+    history costs queue_stats and stats nothing."""
+    url = f"sqlite:///{tmp_path / 'plans.db'}"
+    eq = Soniq(url)
+    eq.sync.ensure_initialized()
+    eq.sync.close()
+    conn = sqlite3.connect(tmp_path / "plans.db")
+    try:
+        for op in (sq.queue_stats(0.0), sq.stats(1e9, 15, None), sq.stats(1e9, 60, "q")):
+            step = next(op.steps)
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {step.sql}", step.params)]
+            scans = [line for line in plan if line.startswith("SCAN soniq_jobs")]
+            assert all(" USING " in line for line in scans), plan
+            assert any("INDEX" in line for line in plan), plan
+    finally:
+        conn.close()

@@ -196,7 +196,9 @@ def test_a_job_table_without_statistics_gets_them_once_it_holds_jobs(
     try:
         eq.sync.enqueue_many("some.job", [{"n": n} for n in range(50)])
         assert session.analyze_if_never(1000) is None  # too few rows to matter yet
-        eq.sync.enqueue_many("some.job", [{"n": n} for n in range(3000)])
+        # Enough rows that, without statistics, the planner sorts them (a few thousand
+        # it may read in index order, estimate or not).
+        eq.sync.enqueue_many("some.job", [{"n": n} for n in range(30000)])
         claim = q.claim_jobs(50, "w", None, ["some.job"])
         pg.execute("SET plan_cache_mode = force_generic_plan")  # as a long-lived driver
         plan = lambda: json.dumps(  # noqa: E731

@@ -1,14 +1,18 @@
 """What an operator asks of the jobs (``eq.list_jobs``, ``eq.retry_job``,
-``eq.retry_failed``): the selections, checked here, that both SQL dialects run."""
+``eq.queue_stats``, ``eq.stats``, ...): the selections, checked here, that both SQL
+dialects run, and the shapes of their answers."""
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 
 from soniq.core.enqueue import Registry, check_queue
+from soniq.core.flow import queue_limits_by_name
 from soniq.core.states import FINISHED, JobStatus
 
 #: Most jobs one page of ``list_jobs`` holds.
@@ -156,3 +160,131 @@ def backlog_problems(registry: Registry, shapes: list[BacklogShape]) -> list[Bac
                 BacklogProblem(shape.name, shape.arguments, shape.jobs, shape.oldest_id, problem)
             )
     return found
+
+
+@attrs.frozen
+class QueueStats:
+    """One queue as ``queue_stats`` sees it: its jobs by status, how long the oldest
+    ready job has waited, whether it is paused, and its stored limits.
+
+    Done jobs are not counted: they are history (and may be millions); their rate is
+    :meth:`soniq.Soniq.stats`. Failed and cancelled jobs are counted while they are
+    kept (until pruned or purged)."""
+
+    queue: str
+    #: Queued and due: a worker would take them now.
+    queued: int
+    #: Queued with ``run_at`` in the future: delayed, retrying or snoozed.
+    scheduled: int
+    running: int
+    #: Waiting for their parents (``depends_on``).
+    waiting: int
+    failed: int
+    cancelled: int
+    #: Seconds since the oldest ready job became due (None: none is ready).
+    oldest_queued_age: float | None
+    paused: bool
+    #: The stored limits (``set_queue_limits``); None: no limit.
+    concurrency: int | None
+    rate_limit: str | None
+
+
+#: A row of queue counts, as both dialects compute it: queue, queued, scheduled,
+#: running, waiting, failed, cancelled, oldest ready age, then the queue's stored
+#: settings: paused, concurrency, rate count, rate period (None when not stored).
+QueueRow = Sequence[Any]
+
+
+def queue_stats_from_rows(rows: Iterable[QueueRow]) -> list[QueueStats]:
+    """:class:`QueueStats` of rows of queue counts (see :data:`QueueRow`), by name."""
+    found = []
+    for row in rows:
+        queue, *counts, age, paused, concurrency, rate_count, rate_period = row
+        limits = queue_limits_by_name([(queue, concurrency, rate_count, rate_period)])[queue]
+        queued, scheduled, running, waiting, failed, cancelled = (int(n or 0) for n in counts)
+        found.append(
+            QueueStats(
+                queue,
+                queued,
+                scheduled,
+                running,
+                waiting,
+                failed,
+                cancelled,
+                None if age is None else max(0.0, float(age)),
+                bool(paused),
+                limits.concurrency,
+                limits.rate_limit,
+            )
+        )
+    return sorted(found, key=lambda q: q.queue)
+
+
+#: The longest window ``stats`` looks back over: a day, in minutes.
+MAX_STATS_MINUTES = 24 * 60
+
+
+@attrs.frozen
+class StatsBucket:
+    """Jobs that ended in one minute (``start`` is its first instant, UTC), by how."""
+
+    start: dt.datetime
+    done: int
+    failed: int
+    cancelled: int
+
+
+@attrs.frozen
+class Stats:
+    """Jobs that ended over the last ``minutes`` minutes (``stats``): one bucket per
+    minute, oldest first, the last one the current minute so far; the totals, and
+    jobs ended per second over the window."""
+
+    minutes: int
+    buckets: tuple[StatsBucket, ...]
+    done: int
+    failed: int
+    cancelled: int
+    per_second: float
+
+
+def stats_minutes(minutes: object) -> int:
+    """The ``minutes`` of ``stats(minutes=)``, or an error naming the argument."""
+    if (
+        isinstance(minutes, bool)
+        or not isinstance(minutes, int)
+        or not 1 <= minutes <= MAX_STATS_MINUTES
+    ):
+        raise ValueError(
+            f"minutes must be an int from 1 to {MAX_STATS_MINUTES:,} (a day), got {minutes!r}"
+        )
+    return minutes
+
+
+def stats_since(now: float, minutes: int) -> float:
+    """The first instant (epoch seconds) of the window of ``stats(minutes)`` at
+    ``now``: the start of the minute ``minutes - 1`` minutes before the current one."""
+    return (math.floor(now / 60) - (minutes - 1)) * 60.0
+
+
+def stats_from_rows(now: float, minutes: int, rows: Iterable[Sequence[Any]]) -> Stats:
+    """:class:`Stats` at ``now`` (epoch seconds, the database's clock) of rows of
+    (minute: epoch seconds // 60, status, count)."""
+    first = math.floor(now / 60) - (minutes - 1)
+    counts = [dict.fromkeys(("done", "failed", "cancelled"), 0) for _ in range(minutes)]
+    for minute, status, count in rows:
+        slot = int(minute) - first
+        if 0 <= slot < minutes and status in counts[slot]:
+            counts[slot][status] += int(count)
+    buckets = tuple(
+        StatsBucket(
+            dt.datetime.fromtimestamp((first + i) * 60, dt.timezone.utc),
+            c["done"],
+            c["failed"],
+            c["cancelled"],
+        )
+        for i, c in enumerate(counts)
+    )
+    done, failed, cancelled = (sum(c[s] for c in counts) for s in ("done", "failed", "cancelled"))
+    elapsed = max(now - first * 60, 1.0)
+    return Stats(minutes, buckets, done, failed, cancelled, (done + failed + cancelled) / elapsed)

@@ -60,6 +60,9 @@ class JobSpec:
     #: ``on_parent_failure="run"``: a parent that fails or is cancelled counts as
     #: ended instead of cancelling these jobs.
     run_if_parent_fails: bool = False
+    #: Headers carried to every run of these jobs (string keys and values, set by
+    #: enqueue middleware, e.g. a trace context); None: none (the column stays NULL).
+    headers: Mapping[str, str] | None = None
 
     @property
     def is_plain(self) -> bool:
@@ -122,6 +125,8 @@ class Job:
     progress: float | None = None
     #: The message that came with :attr:`progress`.
     progress_message: str | None = None
+    #: The headers enqueue middleware gave it (see docs/metrics.md); empty: none.
+    headers: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -153,6 +158,8 @@ class Claimed:
     limited: bool = False
     #: The results of its parents that are done, by id (None: it has no parents).
     parent_results: Mapping[int, Any] | None = None
+    #: The headers it was enqueued with (None: none; see :attr:`JobSpec.headers`).
+    headers: Mapping[str, str] | None = None
 
 
 @attrs.frozen(eq=False)

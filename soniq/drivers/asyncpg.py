@@ -11,6 +11,7 @@ Every connection it opens has ``connect_timeout``, every checkout from its pool
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,6 +56,12 @@ class AsyncpgDriver(PostgresAsyncOps):
     paramstyle = "numeric"
     _pool: asyncpg.Pool | None
 
+    @property
+    def _statement_options(self) -> dict[str, Any]:
+        """Without prepared statements: no statement cache, so asyncpg's statements
+        are unnamed and live within one round trip (safe behind PgBouncer)."""
+        return {} if self.prepared_statements else {"statement_cache_size": 0}
+
     async def _get_pool(self) -> asyncpg.Pool:
         owner = async_owner()
         if self._pool is not None and self._owner == owner:
@@ -66,6 +73,7 @@ class AsyncpgDriver(PostgresAsyncOps):
                 max_size=self._max_size,
                 reset=_keep_session,
                 timeout=self.target.connect_timeout,  # each connect, the pool's refills too
+                **self._statement_options,
             )
         except _CANNOT_CONNECT as exc:
             raise self.target.unavailable(exc) from exc
@@ -125,7 +133,9 @@ class AsyncpgDriver(PostgresAsyncOps):
     async def _connect(self) -> Any:
         """A new connection within ``connect_timeout``, or DatabaseUnavailable."""
         try:
-            return await asyncpg.connect(self.dsn, timeout=self.target.connect_timeout)
+            return await asyncpg.connect(
+                self.dsn, timeout=self.target.connect_timeout, **self._statement_options
+            )
         except _CANNOT_CONNECT as exc:
             raise self.target.unavailable(exc) from exc
 
@@ -186,12 +196,22 @@ class AsyncpgDriver(PostgresAsyncOps):
 
     def maintenance(self) -> PostgresMaintenance:
         """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(self.dsn, self.queries.schema, self.target)
+        return PostgresMaintenance(
+            self.dsn, self.queries.schema, self.target, prepared=self.prepared_statements
+        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        if self._owner != async_owner():
+            # Opened on another loop (a test fixture's, an app's earlier lifespan):
+            # its connections cannot be awaited from this one, so they are cut; when
+            # that loop is closed already they went with it.
+            with contextlib.suppress(RuntimeError):
+                pool.terminate()
+            return
+        await pool.close()
 
 
 async def _reset_lent(conn: Any) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, Protocol
 
-from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
+from soniq.core.admin import BacklogShape, JobFilter, QueueStats, Stats, WorkerInfo
 from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
@@ -206,6 +206,14 @@ class AsyncBackend(Protocol):
         """The jobs waiting to run (waiting, queued), grouped by name and argument
         names."""
 
+    async def queue_stats(self) -> list[QueueStats]:
+        """Every queue that has jobs other than done ones, or stored settings: its
+        counts by status and settings, by name."""
+
+    async def stats(self, minutes: int, queue: str | None) -> Stats:
+        """The jobs (of ``queue``; None: all) ended per minute over the last
+        ``minutes`` minutes, by the database's clock."""
+
     async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Delete up to ``limit`` finished jobs of ``statuses`` that ended more than
         ``older_than`` seconds ago; how many (0: none is left)."""
@@ -266,6 +274,12 @@ class SyncBackend(Protocol):
 
     def backlog_shapes(self) -> list[BacklogShape]:
         """Blocking :meth:`AsyncBackend.backlog_shapes`."""
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Blocking :meth:`AsyncBackend.queue_stats`."""
+
+    def stats(self, minutes: int, queue: str | None) -> Stats:
+        """Blocking :meth:`AsyncBackend.stats`."""
 
     def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Blocking :meth:`AsyncBackend.purge_jobs`."""

@@ -15,7 +15,15 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from soniq.core import serialize
-from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
+from soniq.core.admin import (
+    BacklogShape,
+    JobFilter,
+    QueueStats,
+    Stats,
+    WorkerInfo,
+    queue_stats_from_rows,
+    stats_from_rows,
+)
 from soniq.core.flow import ClaimLimits, QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
@@ -26,6 +34,7 @@ from soniq.core.sql.postgres import (
     Query,
     claimed_rows,
     group_ids,
+    headers_of,
     ids_in_input_order,
     job_from_row,
     parent_results,
@@ -62,8 +71,12 @@ class PostgresAsyncOps:
         connect_timeout: float,
         acquire_timeout: float,
         min_size: int = 1,
+        prepared_statements: bool = True,
     ) -> None:
         self.dsn = dsn
+        #: False: connections prepare no statement on the server (PgBouncer in
+        #: transaction pooling mode; see ``Soniq(prepared_statements=)``).
+        self.prepared_statements = prepared_statements
         #: Host, port, database and timeouts, for errors (see :class:`Target`).
         self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
         self.queries = PostgresQueries(schema, self.paramstyle)
@@ -148,6 +161,15 @@ class PostgresAsyncOps:
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""
         return [worker_from_row(row) for row in await self.fetch(self.queries.list_workers())]
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Each queue's counts by status and settings, by name."""
+        return queue_stats_from_rows(await self.fetch(self.queries.queue_stats()))
+
+    async def stats(self, minutes: int, queue: str | None) -> Stats:
+        """The jobs ended per minute over the last ``minutes`` minutes."""
+        [(now, rows)] = await self.fetch(self.queries.stats(minutes, queue))
+        return stats_from_rows(now, minutes, serialize.loads(rows))
 
     async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Delete up to ``limit`` jobs of ``statuses`` (finished) that ended more than
@@ -432,6 +454,18 @@ async def _claim(
 def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Claimed]:
     args = serialize.loads_each([r[3] for r in rows])
     return [
-        Claimed(r[0], r[1], r[2], a, r[4], r[5], r[6], r[8], limited, parent_results(r[9]))
+        Claimed(
+            r[0],
+            r[1],
+            r[2],
+            a,
+            r[4],
+            r[5],
+            r[6],
+            r[8],
+            limited,
+            parent_results(r[9]),
+            None if r[10] is None else headers_of(r[10]),
+        )
         for r, a in zip(rows, args, strict=True)
     ]

@@ -36,13 +36,15 @@ class PostgresMaintenance:
     :class:`soniq.DatabaseUnavailable`); every method is one statement. Raises on a
     lost connection (the heartbeat opens a new session)."""
 
-    def __init__(self, dsn: str, schema: str, target: Target) -> None:
+    def __init__(self, dsn: str, schema: str, target: Target, *, prepared: bool = True) -> None:
         try:
             self._conn: psycopg.Connection[Any] = psycopg.connect(
                 dsn,
                 autocommit=True,
                 connect_timeout=libpq_connect_timeout(target.connect_timeout),
                 application_name="soniq heartbeat",
+                # prepared=False: never prepare (PgBouncer in transaction pooling).
+                **({} if prepared else {"prepare_threshold": None}),
                 **KEEPALIVES,
             )
         except psycopg.OperationalError as exc:

@@ -8,7 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from soniq.core import serialize
-from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
+from soniq.core.admin import (
+    BacklogShape,
+    JobFilter,
+    QueueStats,
+    Stats,
+    WorkerInfo,
+    queue_stats_from_rows,
+    stats_from_rows,
+)
 from soniq.core.flow import QueueLimits, queue_limits_by_name
 from soniq.core.jobs import Job, JobNode, JobSpec
 from soniq.core.sql.migrate import MigrationPlan
@@ -52,8 +60,12 @@ class PostgresSyncOps:
         connect_timeout: float,
         acquire_timeout: float,
         min_size: int = 1,
+        prepared_statements: bool = True,
     ) -> None:
         self.dsn = dsn
+        #: False: connections prepare no statement on the server (PgBouncer in
+        #: transaction pooling mode; see ``Soniq(prepared_statements=)``).
+        self.prepared_statements = prepared_statements
         #: Host, port, database and timeouts, for errors (see :class:`Target`).
         self.target = Target(dsn, connect_timeout=connect_timeout, acquire_timeout=acquire_timeout)
         self.queries = PostgresQueries(schema, self.paramstyle)
@@ -130,6 +142,15 @@ class PostgresSyncOps:
     def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""
         return [worker_from_row(row) for row in self.fetch(self.queries.list_workers())]
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Each queue's counts by status and settings, by name."""
+        return queue_stats_from_rows(self.fetch(self.queries.queue_stats()))
+
+    def stats(self, minutes: int, queue: str | None) -> Stats:
+        """The jobs ended per minute over the last ``minutes`` minutes."""
+        [(now, rows)] = self.fetch(self.queries.stats(minutes, queue))
+        return stats_from_rows(now, minutes, serialize.loads(rows))
 
     def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Delete up to ``limit`` jobs of ``statuses`` (finished) that ended more than

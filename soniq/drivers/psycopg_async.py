@@ -52,10 +52,13 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
     @property
     def _connect_kwargs(self) -> dict[str, Any]:
         """Every connection Soniq's pool opens is autocommit, and bounded in time."""
-        return {
+        kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": libpq_connect_timeout(self.target.connect_timeout),
         }
+        if not self.prepared_statements:
+            kwargs["prepare_threshold"] = None  # never prepare (PgBouncer)
+        return kwargs
 
     async def _get_pool(self) -> AsyncConnectionPool[Any]:
         owner = async_owner()
@@ -198,7 +201,9 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
     @async_only
     def maintenance(self) -> PostgresMaintenance:
         """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(self.dsn, self.queries.schema, self.target)
+        return PostgresMaintenance(
+            self.dsn, self.queries.schema, self.target, prepared=self.prepared_statements
+        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -44,10 +44,13 @@ class PsycopgSyncDriver(PostgresSyncOps):
     @property
     def _connect_kwargs(self) -> dict[str, Any]:
         """Every connection Soniq's pool opens is autocommit, and bounded in time."""
-        return {
+        kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": libpq_connect_timeout(self.target.connect_timeout),
         }
+        if not self.prepared_statements:
+            kwargs["prepare_threshold"] = None  # never prepare (PgBouncer)
+        return kwargs
 
     def _get_pool(self) -> ConnectionPool[Any]:
         owner = sync_owner()

@@ -13,13 +13,17 @@ How a run ends, whatever the body does:
 
 Nothing here ends the process or escapes to the caller: the exception stays on
 :attr:`JobRun.error` for a caller that wants it (``drain(raise_errors=True)``).
+
+With run middleware (``@eq.middleware``, :mod:`soniq.middleware`) the body runs
+inside them; without, the run takes the plain path (one ``if``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +32,14 @@ from soniq.core import outcomes
 from soniq.core.errors import JobTimeout, Snooze
 from soniq.core.jobs import Claimed, JobDefinition
 from soniq.core.outcomes import Outcome
+from soniq.middleware import (
+    Middleware,
+    RunContext,
+    enter_async,
+    exit_all_async,
+    exit_all_sync,
+    on_loop,
+)
 from soniq.worker import context
 from soniq.worker.context import JobContext
 
@@ -45,6 +57,15 @@ class JobRun:
     random: Callable[[], float] = random.random
     #: What the body raised, if it raised.
     error: BaseException | None = attrs.field(default=None, init=False)
+    #: The run middleware around the body (empty: none).
+    middleware: tuple[Middleware, ...] = attrs.field(default=(), kw_only=True)
+    #: The headers the job was enqueued with (None: none).
+    headers: Mapping[str, str] | None = attrs.field(default=None, kw_only=True)
+    #: The worker's loop, where a sync job's async middleware run.
+    loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, kw_only=True)
+    #: The outcome the worker recorded before the body ended (its timeout passed, or a
+    #: shutdown put it back): what middleware are told when it ends.
+    recorded: Outcome | None = attrs.field(default=None, init=False)
 
     @classmethod
     def of(
@@ -54,9 +75,11 @@ class JobRun:
         worker_id: str,
         jitter: Callable[[], float] = _jitter,  # the back-off's (see ``random``)
         on_progress: Callable[[JobContext], None] | None = None,
+        middleware: tuple[Middleware, ...] = (),
     ) -> JobRun:
         """The run of a job ``worker_id`` claimed, as ``current_job()`` describes it;
-        its progress reports go to ``on_progress``."""
+        its progress reports go to ``on_progress``; ``middleware`` wrap its body (made
+        on the loop that will run it)."""
         ctx = JobContext(
             claimed.id,
             claimed.name,
@@ -69,10 +92,26 @@ class JobRun:
             parent_results=claimed.parent_results or {},
             on_progress=on_progress,
         )
-        return cls(definition, ctx, claimed.args, jitter)
+        if not middleware:
+            return cls(definition, ctx, claimed.args, jitter)
+        try:  # where a sync job's async middleware run; none for a loop-less drain
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        return cls(
+            definition,
+            ctx,
+            claimed.args,
+            jitter,
+            middleware=middleware,
+            headers=claimed.headers,
+            loop=loop,
+        )
 
     async def run_async(self) -> Outcome:
         """Await the body (an ``async def`` job) on this loop, as ``current_job()``."""
+        if self.middleware:
+            return await self._run_async_within()
         token = context.enter(self.context)
         try:
             value = await self.definition.func(**self.args)
@@ -84,6 +123,8 @@ class JobRun:
 
     def run_sync(self) -> Outcome:
         """Call the body (a plain function) on this thread, as ``current_job()``."""
+        if self.middleware:
+            return self._run_sync_within()
         token = context.enter(self.context)
         try:
             value = self.definition.func(**self.args)
@@ -92,6 +133,77 @@ class JobRun:
         finally:
             context.leave(token)
         return self.returned(value)
+
+    async def _run_async_within(self) -> Outcome:
+        """:meth:`run_async` inside the run middleware (see soniq.middleware)."""
+        ctx = self._run_context()
+        token = context.enter(self.context)
+        entered: list[tuple[Any, bool]] = []
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            try:
+                for func in self.middleware:
+                    manager = func(ctx)
+                    entered.append((manager, await enter_async(manager)))
+                value = await self.definition.func(**self.args)
+            except BaseException as exc:  # whatever a job raises is its outcome
+                error = exc
+            outcome = self._ended(ctx, value, error)
+            after = await exit_all_async(entered, error)
+        finally:
+            context.leave(token)
+        return outcome if after is error else self._ended(ctx, None, after)
+
+    def _run_sync_within(self) -> Outcome:
+        """:meth:`run_sync` inside the run middleware: sync ones on this thread, async
+        ones on the worker's loop (this thread waits)."""
+        ctx = self._run_context()
+        token = context.enter(self.context)
+        entered: list[tuple[Any, bool]] = []
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            try:
+                for func in self.middleware:
+                    manager = func(ctx)
+                    entered.append((manager, self._enter_here(manager)))
+                value = self.definition.func(**self.args)
+            except BaseException as exc:  # whatever a job raises is its outcome
+                error = exc
+            outcome = self._ended(ctx, value, error)
+            after = exit_all_sync(entered, error, self.loop)
+        finally:
+            context.leave(token)
+        return outcome if after is error else self._ended(ctx, None, after)
+
+    def _enter_here(self, manager: Any) -> bool:
+        """Enter a middleware's ``manager`` from a sync job's thread; True if async."""
+        if hasattr(manager, "__enter__"):
+            manager.__enter__()
+            return False
+        if self.loop is None or not hasattr(manager, "__aenter__"):
+            raise TypeError(
+                "a middleware must return a context manager (sync or async), got "
+                f"{type(manager).__name__}; decorate it with contextlib.contextmanager"
+            )
+        on_loop(self.loop, manager.__aenter__())
+        return True
+
+    def _run_context(self) -> RunContext:
+        return RunContext(self.context, self.args, self.headers or {}, self.definition.is_async)
+
+    def _ended(self, ctx: RunContext, value: Any, error: BaseException | None) -> Outcome:
+        """The run's outcome (the one recorded already, if the worker did), told to
+        the middleware on ``ctx``."""
+        if self.recorded is not None:
+            outcome = self.recorded
+        elif error is None:
+            outcome = self.returned(value)
+        else:
+            outcome = self.raised(error)
+        ctx.outcome = outcome_name(outcome)
+        return outcome
 
     def returned(self, value: Any) -> Outcome:
         """The body returned ``value``."""
@@ -114,7 +226,14 @@ class JobRun:
     def timed_out(self) -> Outcome:
         """The run's timeout passed before it ended."""
         self.error = JobTimeout(f"job ran past its timeout of {self.context.timeout}s")
-        return self.failed(self.error)
+        self.recorded = self.failed(self.error)
+        return self.recorded
+
+    def released(self) -> Outcome:
+        """The worker is shutting down before the run ended: it is put back, its
+        attempt not counted."""
+        self.recorded = outcomes.released(self.context.id, self.context.attempt)
+        return self.recorded
 
     def failed(self, exc: BaseException) -> Outcome:
         """A failure: retried after the job's back-off while attempts are left."""
@@ -122,3 +241,14 @@ class JobRun:
         return outcomes.failed(
             ctx.id, ctx.attempt, ctx.max_retries, exc, self.random, self.definition.backoff
         )
+
+
+def outcome_name(outcome: Outcome) -> str:
+    """How a run ended, in a word (see :attr:`soniq.RunContext.outcome`)."""
+    if outcome.snoozed:
+        return "snoozed"
+    if outcome.release:
+        return "released"
+    if outcome.retry_in is not None:
+        return "retried"
+    return outcome.status.value

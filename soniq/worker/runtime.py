@@ -35,7 +35,6 @@ from typing import Any
 import attrs
 
 from soniq.contrib.django import close_stale_connections
-from soniq.core import outcomes
 from soniq.core.enqueue import Registry, check_queue
 from soniq.core.errors import ConfigurationError
 from soniq.core.flow import ClaimLimits
@@ -44,6 +43,7 @@ from soniq.core.outcomes import Outcome
 from soniq.core.states import JobStatus
 from soniq.drivers._common import is_connection_error
 from soniq.drivers.base import AsyncBackend, WorkerOps
+from soniq.middleware import Middleware
 from soniq.worker.execute import JobRun
 from soniq.worker.heartbeat import Heartbeat
 from soniq.worker.periodic import run_schedules
@@ -164,8 +164,17 @@ class _Running:
 class Worker:
     """Runs jobs of one Soniq app. Use ``await eq.run_worker(...)`` or the CLI."""
 
-    def __init__(self, *, backend: AsyncBackend, registry: Registry, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        *,
+        backend: AsyncBackend,
+        registry: Registry,
+        config: WorkerConfig,
+        middleware: tuple[Middleware, ...] = (),
+    ) -> None:
         self.config = config
+        #: What wraps each run (``@eq.middleware``; see soniq.middleware).
+        self.middleware = middleware
         self.id = uuid.uuid4().hex
         self._backend = backend
         self._registry = registry
@@ -193,6 +202,8 @@ class Worker:
         self._counts = {s.value: 0 for s in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)}
         self._counts["retried"] = 0
         self._counts["snoozed"] = 0
+        self._totals: dict[str, int] = {}  # the counts of the intervals logged
+        self._started = time.monotonic()
         # A burst worker with nothing ready waits for jobs due soon, until this
         # deadline (burst_wait after it first found nothing ready): a job that keeps
         # snoozing or failing cannot keep it alive.
@@ -301,7 +312,7 @@ class Worker:
             )
         except Exception as exc:  # the rows are rescued by others in time anyway
             log.warning("could not unregister worker %s: %s", self.id, exc)
-        log.info("worker %s stopped", self.id)
+        log.info("worker %s stopped %s", self.id, self._exit_summary())
 
     # -- fetching --------------------------------------------------------------
 
@@ -549,7 +560,9 @@ class Worker:
                 claimed.claims,
                 attempts,
             )
-        run = JobRun.of(definition, claimed, self.id, self._random, self._progress.report)
+        run = JobRun.of(
+            definition, claimed, self.id, self._random, self._progress.report, self.middleware
+        )
         running = _Running(run)
         self._running[job_id] = running
         if claimed.limited:
@@ -704,7 +717,7 @@ class Worker:
     def _release(self, running: _Running) -> None:
         """Shutdown: put the job back; an async job is cancelled too."""
         ctx = running.run.context
-        self._settle(running, outcomes.released(ctx.id, ctx.attempt), None)
+        self._settle(running, running.run.released(), None)
         if running.task is not None and not running.task.done():
             running.task.cancel()
         else:  # a stuck sync thread: give its slot up; its late outcome is ignored
@@ -807,6 +820,8 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.summary_interval)
             counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+            for key, count in counts.items():
+                self._totals[key] = self._totals.get(key, 0) + count
             held = self._slots_held_after_timeout()
             if held:
                 log.warning(
@@ -816,11 +831,27 @@ class Worker:
                 )
             if any(counts.values()):
                 log.info(
-                    "last %ss: %s; running %d",
+                    "last %gs: %s; running %d",
                     self.config.summary_interval,
-                    ", ".join(f"{k} {v}" for k, v in counts.items()),
+                    _summary(counts, self.config.summary_interval),
                     len(self._running),
                 )
+
+    def _exit_summary(self) -> str:
+        """The whole run's counts, for the line logged at exit."""
+        totals = dict(self._totals)
+        for key, count in self._counts.items():
+            totals[key] = totals.get(key, 0) + count
+        seconds = time.monotonic() - self._started
+        return f"after {seconds:.1f}s: {_summary(totals, seconds)}"
+
+
+def _summary(counts: dict[str, int], seconds: float) -> str:
+    """``done 120, failed 2, cancelled 0, retried 3, snoozed 0; 2.1 jobs/s``: runs
+    by how they ended (per second: the runs that ended, retries included)."""
+    runs = sum(counts.values())
+    listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return f"{listed}; {runs / max(seconds, 1e-9):.1f} jobs/s"
 
 
 def _lane_caps(concurrency: int, lanes: int) -> list[int]:

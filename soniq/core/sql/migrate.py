@@ -107,12 +107,55 @@ class MigrationPlan:
         )
         return f"{migration.sql(self.schema).rstrip().rstrip(';')};\n{record}"
 
-    def script(self) -> str:
-        """Everything, as one SQL script, for users who migrate with their own tool."""
-        parts = ["BEGIN", self.lock, self.bootstrap]
-        parts += [self.apply(m) for m in MIGRATIONS]
-        parts.append("COMMIT")
-        return ";\n\n".join(parts) + ";\n"
+    def script(self, from_version: int | None = None) -> str:
+        """Everything, as one SQL script in its own transaction, for users who
+        migrate with psql. With ``from_version``: only the migrations after that
+        version, and no BEGIN or COMMIT, for a tool that runs it inside its own
+        migration's transaction (Alembic's ``op.execute``, Django's ``RunSQL``)."""
+        if from_version is None:
+            parts = ["BEGIN", self.lock, self.bootstrap]
+            parts += [self.apply(m) for m in MIGRATIONS]
+            parts.append("COMMIT")
+            return ";\n\n".join(parts) + ";\n"
+        if (
+            isinstance(from_version, bool)
+            or not isinstance(from_version, int)
+            or not 0 <= from_version <= LATEST_VERSION
+        ):
+            raise ValueError(
+                f"from_version must be a schema version from 0 (none) to {LATEST_VERSION}, "
+                f"got {from_version!r}"
+            )
+        wanted = [m for m in MIGRATIONS if m.version > from_version]
+        if not wanted:
+            return f"-- Soniq schema version {LATEST_VERSION}: nothing to apply after it\n"
+        parts = [
+            self.lock,
+            self.bootstrap,
+            self._require_version(from_version),
+            *(self.apply(m) for m in wanted),
+        ]
+        header = (
+            f"-- Soniq schema versions {wanted[0].version} to {wanted[-1].version}; "
+            "run it inside a transaction\n"
+        )
+        return header + ";\n\n".join(parts) + ";\n"
+
+    def _require_version(self, version: int) -> str:
+        """Fail (and so roll back the tool's migration) unless the schema is at
+        ``version``: a script printed for another version would skip or repeat
+        migrations, and the version table would then lie."""
+        table = f"{quote_ident(self.schema)}.soniq_migrations"
+        name = self.schema.replace("'", "''")
+        return (
+            "DO $soniq$\nDECLARE found integer;\nBEGIN\n"
+            f"    SELECT coalesce(max(version), 0) INTO found FROM {table};\n"
+            f"    IF found <> {version} THEN\n"
+            f"        RAISE EXCEPTION 'Soniq schema ''{name}'' is at version %, this script "
+            f"upgrades from version {version}: print the one for version % with "
+            "`soniq migrate --sql --from %`', found, found, found;\n"
+            "    END IF;\nEND\n$soniq$"
+        )
 
 
 @attrs.frozen

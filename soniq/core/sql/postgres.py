@@ -71,19 +71,20 @@ JOB_COLUMNS = (
     "dedupe_key, worker_id, last_error, result::text, cancel_requested, created_at, "
     "started_at, finished_at, claims, snoozes, last_traceback, array_to_json(parents)::text, "
     "waiting_for, "
-    "progress, progress_message"
+    "progress, progress_message, headers::text"
 )
 
 
-#: What a worker needs of a claimed job, in this order (see ``soniq.worker``): last,
+#: What a worker needs of a claimed job, in this order (see ``soniq.worker``): then
 #: its parents and the results of those that are done, as one JSON array (NULL: no
-#: parents; see parent_results).
+#: parents; see parent_results), and last its headers (NULL: none).
 CLAIM_COLUMNS = (
     "j.id, j.name, j.queue, j.args::text, j.attempts, j.max_retries, j.timeout, j.priority, "
     "j.claims, CASE WHEN j.parents IS NULL THEN NULL ELSE json_build_array("
     "array_to_json(j.parents), coalesce((SELECT jsonb_object_agg(p.id::text, p.result) "
     f"FILTER (WHERE p.status = '{JobStatus.DONE.value}') FROM @jobs@ AS p "
-    "WHERE p.id = ANY(j.parents)), '{}'))::text END AS parent_results"
+    "WHERE p.id = ANY(j.parents)), '{}'))::text END AS parent_results, "
+    "j.headers::text AS headers"
 )
 # (The results are ordered by depends_on in Python: jsonb sorts its keys, and
 # ordering the aggregate by each parent's position in the array cost a callback of
@@ -140,6 +141,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         waiting_for=row[22],
         progress=row[23],
         progress_message=row[24],
+        headers=headers_of(row[25]) or {},
     )
 
 
@@ -165,12 +167,12 @@ class PostgresQueries:
         self._insert = render(f"""
 WITH ins AS (
     INSERT INTO {jobs} AS j
-        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
+        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout, headers)
     SELECT $1::text, $2::text, a.args, $3::text::int,
            coalesce($4::text::timestamptz,
                     statement_timestamp() + $5::text::float8 * interval '1 second'),
-           $6::text::int, $7::text, $8::text::float8
-    FROM jsonb_array_elements($9::text::jsonb) WITH ORDINALITY AS a(args, ord)
+           $6::text::int, $7::text, $8::text::float8, $9::text::jsonb
+    FROM jsonb_array_elements($10::text::jsonb) WITH ORDINALITY AS a(args, ord)
     ORDER BY a.ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
     DO UPDATE SET dedupe_key = excluded.dedupe_key
@@ -187,11 +189,11 @@ SELECT ins.id FROM ins, wake""")
         self._insert_one = render(f"""
 WITH ins AS (
     INSERT INTO {jobs} AS j
-        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
+        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout, headers)
     VALUES ($1::text, $2::text, $3::text::jsonb, $4::text::int,
             coalesce($5::text::timestamptz,
                      statement_timestamp() + $6::text::float8 * interval '1 second'),
-            $7::text::int, $8::text, $9::text::float8)
+            $7::text::int, $8::text, $9::text::float8, $10::text::jsonb)
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
     DO UPDATE SET dedupe_key = excluded.dedupe_key
     RETURNING j.id, j.queue, j.run_at, (j.xmax = 0) AS inserted
@@ -204,14 +206,15 @@ FROM ins""")
         self._insert_group = render(f"""
 WITH ins AS (
     INSERT INTO {jobs} AS j
-        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
+        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout, headers)
     SELECT r.name, r.queue, r.args, r.priority,
            coalesce(r.run_at, statement_timestamp() + r.delay * interval '1 second'),
-           r.max_retries, r.dedupe_key, r.timeout
+           r.max_retries, r.dedupe_key, r.timeout, r.headers
     FROM ROWS FROM (jsonb_to_recordset($1::text::jsonb) AS (
         name text, queue text, args jsonb, priority int, run_at timestamptz, delay float8,
-        max_retries int, dedupe_key text, timeout float8)) WITH ORDINALITY AS r(
-        name, queue, args, priority, run_at, delay, max_retries, dedupe_key, timeout, ord)
+        max_retries int, dedupe_key text, timeout float8, headers jsonb)) WITH ORDINALITY AS r(
+        name, queue, args, priority, run_at, delay, max_retries, dedupe_key, timeout, headers,
+        ord)
     ORDER BY r.ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
     DO UPDATE SET dedupe_key = excluded.dedupe_key
@@ -369,7 +372,7 @@ SELECT * FROM claimed
         queues = f"{quote_ident(self.schema)}.soniq_queues"
         on_q = _queue_filter(queue_mode, "q.queue", "@again@")
         return (
-            "UNION ALL\nSELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL\n"
+            "UNION ALL\nSELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL\n"
             f"WHERE EXISTS (SELECT 1 FROM {queues} AS q WHERE {HAS_LIMITS} {on_q})"
         )
 
@@ -500,7 +503,8 @@ claimed AS (
     RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}, picked.rg, picked.rcap,
         picked.rperiod, picked.qrg, picked.qrcap, picked.qrperiod
 ){log_starts if rates else ""}
-SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims, parent_results
+SELECT id, name, queue, args, attempts, max_retries, timeout, priority, claims, parent_results,
+    headers
 FROM claimed
 {self._limited_queues_row(queue_mode)}"""
         source = f"({_first_ready(jobs, '*', '')})" if capped else jobs
@@ -541,9 +545,10 @@ FROM claimed
 WITH n AS MATERIALIZED (
     SELECT * FROM ROWS FROM (jsonb_to_recordset($1::text::jsonb) AS (
         name text, queue text, args jsonb, priority int, run_at timestamptz, delay float8,
-        max_retries int, timeout float8, after int[], parents bigint[], run_anyway boolean
+        max_retries int, timeout float8, after int[], parents bigint[], run_anyway boolean,
+        headers jsonb
     )) WITH ORDINALITY AS n(name, queue, args, priority, run_at, delay, max_retries, timeout,
-                           after, parents, run_anyway, ord)
+                           after, parents, run_anyway, headers, ord)
 ),
 new_ids AS MATERIALIZED (
     SELECT ord, nextval(pg_get_serial_sequence('{jobs_text}', 'id')) AS id
@@ -577,7 +582,7 @@ checked AS MATERIALIZED (
 ins AS (
     INSERT INTO {jobs} AS j
         (id, name, queue, args, priority, run_at, max_retries, timeout, status, parents,
-         waiting_for, has_children, run_if_parent_fails, finished_at, last_error)
+         waiting_for, has_children, run_if_parent_fails, finished_at, last_error, headers)
     OVERRIDING SYSTEM VALUE
     SELECT id, name, queue, args, priority,
            coalesce(run_at, statement_timestamp() + delay * interval '1 second'),
@@ -591,7 +596,8 @@ ins AS (
            CASE WHEN NOT doomed THEN NULL
                 WHEN failed_parent IS NOT NULL
                 THEN 'Cancelled: parent job ' || failed_parent || ' failed'
-                ELSE 'Cancelled: parent job ' || cancelled_parent || ' was cancelled' END
+                ELSE 'Cancelled: parent job ' || cancelled_parent || ' was cancelled' END,
+           headers
     FROM checked ORDER BY ord
     RETURNING j.id, j.queue, j.status, j.run_at
 ),
@@ -621,7 +627,7 @@ replaced AS (
     UPDATE {jobs} AS j SET queue = $2::text, args = $3::text::jsonb, priority = $4::text::int,
         run_at = coalesce($5::text::timestamptz,
                           statement_timestamp() + $6::text::float8 * interval '1 second'),
-        max_retries = $7::text::int, timeout = $8::text::float8
+        max_retries = $7::text::int, timeout = $8::text::float8, headers = $9::text::jsonb
     FROM held WHERE j.id = held.id AND held.status IN {not_started}
     RETURNING j.id, j.queue, j.run_at, j.status
 ),
@@ -631,15 +637,16 @@ given_up AS (
 ),
 ins AS (
     INSERT INTO {jobs} AS j
-        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout)
-    SELECT $9::text, $10::text, $11::text::jsonb, $12::text::int,
-           coalesce($13::text::timestamptz,
-                    statement_timestamp() + $14::text::float8 * interval '1 second'),
-           $15::text::int, $16::text, $17::text::float8
+        (name, queue, args, priority, run_at, max_retries, dedupe_key, timeout, headers)
+    SELECT $10::text, $11::text, $12::text::jsonb, $13::text::int,
+           coalesce($14::text::timestamptz,
+                    statement_timestamp() + $15::text::float8 * interval '1 second'),
+           $16::text::int, $17::text, $18::text::float8, $19::text::jsonb
     WHERE NOT EXISTS (SELECT 1 FROM held)
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN {active}
     DO UPDATE SET queue = excluded.queue, args = excluded.args, priority = excluded.priority,
-        run_at = excluded.run_at, max_retries = excluded.max_retries, timeout = excluded.timeout
+        run_at = excluded.run_at, max_retries = excluded.max_retries, timeout = excluded.timeout,
+        headers = excluded.headers
     WHERE j.status IN {not_started}
     RETURNING j.id, j.queue, j.run_at, j.status
 ),
@@ -690,6 +697,49 @@ FROM {jobs} AS j,
               FROM jsonb_object_keys(j.args) AS a(key)) AS k
 WHERE j.status IN {waiting}
 GROUP BY j.name, k.keys"""
+        # Per queue (queue_stats), each count from the index of its rows alone: queued
+        # ones from the claim index, running ones from the running index, waiting,
+        # failed and cancelled ones from migration 8's; done history is never read.
+        # Then the queue's stored settings (see QueueRow); a queue with no jobs is
+        # listed while it is paused or limited.
+        queues_table = f"{quote_ident(self.schema)}.soniq_queues"
+        self._queue_stats = f"""
+WITH queued AS (
+    SELECT queue, count(*) FILTER (WHERE run_at <= now()) AS ready,
+        count(*) FILTER (WHERE run_at > now()) AS later,
+        extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS age
+    FROM {jobs} WHERE status = '{queued}' GROUP BY queue
+), running AS (
+    SELECT queue, count(*) AS n FROM {jobs} WHERE status = '{running}' GROUP BY queue
+), others AS (
+    SELECT queue, count(*) FILTER (WHERE status = 'waiting') AS waiting,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+    FROM {jobs} WHERE status IN ('waiting', 'failed', 'cancelled') GROUP BY queue
+), names AS (
+    SELECT queue FROM queued UNION SELECT queue FROM running
+    UNION SELECT queue FROM others
+    UNION SELECT q.queue FROM {queues_table} AS q WHERE q.paused OR {HAS_LIMITS}
+)
+SELECT n.queue, q.ready, q.later, r.n, o.waiting, o.failed, o.cancelled, q.age,
+    s.paused, s.concurrency, s.rate_count, s.rate_period
+FROM names AS n LEFT JOIN queued AS q USING (queue) LEFT JOIN running AS r USING (queue)
+    LEFT JOIN others AS o USING (queue) LEFT JOIN {queues_table} AS s USING (queue)
+ORDER BY n.queue"""
+        # Jobs ended per minute over the last $1 minutes (the current one included;
+        # see soniq.core.admin.stats_since), read by a range of the finished index
+        # (its predicate repeated so the planner can use it): the cost is the rows of
+        # the window, not of the table. $2: one queue, or NULL.
+        self._stats = render(f"""
+SELECT extract(epoch FROM now())::float8, (
+    SELECT coalesce(json_agg(json_build_array(m, status, n)), '[]')::text FROM (
+        SELECT floor(extract(epoch FROM finished_at) / 60)::bigint AS m, status, count(*) AS n
+        FROM {jobs}
+        WHERE status IN ('done', 'failed', 'cancelled')
+            AND finished_at >= to_timestamp(
+                (floor(extract(epoch FROM now()) / 60) - ($1::text::int - 1)) * 60)
+            AND queue = coalesce($2::text, queue)
+        GROUP BY 1, 2) AS g)""")
         # Back to queued, due now, with every attempt again; its last error stays
         # until it runs. Not while another active job holds its dedupe_key.
         free_key = (
@@ -943,6 +993,7 @@ RETURNING id""")
             return self.insert_graph([JobNode(attrs.evolve(spec, args=(a,))) for a in spec.args])
         one = len(spec.args) == 1
         args = serialize.dumps(spec.args[0] if one else spec.args)
+        headers = None if spec.headers is None else serialize.dumps(spec.headers)
         options = (
             str(spec.priority),
             _iso(spec.run_at),
@@ -954,14 +1005,14 @@ RETURNING id""")
         if spec.replace:
             when = (_iso(spec.run_at), repr(spec.delay))
             rest = (str(spec.max_retries), options[-1])
-            replacing = (spec.queue, args, str(spec.priority), *when, *rest)
+            replacing = (spec.queue, args, str(spec.priority), *when, *rest, headers)
             return Query(
                 self._insert_replace,
-                (spec.dedupe_key, *replacing, spec.name, spec.queue, args, *options),
+                (spec.dedupe_key, *replacing, spec.name, spec.queue, args, *options, headers),
             )
         if one:
-            return Query(self._insert_one, (spec.name, spec.queue, args, *options))
-        return Query(self._insert, (spec.name, spec.queue, *options, args))
+            return Query(self._insert_one, (spec.name, spec.queue, args, *options, headers))
+        return Query(self._insert, (spec.name, spec.queue, *options, headers, args))
 
     def insert_group(self, specs: Sequence[JobSpec]) -> Query:
         """Insert the jobs of several one-job enqueue calls in one statement (group
@@ -987,6 +1038,7 @@ RETURNING id""")
                 "max_retries": spec.max_retries,
                 "dedupe_key": spec.dedupe_key,
                 "timeout": spec.timeout,
+                **({} if spec.headers is None else {"headers": spec.headers}),
             }
             for spec in ordered
         ]
@@ -1010,6 +1062,7 @@ RETURNING id""")
                 "after": [a + 1 for a in node.after],  # ordinalities count from 1
                 "parents": list(node.spec.parents),
                 "run_anyway": node.spec.run_if_parent_fails,
+                **({} if node.spec.headers is None else {"headers": node.spec.headers}),
             }
             for node in nodes
         ]
@@ -1056,6 +1109,16 @@ RETURNING id""")
     def list_workers(self) -> Query:
         """Select the registered workers (see :func:`worker_from_row`)."""
         return Query(self._list_workers, ())
+
+    def queue_stats(self) -> Query:
+        """Select each queue's counts and settings (see :data:`soniq.core.admin.QueueRow`)."""
+        return Query(self._queue_stats, ())
+
+    def stats(self, minutes: int, queue: str | None) -> Query:
+        """Select the database's clock (epoch seconds) and, as JSON, the jobs (of
+        ``queue``; None: all) ended per minute over the last ``minutes`` minutes, as
+        [minute (epoch seconds // 60), status, count] rows."""
+        return Query(self._stats, (str(minutes), queue))
 
     def retry_job(self, job_id: int) -> Query:
         """Put a failed or cancelled job back in line (a row when it was)."""
@@ -1306,6 +1369,11 @@ def worker_from_row(row: Sequence[Any]) -> WorkerInfo:
         heartbeat_age=max(0.0, row[7]),
         running=tuple(serialize.loads(row[8])),
     )
+
+
+def headers_of(text: str | None) -> dict[str, str] | None:
+    """A job's headers as stored (JSON text; None: none)."""
+    return None if text is None else dict(serialize.loads(text))
 
 
 def parent_results(text: str | None) -> dict[int, Any] | None:

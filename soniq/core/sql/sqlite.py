@@ -35,7 +35,17 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import attrs
 
 from soniq.core import serialize, states
-from soniq.core.admin import RETRYABLE, BacklogShape, JobFilter, WorkerInfo
+from soniq.core.admin import (
+    RETRYABLE,
+    BacklogShape,
+    JobFilter,
+    QueueStats,
+    Stats,
+    WorkerInfo,
+    queue_stats_from_rows,
+    stats_from_rows,
+    stats_since,
+)
 from soniq.core.errors import JobNotFound, SchemaNotReadyError
 from soniq.core.flow import (
     ClaimLimits,
@@ -375,7 +385,7 @@ JOB_COLUMNS = (
     "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, last_error, result, cancel_requested, created_at, "
     "started_at, finished_at, claims, snoozes, last_traceback, parents, waiting_for, "
-    "progress, progress_message"
+    "progress, progress_message, headers"
 )
 
 
@@ -414,6 +424,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         waiting_for=row[22],
         progress=row[23],
         progress_message=row[24],
+        headers=_headers(row[25]) or {},
     )
 
 
@@ -431,6 +442,16 @@ INSERT_JOB = (
     f"INSERT INTO {JOBS} (name, queue, args, priority, run_at, max_retries, dedupe_key, "
     "timeout, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: The same with headers (enqueue middleware gave some): the plain one stays as it was.
+_INSERT_JOB_HEADERS = (
+    f"INSERT INTO {JOBS} (name, queue, args, priority, run_at, max_retries, dedupe_key, "
+    "timeout, created_at, headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _headers(text: str | None) -> dict[str, str] | None:
+    """A job's headers as stored (JSON text; None: none)."""
+    return None if text is None else dict(serialize.loads(text))
 
 
 def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
@@ -441,12 +462,22 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
     if spec.parents:
         return insert_graph([JobNode(attrs.evolve(spec, args=(a,))) for a in spec.args], now)
     run_at = spec.run_at.timestamp() if spec.run_at is not None else now + spec.delay
-    shared = (spec.priority, run_at, spec.max_retries, spec.dedupe_key, spec.timeout, now)
+    shared: tuple[Any, ...] = (
+        spec.priority,
+        run_at,
+        spec.max_retries,
+        spec.dedupe_key,
+        spec.timeout,
+        now,
+    )
+    insert = INSERT_JOB
+    if spec.headers is not None:
+        shared, insert = (*shared, serialize.dumps(spec.headers)), _INSERT_JOB_HEADERS
     values = [(spec.name, spec.queue, serialize.dumps(args), *shared) for args in spec.args]
     wake = spec.queue if run_at <= now else None
     if len(values) == 1 and spec.dedupe_key is None:
         # One job without a dedupe key is one INSERT: no BEGIN IMMEDIATE needed.
-        return Operation(_insert_one(values[0], wake), immediate=False)
+        return Operation(_insert_one(values[0], wake, insert), immediate=False)
 
     def steps() -> Steps[Inserted]:
         if spec.dedupe_key is not None:
@@ -458,15 +489,16 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
             )
             if held.rows and spec.replace and held.rows[0][1] != _RUNNING:
                 job_id = held.rows[0][0]
-                yield Step(_REPLACE, (*values[0][1:6], spec.timeout, job_id))
+                headers = None if spec.headers is None else shared[-1]
+                yield Step(_REPLACE, (*values[0][1:6], spec.timeout, headers, job_id))
                 return Inserted([job_id], wake if held.rows[0][1] == _QUEUED else None)
             if held.rows and spec.replace:  # it runs: a new job takes the key
                 yield Step(f"UPDATE {JOBS} SET dedupe_key = NULL WHERE id = ?", (held.rows[0][0],))
             elif held.rows:
                 return Inserted([held.rows[0][0]], None)
             if len(values) == 1:
-                return (yield from _insert_one(values[0], wake))
-        yield Step(INSERT_JOB, values, many=True)
+                return (yield from _insert_one(values[0], wake, insert))
+        yield Step(insert, values, many=True)
         last = (yield Step("SELECT last_insert_rowid()")).rows[0][0]
         # With AUTOINCREMENT each new row gets max(ever used) + 1, and the write lock is
         # held, so the rows of this call have consecutive ids, in input order.
@@ -478,12 +510,13 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
 
 #: A job replaced by a later enqueue of its dedupe_key (``dedupe="replace"``).
 _REPLACE = f"""UPDATE {JOBS} SET queue = ?, args = ?, priority = ?, run_at = ?, max_retries = ?,
-    timeout = ? WHERE id = ?"""
+    timeout = ?, headers = ? WHERE id = ?"""
 
 _INSERT_NODE = (
     f"INSERT INTO {JOBS} (id, name, queue, args, priority, run_at, max_retries, dedupe_key, "
     "timeout, created_at, status, parents, waiting_for, has_children, run_if_parent_fails, "
-    "finished_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "finished_at, last_error, headers) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 #: The id AUTOINCREMENT gives next, less one.
 _LAST_ID = (
@@ -560,6 +593,7 @@ def insert_graph(nodes: Sequence[JobNode], now: float) -> Operation[Inserted]:
                     spec.run_if_parent_fails,
                     now if doomed else None,
                     error,
+                    None if spec.headers is None else serialize.dumps(spec.headers),
                 )
             )
             if not doomed:
@@ -650,8 +684,10 @@ def _any_children(ids: Sequence[int]) -> Steps[set[int]]:
     return found
 
 
-def _insert_one(values: tuple[Any, ...], wake: str | None) -> Steps[Inserted]:
-    inserted = yield Step(INSERT_JOB, values)
+def _insert_one(
+    values: tuple[Any, ...], wake: str | None, insert: str = INSERT_JOB
+) -> Steps[Inserted]:
+    inserted = yield Step(insert, values)
     assert inserted.lastrowid is not None
     return Inserted([inserted.lastrowid], wake)
 
@@ -717,7 +753,8 @@ def cancel_job(job_id: int, now: float) -> Operation[bool]:
 # -- the worker ----------------------------------------------------------------------
 
 _CLAIM_TO = states.next_status(JobStatus.QUEUED, Event.CLAIM).value
-_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims, parents
+_CLAIM_SELECT = f"""SELECT id, name, queue, args, attempts, max_retries, timeout, claims, parents,
+    headers
 FROM {JOBS}
 WHERE status = '{_QUEUED}' @queue_filter@ @name_filter@ AND run_at <= ?
   AND queue NOT IN (SELECT queue FROM {QUEUES} WHERE paused @limited@)
@@ -771,7 +808,7 @@ usage AS MATERIALIZED (
 ),
 grouped AS (
     SELECT j.id, j.name, j.queue, j.args, j.attempts, j.max_retries, j.timeout, j.claims,
-        j.parents, j.priority, j.run_at,
+        j.parents, j.headers, j.priority, j.run_at,
         {_limit_group("c", "concurrency", "ckey")} AS cg, s.concurrency AS ccap,
         {_limit_group("r", "rate", "rkey")} AS rg, s.rate AS rcap, s.period AS rperiod,
         CASE WHEN q.concurrency IS NOT NULL THEN 'q:' || j.queue END AS qg,
@@ -810,7 +847,7 @@ ranked AS (
 }
     FROM cand
 )
-SELECT id, name, queue, args, attempts, max_retries, timeout, claims, parents,
+SELECT id, name, queue, args, attempts, max_retries, timeout, claims, parents, headers,
     rg, rperiod, qrg, qrperiod
 FROM ranked
 WHERE {" AND ".join(f"({grp} IS NULL OR {grp}_rank <= {grp}_room)" for grp, _ in _ROOMS)}
@@ -913,6 +950,7 @@ def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Cl
             r[7] + 1,
             limited,
             None if r[8] is None else {p: None for p in serialize.loads(r[8])},
+            None if r[9] is None else _headers(r[9]),
         )
         for r in rows
     ]
@@ -968,8 +1006,8 @@ def _claim_limited(
     named["spec"] = limits.spec_json(worker_id)
     sql = _LIMITED_SELECT.replace("@queue_filter@", filter_sql)
     found = (yield Step(sql, named)).rows
-    starts = [(r[9], now + r[10]) for r in found if r[9] is not None]
-    starts += [(r[11], now + r[12]) for r in found if r[11] is not None]
+    starts = [(r[10], now + r[11]) for r in found if r[10] is not None]
+    starts += [(r[12], now + r[13]) for r in found if r[12] is not None]
     if starts:
         yield Step(f"INSERT INTO {RATE_LOG} (grp, until) VALUES (?, ?)", starts, many=True)
     yield Step(f"DELETE FROM {RATE_LOG} WHERE until <= ?", (now,))
@@ -1476,6 +1514,65 @@ def list_workers(now: float) -> Operation[list[WorkerInfo]]:
                 )
             )
         return workers
+
+    return Operation(steps(), immediate=False)
+
+
+def queue_stats(now: float) -> Operation[list[QueueStats]]:
+    """Each queue's counts by status and settings, by name (see
+    :data:`soniq.core.admin.QueueRow`). One statement, so one snapshot; each arm
+    reads the index of its rows alone (the claim index, the running index, migration
+    8's), never done history."""
+    sql = f"""
+SELECT 'queued', queue, sum(run_at <= ?1), sum(run_at > ?1),
+       min(CASE WHEN run_at <= ?1 THEN run_at END), NULL
+FROM {JOBS} WHERE status = '{_QUEUED}' GROUP BY queue
+UNION ALL
+SELECT 'running', queue, count(*), NULL, NULL, NULL
+FROM {JOBS} WHERE status = '{_RUNNING}' GROUP BY queue
+UNION ALL
+SELECT status, queue, count(*), NULL, NULL, NULL
+FROM {JOBS} WHERE status IN ('waiting', 'failed', 'cancelled') GROUP BY queue, status
+UNION ALL
+SELECT 'settings', queue, paused, concurrency, rate_count, rate_period FROM {QUEUES}"""
+    column = {"running": 3, "waiting": 4, "failed": 5, "cancelled": 6}
+
+    def steps() -> Steps[list[QueueStats]]:
+        rows: dict[str, list[Any]] = {}
+        settings = []
+        for kind, queue, a, b, c, d in (yield Step(sql, (now,))).rows:
+            if kind == "settings":
+                settings.append((queue, a, b, c, d))
+                continue
+            row = rows.setdefault(queue, [queue, 0, 0, 0, 0, 0, 0, None, False, None, None, None])
+            if kind == "queued":
+                row[1:3] = [a, b]
+                row[7] = None if c is None else now - c
+            else:
+                row[column[kind]] = a
+        for queue, *stored in settings:
+            # A queue with no jobs is listed while it is paused or limited.
+            if queue in rows or stored[0] or any(v is not None for v in stored[1:]):
+                rows.setdefault(queue, [queue, 0, 0, 0, 0, 0, 0, None, False, None, None, None])[
+                    8:
+                ] = stored
+        return queue_stats_from_rows(rows.values())
+
+    return Operation(steps(), immediate=False)
+
+
+def stats(now: float, minutes: int, queue: str | None) -> Operation[Stats]:
+    """The jobs (of ``queue``; None: all) ended per minute over the last ``minutes``
+    minutes at ``now``, read by a range of the finished index."""
+    sql = (
+        f"SELECT CAST(finished_at / 60 AS INTEGER), status, count(*) FROM {JOBS} "
+        f"WHERE status IN {_FINISHED} AND finished_at >= ? AND (? IS NULL OR queue = ?) "
+        "GROUP BY 1, 2"
+    )
+
+    def steps() -> Steps[Stats]:
+        found = yield Step(sql, (stats_since(now, minutes), queue, queue))
+        return stats_from_rows(now, minutes, found.rows)
 
     return Operation(steps(), immediate=False)
 

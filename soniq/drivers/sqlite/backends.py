@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 from soniq.core import outcomes as outcome_of
 from soniq.core import states
-from soniq.core.admin import BacklogShape, JobFilter, WorkerInfo
+from soniq.core.admin import BacklogShape, JobFilter, QueueStats, Stats, WorkerInfo
 from soniq.core.errors import ConfigurationError
 from soniq.core.flow import ClaimLimits, QueueLimits
 from soniq.core.jobs import Claimed, Job, JobNode, JobSpec, WorkerIdentity
@@ -307,6 +307,16 @@ class SqliteBackend(_OnDatabase):
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""
         op = sq.list_workers(self.database.clock())
+        return await self._call(lambda conn: run(conn, op))
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Each queue's counts by status and settings, by name."""
+        op = sq.queue_stats(self.database.clock())
+        return await self._call(lambda conn: run(conn, op))
+
+    async def stats(self, minutes: int, queue: str | None) -> Stats:
+        """The jobs ended per minute over the last ``minutes`` minutes."""
+        op = sq.stats(self.database.clock(), minutes, queue)
         return await self._call(lambda conn: run(conn, op))
 
     async def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
@@ -625,6 +635,14 @@ class SqliteSyncBackend(_OnDatabase):
     def list_workers(self) -> list[WorkerInfo]:
         """Blocking :meth:`SqliteBackend.list_workers`."""
         return self._run(sq.list_workers(self.database.clock()))
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Blocking :meth:`SqliteBackend.queue_stats`."""
+        return self._run(sq.queue_stats(self.database.clock()))
+
+    def stats(self, minutes: int, queue: str | None) -> Stats:
+        """Blocking :meth:`SqliteBackend.stats`."""
+        return self._run(sq.stats(self.database.clock(), minutes, queue))
 
     def purge_jobs(self, older_than: float, statuses: Sequence[JobStatus], limit: int) -> int:
         """Blocking :meth:`SqliteBackend.purge_jobs`."""
