@@ -179,7 +179,7 @@ def docs(session: nox.Session) -> None:
     site lands in site/; `-- serve` previews it instead."""
     session.install(
         "-e",
-        ".[binary,dashboard,prometheus,otel,flask,fastapi]",
+        ".[binary,dashboard,prometheus,otel,flask,fastapi,django]",
         "mkdocs>=1.6,<2",
         "mkdocs-material>=9.5",
         "mkdocstrings[python]>=0.26",
