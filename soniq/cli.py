@@ -353,8 +353,7 @@ def _soniq_of(args: argparse.Namespace, command: str, spec: str | None = None) -
         if args.schema is not None or not args.prepared_statements:
             given = "--schema" if args.schema is not None else "--no-prepared-statements"
             print(
-                f"{command}: {given} goes with --database-url; an app (module:eq) brings "
-                "its own",
+                f"{command}: {given} goes with --database-url; an app (module:eq) brings its own",
                 file=sys.stderr,
             )
             return None
