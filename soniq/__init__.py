@@ -4,7 +4,14 @@ if and only if the caller's transaction commits."""
 from soniq._version import __version__
 from soniq.app import Soniq, SyncSoniq
 from soniq.core import limits
-from soniq.core.admin import BacklogProblem, QueueStats, Stats, StatsBucket, WorkerInfo
+from soniq.core.admin import (
+    BacklogProblem,
+    QueueStats,
+    Stats,
+    StatsBucket,
+    WorkerInfo,
+    parse_duration,
+)
 from soniq.core.errors import (
     ConfigurationError,
     ConnectionStateError,
@@ -67,4 +74,5 @@ __all__ = [
     "__version__",
     "current_job",
     "limits",
+    "parse_duration",
 ]

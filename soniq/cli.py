@@ -722,22 +722,14 @@ def _print_stats(stats: Any, args: argparse.Namespace) -> None:
     _print_table(rows)
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
 def _duration(text: str) -> float:
     """``90s``, ``30m``, ``12h``, ``7d`` or plain seconds, as seconds."""
-    unit = _UNITS.get(text[-1:].lower())
-    number = text[:-1] if unit is not None else text
+    from soniq.core.admin import parse_duration
+
     try:
-        value = float(number) * (unit or 1.0)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}"
-        )
-    return value
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _retention(text: str) -> float | None:

@@ -534,8 +534,8 @@ def test_helpers() -> None:
     assert soniq.dashboard.is_loopback("localhost") and soniq.dashboard.is_loopback("127.8.0.1")
     assert not soniq.dashboard.is_loopback("0.0.0.0") and not soniq.dashboard.is_loopback("::")
     assert not soniq.dashboard.is_loopback("example.com")
+    from soniq import parse_duration
     from soniq.dashboard._charts import Series, bar_chart, nice_ceiling
-    from soniq.dashboard._web import parse_duration
 
     assert [nice_ceiling(n) for n in (0, 1, 3, 7, 10, 11, 101)] == [1, 1, 5, 10, 10, 20, 200]
     assert parse_duration("90s") == 90 and parse_duration("2h") == 7200

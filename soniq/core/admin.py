@@ -82,6 +82,25 @@ class WorkerInfo:
     running: tuple[int, ...]
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """A duration as operators write it, ``90s``, ``30m``, ``12h``, ``7d`` or plain
+    seconds (``1.5``), in seconds (>= 0); ValueError for anything else. What ``soniq
+    purge --older-than`` and the dashboard's purge form take."""
+    text = text.strip()
+    unit = _UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}")
+    return value
+
+
 #: The oldest age ``purge_jobs`` looks back to (a thousand years, in seconds).
 MAX_AGE = 1_000 * 366 * 86_400.0
 

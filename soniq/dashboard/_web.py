@@ -17,7 +17,6 @@ import hmac
 import inspect
 import json
 import logging
-import math
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -32,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from soniq import Job, JobStatus, Soniq, SoniqError
+from soniq import Job, JobStatus, Soniq, SoniqError, parse_duration
 from soniq.dashboard._charts import Series, bar_chart
 
 log = logging.getLogger("soniq.dashboard")
@@ -53,7 +52,6 @@ DEFAULT_PAGE = 50
 WINDOWS = (15, 60, 360, 1440)
 #: The statuses the purge form offers (one checkbox each, ``status_<name>``).
 PURGEABLE = ("done", "failed", "cancelled")
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TEMPLATES = Path(__file__).with_name("templates")
 
 #: What a redirect after an action says, by code (the page never echoes free text
@@ -88,20 +86,6 @@ def parse_basic_auth(credentials: str) -> tuple[str, str]:
     if not colon or not user or not password:
         raise ValueError("basic auth credentials must be user:password, both non-empty")
     return user, password
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``30m``, ``12h``, ``7d`` or plain seconds, as seconds (>= 0)."""
-    text = text.strip()
-    unit = _UNITS.get(text[-1:].lower())
-    number = text[:-1] if unit is not None else text
-    try:
-        value = float(number) * (unit or 1.0)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}")
-    return value
 
 
 def _ago(seconds: float | None) -> str:
