@@ -203,5 +203,6 @@ def bench(session: nox.Session) -> None:
     backend beside huey's SqliteHuey; writes a table, JSON and a PNG chart to
     benchmarks/results/. `nox -s bench -- --quick` is a smoke run of
     under a minute. Not in the default sessions."""
-    session.install("-e", ".[binary]", *BENCH_PEERS, "matplotlib==3.11.2")
+    # prometheus: the drain with metrics (soniq-asyncpg-metrics) beside the one without.
+    session.install("-e", ".[binary,prometheus]", *BENCH_PEERS, "matplotlib==3.11.2")
     session.run("python", "-m", "benchmarks", *session.posargs)
