@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from starlette.requests import Request
 
@@ -628,3 +629,27 @@ def test_soniq_dashboard_warns_and_checks_its_options(
         env={k: v for k, v in os.environ.items() if k != "SONIQ_DATABASE_URL"},
     )
     assert nothing.returncode == 2 and "module:eq" in nothing.stderr
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_connection_lost_mid_session_is_a_503_page(
+    driver: str, database_url: str, schema: str
+) -> None:
+    """The server cuts the pool's connections between two pages (a restart, a
+    failover): the next page is the 503 page, not a bare 500."""
+    eq = Soniq(database_url, schema=schema, driver=driver, pool_size=1)
+    await eq.ensure_initialized()
+    async with client(soniq.dashboard.app(eq)) as http:
+        assert (await http.get("/")).status_code == 200
+        with psycopg.connect(database_url, autocommit=True) as pg:
+            pg.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+        response = await http.get("/jobs")
+    await eq.close()
+    # asyncpg's pool hands out the dead connection: the 503 page, with its headers;
+    # psycopg's checks it on checkout and replaces it: the page itself.
+    assert response.status_code == (503 if driver == "asyncpg" else 200), response.text
+    assert "content-security-policy" in response.headers

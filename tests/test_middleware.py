@@ -491,3 +491,26 @@ def test_a_blocking_drain_runs_sync_middleware_without_a_loop(tmp_path: Path) ->
     drain(eq.sync)
     assert runs == [(job_id, "mw.blocking", {}, "done")]
     eq.sync.close()
+
+
+def test_a_blocking_drain_names_an_async_middleware_it_cannot_run(tmp_path: Path) -> None:
+    from soniq.testing import drain
+
+    eq = Soniq(f"sqlite:///{tmp_path / 'drain.db'}")
+    eq.sync.ensure_initialized()
+
+    @eq.middleware
+    @contextlib.asynccontextmanager
+    async def tracing(ctx: RunContext) -> AsyncIterator[None]:
+        yield
+
+    @eq.job(name="mw.blocking_async_mw", max_retries=0)
+    def blocking() -> str:
+        return "ok"
+
+    job_id = eq.sync.enqueue(blocking)
+    drain(eq.sync)
+    job = eq.sync.get_job(job_id)
+    assert job is not None and job.status is JobStatus.FAILED
+    assert "use `await drain(eq)`, or make the middleware sync" in (job.last_error or "")
+    eq.sync.close()

@@ -146,3 +146,14 @@ def test_metrics_port_without_the_extra_says_what_to_install(
     code, output = worker.finish(timeout=30)
     assert code == 1, output
     assert "pip install 'soniq[prometheus]'" in output
+
+
+def test_instrumenting_reads_nothing_from_the_database(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A registry that describes its collectors at registration (prometheus_client's
+    default one does) must not make instrument() open the database."""
+    eq = Soniq(f"postgresql://postgres@127.0.0.1:{_free_port()}/none", connect_timeout=1)
+    instrument(eq, CollectorRegistry(auto_describe=True))
+    assert eq._sync is None  # the sync pool, which a collection would open, is not
+    assert "could not read" not in caplog.text

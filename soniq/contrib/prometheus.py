@@ -192,6 +192,11 @@ class _DatabaseCollector(Collector):
     def __init__(self, eq: Soniq) -> None:
         self._eq = eq
 
+    def describe(self) -> Iterator[Metric]:
+        """Nothing: so that registering does not read the database (a registry with
+        ``auto_describe`` would otherwise collect once, at ``instrument``)."""
+        return iter(())
+
     def collect(self) -> Iterator[Metric]:
         yield from self._queues()
         yield from self._groups()
@@ -227,7 +232,7 @@ class _DatabaseCollector(Collector):
             # soniq.drivers.insert_lines); other backends have none.
             bound = getattr(backend, "_line", None)
             if bound is not None:
-                sizes.update(bound[1].batches)
+                sizes.update(_copied(bound[1]))
         buckets, below, total = [], 0, 0
         for bound_size in GROUP_BUCKETS:
             below = sum(n for size, n in sizes.items() if size <= bound_size)
@@ -240,6 +245,22 @@ class _DatabaseCollector(Collector):
             buckets=buckets,
             sum_value=sum(size * n for size, n in sizes.items()),
         )
+
+
+def _copied(line: Any) -> dict[int, int]:
+    """The batch sizes of an enqueue line, copied while enqueues go on: under the
+    sync line's lock; the async line's change on its loop, so a copy that met a
+    change is taken again."""
+    lock = getattr(line, "_lock", None)
+    if lock is not None:
+        with lock:
+            return dict(line.batches)
+    for _ in range(10):
+        try:
+            return dict(line.batches)
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return {}
 
 
 def instrument(eq: Soniq, registry: CollectorRegistry = REGISTRY) -> SoniqMetrics:

@@ -113,6 +113,16 @@ def _time(value: dt.datetime | None) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _database_trouble(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unavailable: Soniq's own errors, or a
+    driver's for a connection lost mid-request (asyncpg's and psycopg's errors are
+    not Soniq's to wrap there), or the network's. A 503 page, not a 500."""
+    if isinstance(exc, (SoniqError, OSError)):
+        return True
+    module = type(exc).__module__.split(".", 1)[0]
+    return module in ("asyncpg", "psycopg", "psycopg_pool")
+
+
 class Dashboard:
     """The state of one dashboard app: the Soniq it reads, its options, its secret."""
 
@@ -309,7 +319,9 @@ class Dashboard:
                 return await handler(request)
             except _Refused as exc:
                 return self.render(request, "error.html", exc.status, message=exc.message)
-            except SoniqError as exc:
+            except Exception as exc:
+                if not _database_trouble(exc):
+                    raise
                 return self._unavailable(request, exc)
 
         return endpoint
@@ -339,12 +351,14 @@ class Dashboard:
                 return await handler(request, form)
             except _Refused as exc:
                 return self.render(request, "error.html", exc.status, message=exc.message)
-            except SoniqError as exc:
+            except Exception as exc:
+                if not _database_trouble(exc):
+                    raise
                 return self._unavailable(request, exc)
 
         return endpoint
 
-    def _unavailable(self, request: Request, exc: SoniqError) -> Response:
+    def _unavailable(self, request: Request, exc: Exception) -> Response:
         log.warning("dashboard: %s", exc)
         return self.render(request, "error.html", 503, message=f"{type(exc).__name__}: {exc}")
 

@@ -182,10 +182,15 @@ class JobRun:
         if hasattr(manager, "__enter__"):
             manager.__enter__()
             return False
-        if self.loop is None or not hasattr(manager, "__aenter__"):
+        if not hasattr(manager, "__aenter__"):
             raise TypeError(
                 "a middleware must return a context manager (sync or async), got "
                 f"{type(manager).__name__}; decorate it with contextlib.contextmanager"
+            )
+        if self.loop is None:
+            raise TypeError(
+                "an async middleware cannot wrap a sync job run with no event loop "
+                "(drain(eq.sync)): use `await drain(eq)`, or make the middleware sync"
             )
         on_loop(self.loop, manager.__aenter__())
         return True

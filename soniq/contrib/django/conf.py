@@ -110,20 +110,47 @@ def database_url(alias: str = "default") -> str:
     return url_from_settings(d)
 
 
+#: libpq parameters a Django project may set in OPTIONS that asyncpg does not know
+#: (it would pass them to the server as settings, and every connection would fail).
+_LIBPQ_ONLY = frozenset(
+    {
+        "connect_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+    }
+)
+
+
 def url_from_settings(settings_dict: Mapping[str, Any]) -> str:
     """The ``postgresql://`` URL of a PostgreSQL entry of ``DATABASES`` (see
     :func:`database_url`)."""
     d = settings_dict
     query: dict[str, str] = {}
     for name, value in (d.get("OPTIONS") or {}).items():
-        if name in _DJANGO_OPTIONS or not isinstance(value, (str, int, float)):
+        # Left out: Django's own options, and libpq's that asyncpg (the default
+        # driver) would send to the server as settings and fail on; Soniq has its
+        # own connect_timeout (SONIQ["CONNECT_TIMEOUT"]) and sets keepalives itself.
+        if name in _DJANGO_OPTIONS or name in _LIBPQ_ONLY:
             continue
-        query[name] = str(value)
+        if isinstance(value, bool):
+            query[name] = "1" if value else "0"
+        elif isinstance(value, (str, int, float)):
+            query[name] = str(value)
     host = str(d.get("HOST") or "")
-    if host.startswith("/"):  # a Unix socket directory: libpq's host= parameter
-        query["host"] = host
-        host = ""
     port = str(d.get("PORT") or "")
+    if host.startswith("/") or (not host and port):
+        # A Unix socket (its directory, or libpq's default one): host= and port=
+        # as parameters, which libpq and asyncpg both read.
+        if host:
+            query["host"] = host
+        if port:
+            query["port"] = port
+        host = port = ""
+    elif ":" in host and not host.startswith("["):  # an IPv6 address
+        host = f"[{host}]"
     user = str(d.get("USER") or "")
     password = str(d.get("PASSWORD") or "")
     auth = ""
@@ -135,7 +162,8 @@ def url_from_settings(settings_dict: Mapping[str, Any]) -> str:
     netloc = auth + quote(host, safe=":[]") + (f":{port}" if port else "")
     name = quote(str(d.get("NAME") or ""), safe="")
     url = f"postgresql://{netloc}/{name}"
-    return f"{url}?{urlencode(query)}" if query else url
+    # quote, not quote_plus: libpq does not read "+" as a space.
+    return f"{url}?{urlencode(query, quote_via=quote)}" if query else url
 
 
 def _build(options: Mapping[str, Any]) -> Soniq:
