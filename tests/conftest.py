@@ -239,23 +239,39 @@ def url_for_database(admin_url: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo("", **info)
 
 
-@pytest.fixture(scope="session")
-def database_url(admin_url: str) -> Iterator[str]:
-    """A database created for this test run, dropped at its end."""
-    name = f"soniq_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def new_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A database of its own, as a ``postgresql://`` URL (Soniq takes URLs),
+    dropped on exit."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     info = psycopg.conninfo.conninfo_to_dict(url_for_database(admin_url, name))
-    # Soniq takes URLs; build one from the parts.
     host = info.get("host", "127.0.0.1")
     port = info.get("port", "5432")
     user = info.get("user", "postgres")
     password = f":{info['password']}" if info.get("password") else ""
-    yield f"postgresql://{user}{password}@{host}:{port}/{name}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    try:
+        yield f"postgresql://{user}{password}@{host}:{port}/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_url: str) -> Iterator[str]:
+    """A database created for this test run, dropped at its end."""
+    with new_database(admin_url, "soniq_test") as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A database of this test's own, for examples whose tables are in ``public``."""
+    with new_database(admin_url, "soniq_fresh") as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,9 +17,6 @@ import pytest
 import soniq
 import soniq.testing
 from soniq.cli import main
-from tests.test_flow_docs import fresh_database
-
-__all__ = ["fresh_database"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -12,7 +12,6 @@ import importlib
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from psycopg import sql
 
 from soniq import Soniq
 from soniq.contrib.fastapi import lifespan, transaction, transaction_dependency
-from tests.conftest import ROOT, soniq_command, url_for_database
+from tests.conftest import ROOT, soniq_command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -230,31 +229,9 @@ async def test_the_dependency_commits_before_the_response_starts(
 
 
 @pytest.fixture
-def shop_database(admin_url: str) -> Iterator[str]:
-    """A database of its own for the example app (its tables are in ``public``)."""
-    name = f"soniq_fastapi_shop_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield url_for_database(admin_url, name)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-def _url(conninfo: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(conninfo)
-    password = f":{info['password']}" if info.get("password") else ""
-    return (
-        f"postgresql://{info.get('user', 'postgres')}{password}@"
-        f"{info.get('host', '127.0.0.1')}:{info.get('port', '5432')}/{info['dbname']}"
-    )
-
-
-@pytest.fixture
-def shop_api(shop_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The example's ``shop_api`` module, imported on ``shop_database``."""
-    monkeypatch.setenv("DATABASE_URL", _url(shop_database))
+def shop_api(fresh_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The example's ``shop_api`` module, imported on ``fresh_database``."""
+    monkeypatch.setenv("DATABASE_URL", fresh_database)
     monkeypatch.syspath_prepend(str(EXAMPLE))
     sys.modules.pop("shop_api", None)
     yield importlib.import_module("shop_api")
@@ -263,7 +240,7 @@ def shop_api(shop_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
 
 @pytest.mark.slow
 def test_example_app_enqueues_with_the_order_and_its_worker_runs_it(
-    shop_api: Any, shop_database: str
+    shop_api: Any, fresh_database: str
 ) -> None:
     with TestClient(shop_api.app) as client:
         created = client.post("/orders", json={"email": "ada@example.com", "quantity": 2})
@@ -272,7 +249,7 @@ def test_example_app_enqueues_with_the_order_and_its_worker_runs_it(
         refused = client.post("/orders", json={"email": "bob@example.com", "quantity": 50})
         assert refused.status_code == 422
 
-        with psycopg.connect(shop_database, autocommit=True) as conn:
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
             orders = conn.execute("SELECT id, email FROM api_orders ORDER BY id").fetchall()
             jobs = conn.execute("SELECT name, args, status FROM soniq_jobs ORDER BY id").fetchall()
         # The refused order rolled back, and its job with it.
@@ -291,12 +268,12 @@ def test_example_app_enqueues_with_the_order_and_its_worker_runs_it(
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert client.get(f"/orders/{order_id}").json()["confirmed"] is True
-    with psycopg.connect(shop_database, autocommit=True) as conn:
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
         assert conn.execute("SELECT status FROM soniq_jobs").fetchall() == [("done",)]
 
 
 async def test_example_app_on_the_tests_loop_as_docs_fastapi_md_shows(
-    shop_api: Any, shop_database: str
+    shop_api: Any, fresh_database: str
 ) -> None:
     import httpx
 
@@ -312,7 +289,7 @@ async def test_example_app_on_the_tests_loop_as_docs_fastapi_md_shows(
             await eq.run_worker(burst=True)
             order = await client.get(f"/orders/{created.json()['order_id']}")
             assert order.json()["confirmed"] is True
-    with psycopg.connect(shop_database, autocommit=True) as conn:
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM api_orders").fetchall() == [(1,)]
         assert conn.execute("SELECT status FROM soniq_jobs").fetchall() == [("done",)]
 

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,10 @@ from typing import Any
 import psycopg
 import pytest
 from flask import Flask, current_app, g
-from psycopg import sql
 
 from soniq import ConfigurationError, JobStatus, Soniq
 from soniq.contrib.flask import SoniqFlask
-from tests.conftest import ROOT, url_for_database
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -249,28 +247,6 @@ def test_flask_soniq_commands_use_the_apps_soniq(app_eq: Soniq, schema: str) -> 
 # -- the example app -----------------------------------------------------------------
 
 
-@pytest.fixture
-def shop_database(admin_url: str) -> Iterator[str]:
-    """A database of its own for the example app (its tables are in ``public``)."""
-    name = f"soniq_flask_shop_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield url_for_database(admin_url, name)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-def _sqlalchemy_url(conninfo: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(conninfo)
-    password = f":{info['password']}" if info.get("password") else ""
-    return (
-        f"postgresql+psycopg://{info.get('user', 'postgres')}{password}@"
-        f"{info.get('host', '127.0.0.1')}:{info.get('port', '5432')}/{info['dbname']}"
-    )
-
-
 def _flask(env: dict[str, str], *args: str) -> str:
     """``flask --app shop ARGS...`` in the example's directory; its output (must exit 0)."""
     done = subprocess.run(
@@ -286,9 +262,11 @@ def _flask(env: dict[str, str], *args: str) -> str:
 
 
 @pytest.fixture
-def shop(shop_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The example's ``shop`` package, imported on ``shop_database``."""
-    monkeypatch.setenv("DATABASE_URL", _sqlalchemy_url(shop_database))
+def shop(fresh_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The example's ``shop`` package, imported on ``fresh_database``."""
+    monkeypatch.setenv(
+        "DATABASE_URL", fresh_database.replace("postgresql://", "postgresql+psycopg://", 1)
+    )
     monkeypatch.syspath_prepend(str(EXAMPLE))
     for name in [m for m in sys.modules if m == "shop" or m.startswith("shop.")]:
         del sys.modules[name]
@@ -301,7 +279,7 @@ def shop(shop_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 @pytest.mark.slow
 def test_example_app_enqueues_with_the_order_and_its_worker_runs_it(
-    shop: Any, shop_database: str
+    shop: Any, fresh_database: str
 ) -> None:
     env = os.environ.copy()
     # The commands of its README: the shop's table, Soniq's tables.
@@ -316,7 +294,7 @@ def test_example_app_enqueues_with_the_order_and_its_worker_runs_it(
     refused = client.post("/orders", json={"email": "bob@example.com", "quantity": 50})
     assert refused.status_code == 422
 
-    with psycopg.connect(shop_database, autocommit=True) as conn:
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
         orders = conn.execute("SELECT id, email FROM shop_orders ORDER BY id").fetchall()
         jobs = conn.execute("SELECT name, args, status FROM soniq_jobs ORDER BY id").fetchall()
     # The refused order rolled back, and its job with it.
@@ -326,13 +304,13 @@ def test_example_app_enqueues_with_the_order_and_its_worker_runs_it(
 
     output = _flask(env, "soniq", "worker", "--burst", "--burst-wait", "0")
     assert client.get(f"/orders/{order_id}").json["confirmed"] is True, output
-    with psycopg.connect(shop_database, autocommit=True) as conn:
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
         assert conn.execute("SELECT status FROM soniq_jobs").fetchall() == [("done",)]
 
 
 @pytest.mark.slow
 def test_example_app_with_drain_in_an_app_context_as_docs_flask_md_shows(
-    shop: Any, shop_database: str
+    shop: Any, fresh_database: str
 ) -> None:
     from soniq.testing import drain
 

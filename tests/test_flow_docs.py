@@ -10,21 +10,16 @@ import json
 import re
 import shlex
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from soniq import JobDefinitionError, JobStatus, QueueLimits, Soniq
 from soniq.cli import main
 from soniq.core.flow import ClaimLimits, JobLimits, Rate
 from soniq.drivers.postgres_async import ClaimOrder
 from soniq.testing import drain
-from tests.conftest import url_for_database
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "flow-control.md"
 TEXT = DOC.read_text()
@@ -35,25 +30,6 @@ KINDS = ("memory", "sqlite", "postgresql")
 def flat(text: str) -> str:
     """``text`` with every run of white space made one space (the doc wraps lines)."""
     return " ".join(text.split())
-
-
-@pytest.fixture
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """A PostgreSQL database of its own, migrated, for examples that use ``public``."""
-    name = f"soniq_flow_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    info = psycopg.conninfo.conninfo_to_dict(url_for_database(admin_url, name))
-    password = f":{info['password']}" if info.get("password") else ""
-    user, host = info.get("user", "postgres"), info.get("host", "127.0.0.1")
-    url = f"postgresql://{user}{password}@{host}:{info.get('port', '5432')}/{name}"
-    try:
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 @pytest.fixture(params=KINDS)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_flow_docs import database, fresh_database
+from tests.test_flow_docs import database
 
-__all__ = ["database", "fresh_database"]  # fixtures, used by name
+__all__ = ["database"]  # a fixture, used by name
 
 pytestmark = pytest.mark.timeout(60)
 

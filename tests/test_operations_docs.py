@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from soniq.cli import main
-from tests.test_flow_docs import database, fresh_database
+from tests.test_flow_docs import database
 
-__all__ = ["database", "fresh_database"]  # fixtures, used by name
+__all__ = ["database"]  # a fixture, used by name
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 TEXT = DOC.read_text()

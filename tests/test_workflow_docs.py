@@ -13,12 +13,12 @@ import pytest
 
 from soniq import JobStatus, Soniq
 from soniq.worker.context import JobContext
-from tests.test_flow_docs import database, fresh_database
+from tests.test_flow_docs import database
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "workflows.md"
 TEXT = DOC.read_text()
 EXAMPLES = re.findall(r"```python\n(.*?)```", TEXT, re.S)
-__all__ = ["database", "fresh_database"]  # fixtures, used by name
+__all__ = ["database"]  # a fixture, used by name
 TRANSACTIONAL = 3  # the example with connection=: PostgreSQL only
 
 
