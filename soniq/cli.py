@@ -55,6 +55,7 @@ import enum
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -374,33 +375,37 @@ def _soniq_of(args: argparse.Namespace, command: str, spec: str | None = None) -
 
 
 def _window_minutes(text: str) -> int:
+    from soniq.core.admin import MAX_STATS_MINUTES
+
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1 <= value <= 1440:
-        raise argparse.ArgumentTypeError(f"expected whole minutes from 1 to 1440, got {text!r}")
+    if not 1 <= value <= MAX_STATS_MINUTES:
+        raise argparse.ArgumentTypeError(
+            f"expected whole minutes from 1 to {MAX_STATS_MINUTES}, got {text!r}"
+        )
+    return value
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    """A finite number of seconds, > 0 (or >= 0 with ``zero``), from an option."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        wanted = ">= 0" if zero else "> 0"
+        raise argparse.ArgumentTypeError(f"expected a number of seconds {wanted}, got {text!r}")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
-    return value
+    return _seconds(text, zero=False)
 
 
 def _non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+    return _seconds(text, zero=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
