@@ -315,14 +315,7 @@ class Dashboard:
             denied = await self.check_access(request)
             if denied is not None:
                 return denied
-            try:
-                return await handler(request)
-            except _Refused as exc:
-                return self.render(request, "error.html", exc.status, message=exc.message)
-            except Exception as exc:
-                if not _database_trouble(exc):
-                    raise
-                return self._unavailable(request, exc)
+            return await self._shown(request, handler(request))
 
         return endpoint
 
@@ -331,32 +324,40 @@ class Dashboard:
     ) -> Callable[..., Any]:
         """A POST endpoint: guarded, refused in read-only mode, and CSRF-checked."""
 
+        async def act(request: Request) -> Response:
+            if not self.actions:
+                raise _Refused(
+                    403,
+                    "This dashboard is read-only: actions are enabled with "
+                    "app(eq, actions=True) or soniq dashboard --actions.",
+                )
+            form = await _read_form(request)
+            if not self._csrf_ok(request, form):
+                raise _Refused(
+                    403,
+                    "The form's CSRF token is missing or wrong. Reload the page and try again.",
+                )
+            return await handler(request, form)
+
         async def endpoint(request: Request) -> Response:
             denied = await self.check_access(request)
             if denied is not None:
                 return denied
-            try:
-                if not self.actions:
-                    raise _Refused(
-                        403,
-                        "This dashboard is read-only: actions are enabled with "
-                        "app(eq, actions=True) or soniq dashboard --actions.",
-                    )
-                form = await _read_form(request)
-                if not self._csrf_ok(request, form):
-                    raise _Refused(
-                        403,
-                        "The form's CSRF token is missing or wrong. Reload the page and try again.",
-                    )
-                return await handler(request, form)
-            except _Refused as exc:
-                return self.render(request, "error.html", exc.status, message=exc.message)
-            except Exception as exc:
-                if not _database_trouble(exc):
-                    raise
-                return self._unavailable(request, exc)
+            return await self._shown(request, act(request))
 
         return endpoint
+
+    async def _shown(self, request: Request, answer: Awaitable[Response]) -> Response:
+        """``answer``, or the page of what kept it from being given: a refusal, or a
+        database that is unavailable (503)."""
+        try:
+            return await answer
+        except _Refused as exc:
+            return self.render(request, "error.html", exc.status, message=exc.message)
+        except Exception as exc:
+            if not _database_trouble(exc):
+                raise
+            return self._unavailable(request, exc)
 
     def _unavailable(self, request: Request, exc: Exception) -> Response:
         log.warning("dashboard: %s", exc)
