@@ -16,6 +16,7 @@ from soniq import JobStatus, Soniq
 from soniq.cli import main
 from soniq.core.jobs import JobSpec, WorkerIdentity
 from tests.conftest import new_soniq
+from tests.test_cli import QUEUES_HEADER
 
 
 @pytest.fixture(params=["sqlite", "asyncpg"])
@@ -177,19 +178,7 @@ def test_soniq_queues_counts_each_queues_jobs(
     eq.sync.pause_queue("mail")
     status, out = run(eq, capsys, "queues")
     header, *rows = out.splitlines()
-    assert status == 0 and header.split() == [
-        "queue",
-        "queued",
-        "scheduled",
-        "running",
-        "waiting",
-        "failed",
-        "cancelled",
-        "oldest",
-        "paused",
-        "concurrency",
-        "rate",
-    ]
+    assert status == 0 and header.split() == QUEUES_HEADER
     cells = [row.split() for row in rows]
     assert [c[:7] for c in cells] == [
         ["default", "0", "0", "0", "0", "3", "0"],
