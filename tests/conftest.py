@@ -29,6 +29,7 @@ import pytest
 from psycopg import sql
 
 from soniq import JobStatus, Soniq
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -39,21 +40,6 @@ BACKENDS = ("asyncpg", "psycopg", "sqlite", "memory")
 
 
 # -- helpers shared by the test files ------------------------------------------------
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float = 30, what: str = "the condition"
-) -> Any:
-    """Poll ``predicate`` until it returns something true, and return that; fail the
-    test after ``timeout`` seconds, naming ``what`` it waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 async def async_wait_until(

@@ -13,10 +13,8 @@ shows it: ``dashboard-overview.png``, ``-jobs.png``, ``-job.png``, ``-workers.pn
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -25,31 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 import soniq.dashboard
 from soniq import Soniq
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+sys.path.insert(0, str(ROOT))  # the browser helpers the dashboard's tests use
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.browser import BackgroundWorker, Server, chromium  # noqa: E402
+from tests.polling import wait_until  # noqa: E402
 
 
 def _fill(url: str, release: threading.Event) -> tuple[Soniq, int]:
@@ -126,47 +109,6 @@ def _spread_history(path: Path) -> None:
             )
 
 
-class _Server:
-    def __init__(self, app: Any) -> None:
-        self.port = _free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        _wait(lambda: self.server.started, 30, "uvicorn")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-class _Worker:
-    def __init__(self, eq: Soniq) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.task: asyncio.Task[None] | None = None
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.task = self.loop.create_task(eq.run_worker(queues=["media"], concurrency=4))
-            started.set()
-            try:
-                self.loop.run_until_complete(self.task)
-            except asyncio.CancelledError:
-                pass
-            finally:
-                self.loop.run_until_complete(eq.close())
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        started.wait(10)
-
-    def stop(self) -> None:
-        assert self.task is not None
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(60)
-
-
 def _shoot(driver: Any, url: str, out: Path) -> None:
     driver.set_window_size(1280, 900)
     driver.get(url)
@@ -186,27 +128,16 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/shop.db"
         worker_eq, failed = _fill(url, release)
-        worker = _Worker(worker_eq)
+        worker = BackgroundWorker(worker_eq, queues=["media"], concurrency=4)
         reader = Soniq(url)
-        _wait(
+        wait_until(
             lambda: sum(len(w.running) for w in reader.sync.list_workers()) == 2,
             30,
             "the worker's two running jobs",
         )
         reader.sync.close()
-        server = _Server(soniq.dashboard.app(Soniq(url), actions=True, refresh=0))
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for argument in (
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-dev-shm-usage",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--force-device-scale-factor=1",
-        ):
-            options.add_argument(argument)  # fmt: skip
-        driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+        server = Server(soniq.dashboard.app(Soniq(url), actions=True, refresh=0))
+        driver = chromium(1280, 900, "--hide-scrollbars", "--force-device-scale-factor=1")
         try:
             base = f"http://127.0.0.1:{server.port}"
             _shoot(driver, base + "/", outdir / "dashboard-overview.png")
