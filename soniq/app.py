@@ -609,9 +609,11 @@ class Soniq:
         any), oldest first, in batches of 1,000 (one per dedupe key); how many."""
         total, queue, name = 0, *_queue_and_name(queue, name)
         while True:
+            # Until a batch puts none back: one may put back fewer than it read (a
+            # second job of a dedupe key waits for the first) while more are left.
             count = await self.backend.retry_failed(queue, name, RETRY_BATCH)
             total += count
-            if count < RETRY_BATCH:
+            if count == 0:
                 return total
 
     async def cancel_job(self, job_id: int) -> bool:
@@ -888,7 +890,7 @@ class SyncSoniq:
         while True:
             count = self.backend.retry_failed(queue, name, RETRY_BATCH)
             total += count
-            if count < RETRY_BATCH:
+            if count == 0:
                 return total
 
     def cancel_job(self, job_id: int) -> bool:

@@ -145,6 +145,25 @@ async def test_retry_failed_puts_back_one_job_per_dedupe_key(face: Face) -> None
     assert statuses == [JobStatus.QUEUED, JobStatus.FAILED]  # the oldest first
 
 
+async def test_retry_failed_goes_on_past_a_batch_it_could_not_fill(
+    face: Face, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch can put back fewer than it read (the second job of a dedupe key
+    waits), with more failed jobs after it: they are retried too."""
+    monkeypatch.setattr("soniq.app.RETRY_BATCH", 2)
+    keyed = []
+    for n in range(2):
+        keyed.append(await face.enqueue("a.x", n=n, dedupe_key="d"))
+        await _fail(face, keyed[-1])
+    others = []
+    for n in range(3):
+        others.append(await face.enqueue("a.x", n=10 + n))
+        await _fail(face, others[-1])
+    assert await _call(face, "retry_failed") == 4
+    statuses = [(await face.get(i)).status for i in (*keyed, *others)]
+    assert statuses == [JobStatus.QUEUED, JobStatus.FAILED, *[JobStatus.QUEUED] * 3]
+
+
 async def _ended(face: Face, outcome: str, **options: Any) -> int:
     """A job enqueued, claimed and ended as ``outcome`` (done or failed)."""
     job_id = await face.enqueue("a.x", **options)

@@ -1435,12 +1435,16 @@ _FREE_KEY = (
     f"(j.dedupe_key IS NULL OR NOT EXISTS (SELECT 1 FROM {JOBS} AS o "
     f"WHERE o.dedupe_key = j.dedupe_key AND o.status IN {_ACTIVE}))"
 )
+#: A job that waited for others is retried once they are all done.
+_PARENTS_DONE = (
+    f"(j.parents IS NULL OR NOT EXISTS (SELECT 1 FROM {JOBS} AS p "
+    "WHERE p.id IN (SELECT value FROM json_each(j.parents)) "
+    f"AND p.status <> '{JobStatus.DONE.value}'))"
+)
 _RETRY = f"""UPDATE {JOBS} AS j SET status = '{_QUEUED}', attempts = 0, run_at = ?,
     finished_at = NULL, worker_id = NULL, cancel_requested = 0, result = NULL, waiting_for = 0
 WHERE j.id = ? AND j.status IN {states.sql_status_list(RETRYABLE)} AND {_FREE_KEY}
-  AND (j.parents IS NULL OR NOT EXISTS (SELECT 1 FROM {JOBS} AS p
-       WHERE p.id IN (SELECT value FROM json_each(j.parents))
-         AND p.status <> '{JobStatus.DONE.value}'))"""
+  AND {_PARENTS_DONE}"""
 
 
 def retry_jobs(job_ids: Sequence[int], now: float) -> Operation[Inserted]:
@@ -1467,7 +1471,8 @@ def retry_failed(
     """Put up to ``limit`` failed jobs of ``queue`` and ``name`` (None: any) back in
     line, oldest first, one per dedupe key; the ids put back (none: nothing is left),
     and their queues to wake."""
-    where, params = [f"j.status = '{JobStatus.FAILED.value}'", _FREE_KEY], []
+    # As the update's conditions, so that a batch is not filled with jobs it skips.
+    where, params = [f"j.status = '{JobStatus.FAILED.value}'", _FREE_KEY, _PARENTS_DONE], []
     for column, value in (("queue", queue), ("name", name)):
         if value is not None:
             where.append(f"j.{column} = ?")
