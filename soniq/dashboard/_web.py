@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from soniq import Job, JobStatus, Soniq, SoniqError, parse_duration
 from soniq.dashboard._charts import Series, bar_chart
+from soniq.drivers._common import is_connection_error
 
 log = logging.getLogger("soniq.dashboard")
 
@@ -115,12 +116,9 @@ def _time(value: dt.datetime | None) -> str:
 
 def _database_trouble(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is unavailable: Soniq's own errors, or a
-    driver's for a connection lost mid-request (asyncpg's and psycopg's errors are
-    not Soniq's to wrap there), or the network's. A 503 page, not a 500."""
-    if isinstance(exc, (SoniqError, OSError)):
-        return True
-    module = type(exc).__module__.split(".", 1)[0]
-    return module in ("asyncpg", "psycopg", "psycopg_pool")
+    connection lost mid-request as the drivers classify it (the worker's test). A 503
+    page, not a 500; any other error is a bug, and stays one."""
+    return isinstance(exc, SoniqError) or is_connection_error(exc)
 
 
 class Dashboard:
@@ -360,8 +358,15 @@ class Dashboard:
             return self._unavailable(request, exc)
 
     def _unavailable(self, request: Request, exc: Exception) -> Response:
-        log.warning("dashboard: %s", exc)
-        return self.render(request, "error.html", 503, message=f"{type(exc).__name__}: {exc}")
+        # Soniq's messages name host, port and database, never a password; a
+        # driver's text may carry server details (row values): its class only.
+        shown = (
+            f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SoniqError)
+            else f"the connection to the database was lost ({type(exc).__name__}); reload"
+        )
+        log.warning("dashboard: %s", shown)
+        return self.render(request, "error.html", 503, message=shown)
 
 
 async def _read_form(request: Request) -> dict[str, str]:
