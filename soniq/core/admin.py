@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from soniq.core import serialize
 from soniq.core.enqueue import Registry, check_queue
 from soniq.core.flow import queue_limits_by_name
 from soniq.core.states import FINISHED, JobStatus
@@ -149,6 +150,12 @@ class BacklogShape:
     arguments: tuple[str, ...]
     jobs: int
     oldest_id: int
+
+
+def backlog_shapes_from_rows(rows: Iterable[Sequence[Any]]) -> list[BacklogShape]:
+    """Rows of (name, argument names as a JSON list, count, oldest id), as both
+    dialects select them, as :class:`BacklogShape` values."""
+    return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ from soniq.core.admin import (
     QueueStats,
     Stats,
     WorkerInfo,
+    backlog_shapes_from_rows,
     queue_stats_from_rows,
     stats_from_rows,
 )
@@ -34,7 +35,6 @@ from soniq.core.sql.postgres import (
     Query,
     claimed_rows,
     group_ids,
-    headers_of,
     ids_in_input_order,
     job_from_row,
     parent_results,
@@ -156,7 +156,7 @@ class PostgresAsyncOps:
     async def backlog_shapes(self) -> list[BacklogShape]:
         """The jobs waiting to run, grouped by name and argument names."""
         rows = await self.fetch(self.queries.backlog_shapes())
-        return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
+        return backlog_shapes_from_rows(rows)
 
     async def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""
@@ -465,7 +465,7 @@ def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Cl
             r[8],
             limited,
             parent_results(r[9]),
-            None if r[10] is None else headers_of(r[10]),
+            serialize.loads(r[10]),
         )
         for r, a in zip(rows, args, strict=True)
     ]

@@ -14,6 +14,7 @@ from soniq.core.admin import (
     QueueStats,
     Stats,
     WorkerInfo,
+    backlog_shapes_from_rows,
     queue_stats_from_rows,
     stats_from_rows,
 )
@@ -137,7 +138,7 @@ class PostgresSyncOps:
     def backlog_shapes(self) -> list[BacklogShape]:
         """The jobs waiting to run, grouped by name and argument names."""
         rows = self.fetch(self.queries.backlog_shapes())
-        return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
+        return backlog_shapes_from_rows(rows)
 
     def list_workers(self) -> list[WorkerInfo]:
         """The registered workers, oldest first, each with the jobs it runs."""

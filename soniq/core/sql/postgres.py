@@ -141,7 +141,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         waiting_for=row[22],
         progress=row[23],
         progress_message=row[24],
-        headers=headers_of(row[25]) or {},
+        headers=serialize.loads(row[25]) or {},
     )
 
 
@@ -1369,11 +1369,6 @@ def worker_from_row(row: Sequence[Any]) -> WorkerInfo:
         heartbeat_age=max(0.0, row[7]),
         running=tuple(serialize.loads(row[8])),
     )
-
-
-def headers_of(text: str | None) -> dict[str, str] | None:
-    """A job's headers as stored (JSON text; None: none)."""
-    return None if text is None else dict(serialize.loads(text))
 
 
 def parent_results(text: str | None) -> dict[int, Any] | None:

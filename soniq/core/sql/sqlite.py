@@ -42,6 +42,7 @@ from soniq.core.admin import (
     QueueStats,
     Stats,
     WorkerInfo,
+    backlog_shapes_from_rows,
     queue_stats_from_rows,
     stats_from_rows,
     stats_since,
@@ -424,7 +425,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         waiting_for=row[22],
         progress=row[23],
         progress_message=row[24],
-        headers=_headers(row[25]) or {},
+        headers=serialize.loads(row[25]) or {},
     )
 
 
@@ -447,11 +448,6 @@ _INSERT_JOB_HEADERS = (
     f"INSERT INTO {JOBS} (name, queue, args, priority, run_at, max_retries, dedupe_key, "
     "timeout, created_at, headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _headers(text: str | None) -> dict[str, str] | None:
-    """A job's headers as stored (JSON text; None: none)."""
-    return None if text is None else dict(serialize.loads(text))
 
 
 def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
@@ -950,7 +946,7 @@ def _claimed(rows: Sequence[Sequence[Any]], *, limited: bool = False) -> list[Cl
             r[7] + 1,
             limited,
             None if r[8] is None else {p: None for p in serialize.loads(r[8])},
-            None if r[9] is None else _headers(r[9]),
+            serialize.loads(r[9]),
         )
         for r in rows
     ]
@@ -1591,6 +1587,6 @@ FROM {JOBS} AS j WHERE j.status IN {waiting} GROUP BY 1, 2"""
 
     def steps() -> Steps[list[BacklogShape]]:
         rows = (yield Step(sql)).rows
-        return [BacklogShape(r[0], tuple(serialize.loads(r[1])), r[2], r[3]) for r in rows]
+        return backlog_shapes_from_rows(rows)
 
     return Operation(steps(), immediate=False)
