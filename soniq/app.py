@@ -721,26 +721,37 @@ class Soniq:
     async def _insert(
         self, spec: JobSpec, connection: Any, operation: str = "enqueue"
     ) -> list[int]:
+        """Insert the jobs of one ``operation`` (enqueue, enqueue_many), inside the
+        enqueue middleware if there are any."""
         chain = self._config.middleware
-        if chain.enqueue and operation:
-            ctx = chain.enqueue_context(operation, (spec,), connection)
-            return await chain.around_enqueue(
-                ctx, lambda headers: self._insert(with_headers(spec, headers), connection, "")
-            )
+        if not chain.enqueue:
+            return await self._insert_plain(spec, connection)
+        ctx = chain.enqueue_context(operation, (spec,), connection)
+        return await chain.around_enqueue(
+            ctx, lambda headers: self._insert_plain(with_headers(spec, headers), connection)
+        )
+
+    async def _insert_plain(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
             return await self.backend.insert_jobs(spec)
         return await self._config.callers().insert_jobs(spec, connection)
 
     async def _insert_graph(
-        self, nodes: list[JobNode], connection: Any, operation: str = ""
+        self, nodes: list[JobNode], connection: Any, operation: str
     ) -> list[int]:
+        """:meth:`_insert` of jobs that wait for others (enqueue_group, _chain)."""
         chain = self._config.middleware
-        if chain.enqueue and operation:
-            ctx = chain.enqueue_context(operation, [n.spec for n in nodes], connection)
-            return await chain.around_enqueue(
-                ctx,
-                lambda headers: self._insert_graph(nodes_with_headers(nodes, headers), connection),
-            )
+        if not chain.enqueue:
+            return await self._insert_graph_plain(nodes, connection)
+        ctx = chain.enqueue_context(operation, [n.spec for n in nodes], connection)
+        return await chain.around_enqueue(
+            ctx,
+            lambda headers: self._insert_graph_plain(
+                nodes_with_headers(nodes, headers), connection
+            ),
+        )
+
+    async def _insert_graph_plain(self, nodes: list[JobNode], connection: Any) -> list[int]:
         if connection is None:
             return await self.backend.insert_graph(nodes)
         return await self._config.callers().insert_graph(nodes, connection)
@@ -964,26 +975,34 @@ class SyncSoniq:
         self.backend.close()
 
     def _insert(self, spec: JobSpec, connection: Any, operation: str = "enqueue") -> list[int]:
+        """Blocking :meth:`Soniq._insert`."""
         chain = self._config.middleware
-        if chain.enqueue and operation:
-            ctx = chain.enqueue_context(operation, (spec,), connection)
-            return chain.around_enqueue_sync(
-                ctx, lambda headers: self._insert(with_headers(spec, headers), connection, "")
-            )
+        if not chain.enqueue:
+            return self._insert_plain(spec, connection)
+        ctx = chain.enqueue_context(operation, (spec,), connection)
+        return chain.around_enqueue_sync(
+            ctx, lambda headers: self._insert_plain(with_headers(spec, headers), connection)
+        )
+
+    def _insert_plain(self, spec: JobSpec, connection: Any) -> list[int]:
         if connection is None:
             return self.backend.insert_jobs(spec)
         return self._config.callers().insert_jobs_sync(spec, connection)
 
-    def _insert_graph(
-        self, nodes: list[JobNode], connection: Any, operation: str = ""
-    ) -> list[int]:
+    def _insert_graph(self, nodes: list[JobNode], connection: Any, operation: str) -> list[int]:
+        """Blocking :meth:`Soniq._insert_graph`."""
         chain = self._config.middleware
-        if chain.enqueue and operation:
-            ctx = chain.enqueue_context(operation, [n.spec for n in nodes], connection)
-            return chain.around_enqueue_sync(
-                ctx,
-                lambda headers: self._insert_graph(nodes_with_headers(nodes, headers), connection),
-            )
+        if not chain.enqueue:
+            return self._insert_graph_plain(nodes, connection)
+        ctx = chain.enqueue_context(operation, [n.spec for n in nodes], connection)
+        return chain.around_enqueue_sync(
+            ctx,
+            lambda headers: self._insert_graph_plain(
+                nodes_with_headers(nodes, headers), connection
+            ),
+        )
+
+    def _insert_graph_plain(self, nodes: list[JobNode], connection: Any) -> list[int]:
         if connection is None:
             return self.backend.insert_graph(nodes)
         return self._config.callers().insert_graph_sync(nodes, connection)

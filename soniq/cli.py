@@ -375,17 +375,14 @@ def _soniq_of(args: argparse.Namespace, command: str, spec: str | None = None) -
 
 
 def _window_minutes(text: str) -> int:
-    from soniq.core.admin import MAX_STATS_MINUTES
+    from soniq.core.admin import MAX_STATS_MINUTES, stats_minutes
 
     try:
-        value = int(text)
+        return stats_minutes(int(text))
     except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_STATS_MINUTES:
         raise argparse.ArgumentTypeError(
             f"expected whole minutes from 1 to {MAX_STATS_MINUTES}, got {text!r}"
-        )
-    return value
+        ) from None
 
 
 def _seconds(text: str, *, zero: bool) -> float:
