@@ -31,15 +31,6 @@ EXAMPLE = ROOT / "examples" / "flask_app"
 FLASK = Path(sys.executable).parent / "flask"
 
 
-@pytest.fixture
-def app_eq(database_url: str, schema: str) -> Iterator[Soniq]:
-    """A migrated Soniq in this test's schema (the sync twin), closed afterwards."""
-    eq = Soniq(database_url, schema=schema)
-    eq.sync.ensure_initialized()
-    yield eq
-    eq.sync.close()
-
-
 # -- configuration --------------------------------------------------------------------
 
 
@@ -83,14 +74,14 @@ def test_a_bad_config_value_is_a_configuration_error_naming_it() -> None:
     assert "soniq" not in app.extensions
 
 
-def test_app_factory_with_a_soniq_made_at_import_time(app_eq: Soniq) -> None:
-    ext = SoniqFlask(eq=app_eq)  # before any app exists
-    assert ext.eq is app_eq
+def test_app_factory_with_a_soniq_made_at_import_time(sync_eq: Soniq) -> None:
+    ext = SoniqFlask(eq=sync_eq)  # before any app exists
+    assert ext.eq is sync_eq
     first, second = Flask("first"), Flask("second")
     ext.init_app(first)
     ext.init_app(second)
-    assert first.extensions["soniq"] is app_eq and second.extensions["soniq"] is app_eq
-    assert ext.eq is app_eq
+    assert first.extensions["soniq"] is sync_eq and second.extensions["soniq"] is sync_eq
+    assert ext.eq is sync_eq
     with pytest.raises(RuntimeError, match="already set up"):
         ext.init_app(first)
     # SONIQ_* keys would be ignored beside eq=: refused, naming them.
@@ -121,7 +112,7 @@ def test_eq_of_an_extension_without_eq_is_the_current_apps(database_url: str) ->
 # -- jobs run inside an app context ---------------------------------------------------
 
 
-def test_jobs_run_inside_a_fresh_app_context_sync_and_async(app_eq: Soniq) -> None:
+def test_jobs_run_inside_a_fresh_app_context_sync_and_async(sync_eq: Soniq) -> None:
     app = Flask("contexts")
     seen: list[tuple[str, Any, bool, str]] = []
     teardowns: list[BaseException | None] = []
@@ -130,7 +121,7 @@ def test_jobs_run_inside_a_fresh_app_context_sync_and_async(app_eq: Soniq) -> No
     def teardown(error: BaseException | None) -> None:
         teardowns.append(error)
 
-    @app_eq.job(name="ctx.sync_job", max_retries=0)
+    @sync_eq.job(name="ctx.sync_job", max_retries=0)
     def sync_job(n: int) -> None:
         seen.append(
             ("sync", current_app._get_current_object(), "n" in g, threading.current_thread().name)
@@ -139,19 +130,19 @@ def test_jobs_run_inside_a_fresh_app_context_sync_and_async(app_eq: Soniq) -> No
         if n < 0:
             raise ValueError("bad n")
 
-    @app_eq.job(name="ctx.async_job")
+    @sync_eq.job(name="ctx.async_job")
     async def async_job(n: int) -> None:
         seen.append(("async", current_app._get_current_object(), "n" in g, "loop"))
         g.n = n
         await asyncio.sleep(0)  # another job's context may run meanwhile
         assert g.n == n
 
-    SoniqFlask(app, eq=app_eq)
+    SoniqFlask(app, eq=sync_eq)
     for n in (1, 2):
-        app_eq.sync.enqueue(sync_job, n=n)
-        app_eq.sync.enqueue(async_job, n=n)
-    failed = app_eq.sync.enqueue(sync_job, n=-1)
-    app_eq.sync.run_worker(burst=True, concurrency=4)
+        sync_eq.sync.enqueue(sync_job, n=n)
+        sync_eq.sync.enqueue(async_job, n=n)
+    failed = sync_eq.sync.enqueue(sync_job, n=-1)
+    sync_eq.sync.run_worker(burst=True, concurrency=4)
 
     assert len(seen) == 5
     assert all(found is app for _, found, _, _ in seen)
@@ -162,26 +153,26 @@ def test_jobs_run_inside_a_fresh_app_context_sync_and_async(app_eq: Soniq) -> No
     assert len(teardowns) == 5
     errors = [e for e in teardowns if e is not None]
     assert len(errors) == 1 and str(errors[0]) == "bad n"
-    job = app_eq.sync.get_job(failed)
+    job = sync_eq.sync.get_job(failed)
     assert job is not None and job.status is JobStatus.FAILED
 
 
-def test_jobs_run_in_the_context_of_the_latest_app(app_eq: Soniq) -> None:
+def test_jobs_run_in_the_context_of_the_latest_app(sync_eq: Soniq) -> None:
     ran_in: list[str] = []
 
-    @app_eq.job(name="ctx.which_app")
+    @sync_eq.job(name="ctx.which_app")
     def which_app() -> None:
         ran_in.append(current_app.name)
 
-    ext = SoniqFlask(eq=app_eq)
+    ext = SoniqFlask(eq=sync_eq)
     torn_down: list[str] = []
     for name in ("old", "new"):
         app = Flask(name)
         app.teardown_appcontext(lambda error, name=name: torn_down.append(name))
         ext.init_app(app)
     del app  # held by the Soniq alone, as by a worker that made it and forgot it
-    app_eq.sync.enqueue(which_app)
-    app_eq.sync.run_worker(burst=True)
+    sync_eq.sync.enqueue(which_app)
+    sync_eq.sync.run_worker(burst=True)
     assert ran_in == ["new"]
     assert torn_down == ["new"]  # one context pushed: not one per init_app
 
@@ -189,15 +180,15 @@ def test_jobs_run_in_the_context_of_the_latest_app(app_eq: Soniq) -> None:
 # -- flask soniq ... -----------------------------------------------------------------
 
 
-def test_flask_soniq_commands_use_the_apps_soniq(app_eq: Soniq, schema: str) -> None:
+def test_flask_soniq_commands_use_the_apps_soniq(sync_eq: Soniq, schema: str) -> None:
     app = Flask("cli")
     ran: list[int] = []
 
-    @app_eq.job(name="cli.record", queue="cli")
+    @sync_eq.job(name="cli.record", queue="cli")
     def record(n: int) -> None:
         ran.append(n)
 
-    SoniqFlask(app, eq=app_eq)
+    SoniqFlask(app, eq=sync_eq)
     runner = app.test_cli_runner()
 
     result = runner.invoke(args=["soniq", "migrate", "--sql"])
@@ -208,7 +199,7 @@ def test_flask_soniq_commands_use_the_apps_soniq(app_eq: Soniq, schema: str) -> 
     assert result.exit_code == 0, result.output
     assert f"schema {schema!r}" in result.output
 
-    job_id = app_eq.sync.enqueue(record, n=7)
+    job_id = sync_eq.sync.enqueue(record, n=7)
     result = runner.invoke(args=["soniq", "jobs", "--json", "--queue", "cli"])
     assert result.exit_code == 0, result.output
     assert [j["id"] for j in json.loads(result.output)] == [job_id]
@@ -216,9 +207,9 @@ def test_flask_soniq_commands_use_the_apps_soniq(app_eq: Soniq, schema: str) -> 
     # Positional arguments after the command's own (the app is added last).
     result = runner.invoke(args=["soniq", "queues", "pause", "cli"])
     assert result.exit_code == 0, result.output
-    assert app_eq.sync.paused_queues() == ["cli"]
+    assert sync_eq.sync.paused_queues() == ["cli"]
     result = runner.invoke(args=["soniq", "queues", "resume", "cli"])
-    assert result.exit_code == 0 and app_eq.sync.paused_queues() == []
+    assert result.exit_code == 0 and sync_eq.sync.paused_queues() == []
 
     result = runner.invoke(args=["soniq", "check"])
     assert result.exit_code == 0, result.output
@@ -226,7 +217,7 @@ def test_flask_soniq_commands_use_the_apps_soniq(app_eq: Soniq, schema: str) -> 
     result = runner.invoke(args=["soniq", "worker", "--burst", "--burst-wait", "0"])
     assert result.exit_code == 0, result.output
     assert ran == [7]
-    job = app_eq.sync.get_job(job_id)
+    job = sync_eq.sync.get_job(job_id)
     assert job is not None and job.status is JobStatus.DONE
 
     result = runner.invoke(args=["soniq", "job", str(job_id), "--json"])

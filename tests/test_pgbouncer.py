@@ -9,7 +9,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from soniq import JobStatus, Soniq
 from tests.conftest import Process, listening_sessions, wait_until
+from tests.throwaway_pg import free_port
 
 PGBOUNCER = shutil.which("pgbouncer") or (
     "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
@@ -32,19 +32,13 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Bouncer:
     """A PgBouncer process in front of the server of ``database_url``."""
 
     def __init__(self, database_url: str, mode: str) -> None:
         info = psycopg.conninfo.conninfo_to_dict(database_url)
         user = str(info.get("user") or os.environ.get("USER") or "postgres")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://{user}@127.0.0.1:{self.port}/{info['dbname']}"
         self.dir = Path(tempfile.mkdtemp(prefix="soniq-pgbouncer-"))
         (self.dir / "users.txt").write_text(f'"{user}" ""\n')

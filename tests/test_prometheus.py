@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from soniq import Soniq
 from soniq.contrib.prometheus import instrument
 from tests.conftest import Process, wait_until
+from tests.throwaway_pg import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -91,19 +91,13 @@ def test_a_scrape_survives_a_database_that_is_down(caplog: pytest.LogCaptureFixt
     eq.sync.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_worker_serves_metrics(
     worker_app: Any, soniq_processes: Callable[..., Process], pg: psycopg.Connection
 ) -> None:
     ids = [worker_app.eq.sync.enqueue(worker_app.record, n=n) for n in range(3)]
     worker_app.eq.sync.enqueue("tests.nobody_knows_it")  # stays queued
-    port = _free_port()
+    port = free_port()
     worker = soniq_processes(
         "worker",
         "tests.worker_app:eq",
@@ -153,7 +147,7 @@ def test_instrumenting_reads_nothing_from_the_database(
 ) -> None:
     """A registry that describes its collectors at registration (prometheus_client's
     default one does) must not make instrument() open the database."""
-    eq = Soniq(f"postgresql://postgres@127.0.0.1:{_free_port()}/none", connect_timeout=1)
+    eq = Soniq(f"postgresql://postgres@127.0.0.1:{free_port()}/none", connect_timeout=1)
     instrument(eq, CollectorRegistry(auto_describe=True))
     assert eq._sync is None  # the sync pool, which a collection would open, is not
     assert "could not read" not in caplog.text
