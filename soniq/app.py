@@ -118,18 +118,23 @@ class _Config:
         pool_size: int,
         connect_timeout: float,
         acquire_timeout: float,
+        prepared_statements: bool = True,
     ) -> None:
         url = database_url if database_url is not None else os.environ.get("SONIQ_DATABASE_URL")
         if url is None:
             url = DEFAULT_SQLITE_URL
+        if not isinstance(prepared_statements, bool):
+            raise ConfigurationError(
+                f"prepared_statements must be True or False, got {prepared_statements!r}"
+            )
+        #: False: no connection of Soniq's prepares statements (PgBouncer).
+        self.prepared_statements = prepared_statements
         self._read(url, database_url, driver, schema, pool_size)
         self._callers: CallerConnections | None = None
         #: ``@eq.middleware``: around runs and enqueues, shared by ``eq`` and ``eq.sync``.
         self.middleware = MiddlewareChain()
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.acquire_timeout = _seconds("acquire_timeout", acquire_timeout)
-        #: False: no connection of Soniq's prepares statements (PgBouncer).
-        self.prepared_statements = True
 
     def _read(
         self,
@@ -155,6 +160,11 @@ class _Config:
                 raise ConfigurationError(
                     f"schema={schema!r} applies to PostgreSQL; {self.shown_url!r} is {self.kind}, "
                     "whose tables are not in schemas (use another file instead)"
+                )
+            if not self.prepared_statements:
+                raise ConfigurationError(
+                    f"prepared_statements=False applies to PostgreSQL (behind PgBouncer); "
+                    f"{self.shown_url!r} is {self.kind}"
                 )
             if self.kind == "sqlite" and database_url is None:
                 log.info("Soniq uses the SQLite database %s", self.location)
@@ -238,18 +248,17 @@ class Soniq:
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         prepared_statements: bool = True,
     ) -> None:
-        config = _Config(database_url, driver, schema, pool_size, connect_timeout, acquire_timeout)
-        if not isinstance(prepared_statements, bool):
-            raise ConfigurationError(
-                f"prepared_statements must be True or False, got {prepared_statements!r}"
+        self._adopt(
+            _Config(
+                database_url,
+                driver,
+                schema,
+                pool_size,
+                connect_timeout,
+                acquire_timeout,
+                prepared_statements,
             )
-        if not prepared_statements and config.kind != "postgres":
-            raise ConfigurationError(
-                f"prepared_statements=False applies to PostgreSQL (behind PgBouncer); "
-                f"{config.shown_url!r} is {config.kind}"
-            )
-        config.prepared_statements = prepared_statements
-        self._adopt(config)
+        )
 
     def __repr__(self) -> str:
         cfg = self._config
