@@ -269,6 +269,23 @@ async def enter_async(manager: Any) -> bool:
     return False
 
 
+def enter_in_thread(manager: Any, loop: asyncio.AbstractEventLoop | None) -> bool:
+    """Enter ``manager`` from a sync job's thread: a sync one here, an async one on
+    the worker's ``loop`` while the thread waits; True when it is async."""
+    if hasattr(manager, "__enter__"):
+        manager.__enter__()
+        return False
+    if not hasattr(manager, "__aenter__"):
+        _sync_manager(manager)  # raises, naming what was returned
+    if loop is None:
+        raise TypeError(
+            "an async middleware cannot wrap a sync job run with no event loop "
+            "(drain(eq.sync)): use `await drain(eq)`, or make the middleware sync"
+        )
+    on_loop(loop, manager.__aenter__())
+    return True
+
+
 def enter_sync(manager: Any, func: Middleware) -> bool:
     """Enter a sync ``manager`` (an async one: TypeError naming ``func``)."""
     if not hasattr(manager, "__enter__"):

@@ -36,9 +36,9 @@ from soniq.middleware import (
     Middleware,
     RunContext,
     enter_async,
+    enter_in_thread,
     exit_all_async,
     exit_all_sync,
-    on_loop,
 )
 from soniq.worker import context
 from soniq.worker.context import JobContext
@@ -167,7 +167,7 @@ class JobRun:
             try:
                 for func in self.middleware:
                     manager = func(ctx)
-                    entered.append((manager, self._enter_here(manager)))
+                    entered.append((manager, enter_in_thread(manager, self.loop)))
                 value = self.definition.func(**self.args)
             except BaseException as exc:  # whatever a job raises is its outcome
                 error = exc
@@ -176,24 +176,6 @@ class JobRun:
         finally:
             context.leave(token)
         return outcome if after is error else self._ended(ctx, None, after)
-
-    def _enter_here(self, manager: Any) -> bool:
-        """Enter a middleware's ``manager`` from a sync job's thread; True if async."""
-        if hasattr(manager, "__enter__"):
-            manager.__enter__()
-            return False
-        if not hasattr(manager, "__aenter__"):
-            raise TypeError(
-                "a middleware must return a context manager (sync or async), got "
-                f"{type(manager).__name__}; decorate it with contextlib.contextmanager"
-            )
-        if self.loop is None:
-            raise TypeError(
-                "an async middleware cannot wrap a sync job run with no event loop "
-                "(drain(eq.sync)): use `await drain(eq)`, or make the middleware sync"
-            )
-        on_loop(self.loop, manager.__aenter__())
-        return True
 
     def _run_context(self) -> RunContext:
         return RunContext(self.context, self.args, self.headers or {}, self.definition.is_async)
