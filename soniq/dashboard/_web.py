@@ -404,7 +404,7 @@ THROUGHPUT = (Series("done", "done", "done"),)
 FAILURES = (Series("failed", "failed", "failed"), Series("cancelled", "cancelled", "cancelled"))
 
 
-def build(
+def app(
     eq: Soniq,
     *,
     actions: bool = False,
@@ -414,7 +414,25 @@ def build(
     refresh: float = 5.0,
     title: str = "Soniq",
 ) -> Starlette:
-    """See :func:`soniq.dashboard.app`."""
+    """The dashboard of ``eq`` (a :class:`soniq.Soniq`) as an ASGI application.
+
+    - ``actions``: show and accept the actions (retry, cancel, pause, resume, purge).
+      Off by default: the dashboard is read-only and refuses every POST with 403.
+    - ``auth``: called with each request (a ``starlette.requests.Request``); returns a
+      bool, or an awaitable of one. Anything but True answers 403.
+    - ``basic_auth``: ``"user:password"``; a request without them answers 401 (the
+      browser asks for them). Compared in constant time.
+    - ``secret``: the key that signs the CSRF tokens of action forms (default:
+      ``$SONIQ_DASHBOARD_SECRET``, else random per process; give one when several
+      processes serve the dashboard behind one address).
+    - ``refresh``: seconds between reloads of a page whose auto-refresh box is ticked
+      (0: no auto-refresh).
+
+    Served as the root application, its lifespan opens ``eq`` and closes it at
+    shutdown. Mounted inside another app, the host's lifespan should open and close
+    ``eq`` (the dashboard's first page opens it if not). It never migrates: run
+    ``soniq migrate`` first.
+    """
     board = Dashboard(
         eq,
         actions=actions,
