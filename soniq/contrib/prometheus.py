@@ -107,11 +107,13 @@ class SoniqMetrics:
 
     def run(self, ctx: RunContext) -> _Run:
         """The run middleware: counts the start, the end by outcome, and the time."""
-        key = (ctx.job.queue, ctx.job.name)
+        return _Run(ctx, self.children(ctx.job.queue, ctx.job.name))
+
+    def children(self, queue: str, name: str) -> _Children:
+        """The metrics of (``queue``, ``name``), labelled once."""
+        key = (queue, name)
         children = self._children.get(key)
-        if children is None:
-            children = self._labelled(key)
-        return _Run(ctx, children)
+        return children if children is not None else self._labelled(key)
 
     def enqueue(self, ctx: EnqueueContext) -> _Enqueue:
         """The enqueue middleware: counts the jobs inserted, by queue and name."""
@@ -129,9 +131,10 @@ class SoniqMetrics:
 class _Children:
     """The metrics of one (queue, name)."""
 
-    __slots__ = ("_finished", "_key", "duration", "finished", "started")
+    __slots__ = ("_finished", "_key", "duration", "enqueued", "finished", "started")
 
     def __init__(self, metrics: SoniqMetrics, queue: str, name: str) -> None:
+        self.enqueued = metrics.enqueued.labels(queue, name)
         self.started = metrics.started.labels(queue, name)
         self.duration = metrics.duration.labels(queue, name)
         self._finished, self._key = metrics.finished, (queue, name)
@@ -180,9 +183,13 @@ class _Enqueue:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             return
-        counts = Tally((job.queue, job.name) for job in self._ctx.jobs)
+        jobs = self._ctx.jobs
+        if len(jobs) == 1:  # one enqueue: no tally to build
+            self._metrics.children(jobs[0].queue, jobs[0].name).enqueued.inc()
+            return
+        counts = Tally((job.queue, job.name) for job in jobs)
         for (queue, name), count in counts.items():
-            self._metrics.enqueued.labels(queue, name).inc(count)
+            self._metrics.children(queue, name).enqueued.inc(count)
 
 
 class _DatabaseCollector(Collector):
