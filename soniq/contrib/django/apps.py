@@ -80,22 +80,35 @@ _patched = False
 
 
 def _close_pools_before_test_database_is_dropped() -> None:
-    """Wrap ``BaseDatabaseCreation.destroy_test_db`` (once) so that Soniq's pools on a
-    test database close before Django drops it: an open connection would make the
-    DROP DATABASE fail."""
+    """Wrap ``BaseDatabaseCreation.create_test_db`` and ``destroy_test_db`` (once): the
+    project's Soniq follows the alias to the test database and back, and its pools on
+    the test database close before Django drops it (an open connection would make the
+    DROP DATABASE fail)."""
     global _patched
     if _patched:
         return
     from django.db.backends.base.creation import BaseDatabaseCreation
 
-    original = BaseDatabaseCreation.destroy_test_db
+    create, destroy = BaseDatabaseCreation.create_test_db, BaseDatabaseCreation.destroy_test_db
 
-    @functools.wraps(original)
+    @functools.wraps(create)
+    def create_test_db(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from soniq.contrib.django.conf import follow_database
+
+        name = create(self, *args, **kwargs)
+        follow_database(self.connection.alias)
+        return name
+
+    @functools.wraps(destroy)
     def destroy_test_db(self: Any, *args: Any, **kwargs: Any) -> Any:
-        from soniq.contrib.django.conf import close_for_test_database
+        from soniq.contrib.django.conf import close_for_test_database, follow_database
 
         close_for_test_database(self.connection.alias)
-        return original(self, *args, **kwargs)
+        try:
+            return destroy(self, *args, **kwargs)
+        finally:
+            follow_database(self.connection.alias)
 
+    BaseDatabaseCreation.create_test_db = create_test_db
     BaseDatabaseCreation.destroy_test_db = destroy_test_db
     _patched = True

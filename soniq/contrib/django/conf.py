@@ -178,20 +178,15 @@ def _build(options: Mapping[str, Any]) -> Soniq:
     )
 
 
-# Attributes through which every call reaches the database: reading one first makes
-# the instance follow its alias (see DjangoSoniq).
-_FOLLOWED = frozenset({"backend", "sync", "_config", "_initialized", "_sync", "_waiters"})
-
-
 class DjangoSoniq(Soniq):
     """The project's :class:`Soniq`, on the database of ``SONIQ["DATABASE"]``.
 
     It is a plain :class:`Soniq` (``@eq.job``, ``eq.enqueue``, ``eq.sync``, the worker,
-    ``soniq.testing``), that also follows its alias: when the alias's settings change
-    (Django's test runner switches NAME to the test database, then back), the next
-    call that needs the database closes the pools it had and opens new ones there,
-    keeping the registered jobs and middleware. Keep a reference to ``eq`` rather than
-    to ``eq.sync`` across such a switch.
+    ``soniq.testing``), that also follows its alias: when Django's test runner creates
+    the test database (and switches NAME to it) or destroys it (and switches back),
+    the app's hooks call :meth:`follow`, which closes the pools it had and points it
+    there, keeping the registered jobs and middleware. Keep a reference to ``eq``
+    rather than to ``eq.sync`` across such a switch.
     """
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -202,45 +197,39 @@ class DjangoSoniq(Soniq):
         # first, and this instance adopts what it built.
         self._adopt(_build(options)._config)
 
-    def __getattribute__(self, name: str) -> Any:
-        if name in _FOLLOWED:
-            object.__getattribute__(self, "_follow")()
-        return object.__getattribute__(self, name)
-
     @property
     def alias(self) -> str:
         """The Django database alias Soniq uses (``SONIQ["DATABASE"]``)."""
         alias: str = self._soniq_options["DATABASE"]
         return alias
 
-    def _follow(self) -> None:
-        get = object.__getattribute__
-        options = get(self, "_soniq_options")
+    def follow(self) -> None:
+        """Point this instance at its alias's database as the settings now say (a no-op
+        when they have not changed): close the pools it had, keep the jobs and
+        middleware. The app calls it when Django creates or destroys a test database."""
+        options = self._soniq_options
         key = _key(options["DATABASE"])
-        if key == get(self, "_soniq_key"):
-            return
-        with get(self, "_soniq_lock"):
-            if key == get(self, "_soniq_key"):
+        with self._soniq_lock:
+            if key == self._soniq_key:
                 return
-            old = get(self, "_config")
+            old = self._config
             fresh = _build(options)._config
             fresh.registry = old.registry
             fresh.middleware = old.middleware
             self.close_pools()
-            self._soniq_key = key  # set first: _adopt reads self.backend
-            get(self, "_adopt")(fresh)
+            self._soniq_key = key
+            self._adopt(fresh)
             log.debug("Soniq follows DATABASES[%r] to %s", options["DATABASE"], fresh.shown_url)
 
     def close_pools(self) -> None:
         """Close the pools this instance has opened (the sync twin's, and the async
         one when no event loop is running in this thread); they reopen on next use.
         Called before Django drops a test database, and when the alias changes."""
-        get = object.__getattribute__
-        sync = get(self, "__dict__").get("_sync")
+        sync = self.__dict__.get("_sync")
         if sync is not None:
             with contextlib.suppress(Exception):
                 sync.close()
-        backend = get(self, "__dict__").get("backend")
+        backend = self.__dict__.get("backend")
         if backend is None:
             return
         try:
@@ -269,3 +258,10 @@ def close_for_test_database(alias: str) -> None:
     alias's test database, which open connections would block)."""
     if _instance is not None and _instance._soniq_options["DATABASE"] == alias:
         _instance.close_pools()
+
+
+def follow_database(alias: str) -> None:
+    """Point the project Soniq at ``alias``'s database as the settings now say, if it
+    uses ``alias`` (after Django created or destroyed its test database)."""
+    if _instance is not None and _instance._soniq_options["DATABASE"] == alias:
+        _instance.follow()
