@@ -405,6 +405,26 @@ def _non_negative_seconds(text: str) -> float:
     return _seconds(text, zero=True)
 
 
+def with_app(argv: Sequence[str], spec: str) -> list[str]:
+    """``argv`` of a ``soniq`` command with the Soniq ``spec`` (``module:attr``) added
+    where that command takes one: as its positional argument (``worker``, ``check``,
+    ``dashboard``), else as ``--app`` after the command's own arguments (before them,
+    ``queues pause mail`` would lose ``pause``). Unchanged when it names a database
+    already (``--app``, ``--database-url``) or names no command (``--help``). What
+    ``flask soniq`` and ``manage.py soniq`` run."""
+    args = list(argv)
+    if not args or args[0].startswith("-"):
+        return args
+    if any(a.split("=", 1)[0] in ("--app", "--database-url") for a in args[1:]):
+        return args
+    command = _parser()._subparsers._group_actions[0].choices.get(args[0])  # type: ignore[union-attr]
+    if command is None:
+        return args  # an unknown command: soniq says so
+    if any(action.dest == "app" and not action.option_strings for action in command._actions):
+        return [args[0], spec, *args[1:]]
+    return [*args, "--app", spec]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``soniq`` console script."""
     args = _parser().parse_args(argv)

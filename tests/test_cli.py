@@ -785,3 +785,23 @@ def test_migrate_with_an_app_uses_its_schema(
     # An app brings its own schema: one given beside it is a mistake, not ignored.
     assert main(["migrate", "--app", "tests.worker_app:eq", "--schema", "other"]) == 2
     assert "--schema goes with --database-url" in capsys.readouterr().err
+
+
+def test_with_app_puts_the_soniq_where_each_command_takes_it() -> None:
+    """What flask soniq and manage.py soniq run: the parser says where a command
+    takes its Soniq."""
+    from soniq.cli import with_app
+
+    assert with_app(["worker", "--burst"], "m:eq") == ["worker", "m:eq", "--burst"]
+    assert with_app(["check"], "m:eq") == ["check", "m:eq"]
+    assert with_app(["dashboard", "--actions"], "m:eq") == ["dashboard", "m:eq", "--actions"]
+    assert with_app(["queues", "pause", "mail"], "m:eq") == [
+        "queues",
+        "pause",
+        "mail",
+        "--app",
+        "m:eq",
+    ]
+    assert with_app(["jobs", "--database-url=x"], "m:eq") == ["jobs", "--database-url=x"]
+    assert with_app(["--help"], "m:eq") == ["--help"]
+    assert with_app(["nope"], "m:eq") == ["nope"]

@@ -68,21 +68,21 @@ CONFIG_KEYS: Mapping[str, str] = {
     "SONIQ_PREPARED_STATEMENTS": "prepared_statements",
 }
 
-#: The ``soniq`` commands ``flask soniq`` offers, and how each is told the app's Soniq:
-#: ``"positional"`` (``soniq worker module:eq``) or ``"option"`` (``--app module:eq``).
-_COMMANDS: Mapping[str, tuple[str, str]] = {
-    "worker": ("positional", "Run a worker for this app's jobs."),
-    "check": ("positional", "Check that this code can run every job waiting to run."),
-    "migrate": ("option", "Create or upgrade Soniq's tables (--sql: print the DDL)."),
-    "jobs": ("option", "List jobs, newest first."),
-    "job": ("option", "Show one job (--wait: wait for its end)."),
-    "queues": ("option", "List, pause, resume or limit queues."),
-    "retry": ("option", "Put failed or cancelled jobs back in line."),
-    "cancel": ("option", "Cancel jobs (ask running ones to stop)."),
-    "purge": ("option", "Delete finished jobs older than a duration."),
-    "stats": ("option", "Jobs ended per minute."),
-    "workers": ("option", "List the live workers and their jobs."),
-    "dashboard": ("option", "Serve the web dashboard (pip install 'soniq[dashboard]')."),
+#: The ``soniq`` commands ``flask soniq`` offers (each told the app's Soniq as
+#: :func:`soniq.cli.with_app` says), and their summaries.
+_COMMANDS: Mapping[str, str] = {
+    "worker": "Run a worker for this app's jobs.",
+    "check": "Check that this code can run every job waiting to run.",
+    "migrate": "Create or upgrade Soniq's tables (--sql: print the DDL).",
+    "jobs": "List jobs, newest first.",
+    "job": "Show one job (--wait: wait for its end).",
+    "queues": "List, pause, resume or limit queues.",
+    "retry": "Put failed or cancelled jobs back in line.",
+    "cancel": "Cancel jobs (ask running ones to stop).",
+    "purge": "Delete finished jobs older than a duration.",
+    "stats": "Jobs ended per minute.",
+    "workers": "List the live workers and their jobs.",
+    "dashboard": "Serve the web dashboard (pip install 'soniq[dashboard]').",
 }
 
 #: The module ``flask soniq`` hands to ``soniq.cli`` as ``module:eq``.
@@ -183,14 +183,14 @@ def _command_group(app: Flask) -> click.Group:
         help="Soniq's commands on this app's Soniq: the options of `soniq COMMAND --help`, "
         "without the database options (--app, --database-url, --schema).",
     )
-    for name, (how, summary) in _COMMANDS.items():
-        group.add_command(_delegating(app, name, how, summary))
+    for name, summary in _COMMANDS.items():
+        group.add_command(_delegating(app, name, summary))
     return group
 
 
-def _delegating(app: Flask, name: str, how: str, summary: str) -> click.Command:
+def _delegating(app: Flask, name: str, summary: str) -> click.Command:
     def run(args: tuple[str, ...]) -> None:
-        code = run_command(app.extensions["soniq"], name, list(args), how=how)
+        code = run_command(app.extensions["soniq"], name, list(args))
         click.get_current_context().exit(code)
 
     return click.Command(
@@ -204,11 +204,10 @@ def _delegating(app: Flask, name: str, how: str, summary: str) -> click.Command:
     )
 
 
-def run_command(eq: Soniq, name: str, args: list[str], *, how: str = "option") -> int:
+def run_command(eq: Soniq, name: str, args: list[str]) -> int:
     """Run ``soniq NAME ARGS...`` (:func:`soniq.cli.main`) on ``eq``, as ``flask soniq
-    NAME ARGS...`` does, and return its exit status. ``how`` says how the command is
-    told its Soniq: ``"positional"`` (``worker``, ``check``) or ``"option"`` (``--app``,
-    the others)."""
+    NAME ARGS...`` does, and return its exit status (the Soniq goes where the command
+    takes it: :func:`soniq.cli.with_app`)."""
     from soniq import cli
 
     module = types.ModuleType(_CLI_MODULE, "The Soniq that `flask soniq` runs a command on.")
@@ -218,7 +217,6 @@ def run_command(eq: Soniq, name: str, args: list[str], *, how: str = "option") -
     try:
         # After the command's own arguments: ``queues pause mail --app ...`` (argparse
         # would give ``pause`` to no positional if an option came first).
-        argv = [name, spec, *args] if how == "positional" else [name, *args, "--app", spec]
-        return cli.main(argv)
+        return cli.main(cli.with_app([name, *args], spec))
     finally:
         sys.modules.pop(_CLI_MODULE, None)

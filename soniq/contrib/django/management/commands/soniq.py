@@ -18,32 +18,16 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 APP = "soniq.contrib.django:eq"
-_POSITIONAL = frozenset({"worker", "check", "dashboard"})
-_WITH_APP_OPTION = frozenset(
-    {"migrate", "queues", "jobs", "job", "retry", "cancel", "purge", "workers", "stats"}
-)
 # Django's own options, which ManagementUtility has read already: not soniq's.
 _DJANGO_OPTIONS = ("--settings", "--pythonpath")
 
 
 def soniq_argv(argv: Sequence[str]) -> list[str]:
     """The ``soniq`` command line for ``manage.py soniq ARGV...``: the project's
-    Soniq added where the command takes it (see the module's docstring)."""
-    args = _without_django_options(argv)
-    if not args or args[0].startswith("-"):
-        return args  # --help, or a usage error soniq reports
-    command, rest = args[0], args[1:]
-    if _given(rest, "--app") or _given(rest, "--database-url"):
-        return args
-    if command in _POSITIONAL:
-        return [command, APP, *rest]
-    if command in _WITH_APP_OPTION:
-        return [command, *rest, "--app", APP]
-    return args
+    Soniq added where the command takes it (:func:`soniq.cli.with_app`)."""
+    from soniq.cli import with_app
 
-
-def _given(args: Sequence[str], option: str) -> bool:
-    return any(a == option or a.startswith(f"{option}=") for a in args)
+    return with_app(_without_django_options(argv), APP)
 
 
 def _without_django_options(argv: Sequence[str]) -> list[str]:
