@@ -405,6 +405,13 @@ def _non_negative_seconds(text: str) -> float:
     return _seconds(text, zero=True)
 
 
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """The ``soniq`` commands, by name, each with its parser."""
+    # argparse has no public way back to its subparsers: its one subparsers action.
+    action = _parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    return dict(action.choices)  # type: ignore[arg-type]
+
+
 def with_app(argv: Sequence[str], spec: str) -> list[str]:
     """``argv`` of a ``soniq`` command with the Soniq ``spec`` (``module:attr``) added
     where that command takes one: as its positional argument (``worker``, ``check``,
@@ -417,7 +424,7 @@ def with_app(argv: Sequence[str], spec: str) -> list[str]:
         return args
     if any(a.split("=", 1)[0] in ("--app", "--database-url") for a in args[1:]):
         return args
-    command = _parser()._subparsers._group_actions[0].choices.get(args[0])  # type: ignore[union-attr]
+    command = commands().get(args[0])
     if command is None:
         return args  # an unknown command: soniq says so
     if any(action.dest == "app" and not action.option_strings for action in command._actions):

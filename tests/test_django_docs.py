@@ -53,13 +53,13 @@ def test_the_settings_shown_are_the_defaults() -> None:
 
 
 def test_the_commands_and_migrations_named_exist() -> None:
-    from soniq.contrib.django.management.commands.soniq import _POSITIONAL, _WITH_APP_OPTION
+    from soniq.cli import commands as soniq_commands
     from soniq.core.sql.migrate import MIGRATIONS
 
     text = DOC.read_text()
     table = text[text.index("## Management commands") : text.index("## Migrations")]
     named = set(re.findall(r"`(?:manage\.py soniq )?(\w+)(?: [^`]*)?`", table))
-    commands = _POSITIONAL | _WITH_APP_OPTION
+    commands = set(soniq_commands())
     assert commands <= named, commands - named
     first, last = MIGRATIONS[0], MIGRATIONS[-1]
     assert f"soniq/{first.version:04d}_{first.name}" in text
