@@ -54,21 +54,34 @@ def count_jobs(pg: psycopg.Connection[Any], schema: str, where: str = "true") ->
     return int(row[0])
 
 
-def _waiting_on_lock(pg: psycopg.Connection[Any], text: str) -> bool:
+def _waiting_on_lock(pg: psycopg.Connection[Any], text: str) -> int:
     row = pg.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
         (f"%{text}%",),
     ).fetchone()
-    return row is not None and row[0] > 0
+    assert row is not None
+    return int(row[0])
 
 
 async def line_waiting(eq: Soniq, waiting: int) -> None:
     line = eq.backend.insert_line()  # type: ignore[attr-defined]
     await async_wait_until(
-        lambda: line._in_flight == MAX_IN_FLIGHT and len(line._line) == waiting,
+        lambda: len(line._in_flight) == MAX_IN_FLIGHT and len(line._line) == waiting,
         10,
         f"{MAX_IN_FLIGHT} statements in flight and {waiting} calls in line",
     )
+
+
+async def stuck_in_flight(eq: Soniq, start: Any) -> list[asyncio.Future[Any]]:
+    """Fill the line's places with one stuck statement each (the table locked): the
+    calls ``start(i)`` are made one at a time, each once the one before is in flight
+    (calls made together would go out together), so later calls wait in line."""
+    line = eq.backend.insert_line()  # type: ignore[attr-defined]
+    stuck = []
+    for i in range(MAX_IN_FLIGHT):
+        stuck.append(asyncio.ensure_future(start(i)))
+        await async_wait_until(lambda i=i: len(line._in_flight) == i + 1, 10, "a call in flight")
+    return stuck
 
 
 async def test_waiting_enqueues_go_out_together_and_each_caller_gets_its_own_ids(
@@ -78,7 +91,8 @@ async def test_waiting_enqueues_go_out_together_and_each_caller_gets_its_own_ids
         return [await eq.enqueue("app.job", k=k, i=i) for i in range(3)]
 
     with table_locked(database_url, schema):
-        callers = [asyncio.ensure_future(caller(k)) for k in range(12)]
+        callers = await stuck_in_flight(eq, caller)
+        callers += [asyncio.ensure_future(caller(k)) for k in range(MAX_IN_FLIGHT, 12)]
         await line_waiting(eq, 12 - MAX_IN_FLIGHT)
     results = await asyncio.wait_for(asyncio.gather(*callers), 30)
     for k, ids in enumerate(results):
@@ -88,7 +102,8 @@ async def test_waiting_enqueues_go_out_together_and_each_caller_gets_its_own_ids
             assert job is not None and job.args == {"k": k, "i": i}
     assert len({i for ids in results for i in ids}) == 36
     batches = eq.backend.insert_line().batches  # type: ignore[attr-defined]
-    assert max(batches) >= 12 - MAX_IN_FLIGHT  # the line went out as one
+    # The line went out together: in as many statements as places became free.
+    assert max(batches) >= -(-(12 - MAX_IN_FLIGHT) // MAX_IN_FLIGHT)
 
 
 async def test_a_merged_statement_that_fails_retries_its_calls_alone(
@@ -102,7 +117,8 @@ async def test_a_merged_statement_that_fails_retries_its_calls_alone(
         )
     )
     with table_locked(database_url, schema):
-        calls = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(6)]
+        calls = await stuck_in_flight(eq, lambda i: eq.enqueue("app.job", i=i))
+        calls += [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(2, 6)]
         bad = asyncio.ensure_future(eq.enqueue("app.job", i=6, bad=True))
         more = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(7, 9)]
         await line_waiting(eq, 9 - MAX_IN_FLIGHT)
@@ -117,7 +133,7 @@ async def test_calls_with_one_dedupe_key_in_one_statement_share_one_job(
     eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
 ) -> None:
     with table_locked(database_url, schema):
-        first = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(MAX_IN_FLIGHT)]
+        first = await stuck_in_flight(eq, lambda i: eq.enqueue("app.job", i=i))
         keyed = [
             asyncio.ensure_future(eq.enqueue("app.job", i=i, dedupe_key=f"k{i % 2}"))
             for i in range(6)
@@ -135,7 +151,7 @@ async def test_a_caller_cancelled_while_it_waits_in_line_is_not_enqueued(
     eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
 ) -> None:
     with table_locked(database_url, schema):
-        first = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(MAX_IN_FLIGHT)]
+        first = await stuck_in_flight(eq, lambda i: eq.enqueue("app.job", i=i))
         kept = asyncio.ensure_future(eq.enqueue("app.job", i=10))
         dropped = asyncio.ensure_future(eq.enqueue("app.job", i=11))
         await line_waiting(eq, 2)
@@ -154,8 +170,7 @@ async def test_a_connection_killed_under_a_merged_statement_answers_every_caller
     their callers gets the connection error, nothing is retried (so nothing can be
     committed twice), and the calls still in line go out afterwards."""
     with table_locked(database_url, schema):
-        stuck = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(MAX_IN_FLIGHT)]
-        await line_waiting(eq, 0)
+        stuck = await stuck_in_flight(eq, lambda i: eq.enqueue("app.job", i=i))
         merged = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(10, 15)]
         await line_waiting(eq, 5)
         # The first statement to end sends the line: kill the stuck ones' backends.
@@ -165,8 +180,12 @@ async def test_a_connection_killed_under_a_merged_statement_answers_every_caller
         )
         outcomes = await asyncio.wait_for(asyncio.gather(*stuck, return_exceptions=True), 30)
         assert all(isinstance(o, Exception) for o in outcomes), outcomes
-        await async_wait_until(
-            lambda: _waiting_on_lock(pg, "jsonb_to_recordset"), 10, "the merged statement sent"
+        line = eq.backend.insert_line()  # type: ignore[attr-defined]
+        await async_wait_until(  # (in one statement or two, as places became free)
+            lambda: not line._line
+            and _waiting_on_lock(pg, "jsonb_to_recordset") == len(line._in_flight) > 0,
+            10,
+            "the merged statements sent",
         )
         pg.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -275,3 +294,52 @@ def test_a_merged_statement_upserts_its_keys_in_key_order() -> None:
     ]
     returned = [(11, "k1"), (10, "k2"), (12, None), (13, None)]
     assert group_ids(specs, returned) == [12, 10, 13, 11, 10]
+
+
+def _n(spec: JobSpec) -> int:
+    return int(spec.args[0]["n"])
+
+
+async def test_a_caller_alone_sends_its_own_statement_at_once() -> None:
+    """No statement in flight and nobody waiting: the call's own statement starts in
+    its first step, with no round of the loop in between (a lone client's latency)."""
+    started: list[int] = []
+
+    async def alone(spec: JobSpec) -> int:
+        started.append(_n(spec))
+        return _n(spec)
+
+    async def group(specs: list[JobSpec]) -> list[int]:
+        raise AssertionError("a lone call was merged")
+
+    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    call = asyncio.ensure_future(line.insert(JobSpec("a", "q", ({"n": 7},))))
+    await asyncio.sleep(0)  # the call's first step
+    assert started == [7]
+    assert await call == 7
+
+
+async def test_callers_answered_together_go_out_together_in_even_statements() -> None:
+    """64 callers enqueueing one job at a time: the callers one statement answered go
+    out together, and the line alternates two statements of 32, not one long
+    statement beside short ones (which leaves the database idle while the long one's
+    callers come back)."""
+
+    async def alone(spec: JobSpec) -> int:
+        await asyncio.sleep(0.002)
+        return _n(spec)
+
+    async def group(specs: list[JobSpec]) -> list[int]:
+        await asyncio.sleep(0.002)
+        return [_n(spec) for spec in specs]
+
+    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+
+    async def caller(k: int) -> list[int]:
+        return [await line.insert(JobSpec("a", "q", ({"n": k * 100 + i},))) for i in range(20)]
+
+    results = await asyncio.wait_for(asyncio.gather(*(caller(k) for k in range(64))), 30)
+    assert results == [[k * 100 + i for i in range(20)] for k in range(64)]
+    statements = sum(line.batches.values())
+    assert line.batches[32] >= 0.8 * statements, line.batches
+    assert not line._in_flight and not line._line

@@ -2,12 +2,16 @@
 arrive while others are in flight wait in line, and the line is written as one
 statement in one transaction (one commit, one NOTIFY), each caller getting its own id.
 
-- A caller that finds a free place (fewer than :data:`MAX_IN_FLIGHT` statements of the
-  line running, and never more than the pool's size) and nobody waiting runs its own
-  statement at once, exactly as without a line: a lone client's latency does not
-  change.
-- Otherwise it joins the line. When a statement ends, the front of the line (up to
-  :data:`MAX_BATCH` calls) goes out as one ``insert_group`` statement.
+- A caller that finds nobody waiting and no statement of the line in flight (threads:
+  fewer than :data:`MAX_IN_FLIGHT`) runs its own statement at once, exactly as
+  without a line: a lone client's latency does not change.
+- Otherwise it joins the line. The line goes out (up to :data:`MAX_BATCH` calls per
+  statement) as ``insert_group`` statements, while fewer than :data:`MAX_IN_FLIGHT`
+  are in flight (never more than the pool's size). On an event loop it goes out at
+  the end of the loop's round, once the callers woken together have joined it, in
+  even parts when places are free, and not shorter than a statement in flight
+  (:meth:`AsyncInsertLine._send_line`); threads take the front of the line when a
+  statement ends (:class:`~soniq.drivers.lines.ThreadLine`).
 - Each call returns only once its own row is committed. If a merged statement is
   refused by the server (it rolled back: a row it refuses, a deadlock, a timeout), its
   calls are run again one by one, so that nobody hears another caller's error; a lost
@@ -42,11 +46,14 @@ log = logging.getLogger("soniq")
 #: Most enqueues one merged statement carries.
 MAX_BATCH = 500
 #: Most statements of a line in flight at once (and never more than the pool has
-#: connections). Measured with 64 coroutines on a pool of 10 (2 cores): 1 in flight
-#: 29k jobs/s, 2 31k, 3 28k, 5 23k, 10 16k; 16 threads of ``eq.sync``: 1 9.9k, 2 9.5k,
-#: 10 4.8k. Fewer, larger statements win: each costs a commit, and a waiting caller
-#: loses nothing when the statement ahead of it takes it along.
+#: connections). Measured with 64 coroutines on a pool of 10 (2 cores), asyncpg: 2 in
+#: flight 38-44k jobs/s, 3 36-39k, 4 32-37k; 16 threads of ``eq.sync``: 1 9.9k, 2
+#: 9.5k, 10 4.8k. Two statements of half the callers each keep the database writing
+#: one while the callers of the other come back; more cost a commit each.
 MAX_IN_FLIGHT = 2
+#: Fewest calls in each of the statements a line is split into, when several places
+#: are free: a short line goes out whole (one commit), a long one in even parts.
+MIN_SPLIT = 8
 
 
 class _Future(Protocol):
@@ -95,38 +102,77 @@ class AsyncInsertLine:
         self._alone = alone
         self._group = group
         self._max = min(max_in_flight, MAX_IN_FLIGHT)
-        self._in_flight = 0
+        #: The sizes of the statements in flight (an alone call counts 1).
+        self._in_flight: list[int] = []
         self._line: collections.deque[_Call] = collections.deque()
+        self._flush: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: How many merged statements were sent of each size (for tests and metrics).
         self.batches: collections.Counter[int] = collections.Counter()
 
     async def insert(self, spec: JobSpec) -> int:
         """Insert one job (``spec`` holds one), alone or merged; its id once committed."""
-        if self._in_flight < self._max and not self._line:
-            self._in_flight += 1
+        if not self._in_flight and not self._line and self._flush is None:  # alone: at once
+            self._in_flight.append(1)
             try:
                 return await self._alone(spec)
             finally:
-                self._end()
+                self._end(1)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._line.append(_Call(spec, future))
+        if self._flush is None:
+            self._schedule_flush()
         return await future  # cancelled in line: the future is, and it is not sent
 
-    def _end(self) -> None:
-        self._in_flight -= 1
-        while self._in_flight < self._max and self._line:
-            group: list[_Call] = []
-            while self._line and len(group) < MAX_BATCH:
-                call = self._line.popleft()
-                if not call.future.done():  # done in line: its caller was cancelled
-                    group.append(call)
+    def _end(self, size: int) -> None:
+        """A statement ended (its callers answered): the line goes out after they have
+        come back, even when it was to go out before, and none of them goes alone."""
+        self._in_flight.remove(size)
+        if self._flush is not None:
+            self._flush.cancel()
+        self._schedule_flush(answered=size > 1)
+
+    def _schedule_flush(self, answered: bool = False) -> None:
+        """Send the line in the loop's next round, after the callers woken in this one
+        have joined it: the callers a statement answers come back together and go out
+        together (not the first alone and the rest behind it)."""
+        if (self._line or answered) and len(self._in_flight) < self._max:
+            self._flush = asyncio.get_running_loop().call_soon(self._send_line)
+        else:
+            self._flush = None
+
+    def _send_line(self) -> None:
+        """Send the line in as many statements as there is room for, of even sizes
+        (each of at least :data:`MIN_SPLIT` calls), unless it is shorter than a
+        statement in flight: it then waits for one to end, and grows. (Otherwise the
+        callers of a short statement, back at once, go out short again and again
+        beside a long one, which is written with nothing to overlap it; even
+        statements keep the database busy with one while the callers of the other
+        come back.)"""
+        self._flush = None
+        while self._line and self._line[0].future.done():  # cancelled in line
+            self._line.popleft()
+        waiting = len(self._line)
+        free = self._max - len(self._in_flight)
+        if not waiting or free <= 0:
+            return
+        if self._in_flight and waiting < min(self._in_flight):
+            return  # (sent when a statement ends: _end)
+        statements = max(1, min(free, waiting // MIN_SPLIT))
+        for i in range(statements):
+            size = min(MAX_BATCH, -(-len(self._line) // (statements - i)))
+            group = [
+                call
+                for call in (self._line.popleft() for _ in range(size))
+                if not call.future.done()
+            ]  # done in line: its caller was cancelled
             if group:
-                self._in_flight += 1
+                self._in_flight.append(len(group))
                 self.batches[len(group)] += 1
                 task = asyncio.get_running_loop().create_task(self._send(group))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        self._schedule_flush()  # more than MAX_BATCH per statement were waiting
 
     async def _send(self, group: list[_Call]) -> None:
         try:
@@ -137,7 +183,7 @@ class AsyncInsertLine:
                     call.future.set_exception(interrupted(exc))
             raise
         finally:
-            self._end()
+            self._end(len(group))
 
     async def _answer(self, group: list[_Call]) -> None:
         futures = [call.future for call in group]
