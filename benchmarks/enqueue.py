@@ -18,7 +18,9 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
   through Soniq's line (``soniq.drivers.lines.ThreadLine``) whose statement writes
   nothing and only sleeps :data:`LINE_STATEMENT_S` (about one INSERT's round trip and
   commit here): what threads that must each block and be woken can pass on this
-  machine, whatever the database.
+  machine, whatever the database; and the same line with statements that return at
+  once (``time.sleep(0)``: the GIL let go as by any I/O), the most any line of 16
+  blocking callers passes here, with no database and no statement time at all.
 
 Beside them, the peers doing the same with their own documented calls: pgqueuer on
 asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
@@ -339,9 +341,9 @@ class RawPsycopgSync:
 
         return _in_threads(n, one)
 
-    def line_ceiling(self, n: int) -> float:
+    def line_ceiling(self, n: int, seconds: float = LINE_STATEMENT_S) -> float:
         """:data:`THREADS` threads through Soniq's line of blocking calls, its
-        statement a sleep of :data:`LINE_STATEMENT_S` writing nothing."""
+        statement a sleep of ``seconds`` writing nothing."""
 
         class Call:
             __slots__ = ("future",)
@@ -350,12 +352,16 @@ class RawPsycopgSync:
                 self.future: Future[None] = Future()
 
         def statement(calls: list[Call]) -> None:
-            time.sleep(LINE_STATEMENT_S)
+            time.sleep(seconds)
             for call in calls:
                 call.future.set_result(None)
 
         line = ThreadLine(statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH)
-        return _in_threads(n, lambda i: line.run(lambda: time.sleep(LINE_STATEMENT_S), Call))
+        return _in_threads(n, lambda i: line.run(lambda: time.sleep(seconds), Call))
+
+    def line_ceiling_idle(self, n: int) -> float:
+        """:meth:`line_ceiling` with statements that take no time."""
+        return self.line_ceiling(n, 0.0)
 
     def _single(self, n: int, statement: str) -> float:
         pool = self.pool
@@ -735,6 +741,8 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
         if sync:
             line = f"line ceiling: {callers}, no database, {LINE_STATEMENT_S * 1e3:g} ms sleeps"
             plan["concurrent"].append(("line", line, raw, "line_ceiling"))
+            idle = f"line ceiling: {callers}, no database, statements that take no time"
+            plan["concurrent"].append(("line-idle", idle, raw, "line_ceiling_idle"))
         if peers:
             for case in plan:
                 plan[case].append((peer, peer_plan[case], db, case))
@@ -773,6 +781,7 @@ RATIOS = {
     "concurrent": [
         ("soniq", "raw"),
         ("line", "raw"),
+        ("line-idle", "raw"),
         ("pgqueuer", "raw"),
         ("procrastinate", "raw"),
         ("soniq", "line"),
@@ -857,7 +866,7 @@ class Bench:
         jobs, orders = control.count()
         control.clear()
         want_orders = n if m.case == "tx" else 0
-        want_jobs = 0 if m.key == "line" else n  # the line ceiling writes nothing
+        want_jobs = 0 if m.key.startswith("line") else n  # the line ceilings write nothing
         if (jobs, orders) != (want_jobs, want_orders):
             raise RuntimeError(
                 f"{m.id}: expected {want_jobs} jobs and {want_orders} orders, "
