@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import threading
 from collections.abc import Iterator
@@ -182,8 +183,10 @@ async def test_a_connection_killed_under_a_merged_statement_answers_every_caller
         assert all(isinstance(o, Exception) for o in outcomes), outcomes
         line = eq.backend.insert_line()  # type: ignore[attr-defined]
         await async_wait_until(  # (in one statement or two, as places became free)
-            lambda: not line._line
-            and _waiting_on_lock(pg, "jsonb_to_recordset") == len(line._in_flight) > 0,
+            lambda: (
+                not line._line
+                and _waiting_on_lock(pg, "jsonb_to_recordset") == len(line._in_flight) > 0
+            ),
             10,
             "the merged statements sent",
         )
@@ -343,3 +346,103 @@ async def test_callers_answered_together_go_out_together_in_even_statements() ->
     statements = sum(line.batches.values())
     assert line.batches[32] >= 0.8 * statements, line.batches
     assert not line._in_flight and not line._line
+
+
+def _spec(n: int, dedupe_key: str | None = None) -> JobSpec:
+    return JobSpec("a", "q", ({"n": n},), dedupe_key=dedupe_key)
+
+
+async def test_a_statement_cancelled_before_it_started_answers_and_frees_its_place() -> None:
+    """A shutdown that cancels every other task can catch a merged statement's task
+    before its first step: its callers still hear so, and the line goes on (a place
+    left taken would hold every later enqueue of the loop)."""
+
+    async def alone(spec: JobSpec) -> int:
+        await asyncio.sleep(0.05)
+        return _n(spec)
+
+    async def group(specs: list[JobSpec]) -> list[int]:
+        await asyncio.sleep(0.2)
+        return [_n(spec) for spec in specs]
+
+    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    first = asyncio.ensure_future(line.insert(_spec(0)))  # alone
+    await asyncio.sleep(0.01)
+    sent = [asyncio.ensure_future(line.insert(_spec(i))) for i in range(1, 21)]
+    await asyncio.sleep(0.01)
+    waiting = [asyncio.ensure_future(line.insert(_spec(i))) for i in range(21, 41)]
+    await first  # its end scheduled the line's statement: its task is not started yet
+    unstarted = [
+        t for t in line._tasks if inspect.getcoroutinestate(t.get_coro()) == "CORO_CREATED"
+    ]
+    assert unstarted, "the waiting line's statement should have been created, not run"
+    for task in unstarted:
+        task.cancel()
+    answers = await asyncio.wait_for(asyncio.gather(*sent, *waiting, return_exceptions=True), 5)
+    assert answers[:20] == list(range(1, 21))
+    assert all(isinstance(a, Exception) for a in answers[20:]), answers[20:]
+    assert await asyncio.wait_for(line.insert(_spec(99)), 5) == 99
+    assert not line._in_flight and not line._line
+
+
+async def test_a_statement_held_up_holds_up_other_callers_briefly_only() -> None:
+    """A merged statement waiting on a row lock (its dedupe key held by a caller's
+    open transaction) keeps a later, unrelated caller waiting at most MAX_HOLD,
+    then that caller takes the free place."""
+    released = asyncio.Event()
+
+    async def alone(spec: JobSpec) -> int:
+        if spec.dedupe_key == "k":
+            await released.wait()
+        await asyncio.sleep(0.001)
+        return _n(spec)
+
+    async def group(specs: list[JobSpec]) -> list[int]:
+        if any(spec.dedupe_key == "k" for spec in specs):
+            await released.wait()
+        await asyncio.sleep(0.001)
+        return [_n(spec) for spec in specs]
+
+    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    first = asyncio.ensure_future(line.insert(_spec(0)))
+    await asyncio.sleep(0)
+    held = [
+        asyncio.ensure_future(line.insert(_spec(i, "k" if i == 1 else None))) for i in range(1, 11)
+    ]
+    await async_wait_until(lambda: line._in_flight == [10], 5, "the held statement in flight")
+    assert await asyncio.wait_for(line.insert(_spec(99)), 5) == 99  # without the release
+    released.set()
+    assert await asyncio.wait_for(asyncio.gather(*held), 5) == list(range(1, 11))
+    await first
+
+
+async def test_statements_ending_together_send_their_callers_together() -> None:
+    """A merged statement and a lone one end in the same round: the merged one's
+    callers, back in the next round, go out together, not the first alone."""
+    gate = asyncio.Event()
+
+    async def alone(spec: JobSpec) -> int:
+        await gate.wait()
+        await asyncio.sleep(0.001)
+        return _n(spec)
+
+    async def group(specs: list[JobSpec]) -> list[int]:
+        await gate.wait()
+        await asyncio.sleep(0.001)
+        return [_n(spec) for spec in specs]
+
+    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+
+    async def caller(k: int, calls: int) -> None:
+        for i in range(calls):
+            await line.insert(_spec(k * 100 + i))
+
+    lone = asyncio.ensure_future(caller(0, 1))
+    await asyncio.sleep(0)
+    merged = [asyncio.ensure_future(caller(k, 2)) for k in range(1, 6)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sorted(line._in_flight) == [1, 5]
+    gate.set()  # both end in the same round
+    await asyncio.wait_for(asyncio.gather(lone, *merged), 5)
+    assert line.batches == {5: 2}, line.batches

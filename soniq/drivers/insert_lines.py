@@ -2,15 +2,17 @@
 arrive while others are in flight wait in line, and the line is written as one
 statement in one transaction (one commit, one NOTIFY), each caller getting its own id.
 
-- A caller that finds nobody waiting and no statement of the line in flight (threads:
-  fewer than :data:`MAX_IN_FLIGHT`) runs its own statement at once, exactly as
+- A caller that finds nobody waiting and no statement of the line in flight (on an
+  event loop: nor one that just ended, whose callers are coming back; threads: fewer
+  than :data:`MAX_IN_FLIGHT` in flight) runs its own statement at once, exactly as
   without a line: a lone client's latency does not change.
 - Otherwise it joins the line. The line goes out (up to :data:`MAX_BATCH` calls per
   statement) as ``insert_group`` statements, while fewer than :data:`MAX_IN_FLIGHT`
   are in flight (never more than the pool's size). On an event loop it goes out at
   the end of the loop's round, once the callers woken together have joined it, in
-  even parts when places are free, and not shorter than a statement in flight
-  (:meth:`AsyncInsertLine._send_line`); threads take the front of the line when a
+  even parts when places are free, and not shorter than a statement in flight unless
+  that one takes longer than :data:`MAX_HOLD` (:meth:`AsyncInsertLine._send_line`);
+  threads take the front of the line when a
   statement ends (:class:`~soniq.drivers.lines.ThreadLine`).
 - Each call returns only once its own row is committed. If a merged statement is
   refused by the server (it rolled back: a row it refuses, a deadlock, a timeout), its
@@ -20,7 +22,9 @@ statement in one transaction (one commit, one NOTIFY), each caller getting its o
   is committed twice.
 - A caller cancelled (or interrupted) while it waits in line is dropped: its job is
   not inserted. Once its statement has been sent, the job is committed as it would
-  have been, and its id is logged.
+  have been, and its id is logged; should that merged statement be refused, a
+  cancelled caller's call is not sent again (``eq``), and an interrupted thread's is,
+  its id logged (``eq.sync``: the thread that sends a group answers every call).
 
 :class:`AsyncInsertLine` serves ``eq`` (one event loop; a task per merged statement),
 :class:`SyncInsertLine` serves ``eq.sync`` (threads: a :class:`~soniq.drivers.lines.ThreadLine`,
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
@@ -54,6 +59,9 @@ MAX_IN_FLIGHT = 2
 #: Fewest calls in each of the statements a line is split into, when several places
 #: are free: a short line goes out whole (one commit), a long one in even parts.
 MIN_SPLIT = 8
+#: Longest a line shorter than a statement in flight waits for it to end (seconds):
+#: a statement held up (on a row lock, say) holds up nobody else for long.
+MAX_HOLD = 0.002
 
 
 class _Future(Protocol):
@@ -128,9 +136,10 @@ class AsyncInsertLine:
         """A statement ended (its callers answered): the line goes out after they have
         come back, even when it was to go out before, and none of them goes alone."""
         self._in_flight.remove(size)
-        if self._flush is not None:
-            self._flush.cancel()
-        self._schedule_flush(answered=size > 1)
+        flush = self._flush
+        if flush is not None:  # (perhaps for the callers of another statement)
+            flush.cancel()
+        self._schedule_flush(answered=size > 1 or flush is not None)
 
     def _schedule_flush(self, answered: bool = False) -> None:
         """Send the line in the loop's next round, after the callers woken in this one
@@ -141,14 +150,14 @@ class AsyncInsertLine:
         else:
             self._flush = None
 
-    def _send_line(self) -> None:
-        """Send the line in as many statements as there is room for, of even sizes
-        (each of at least :data:`MIN_SPLIT` calls), unless it is shorter than a
-        statement in flight: it then waits for one to end, and grows. (Otherwise the
-        callers of a short statement, back at once, go out short again and again
-        beside a long one, which is written with nothing to overlap it; even
-        statements keep the database busy with one while the callers of the other
-        come back.)"""
+    def _send_line(self, held: bool = False) -> None:
+        """Send the line in even statements, as many as there are free places and at
+        most one per :data:`MIN_SPLIT` calls, unless it is shorter than a statement
+        in flight (and not ``held`` already): it then waits for one to end, or
+        :data:`MAX_HOLD`, and grows. (Otherwise the callers of a short statement,
+        back at once, go out short again and again beside a long one, which is
+        written with nothing to overlap it; even statements keep the database busy
+        with one while the callers of the other come back.)"""
         self._flush = None
         while self._line and self._line[0].future.done():  # cancelled in line
             self._line.popleft()
@@ -156,8 +165,11 @@ class AsyncInsertLine:
         free = self._max - len(self._in_flight)
         if not waiting or free <= 0:
             return
-        if self._in_flight and waiting < min(self._in_flight):
-            return  # (sent when a statement ends: _end)
+        if not held and self._in_flight and waiting < min(self._in_flight):
+            # Sent when a statement ends (_end), or after MAX_HOLD at the latest.
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(MAX_HOLD, self._send_line, True)
+            return
         statements = max(1, min(free, waiting // MIN_SPLIT))
         for i in range(statements):
             size = min(MAX_BATCH, -(-len(self._line) // (statements - i)))
@@ -169,21 +181,22 @@ class AsyncInsertLine:
             if group:
                 self._in_flight.append(len(group))
                 self.batches[len(group)] += 1
-                task = asyncio.get_running_loop().create_task(self._send(group))
+                task = asyncio.get_running_loop().create_task(self._answer(group))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(functools.partial(self._sent, group))
         self._schedule_flush()  # more than MAX_BATCH per statement were waiting
 
-    async def _send(self, group: list[_Call]) -> None:
-        try:
-            await self._answer(group)
-        except BaseException as exc:  # this task cancelled (the loop is closing)
+    def _sent(self, group: list[_Call], task: asyncio.Task[None]) -> None:
+        """The task of ``group``'s statement is done, even when it was cancelled before
+        its first step (the loop closing): a call not answered hears why, and the
+        statement's place is free."""
+        self._tasks.discard(task)
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is not None:
             for call in group:
                 if not call.future.done():
                     call.future.set_exception(interrupted(exc))
-            raise
-        finally:
-            self._end(len(group))
+        self._end(len(group))
 
     async def _answer(self, group: list[_Call]) -> None:
         futures = [call.future for call in group]
