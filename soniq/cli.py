@@ -218,6 +218,14 @@ def _parser() -> argparse.ArgumentParser:
         help="require these credentials (default: $SONIQ_DASHBOARD_BASIC_AUTH; prefer the "
         "variable: a command line is visible to other users)",
     )
+    dashboard.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="HOST",
+        help="a host name requests may carry (repeatable; default on a loopback address: "
+        "localhost, 127.0.0.1, ::1; elsewhere: any)",
+    )
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument("app", help="module:attribute of your Soniq instance, e.g. myapp.jobs:eq")
     worker.add_argument("--queues", default=None, help="comma-separated queues (default: all)")
@@ -1065,21 +1073,12 @@ def _dashboard(args: argparse.Namespace) -> int:
             + (" and can act on them" if args.actions else ""),
             file=sys.stderr,
         )
-    spec = args.app or args.app_spec
-    if spec is not None or args.database_url:
-        try:
-            app = _soniq_of(args, "soniq dashboard", spec)
-        except (SoniqError, ValueError) as exc:
-            print(f"soniq dashboard: {exc}", file=sys.stderr)
-            return 1
-        if app is None:
-            return 2
-    else:
-        print(
-            "soniq dashboard: name your Soniq (module:eq), or pass --database-url "
-            "or set SONIQ_DATABASE_URL",
-            file=sys.stderr,
-        )
+    try:
+        app = _soniq_of(args, "soniq dashboard", args.app or args.app_spec)
+    except (SoniqError, ValueError) as exc:
+        print(f"soniq dashboard: {exc}", file=sys.stderr)
+        return 1
+    if app is None:
         return 2
     dashboard.serve(
         app,
@@ -1087,6 +1086,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         port=args.port,
         actions=args.actions,
         basic_auth=args.basic_auth or None,
+        allowed_hosts=args.allowed_hosts,
     )
     return 0
 

@@ -291,6 +291,23 @@ async def _claim(eq: Soniq) -> int:
     return claimed.id
 
 
+async def test_a_rebound_host_name_can_neither_read_nor_act(eq: Soniq) -> None:
+    """DNS rebinding: another site's page, its name pointed at the dashboard's address,
+    sends that site's Host. With allowed_hosts (serve's default on loopback), such a
+    request reads nothing and gets no CSRF token; the names allowed work."""
+    assert soniq.dashboard.LOOPBACK_NAMES == ("localhost", "127.0.0.1", "::1")
+    board = soniq.dashboard.app(eq, actions=True, allowed_hosts=soniq.dashboard.LOOPBACK_NAMES)
+    async with client(board) as http:
+        for host in ("attacker.example:8080", "attacker.example", "testserver"):
+            page = await http.get("/", headers={"Host": host})
+            assert page.status_code == 400 and "csrf" not in page.text.lower(), host
+            posted = await http.post("/queues/pause", data={"queue": "q"}, headers={"Host": host})
+            assert posted.status_code == 400, host
+        for host in ("localhost:8080", "127.0.0.1:8080", "[::1]:8080", "LOCALHOST"):
+            assert (await http.get("/", headers={"Host": host})).status_code == 200, host
+    assert not any(q.paused for q in await eq.queue_stats())
+
+
 async def test_read_only_refuses_every_post(eq: Soniq) -> None:
     _, failed = await finished_jobs(eq)
     # A token and cookie as valid as can be: from an app with actions and the same key.

@@ -17,7 +17,10 @@ from typing import Any
 from soniq import Soniq
 from soniq.dashboard._web import AuthHook, app, parse_basic_auth
 
-__all__ = ["AuthHook", "app", "is_loopback", "parse_basic_auth", "serve"]
+__all__ = ["LOOPBACK_NAMES", "AuthHook", "app", "is_loopback", "parse_basic_auth", "serve"]
+
+#: The ``Host`` names a dashboard served on a loopback address accepts by default.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def is_loopback(host: str) -> bool:
@@ -40,9 +43,13 @@ def serve(
 ) -> None:
     """Serve :func:`app` of ``eq`` (``options``: its own, ``actions``,
     ``basic_auth``...) with uvicorn until SIGINT or SIGTERM, then close ``eq``.
-    Binds 127.0.0.1 by default: only this machine can reach it."""
+    Binds 127.0.0.1 by default: only this machine can reach it, and on a loopback
+    address only requests naming it (:data:`LOOPBACK_NAMES`) are answered unless
+    ``allowed_hosts`` says otherwise."""
     import uvicorn
 
+    if is_loopback(host) and options.get("allowed_hosts") is None:
+        options["allowed_hosts"] = LOOPBACK_NAMES
     dashboard = app(eq, **options)
     config = uvicorn.Config(
         dashboard,

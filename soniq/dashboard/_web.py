@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,7 @@ class Dashboard:
         secret: str | bytes | None,
         refresh: float,
         title: str,
+        allowed_hosts: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(eq, Soniq):
             raise TypeError(f"soniq.dashboard.app() takes a soniq.Soniq, got {type(eq).__name__}")
@@ -154,6 +155,11 @@ class Dashboard:
         self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
         self.refresh = float(refresh)
         self.title = title
+        self.allowed_hosts = (
+            None
+            if allowed_hosts is None
+            else frozenset(h.lower().strip("[]") for h in allowed_hosts)
+        )
         self._ready = False
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_TEMPLATES),
@@ -199,7 +205,12 @@ class Dashboard:
         return user_ok & password_ok
 
     async def check_access(self, request: Request) -> Response | None:
-        """None when the request may go on; else the 401 or 403 to answer."""
+        """None when the request may go on; else the 400, 401 or 403 to answer."""
+        # A page of another site whose name was rebound to this address reaches it
+        # with that site's Host header: refused, it can neither read nor act.
+        host = (request.url.hostname or "").lower()
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return Response("Host not allowed\n", status_code=400, media_type="text/plain")
         if self.basic_auth is not None and not self._basic_auth_ok(request):
             return Response(
                 "Authentication required\n",
@@ -254,7 +265,6 @@ class Dashboard:
             csrf_field=CSRF_FIELD,
             csrf_token=self.csrf_for(cookie),
             nonce=nonce,
-            path=request.url.path,
             notice=self._notice(request),
             **context,
         )
@@ -337,13 +347,7 @@ class Dashboard:
                 )
             return await handler(request, form)
 
-        async def endpoint(request: Request) -> Response:
-            denied = await self.check_access(request)
-            if denied is not None:
-                return denied
-            return await self._shown(request, act(request))
-
-        return endpoint
+        return self.page(act)
 
     async def _shown(self, request: Request, answer: Awaitable[Response]) -> Response:
         """``answer``, or the page of what kept it from being given: a refusal, or a
@@ -413,6 +417,7 @@ def app(
     secret: str | bytes | None = None,
     refresh: float = 5.0,
     title: str = "Soniq",
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """The dashboard of ``eq`` (a :class:`soniq.Soniq`) as an ASGI application.
 
@@ -427,6 +432,11 @@ def app(
       processes serve the dashboard behind one address).
     - ``refresh``: seconds between reloads of a page whose auto-refresh box is ticked
       (0: no auto-refresh).
+    - ``allowed_hosts``: the host names requests may carry in their ``Host`` header
+      (others answer 400), against DNS rebinding: a page of another site whose name
+      is made to point at this address. ``serve`` on a loopback address gives the
+      loopback names by default; None (the default here): any host, for an app
+      mounted behind a host that checks them itself.
 
     Served as the root application, its lifespan opens ``eq`` and closes it at
     shutdown. Mounted inside another app, the host's lifespan should open and close
@@ -441,6 +451,7 @@ def app(
         secret=secret if secret is not None else os.environ.get("SONIQ_DASHBOARD_SECRET"),
         refresh=refresh,
         title=title,
+        allowed_hosts=allowed_hosts,
     )
 
     async def overview(request: Request) -> Response:
@@ -479,8 +490,6 @@ def app(
     async def jobs(request: Request) -> Response:
         soniq = await board.ready()
         status = request.query_params.get("status") or None
-        if status is not None and status not in {s.value for s in JobStatus}:
-            raise _Refused(400, f"no status {status!r}")
         queue = request.query_params.get("queue") or None
         name = request.query_params.get("name") or None
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
@@ -499,9 +508,6 @@ def app(
             kept["limit"] = str(limit)
         next_url = "?" + urlencode({**kept, "before_id": page[-1].id}) if more else None
         first_url = "?" + urlencode(kept) if before_id is not None else None
-        queue_names = [q.queue for q in await soniq.queue_stats()]
-        if queue and queue not in queue_names:
-            queue_names.append(queue)
         now = dt.datetime.now(dt.timezone.utc)
         return board.render(
             request,
@@ -509,9 +515,8 @@ def app(
             jobs=page,
             filters=filters,
             statuses=[s.value for s in JobStatus],
-            queue_names=sorted(queue_names),
             limit=limit,
-            before_id=before_id,
+            max_page=MAX_PAGE,
             next_url=next_url,
             first_url=first_url,
             now=now,
