@@ -46,6 +46,10 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -269,9 +273,12 @@ async def enter_async(manager: Any) -> bool:
     return False
 
 
-def enter_in_thread(manager: Any, loop: asyncio.AbstractEventLoop | None) -> bool:
+def enter_in_thread(
+    manager: Any, loop: asyncio.AbstractEventLoop | None, context: contextvars.Context
+) -> bool:
     """Enter ``manager`` from a sync job's thread: a sync one here, an async one on
-    the worker's ``loop`` while the thread waits; True when it is async."""
+    the worker's ``loop`` (in the run's ``context``) while the thread waits; True when
+    it is async."""
     if hasattr(manager, "__enter__"):
         manager.__enter__()
         return False
@@ -282,7 +289,7 @@ def enter_in_thread(manager: Any, loop: asyncio.AbstractEventLoop | None) -> boo
             "an async middleware cannot wrap a sync job run with no event loop "
             "(drain(eq.sync)): use `await drain(eq)`, or make the middleware sync"
         )
-    on_loop(loop, manager.__aenter__())
+    on_loop(loop, manager.__aenter__(), context)
     return True
 
 
@@ -325,13 +332,15 @@ def exit_all_sync(
     entered: list[tuple[Any, bool]],
     error: BaseException | None,
     loop: asyncio.AbstractEventLoop | None = None,
+    context: contextvars.Context | None = None,
 ) -> BaseException | None:
-    """:func:`exit_all_async` on this thread; async managers exit on ``loop``."""
+    """:func:`exit_all_async` on this thread; async managers exit on ``loop``, in the
+    ``context`` they were entered in."""
     for manager, is_async in reversed(entered):
         try:
             if is_async:
                 assert loop is not None
-                on_loop(loop, manager.__aexit__(*_exc_info(error)))
+                on_loop(loop, manager.__aexit__(*_exc_info(error)), context)
             else:
                 manager.__exit__(*_exc_info(error))
         except BaseException as raised:
@@ -339,13 +348,41 @@ def exit_all_sync(
     return error
 
 
-def on_loop(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Any]) -> Any:
-    """Run ``awaitable`` on ``loop`` (another thread's) and wait for its result."""
+def on_loop(
+    loop: asyncio.AbstractEventLoop,
+    awaitable: Awaitable[Any],
+    context: contextvars.Context | None = None,
+) -> Any:
+    """Run ``awaitable`` on ``loop`` (another thread's) and wait for its result; in
+    ``context`` when given (Python 3.11+), so that an async middleware's enter and
+    exit share one context: a variable its enter sets, its exit can reset. (3.10's
+    tasks take a copy of the context each: there the exit sees the enter's variables
+    as they were, and cannot reset them.)"""
 
     async def run() -> Any:
         return await awaitable
 
-    return asyncio.run_coroutine_threadsafe(run(), loop).result()
+    if context is None or sys.version_info < (3, 11):
+        return asyncio.run_coroutine_threadsafe(run(), loop).result()
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def start() -> None:
+        task = loop.create_task(run(), context=context)  # type: ignore[call-arg,unused-ignore]
+        task.add_done_callback(functools.partial(_settle, done))
+
+    loop.call_soon_threadsafe(start)
+    return done.result()
+
+
+def _settle(done: concurrent.futures.Future[Any], task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        done.cancel()
+        return
+    error = task.exception()
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(task.result())
 
 
 def _exc_info(error: BaseException | None) -> tuple[Any, Any, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 
 import soniq
+import soniq.testing
 from soniq import EnqueueContext, JobStatus, RunContext, Soniq
 from tests.conftest import BACKENDS, migrated_soniq
 
@@ -375,6 +377,38 @@ async def test_sync_middleware_runs_in_a_sync_jobs_thread(any_eq: Soniq) -> None
     assert job is not None and job.result == f"set for {job_id}"
     assert threads["sync"] == threads["body"] != threading.get_ident()
     assert threads["async"] == threading.get_ident()  # on the worker's loop
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="a task's context= is 3.11+")
+async def test_an_async_middleware_around_a_sync_job_resets_what_it_set(any_eq: Soniq) -> None:
+    """Its enter and exit run on the loop in one context, as around an async job: a
+    context variable set on enter can be reset on exit (OpenTelemetry's attach and
+    detach do this), by the worker and by drain."""
+    var: contextvars.ContextVar[str | None] = contextvars.ContextVar("mw_var", default=None)
+    seen: list[str | None] = []
+
+    @any_eq.job(name="mw.plain_sync", max_retries=0)
+    def plain_sync() -> str:
+        return "ok"
+
+    @any_eq.middleware
+    @contextlib.asynccontextmanager
+    async def scoped(ctx: RunContext) -> AsyncIterator[None]:
+        token = var.set(f"run {ctx.id}")
+        try:
+            yield
+        finally:
+            seen.append(var.get())
+            var.reset(token)
+
+    by_worker = await any_eq.enqueue(plain_sync)
+    await any_eq.run_worker(**BURST)
+    by_drain = await any_eq.enqueue(plain_sync)
+    await soniq.testing.drain(any_eq)
+    for job_id in (by_worker, by_drain):
+        job = await any_eq.get_job(job_id)
+        assert job is not None and job.status is JobStatus.DONE, job and job.last_error
+    assert seen == [f"run {by_worker}", f"run {by_drain}"]
 
 
 async def test_a_timed_out_job_tells_its_middleware(any_eq: Soniq) -> None:

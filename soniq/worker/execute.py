@@ -21,6 +21,7 @@ inside them; without, the run takes the plain path (one ``if``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -160,6 +161,8 @@ class JobRun:
         ones on the worker's loop (this thread waits)."""
         ctx = self._run_context()
         token = context.enter(self.context)
+        # The async ones' enters and exits share one context, as on the loop.
+        shared = contextvars.copy_context()
         entered: list[tuple[Any, bool]] = []
         value: Any = None
         error: BaseException | None = None
@@ -167,12 +170,12 @@ class JobRun:
             try:
                 for func in self.middleware:
                     manager = func(ctx)
-                    entered.append((manager, enter_in_thread(manager, self.loop)))
+                    entered.append((manager, enter_in_thread(manager, self.loop, shared)))
                 value = self.definition.func(**self.args)
             except BaseException as exc:  # whatever a job raises is its outcome
                 error = exc
             outcome = self._ended(ctx, value, error)
-            after = exit_all_sync(entered, error, self.loop)
+            after = exit_all_sync(entered, error, self.loop, shared)
         finally:
             context.leave(token)
         return outcome if after is error else self._ended(ctx, None, after)
