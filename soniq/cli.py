@@ -547,6 +547,8 @@ def _queues(args: argparse.Namespace) -> int:
         options = ("--concurrency", "--rate-limit")
         wanted = queue_limits(args.concurrency, args.rate_limit, options=options)
         eq = _soniq_of(args, command)
+        if eq is None:  # (it said why)
+            return 2
         try:
             eq.sync.ensure_initialized(migrate=False)
             if args.action is None:

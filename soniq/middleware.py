@@ -295,6 +295,8 @@ def enter_in_thread(
 
 def enter_sync(manager: Any, func: Middleware) -> bool:
     """Enter a sync ``manager`` (an async one: TypeError naming ``func``)."""
+    if not hasattr(manager, "__aenter__"):
+        _sync_manager(manager)  # raises unless it is one, naming what was returned
     if not hasattr(manager, "__enter__"):
         raise TypeError(
             f"middleware {getattr(func, '__qualname__', func)!r} returned an async context "

@@ -785,6 +785,10 @@ def test_migrate_with_an_app_uses_its_schema(
     # An app brings its own schema: one given beside it is a mistake, not ignored.
     assert main(["migrate", "--app", "tests.worker_app:eq", "--schema", "other"]) == 2
     assert "--schema goes with --database-url" in capsys.readouterr().err
+    # Every command that takes --app refuses it so, with exit 2 and no traceback.
+    for argv in (["queues"], ["queues", "pause", "q"], ["stats"], ["jobs"], ["workers"]):
+        assert main([*argv, "--app", "tests.worker_app:eq", "--schema", "other"]) == 2, argv
+        assert "--schema goes with --database-url" in capsys.readouterr().err, argv
 
 
 def test_with_app_puts_the_soniq_where_each_command_takes_it() -> None:

@@ -296,7 +296,7 @@ def stats_since(now: float, minutes: int) -> float:
 def stats_from_rows(now: float, minutes: int, rows: Iterable[Sequence[Any]]) -> Stats:
     """:class:`Stats` at ``now`` (epoch seconds, the database's clock) of rows of
     (minute: epoch seconds // 60, status, count)."""
-    first = math.floor(now / 60) - (minutes - 1)
+    first = int(stats_since(now, minutes)) // 60
     counts = [dict.fromkeys(("done", "failed", "cancelled"), 0) for _ in range(minutes)]
     for minute, status, count in rows:
         slot = int(minute) - first

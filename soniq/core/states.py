@@ -74,6 +74,9 @@ ACTIVE: frozenset[JobStatus] = frozenset(JobStatus) - FINISHED
 #: Statuses a cancel request applies to: waiting and queued jobs are cancelled at once,
 #: running jobs get the request recorded and stop when their worker acknowledges it.
 CANCELLABLE: frozenset[JobStatus] = frozenset({W, Q, R})
+#: Statuses ``queue_stats`` counts per queue besides queued and running: through
+#: migration 8's partial index on PostgreSQL, whose predicate lists the same ones.
+COUNTED_BY_QUEUE: frozenset[JobStatus] = frozenset({W, F, C})
 #: Statuses cancelled at once by a cancel request (no worker to acknowledge it).
 CANCELLED_AT_ONCE: frozenset[JobStatus] = frozenset(
     s for s, moves in TRANSITIONS.items() if Event.CANCEL in moves

@@ -117,7 +117,8 @@ class JobAdmin(admin.ModelAdmin):  # type: ignore[misc]  # Django has no type in
     def _report(self, request: Any, verb: str, done: list[int], ids: list[int], why: str) -> None:
         if done:
             self.message_user(request, f"{len(done)} job(s) {verb}.", messages.SUCCESS)
-        left = [job_id for job_id in ids if job_id not in done]
+        changed = set(done)
+        left = [job_id for job_id in ids if job_id not in changed]
         if left:
             shown = ", ".join(f"#{job_id}" for job_id in left[:20])
             self.message_user(

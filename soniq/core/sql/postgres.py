@@ -712,10 +712,11 @@ WITH queued AS (
 ), running AS (
     SELECT queue, count(*) AS n FROM {jobs} WHERE status = '{running}' GROUP BY queue
 ), others AS (
-    SELECT queue, count(*) FILTER (WHERE status = 'waiting') AS waiting,
-        count(*) FILTER (WHERE status = 'failed') AS failed,
-        count(*) FILTER (WHERE status = 'cancelled') AS cancelled
-    FROM {jobs} WHERE status IN ('waiting', 'failed', 'cancelled') GROUP BY queue
+    SELECT queue, count(*) FILTER (WHERE status = '{JobStatus.WAITING.value}') AS waiting,
+        count(*) FILTER (WHERE status = '{JobStatus.FAILED.value}') AS failed,
+        count(*) FILTER (WHERE status = '{JobStatus.CANCELLED.value}') AS cancelled
+    FROM {jobs} WHERE status IN {states.sql_status_list(states.COUNTED_BY_QUEUE)}
+    GROUP BY queue
 ), names AS (
     SELECT queue FROM queued UNION SELECT queue FROM running
     UNION SELECT queue FROM others
@@ -735,7 +736,7 @@ SELECT extract(epoch FROM now())::float8, (
     SELECT coalesce(json_agg(json_build_array(m, status, n)), '[]')::text FROM (
         SELECT floor(extract(epoch FROM finished_at) / 60)::bigint AS m, status, count(*) AS n
         FROM {jobs}
-        WHERE status IN ('done', 'failed', 'cancelled')
+        WHERE status IN {states.sql_status_list(states.FINISHED)}
             AND finished_at >= to_timestamp(
                 (floor(extract(epoch FROM now()) / 60) - ($1::text::int - 1)) * 60)
             AND queue = coalesce($2::text, queue)

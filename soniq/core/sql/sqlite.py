@@ -1529,14 +1529,20 @@ SELECT 'queued', queue, sum(run_at <= ?1), sum(run_at > ?1),
        min(CASE WHEN run_at <= ?1 THEN run_at END), NULL
 FROM {JOBS} WHERE status = '{_QUEUED}' GROUP BY queue
 UNION ALL
-SELECT 'running', queue, count(*), NULL, NULL, NULL
+SELECT '{_RUNNING}', queue, count(*), NULL, NULL, NULL
 FROM {JOBS} WHERE status = '{_RUNNING}' GROUP BY queue
 UNION ALL
 SELECT status, queue, count(*), NULL, NULL, NULL
-FROM {JOBS} WHERE status IN ('waiting', 'failed', 'cancelled') GROUP BY queue, status
+FROM {JOBS} WHERE status IN {states.sql_status_list(states.COUNTED_BY_QUEUE)}
+GROUP BY queue, status
 UNION ALL
 SELECT 'settings', queue, paused, concurrency, rate_count, rate_period FROM {QUEUES}"""
-    column = {"running": 3, "waiting": 4, "failed": 5, "cancelled": 6}
+    column = {
+        JobStatus.RUNNING.value: 3,
+        JobStatus.WAITING.value: 4,
+        JobStatus.FAILED.value: 5,
+        JobStatus.CANCELLED.value: 6,
+    }
 
     def steps() -> Steps[list[QueueStats]]:
         rows: dict[str, list[Any]] = {}
