@@ -575,20 +575,31 @@ async def _run_async_job(run: JobRun) -> tuple[Outcome, BaseException | None]:
         raise
     if finished:
         return task.result(), run.error
+    run.timed_out()  # recorded before the cancel, as the worker does: middleware see it
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
-    return run.timed_out(), run.error
+    return run.timed_out(), run.error  # (again: the cancelled body set its own error)
 
 
 def _run_sync_job(run: JobRun) -> tuple[Outcome, BaseException | None]:
-    """A sync job on this thread. It cannot be interrupted: past its timeout, it
-    counts as timed out when it returns."""
-    started = time.monotonic()
-    outcome = run.run_sync()
+    """A sync job on this thread. It cannot be interrupted: at its timeout it is
+    recorded as timed out (as the worker does, so its middleware see that), and the
+    drain goes on when it returns."""
     timeout = run.context.timeout
-    if timeout and time.monotonic() - started >= timeout:
-        outcome = run.timed_out()
+    if not timeout:
+        return run.run_sync(), run.error
+    fired: list[Outcome] = []
+    timer = threading.Timer(timeout, lambda: fired.append(run.timed_out()))
+    timer.daemon = True
+    timer.start()
+    try:
+        outcome = run.run_sync()
+    finally:
+        timer.cancel()
+        timer.join()
+    if fired:
+        outcome = run.timed_out()  # (again: the body's end may have set its own error)
     return outcome, run.error
 
 

@@ -11,6 +11,7 @@ import contextvars
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 import soniq
 import soniq.testing
 from soniq import EnqueueContext, JobStatus, RunContext, Soniq
-from tests.conftest import BACKENDS, migrated_soniq
+from tests.conftest import BACKENDS, async_wait_until, migrated_soniq
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -434,6 +435,42 @@ async def test_a_timed_out_job_tells_its_middleware(any_eq: Soniq) -> None:
     assert outcomes == ["failed"]
 
 
+async def test_drain_tells_middleware_of_a_timeout_as_the_worker_does(any_eq: Soniq) -> None:
+    """A sync job past its timeout, and an async one that swallows its cancellation
+    and returns: the worker records them failed before they end, so their middleware
+    see "failed"; drain must tell them the same."""
+    outcomes: list[str | None] = []
+
+    @any_eq.job(name="mw.slow_sync", timeout=0.2, max_retries=0)
+    def slow_sync() -> None:
+        time.sleep(0.5)
+
+    @any_eq.job(name="mw.swallows", timeout=0.2, max_retries=0)
+    async def swallows() -> str:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        return "returned anyway"
+
+    @any_eq.middleware
+    @contextlib.contextmanager
+    def watch(ctx: RunContext) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            outcomes.append(ctx.outcome)
+
+    ids = [await any_eq.enqueue(slow_sync), await any_eq.enqueue(swallows)]
+    await soniq.testing.drain(any_eq)
+    for job_id in ids:
+        job = await any_eq.get_job(job_id)
+        assert job is not None and job.status is JobStatus.FAILED
+        assert job.last_error is not None and "JobTimeout" in job.last_error
+    # (drain leaves a timed-out sync job's thread behind, as the worker does: its
+    # middleware exit when the body returns)
+    await async_wait_until(lambda: len(outcomes) == 2, 10, "both runs' middleware exited")
+    assert outcomes == ["failed", "failed"]
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 async def test_no_middleware_takes_the_plain_path(
     kind: str, request: pytest.FixtureRequest, tmp_path: Any
@@ -524,6 +561,27 @@ def test_a_blocking_drain_runs_sync_middleware_without_a_loop(tmp_path: Path) ->
     job_id = eq.sync.enqueue(blocking)
     drain(eq.sync)
     assert runs == [(job_id, "mw.blocking", {}, "done")]
+    eq.sync.close()
+
+
+def test_a_blocking_drain_tells_middleware_of_a_sync_jobs_timeout(tmp_path: Path) -> None:
+    """drain(eq.sync) records a sync job past its timeout at the deadline, as the
+    worker does, so its middleware see "failed" when the body returns."""
+    from soniq.testing import drain
+
+    eq = Soniq(f"sqlite:///{tmp_path / 'drain.db'}")
+    eq.sync.ensure_initialized()
+    runs = recording(eq)
+
+    @eq.job(name="mw.overdue", timeout=0.2, max_retries=0)
+    def overdue() -> None:
+        time.sleep(0.5)
+
+    job_id = eq.sync.enqueue(overdue)
+    drain(eq.sync)
+    assert runs == [(job_id, "mw.overdue", {}, "failed")]
+    job = eq.sync.get_job(job_id)
+    assert job is not None and job.last_error is not None and "JobTimeout" in job.last_error
     eq.sync.close()
 
 
