@@ -5,6 +5,7 @@ advisory locks, temporary tables), on asyncpg, psycopg async and the sync twin."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -203,3 +204,27 @@ def test_a_borrower_that_breaks_the_session_gets_it_replaced(lone_sync: Soniq) -
             assert ended == (True,), "the backend did not exit within 5 s"
     with lone_sync.sync.backend.acquire() as conn:
         assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_a_pool_opened_on_another_loop_closes_without_error(
+    driver: str, database_url: str, schema: str
+) -> None:
+    """A Soniq opened on one event loop (a test fixture's, an app's earlier lifespan)
+    and closed on another: its pool's connections cannot be awaited there; close()
+    lets them go and raises nothing, and the Soniq opens a new pool on the new loop."""
+    eq = Soniq(database_url, schema=schema, driver=driver)
+
+    async def open_and_enqueue() -> int:
+        await eq.ensure_initialized()
+        return await eq.enqueue("lent.job", n=1)
+
+    first = asyncio.run(open_and_enqueue())
+
+    async def close_then_use() -> int:
+        await asyncio.wait_for(eq.close(), 10)
+        second = await eq.enqueue("lent.job", n=2)
+        await eq.close()
+        return second
+
+    assert asyncio.run(close_then_use()) > first

@@ -155,8 +155,15 @@ class PsycopgSyncDriver(PostgresSyncOps):
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        if pool is None:
+            return
+        if self._owner != sync_owner():
+            # Opened on another event loop (a test fixture's, an app's earlier
+            # lifespan), or before a fork: its connections and workers belong there
+            # and cannot be awaited from here (nor closed from a child, which would
+            # end the parent's sessions); they are left to go with their owner.
+            return
+        pool.close()
 
 
 #: DISCARD ALL but DEALLOCATE ALL (see :func:`_reset_lent`), in its order.
