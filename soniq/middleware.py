@@ -108,6 +108,17 @@ class EnqueueContext:
         """The name of the call's job (of its first job, for a group or chain)."""
         return self._specs[0].name
 
+    @property
+    def queue(self) -> str:
+        """The queue of the call's job (of its first job, for a group or chain)."""
+        return self._specs[0].queue
+
+    @property
+    def counts(self) -> tuple[tuple[str, str, int], ...]:
+        """``(queue, name, jobs)`` for each part of the call, in order: what metrics
+        count, with no record per job (an ``enqueue_many`` of 10,000 is one part)."""
+        return tuple((spec.queue, spec.name, len(spec.args)) for spec in self._specs)
+
 
 @attrs.define(eq=False)
 class RunContext:

@@ -98,6 +98,8 @@ async def test_headers_travel_with_every_kind_of_enqueue(any_eq: Soniq) -> None:
     assert [j.name for j in seen[1].jobs] == ["mw.add", "mw.add"]
     assert [j.args for j in seen[1].jobs] == [{"n": 2}, {"n": 3}]
     assert seen[1].ids == many and seen[2].ids == group
+    assert seen[1].counts == (("default", "mw.add", 2),) and seen[1].queue == "default"
+    assert sum(n for *_, n in seen[2].counts) == len(seen[2].jobs) == 3
     assert not any(c.transactional for c in seen)
 
     await eq.run_worker(**BURST)

@@ -51,16 +51,16 @@ class SoniqTracing:
     @contextlib.contextmanager
     def enqueue(self, ctx: EnqueueContext) -> Iterator[None]:
         """A PRODUCER span around the insert; its context goes into the headers."""
-        jobs = ctx.jobs
+        count = sum(n for _, _, n in ctx.counts)
         attributes: dict[str, str | int] = {
             "messaging.system": "soniq",
             "messaging.operation.type": "send",
-            "messaging.destination.name": jobs[0].queue,
+            "messaging.destination.name": ctx.queue,
             "soniq.job.name": ctx.name,
             "soniq.operation": ctx.operation,
         }
-        if len(jobs) > 1:
-            attributes["messaging.batch.message_count"] = len(jobs)
+        if count > 1:
+            attributes["messaging.batch.message_count"] = count
         with self.tracer.start_as_current_span(
             f"enqueue {ctx.name}", kind=SpanKind.PRODUCER, attributes=attributes
         ) as span:

@@ -183,12 +183,7 @@ class _Enqueue:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             return
-        jobs = self._ctx.jobs
-        if len(jobs) == 1:  # one enqueue: no tally to build
-            self._metrics.children(jobs[0].queue, jobs[0].name).enqueued.inc()
-            return
-        counts = Tally((job.queue, job.name) for job in jobs)
-        for (queue, name), count in counts.items():
+        for queue, name, count in self._ctx.counts:
             self._metrics.children(queue, name).enqueued.inc(count)
 
 
