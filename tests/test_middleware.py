@@ -441,7 +441,6 @@ async def test_drain_tells_middleware_of_a_timeout_as_the_worker_does(any_eq: So
     """A sync job past its timeout, and an async one that swallows its cancellation
     and returns: the worker records them failed before they end, so their middleware
     see "failed"; drain must tell them the same."""
-    outcomes: list[str | None] = []
 
     @any_eq.job(name="mw.slow_sync", timeout=0.2, max_retries=0)
     def slow_sync() -> None:
@@ -453,14 +452,7 @@ async def test_drain_tells_middleware_of_a_timeout_as_the_worker_does(any_eq: So
             await asyncio.sleep(5)
         return "returned anyway"
 
-    @any_eq.middleware
-    @contextlib.contextmanager
-    def watch(ctx: RunContext) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            outcomes.append(ctx.outcome)
-
+    runs = recording(any_eq)
     ids = [await any_eq.enqueue(slow_sync), await any_eq.enqueue(swallows)]
     await soniq.testing.drain(any_eq)
     for job_id in ids:
@@ -469,8 +461,8 @@ async def test_drain_tells_middleware_of_a_timeout_as_the_worker_does(any_eq: So
         assert job.last_error is not None and "JobTimeout" in job.last_error
     # (drain leaves a timed-out sync job's thread behind, as the worker does: its
     # middleware exit when the body returns)
-    await async_wait_until(lambda: len(outcomes) == 2, 10, "both runs' middleware exited")
-    assert outcomes == ["failed", "failed"]
+    await async_wait_until(lambda: len(runs) == 2, 10, "both runs' middleware exited")
+    assert [outcome for *_, outcome in runs] == ["failed", "failed"]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
