@@ -164,6 +164,25 @@ def test_connections_use_wal_busy_timeout_and_full_sync(tmp_path: Path) -> None:
         conn.close()
 
 
+def test_a_new_file_gets_small_pages_and_an_existing_file_keeps_its_own(tmp_path: Path) -> None:
+    # Small pages: each commit writes (and fsyncs) the pages it changed, whole.
+    with sqlite3.connect(tmp_path / "old.db") as raw:  # made by another program
+        raw.execute("PRAGMA page_size = 8192")
+        raw.execute("CREATE TABLE theirs (x)")
+    for name, size in (("new.db", driver.PAGE_SIZE), ("old.db", 8192)):
+        eq = Soniq(f"sqlite:///{tmp_path}/{name}")
+        try:
+            eq.sync.ensure_initialized()
+            job_id = eq.sync.enqueue("some.job", n=1)
+            assert eq.sync.get_job(job_id) is not None
+        finally:
+            eq.sync.close()
+        with sqlite3.connect(tmp_path / name) as raw:
+            assert raw.execute("PRAGMA page_size").fetchone()[0] == size
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert driver.PAGE_SIZE == 1024
+
+
 @pytest.mark.parametrize(
     ("query", "level"), [("", 2), ("?synchronous=normal", 1), ("?synchronous=FULL", 2)]
 )

@@ -32,6 +32,12 @@ BUSY_TIMEOUT_MS = 5000
 #: The ``synchronous`` levels a SQLite URL may ask for; the first is the default.
 SYNCHRONOUS_LEVELS = ("FULL", "NORMAL")
 SYNCHRONOUS = SYNCHRONOUS_LEVELS[0]
+#: The page size of a database file Soniq creates (a file that exists keeps its own).
+#: A commit writes each page it changed to the WAL, whole, and fsyncs it: a one-job
+#: enqueue changes four pages (the table, the two claim indexes, the id counter), so
+#: 4 KiB pages (SQLite's default) write 16 KiB per enqueue, 1 KiB pages 4 KiB. Measured
+#: at synchronous=FULL, one by one: 1 KiB pages 1.02-1.08x huey, 4 KiB 0.94-0.96x.
+PAGE_SIZE = 1024
 
 
 @attrs.frozen
@@ -136,6 +142,8 @@ def connect(path: str, synchronous: str = SYNCHRONOUS) -> sqlite3.Connection:
             "and is it writable?"
         ) from None
     try:
+        # Before journal_mode: a WAL database's page size cannot change afterwards.
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             log.warning(
