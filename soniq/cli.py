@@ -60,7 +60,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -606,29 +606,27 @@ def _list_jobs(eq: Any, args: argparse.Namespace) -> int:
         limit=args.limit,
         before_id=args.before_id,
     )
-    if args.json:
-        print(json.dumps([_json_fields(job) for job in jobs]))
-        return 0
-    if not jobs:
-        print("no job")
-        return 0
-    rows = [("id", "status", "queue", "name", "attempts", "at", "last error")]
-    for job in jobs:
-        at = job.finished_at or job.started_at or job.run_at
-        error = job.last_error or ""
-        rows.append(
-            (
-                str(job.id),
-                job.status.value,
-                job.queue,
-                job.name,
-                f"{job.attempts}/{job.max_retries + 1}",
-                at.isoformat(timespec="seconds"),
-                error if len(error) <= 60 else error[:57] + "...",
-            )
-        )
-    _print_table(rows)
-    return 0
+    return _print_records(
+        jobs,
+        args,
+        empty="no job",
+        header=("id", "status", "queue", "name", "attempts", "at", "last error"),
+        row=_job_row,
+    )
+
+
+def _job_row(job: Any) -> tuple[str, ...]:
+    at = job.finished_at or job.started_at or job.run_at
+    error = job.last_error or ""
+    return (
+        str(job.id),
+        job.status.value,
+        job.queue,
+        job.name,
+        f"{job.attempts}/{job.max_retries + 1}",
+        at.isoformat(timespec="seconds"),
+        error if len(error) <= 60 else error[:57] + "...",
+    )
 
 
 def _retry(eq: Any, args: argparse.Namespace) -> int:
@@ -698,29 +696,26 @@ def _purge(eq: Any, args: argparse.Namespace) -> int:
 
 
 def _workers(eq: Any, args: argparse.Namespace) -> int:
-    workers = eq.list_workers()
-    if args.json:
-        print(json.dumps([_json_fields(w) for w in workers]))
-        return 0
-    if not workers:
-        print("no worker")
-        return 0
-    rows = [("worker", "host", "pid", "queues", "running", "heartbeat", "jobs")]
-    for w in workers:
-        jobs = " ".join(str(i) for i in w.running[:10]) + (" ..." if len(w.running) > 10 else "")
-        rows.append(
-            (
-                w.id,
-                w.hostname,
-                str(w.pid),
-                ",".join(w.queues) if w.queues else "*",
-                f"{len(w.running)}/{w.concurrency}",
-                f"{w.heartbeat_age:.1f}s ago",
-                jobs,
-            )
-        )
-    _print_table(rows)
-    return 0
+    return _print_records(
+        eq.list_workers(),
+        args,
+        empty="no worker",
+        header=("worker", "host", "pid", "queues", "running", "heartbeat", "jobs"),
+        row=_worker_row,
+    )
+
+
+def _worker_row(w: Any) -> tuple[str, ...]:
+    jobs = " ".join(str(i) for i in w.running[:10]) + (" ..." if len(w.running) > 10 else "")
+    return (
+        w.id,
+        w.hostname,
+        str(w.pid),
+        ",".join(w.queues) if w.queues else "*",
+        f"{len(w.running)}/{w.concurrency}",
+        f"{w.heartbeat_age:.1f}s ago",
+        jobs,
+    )
 
 
 def _stats(eq: Any, args: argparse.Namespace) -> int:
@@ -789,6 +784,25 @@ def _spoken(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
+
+
+def _print_records(
+    records: Sequence[Any],
+    args: argparse.Namespace,
+    *,
+    empty: str,
+    header: tuple[str, ...],
+    row: Callable[[Any], tuple[str, ...]],
+) -> int:
+    """A listing command's output: JSON (``--json``), ``empty`` when there is nothing,
+    else a table of ``header`` and ``row(record)`` per record."""
+    if args.json:
+        print(json.dumps([_json_fields(record) for record in records]))
+    elif not records:
+        print(empty)
+    else:
+        _print_table([header, *(row(record) for record in records)])
+    return 0
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
