@@ -333,26 +333,19 @@ class Soniq:
         given. A job that must wait stays queued without holding up other jobs. See
         :mod:`soniq.core.flow` and docs/flow-control.md.
         """
-        limits = {
-            "concurrency": concurrency,
-            "concurrency_key": concurrency_key,
-            "rate_limit": rate_limit,
-            "rate_key": rate_key,
-        }
-
-        def register(f: F) -> F:
-            self.registry.register(
-                f,
-                name=name,
-                queue=queue,
-                max_retries=max_retries,
-                priority=priority,
-                timeout=timeout,
-                backoff=backoff,
-                limits=limits,
-            )
-            return f
-
+        register: Callable[[F], F] = self._registrar(
+            None,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            priority=priority,
+            timeout=timeout,
+            backoff=backoff,
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
+            rate_limit=rate_limit,
+            rate_key=rate_key,
+        )
         return register(func) if func is not None else register
 
     def periodic(
@@ -392,6 +385,39 @@ class Soniq:
             timing = {"cron": cron, "every": every, "timezone": timezone}
             return make_schedule(definition.name, arguments, **timing, catch_up=catch_up)
 
+        register: Callable[[F], F] = self._registrar(
+            schedule,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            priority=priority,
+            timeout=timeout,
+            backoff=backoff,
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
+            rate_limit=rate_limit,
+            rate_key=rate_key,
+        )
+
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping of the job's arguments, got {kwargs!r}")
+        # Checked before any function is decorated, so a typo fails at the decorator.
+        make_schedule("check", {}, cron=cron, every=every, timezone=timezone, catch_up=catch_up)
+        return register
+
+    def _registrar(
+        self,
+        schedule: Callable[[JobDefinition], Schedule] | None,
+        *,
+        concurrency: int | None,
+        concurrency_key: str | None,
+        rate_limit: str | None,
+        rate_key: str | None,
+        **options: Any,
+    ) -> Callable[[F], F]:
+        """The decorator of :meth:`job` and :meth:`periodic`: registers the function
+        with ``options`` (name, queue and the other defaults), its limits and
+        ``schedule``, and returns it unchanged."""
         limits = {
             "concurrency": concurrency,
             "concurrency_key": concurrency_key,
@@ -400,23 +426,9 @@ class Soniq:
         }
 
         def register(f: F) -> F:
-            self.registry.register(
-                f,
-                name=name,
-                queue=queue,
-                max_retries=max_retries,
-                priority=priority,
-                timeout=timeout,
-                backoff=backoff,
-                schedule=schedule,
-                limits=limits,
-            )
+            self.registry.register(f, **options, schedule=schedule, limits=limits)
             return f
 
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping of the job's arguments, got {kwargs!r}")
-        # Checked before any function is decorated, so a typo fails at the decorator.
-        make_schedule("check", {}, cron=cron, every=every, timezone=timezone, catch_up=catch_up)
         return register
 
     @overload
