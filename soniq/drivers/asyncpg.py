@@ -28,7 +28,6 @@ from soniq.drivers._common import (
     schema_missing,
 )
 from soniq.drivers.postgres_async import PostgresAsyncOps
-from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 register_connection_errors(
     asyncpg.PostgresConnectionError,
@@ -175,9 +174,7 @@ class AsyncpgDriver(PostgresAsyncOps):
     async def listen(
         self, on_notify: Callable[[str], None], on_ready: Callable[[], None], *, ends: bool = False
     ) -> None:
-        """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
-        raises when the connection is lost (the caller reconnects). With ``ends``, the
-        ends of awaited jobs (their ids) instead of enqueues."""
+        """``soniq.drivers.base.AsyncBackend.listen`` on a dedicated connection (LISTEN)."""
         channel = self.queries.listen_channel(ends=ends)
         conn = await self._connect()
         lost = asyncio.Event()
@@ -193,12 +190,6 @@ class AsyncpgDriver(PostgresAsyncOps):
     async def migrate(self, *, apply: bool) -> int:
         async with self.acquire() as conn, conn.transaction():
             return await _run(conn, migration_steps(self.migrations, apply=apply))
-
-    def maintenance(self) -> PostgresMaintenance:
-        """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(
-            self.dsn, self.queries.schema, self.target, prepared=self.prepared_statements
-        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -57,8 +57,8 @@ class MaintenanceSession(Protocol):
         """Close the session's connection."""
 
 
-class WorkerOps(Protocol):
-    """What a worker's loop does with its session (see :meth:`AsyncBackend.worker_session`)."""
+class WorkerStatements(Protocol):
+    """A worker's claims and completions: on a backend, and on one of its sessions."""
 
     async def claim_jobs(
         self,
@@ -73,10 +73,15 @@ class WorkerOps(Protocol):
         within the stored queue limits."""
 
     async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
-        """Write outcomes, fenced by worker and attempt."""
+        """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
+        finished ones)."""
 
     async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
         """Put back the worker's running jobs that it does not hold; how many."""
+
+
+class WorkerOps(WorkerStatements, Protocol):
+    """What a worker's loop does with its session (see :meth:`AsyncBackend.worker_session`)."""
 
     def abort(self) -> None:
         """Abandon the session's connection at once (no goodbye, no wait), so that a
@@ -85,7 +90,7 @@ class WorkerOps(Protocol):
         link to lose."""
 
 
-class AsyncBackend(Protocol):
+class AsyncBackend(WorkerStatements, Protocol):
     """Where jobs live, seen from async code."""
 
     name: str
@@ -139,22 +144,6 @@ class AsyncBackend(Protocol):
         ``names`` is due (negative when overdue; None when there is none), paused
         queues left out (a burst worker's question before it exits)."""
 
-    async def claim_jobs(
-        self,
-        limit: int,
-        worker_id: str,
-        queues: Sequence[str] | None,
-        names: Sequence[str] | None = None,
-        limits: ClaimLimits | None = None,
-    ) -> list[Claimed]:
-        """Claim up to ``limit`` ready jobs for ``worker_id``, of ``queues`` and of
-        ``names`` (None: all); told of ``limits`` (a worker's claim), within them and
-        within the stored queue limits."""
-
-    async def finish_jobs(self, outcomes: Sequence[Outcome], worker_id: str, *, keep: bool) -> None:
-        """Write outcomes, fenced by worker and attempt (``keep=False`` deletes the
-        finished ones)."""
-
     def worker_session(self) -> AbstractAsyncContextManager[WorkerOps]:
         """The claims and completions of one loop of a worker (a claim lane, the
         completer) on one connection held throughout, which saves a pool checkout per
@@ -165,9 +154,6 @@ class AsyncBackend(Protocol):
 
     async def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that stopped cleanly."""
-
-    async def reconcile(self, worker_id: str, held: Sequence[int]) -> int:
-        """Put back the worker's running jobs that it does not hold; how many."""
 
     async def last_ticks(self, keys: Sequence[str]) -> dict[str, dt.datetime]:
         """The last tick recorded of each periodic schedule of ``keys`` that has one."""

@@ -43,6 +43,7 @@ from soniq.core.sql.postgres import (
 from soniq.core.states import JobStatus
 from soniq.drivers._common import Target, async_only, async_owner, redact_url
 from soniq.drivers.insert_lines import AsyncInsertLine
+from soniq.drivers.postgres_maintenance import PostgresMaintenance
 
 #: How many times an enqueue with ``dedupe="replace"`` runs its statement at most.
 REPLACE_TRIES = 5
@@ -90,6 +91,13 @@ class PostgresAsyncOps:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
+
+    @async_only
+    def maintenance(self) -> PostgresMaintenance:
+        """A blocking session of its own for the worker's heartbeat thread."""
+        return PostgresMaintenance(
+            self.dsn, self.queries.schema, self.target, prepared=self.prepared_statements
+        )
 
     @property
     @async_only

@@ -33,7 +33,7 @@ from soniq.drivers._common import (
     schema_missing,
 )
 from soniq.drivers.postgres_async import PostgresAsyncOps
-from soniq.drivers.postgres_maintenance import PostgresMaintenance, shutdown_socket
+from soniq.drivers.postgres_maintenance import shutdown_socket
 
 register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -179,9 +179,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
     async def listen(
         self, on_notify: Callable[[str], None], on_ready: Callable[[], None], *, ends: bool = False
     ) -> None:
-        """LISTEN on a dedicated connection and hand each payload to ``on_notify``;
-        raises when the connection is lost (the caller reconnects). With ``ends``, the
-        ends of awaited jobs (their ids) instead of enqueues."""
+        """``soniq.drivers.base.AsyncBackend.listen`` on a dedicated connection (LISTEN)."""
         channel = self.queries.listen_channel(ends=ends)
         async with await self._connect() as conn:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
@@ -197,13 +195,6 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
                 return await _run(conn, migration_steps(self.migrations, apply=apply))
         finally:
             await pool.putconn(conn)
-
-    @async_only
-    def maintenance(self) -> PostgresMaintenance:
-        """A blocking session of its own for the worker's heartbeat thread."""
-        return PostgresMaintenance(
-            self.dsn, self.queries.schema, self.target, prepared=self.prepared_statements
-        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
