@@ -4,6 +4,7 @@ the project's Soniq: ``eq.sync.retry_job`` / ``eq.sync.cancel_job``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
@@ -99,20 +100,23 @@ class JobAdmin(admin.ModelAdmin):  # type: ignore[misc]  # Django has no type in
     )
     def retry_jobs(self, request: Any, queryset: Any) -> None:
         """``eq.sync.retry_job`` each selected job; say how many went back in line."""
-        eq = get_soniq().sync
-        ids = list(queryset.values_list("id", flat=True))
-        done = [job_id for job_id in ids if eq.retry_job(job_id)]
-        self._report(request, "retried", done, ids, "not failed nor cancelled")
+        self._each(
+            request, queryset, get_soniq().sync.retry_job, "retried", "not failed nor cancelled"
+        )
 
     @admin.action(  # type: ignore[untyped-decorator]
         description="Cancel the selected jobs", permissions=["change"]
     )
     def cancel_jobs(self, request: Any, queryset: Any) -> None:
         """``eq.sync.cancel_job`` each selected job (a running one is asked to stop)."""
-        eq = get_soniq().sync
+        self._each(request, queryset, get_soniq().sync.cancel_job, "cancelled", "already finished")
+
+    def _each(
+        self, request: Any, queryset: Any, act: Callable[[int], bool], verb: str, why: str
+    ) -> None:
+        """``act(id)`` on each selected job, then say which it changed and which not."""
         ids = list(queryset.values_list("id", flat=True))
-        done = [job_id for job_id in ids if eq.cancel_job(job_id)]
-        self._report(request, "cancelled", done, ids, "already finished")
+        self._report(request, verb, [job_id for job_id in ids if act(job_id)], ids, why)
 
     def _report(self, request: Any, verb: str, done: list[int], ids: list[int], why: str) -> None:
         if done:
