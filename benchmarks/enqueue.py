@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import json
 import re
@@ -362,6 +363,42 @@ class RawPsycopgSync:
     def line_ceiling_idle(self, n: int) -> float:
         """:meth:`line_ceiling` with statements that take no time."""
         return self.line_ceiling(n, 0.0)
+
+    def wake_ceiling(self, n: int) -> float:
+        """:data:`THREADS` threads that each block once per call until one other
+        thread wakes them, and do nothing else: no line, no statement, no future. The
+        least a blocking caller that waits for a commit costs, whatever the design:
+        what any line of threads can pass at most on this machine."""
+        waiting: collections.deque[threading.Lock] = collections.deque()
+        guard = threading.Lock()
+        work = threading.Semaphore(0)
+        done = threading.Event()
+
+        def waker() -> None:
+            while not done.is_set():
+                if not work.acquire(timeout=0.05):
+                    continue
+                with guard:
+                    woken = list(waiting)
+                    waiting.clear()
+                for lock in woken:
+                    lock.release()
+
+        def one(i: int) -> None:
+            lock = threading.Lock()
+            lock.acquire()
+            with guard:
+                waiting.append(lock)
+            work.release()
+            lock.acquire()
+
+        thread = threading.Thread(target=waker, daemon=True)
+        thread.start()
+        try:
+            return _in_threads(n, one)
+        finally:
+            done.set()
+            thread.join()
 
     def _single(self, n: int, statement: str) -> float:
         pool = self.pool
@@ -743,6 +780,8 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
             plan["concurrent"].append(("line", line, raw, "line_ceiling"))
             idle = f"line ceiling: {callers}, no database, statements that take no time"
             plan["concurrent"].append(("line-idle", idle, raw, "line_ceiling_idle"))
+            wake = f"wake ceiling: {callers} blocked and woken per call, nothing else"
+            plan["concurrent"].append(("wake", wake, raw, "wake_ceiling"))
         if peers:
             for case in plan:
                 plan[case].append((peer, peer_plan[case], db, case))
@@ -751,6 +790,9 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
                 out.append(Measure(driver, case, key, label, database, method))
     return out
 
+
+#: The measures that write nothing: the ceilings of blocking callers (psycopg-sync).
+CEILINGS = ("line", "line-idle", "wake")
 
 # Ratios kept: (driver-less) numerator key -> denominator key, per case. Every
 # measure's ratio to its case's plain raw baseline comes first; then Soniq's to the rest.
@@ -782,6 +824,7 @@ RATIOS = {
         ("soniq", "raw"),
         ("line", "raw"),
         ("line-idle", "raw"),
+        ("wake", "raw"),
         ("pgqueuer", "raw"),
         ("procrastinate", "raw"),
         ("soniq", "line"),
@@ -866,7 +909,7 @@ class Bench:
         jobs, orders = control.count()
         control.clear()
         want_orders = n if m.case == "tx" else 0
-        want_jobs = 0 if m.key.startswith("line") else n  # the line ceilings write nothing
+        want_jobs = 0 if m.key in CEILINGS else n
         if (jobs, orders) != (want_jobs, want_orders):
             raise RuntimeError(
                 f"{m.id}: expected {want_jobs} jobs and {want_orders} orders, "
