@@ -3,14 +3,17 @@ no database (the SQLite and PostgreSQL blocking faces are tested through it too)
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 
 import pytest
 
 from soniq.drivers.lines import ThreadLine
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,3 +68,62 @@ def test_every_call_of_many_threads_is_answered_once_alone_or_in_a_group(
     assert sorted(sent) == sorted(results)  # each call sent exactly once
     assert line._in_flight == 0 and not line._line
     assert sum(size * count for size, count in line.batches.items()) <= len(results)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late() -> None:
+    """Ctrl-C in a thread waiting for a group that another thread is sending: that
+    thread raises KeyboardInterrupt, its call is committed all the same, and ``late``
+    hears of its value (nothing is lost, nothing is sent twice)."""
+    first_sent, release_first, release_group = (threading.Event() for _ in range(3))
+    groups: list[list[int]] = []
+    late: list[int] = []
+
+    def alone(n: int) -> int:  # the statement in flight that the others wait behind
+        first_sent.set()
+        assert release_first.wait(10)
+        return n * 10
+
+    def send(calls: list[Call]) -> None:
+        groups.append([call.n for call in calls])
+        assert release_group.wait(10)
+        for call in calls:
+            call.future.set_result(call.n * 10)
+
+    line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=5, late=late.append)
+
+    def call(n: int) -> int:
+        return line.run(lambda: alone(n), lambda: Call(n))
+
+    answers: dict[int, int] = {}
+    first = threading.Thread(target=lambda: answers.update({1: call(1)}))
+    first.start()
+    assert first_sent.wait(10)
+    sender = threading.Thread(target=lambda: answers.update({2: call(2)}))
+    sender.start()  # first in line: it will send the group
+    wait_until(lambda: len(line._line) == 1)
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main  # signals reach this thread
+
+    def interrupt_once_grouped() -> None:
+        wait_until(lambda: len(line._line) == 2)  # this thread is in line behind 2
+        release_first.set()  # statement 1 ends: the line [2, 3] goes to thread 2
+        wait_until(lambda: groups == [[2, 3]])  # sent: this thread still sleeps in line
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_grouped)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        # This thread waits in line behind thread 2 until the signal: a real SIGINT,
+        # which wakes a blocked lock, unlike _thread.interrupt_main.
+        interrupter.start()
+        call(3)
+    interrupter.join(10)
+    assert time.monotonic() - started < 10
+    assert late == []  # its group has not been committed yet
+    release_group.set()
+    for thread in (first, sender):
+        thread.join(10)
+    assert answers == {1: 10, 2: 20}
+    assert late == [30]  # committed with its group, and reported
+    assert groups == [[2, 3]] and line._in_flight == 0 and not line._line
