@@ -3,12 +3,14 @@ no database (the SQLite and PostgreSQL blocking faces are tested through it too)
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from types import TracebackType
 
 import pytest
 
@@ -70,8 +72,29 @@ def test_every_call_of_many_threads_is_answered_once_alone_or_in_a_group(
     assert sum(size * count for size, count in line.batches.items()) <= len(results)
 
 
+def _blocked_in_line(thread_id: int) -> bool:
+    """The thread sleeps on its turn's lock in ThreadLine.run (not about to)."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None or frame.f_code is not ThreadLine.run.__code__:
+        return False
+    lines, first = inspect.getsourcelines(ThreadLine.run)
+    (wait,) = [first + i for i, text in enumerate(lines) if "turn.woken.acquire()" in text]
+    return frame.f_lineno == wait
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here even when the suite was started with it
+    ignored (a background job of a shell script inherits that)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late() -> None:
+def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
+    sigint_raises: None,
+) -> None:
     """Ctrl-C in a thread waiting for a group that another thread is sending: that
     thread raises KeyboardInterrupt, its call is committed all the same, and ``late``
     hears of its value (nothing is lost, nothing is sent twice)."""
@@ -108,7 +131,8 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
     def interrupt_once_grouped() -> None:
         wait_until(lambda: len(line._line) == 2)  # this thread is in line behind 2
         release_first.set()  # statement 1 ends: the line [2, 3] goes to thread 2
-        wait_until(lambda: groups == [[2, 3]])  # sent: this thread still sleeps in line
+        wait_until(lambda: groups == [[2, 3]])  # sent by thread 2
+        wait_until(lambda: _blocked_in_line(main))  # the signal finds this thread asleep
         signal.pthread_kill(main, signal.SIGINT)
 
     interrupter = threading.Thread(target=interrupt_once_grouped)
@@ -127,3 +151,89 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
     assert answers == {1: 10, 2: 20}
     assert late == [30]  # committed with its group, and reported
     assert groups == [[2, 3]] and line._in_flight == 0 and not line._line
+
+
+class InterruptedOnLeaving:
+    """The line's lock, with an interruption (what Ctrl-C does) raised once as the
+    lock is let go: the first moment a signal's handler can run after a call took
+    its place or joined the line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.armed = False
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._lock.release()
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+def _answered_in_time(call: Callable[[], int]) -> int | None:
+    """call() in another thread; its value, or None if it is not back within 10 s."""
+    answers: list[int] = []
+    thread = threading.Thread(target=lambda: answers.append(call()), daemon=True)
+    thread.start()
+    thread.join(10)
+    return answers[0] if answers else None
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+def test_an_interruption_just_after_taking_a_place_gives_it_back(max_in_flight: int) -> None:
+    """Ctrl-C landing as a thread that found room lets go of the lock, before its
+    statement: the place is freed (else, with one place, every later call would wait
+    for a statement that never ends)."""
+
+    def send(calls: list[Call]) -> None:
+        for call in calls:
+            call.future.set_result(call.n)
+
+    line: ThreadLine[Call] = ThreadLine(send, max_in_flight=max_in_flight, max_batch=5)
+    lock = InterruptedOnLeaving()
+    line._lock = lock  # type: ignore[assignment]
+    sent: list[int] = []
+    lock.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        line.run(lambda: sent.append(1) or 1, lambda: Call(1))
+    assert sent == [] and line._in_flight == 0
+    for n in range(2, 2 + max_in_flight + 1):  # more calls than places
+        assert _answered_in_time(lambda n=n: line.run(lambda: n, lambda: Call(n))) == n
+    assert line._in_flight == 0 and not line._line
+
+
+def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
+    """Ctrl-C landing as a thread that joined the line lets go of the lock: its turn
+    leaves the line (else the next statement's end would hand the line to a thread
+    that is gone, and nobody would send it)."""
+    in_flight, release = threading.Event(), threading.Event()
+    sent: list[list[int]] = []
+
+    def slow(n: int) -> int:
+        in_flight.set()
+        assert release.wait(10)
+        return n
+
+    def send(calls: list[Call]) -> None:
+        sent.append([call.n for call in calls])
+        for call in calls:
+            call.future.set_result(call.n)
+
+    line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=5)
+    lock = InterruptedOnLeaving()
+    line._lock = lock  # type: ignore[assignment]
+    first = threading.Thread(target=lambda: line.run(lambda: slow(1), lambda: Call(1)))
+    first.start()
+    assert in_flight.wait(10)
+    lock.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        line.run(lambda: 2, lambda: Call(2))  # no room: joins the line, interrupted
+    assert not line._line
+    release.set()
+    first.join(10)
+    assert _answered_in_time(lambda: line.run(lambda: 3, lambda: Call(3))) == 3
+    assert sent == [] and line._in_flight == 0 and not line._line

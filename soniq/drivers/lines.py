@@ -80,31 +80,33 @@ class ThreadLine(Generic[I]):
     def run(self, alone: Callable[[], R], item: Callable[[], I]) -> R:
         """``alone()`` at once when there is room and nobody waits; else wait in line
         as ``item()`` and return its future's value."""
-        with self._lock:
-            # One decision under the lock: a thread that found no room joins the line
-            # before a statement ending now could miss it. (So the line is never
-            # waiting while there is room: whoever frees room hands it out.)
-            free = self._in_flight < self._max and not self._line
-            if free:
-                self._in_flight += 1
-            else:
-                turn = _Turn(item())
-                self._line.append(turn)
-        if free:
-            try:
-                return alone()
-            finally:
-                self._end()
+        # Everything after the place is taken or the turn joins the line is inside the
+        # try: an interruption (Ctrl-C) can land as soon as the lock is let go, and a
+        # place kept or a turn left in line would hold up every later call for good.
+        taken = False  # a place for this thread's own statement
+        turn: _Turn[I] | None = None
         group: list[_Turn[I]] | None = None
         try:
+            with self._lock:
+                # One decision under the lock: a thread that found no room joins the
+                # line before a statement ending now could miss it. (So the line is
+                # never waiting while there is room: whoever frees room hands it out.)
+                if self._in_flight < self._max and not self._line:
+                    self._in_flight += 1
+                    taken = True
+                else:
+                    turn = _Turn(item())
+                    self._line.append(turn)
+            if turn is None:
+                return alone()
             turn.woken.acquire()
             group = turn.group
             if group is not None:
                 self._send([t.item for t in group])
         except BaseException as exc:
-            if group is None:
+            if turn is not None and group is None:
                 self._leave(turn)
-            else:  # this thread, sending its group, was interrupted: it raises that
+            elif group is not None:  # this thread, sending its group, was interrupted
                 for other in group[1:]:
                     if not other.item.future.done():
                         other.item.future.set_exception(interrupted(exc))
@@ -113,6 +115,7 @@ class ThreadLine(Generic[I]):
             if group is not None:
                 for other in group[1:]:
                     other.woken.release()
+            if taken or group is not None:
                 self._end()
         result: R = turn.item.future.result()
         return result
