@@ -14,13 +14,15 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
   or 16 threads (``psycopg-sync``), through a pool of 10 connections on every side:
   a web server's requests. Raw baseline: the plain ``INSERT`` per call. Soniq merges
   the calls that wait (group commit, ``soniq.drivers.insert_lines``). Beside
-  ``psycopg-sync``, the ceiling of any line of blocking callers: the 16 threads
-  through Soniq's line (``soniq.drivers.lines.ThreadLine``) whose statement writes
+  ``psycopg-sync``, the ceilings of Soniq's line of blocking callers: the 16 threads
+  through it (``soniq.drivers.lines.ThreadLine``) whose statement writes
   nothing and only sleeps :data:`LINE_STATEMENT_S` (about one INSERT's round trip and
   commit here): what threads that must each block and be woken can pass on this
   machine, whatever the database; and the same line with statements that return at
-  once (``time.sleep(0)``: the GIL let go as by any I/O), the most any line of 16
-  blocking callers passes here, with no database and no statement time at all.
+  once (``time.sleep(0)``: the GIL let go as by any I/O), the most Soniq's line of 16
+  blocking callers passes here, with no database and no statement time at all; and
+  the wake ceiling, a practical bound under any line: the 16 threads each blocked once
+  per call on a lock until one other thread wakes them, and nothing else.
 
 Beside them, the peers doing the same with their own documented calls: pgqueuer on
 asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
@@ -365,10 +367,11 @@ class RawPsycopgSync:
         return self.line_ceiling(n, 0.0)
 
     def wake_ceiling(self, n: int) -> float:
-        """:data:`THREADS` threads that each block once per call until one other
-        thread wakes them, and do nothing else: no line, no statement, no future. The
-        least a blocking caller that waits for a commit costs, whatever the design:
-        what any line of threads can pass at most on this machine."""
+        """:data:`THREADS` threads that each block once per call on a lock until one
+        other thread wakes them, and do nothing else: no line, no statement, no future.
+        What a blocking caller that waits for a commit costs at the least when it is
+        woken by another thread: a practical bound on what a line of threads passes on
+        this machine."""
         waiting: collections.deque[threading.Lock] = collections.deque()
         guard = threading.Lock()
         work = threading.Semaphore(0)
@@ -394,11 +397,12 @@ class RawPsycopgSync:
 
         thread = threading.Thread(target=waker, daemon=True)
         thread.start()
-        try:
-            return _in_threads(n, one)
-        finally:
-            done.set()
-            thread.join()
+        # Stopped only once every caller is back: interrupted, the callers still
+        # running need it (a daemon, it does not keep the process alive).
+        elapsed = _in_threads(n, one)
+        done.set()
+        thread.join()
+        return elapsed
 
     def _single(self, n: int, statement: str) -> float:
         pool = self.pool

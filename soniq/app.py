@@ -409,15 +409,19 @@ class Soniq:
         self,
         schedule: Callable[[JobDefinition], Schedule] | None,
         *,
+        name: str | None,
+        queue: str,
+        max_retries: int,
+        priority: int,
+        timeout: float | None,
+        backoff: Backoff,
         concurrency: int | None,
         concurrency_key: str | None,
         rate_limit: str | None,
         rate_key: str | None,
-        **options: Any,
     ) -> Callable[[F], F]:
         """The decorator of :meth:`job` and :meth:`periodic`: registers the function
-        with ``options`` (name, queue and the other defaults), its limits and
-        ``schedule``, and returns it unchanged."""
+        with its defaults, its limits and ``schedule``, and returns it unchanged."""
         limits = {
             "concurrency": concurrency,
             "concurrency_key": concurrency_key,
@@ -426,7 +430,17 @@ class Soniq:
         }
 
         def register(f: F) -> F:
-            self.registry.register(f, **options, schedule=schedule, limits=limits)
+            self.registry.register(
+                f,
+                name=name,
+                queue=queue,
+                max_retries=max_retries,
+                priority=priority,
+                timeout=timeout,
+                backoff=backoff,
+                schedule=schedule,
+                limits=limits,
+            )
             return f
 
         return register

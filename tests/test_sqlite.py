@@ -164,12 +164,19 @@ def test_connections_use_wal_busy_timeout_and_full_sync(tmp_path: Path) -> None:
         conn.close()
 
 
-def test_a_new_file_gets_small_pages_and_an_existing_file_keeps_its_own(tmp_path: Path) -> None:
+def test_a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
     # Small pages: each commit writes (and fsyncs) the pages it changed, whole.
-    with sqlite3.connect(tmp_path / "old.db") as raw:  # made by another program
-        raw.execute("PRAGMA page_size = 8192")
-        raw.execute("CREATE TABLE theirs (x)")
-    for name, size in (("new.db", driver.PAGE_SIZE), ("old.db", 8192)):
+    for name, mode, size in (("rollback.db", "delete", 8192), ("wal.db", "wal", 2048)):
+        with contextlib.closing(sqlite3.connect(tmp_path / name)) as raw:  # another program's
+            raw.execute(f"PRAGMA page_size = {size}")
+            raw.execute(f"PRAGMA journal_mode = {mode}")
+            raw.execute("CREATE TABLE theirs (x)")
+    (tmp_path / "empty.db").touch()  # a file with no database in it yet
+    expected = {"new.db": driver.PAGE_SIZE, "empty.db": driver.PAGE_SIZE}
+    expected |= {"rollback.db": 8192, "wal.db": 2048}
+    for name, size in expected.items():
         eq = Soniq(f"sqlite:///{tmp_path}/{name}")
         try:
             eq.sync.ensure_initialized()
@@ -177,8 +184,8 @@ def test_a_new_file_gets_small_pages_and_an_existing_file_keeps_its_own(tmp_path
             assert eq.sync.get_job(job_id) is not None
         finally:
             eq.sync.close()
-        with sqlite3.connect(tmp_path / name) as raw:
-            assert raw.execute("PRAGMA page_size").fetchone()[0] == size
+        with contextlib.closing(sqlite3.connect(tmp_path / name)) as raw:
+            assert raw.execute("PRAGMA page_size").fetchone()[0] == size, name
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert driver.PAGE_SIZE == 1024
 

@@ -31,14 +31,14 @@ retries).
 Durability: ``synchronous=FULL`` by default. Every commit fsyncs the WAL, so an
 enqueue that returned an id survives a power cut or an OS crash, as it does on
 PostgreSQL (whose default, ``synchronous_commit=on``, makes the same promise). The
-price is an fsync per commit, of every page the commit changed: a file Soniq creates
-has 1 KiB pages (:data:`PAGE_SIZE`; SQLite's default is 4 KiB), so an enqueue writes
-a quarter of the bytes. ``sqlite:///path.db?synchronous=normal`` trades it away:
-still safe against a crash of the *process* (kill -9, an exception), and the database
-is never corrupt, but in WAL mode the last transactions before a power loss or an OS
-crash can be lost: enqueues the caller was told had succeeded, and completions (those
-jobs would run again). Each process chooses for its own connections; the level is
-not stored in the file.
+price is an fsync per commit, of every page the commit changed: a database Soniq
+creates has 1 KiB pages (:data:`PAGE_SIZE`; SQLite's default is 4 KiB), so an
+enqueue writes a quarter of the bytes. ``sqlite:///path.db?synchronous=normal``
+trades it away: still safe against a crash of the *process* (kill -9, an exception),
+and the database is never corrupt, but in WAL mode the last transactions before a
+power loss or an OS crash can be lost: enqueues the caller was told had succeeded,
+and completions (those jobs would run again). Each process chooses for its own
+connections; the level is not stored in the file.
 
 Group commit. The async backend's writes queue for its one thread; those that queue
 while it is busy commit in one transaction (``writes.run_together``), and a worker's

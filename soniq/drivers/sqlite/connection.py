@@ -32,7 +32,7 @@ BUSY_TIMEOUT_MS = 5000
 #: The ``synchronous`` levels a SQLite URL may ask for; the first is the default.
 SYNCHRONOUS_LEVELS = ("FULL", "NORMAL")
 SYNCHRONOUS = SYNCHRONOUS_LEVELS[0]
-#: The page size of a database file Soniq creates (a file that exists keeps its own).
+#: The page size of a database Soniq creates (a file with a database in it keeps its own).
 #: A commit writes each page it changed to the WAL, whole, and fsyncs it: a one-job
 #: enqueue changes four pages (the table, the two claim indexes, the id counter), so
 #: 4 KiB pages (SQLite's default) write 16 KiB per enqueue, 1 KiB pages 4 KiB. Measured
