@@ -35,8 +35,9 @@ SYNCHRONOUS = SYNCHRONOUS_LEVELS[0]
 #: The page size of a database Soniq creates (a file with a database in it keeps its own).
 #: A commit writes each page it changed to the WAL, whole, and fsyncs it: a one-job
 #: enqueue changes four pages (the table, the two claim indexes, the id counter), so
-#: 4 KiB pages (SQLite's default) write 16 KiB per enqueue, 1 KiB pages 4 KiB. Measured
-#: at synchronous=FULL, one by one: 1 KiB pages 1.02-1.08x huey, 4 KiB 0.94-0.96x.
+#: 4 KiB pages (SQLite's default) write 16 KiB per enqueue, 1 KiB pages 4 KiB.
+#: (``python -m benchmarks.embedded --repeats 15``: ``eq.sync.enqueue`` at FULL 1.01x
+#: huey with 1 KiB pages, 0.94x with 4 KiB; see docs/benchmarks.md.)
 PAGE_SIZE = 1024
 
 
