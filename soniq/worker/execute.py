@@ -67,6 +67,8 @@ class JobRun:
     #: The outcome the worker recorded before the body ended (its timeout passed, or a
     #: shutdown put it back): what middleware are told when it ends.
     recorded: Outcome | None = attrs.field(default=None, init=False)
+    #: The timeout's error and outcome, once it passed (see :meth:`timed_out`).
+    _timeout: tuple[JobTimeout, Outcome] | None = attrs.field(default=None, init=False)
 
     @classmethod
     def of(
@@ -214,9 +216,13 @@ class JobRun:
         return self.failed(exc)
 
     def timed_out(self) -> Outcome:
-        """The run's timeout passed before it ended."""
-        self.error = JobTimeout(f"job ran past its timeout of {self.context.timeout}s")
-        self.recorded = self.failed(self.error)
+        """The run's timeout passed before it ended: recorded once. Asked again (once
+        the abandoned body has ended, and perhaps set an error of its own), the same
+        outcome, and the timeout as the run's error again."""
+        if self._timeout is None:
+            error = JobTimeout(f"job ran past its timeout of {self.context.timeout}s")
+            self._timeout = (error, self.failed(error))
+        self.error, self.recorded = self._timeout
         return self.recorded
 
     def released(self) -> Outcome:
