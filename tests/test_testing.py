@@ -567,3 +567,26 @@ def test_docs_examples_pass_under_pytest(
         "asyncio_default_fixture_loop_scope=function",
     )
     result.assert_outcomes(passed=tests)
+
+
+def test_a_timeout_is_recorded_once_however_often_it_is_asked() -> None:
+    """drain asks a timed-out run for its outcome before cancelling the body (so that
+    middleware see it) and again once the body has ended: the same outcome both
+    times (one retry delay, not two draws of its jitter), and the timeout is the
+    run's error again even if the abandoned body raised meanwhile."""
+    from soniq.core.jobs import Claimed
+    from soniq.worker.execute import JobRun
+
+    eq = Soniq("memory://")
+
+    @eq.job(max_retries=3)
+    def slow() -> None: ...
+
+    definition = eq.registry.get(slow.__module__ + "." + slow.__qualname__)
+    assert definition is not None
+    run = JobRun.of(definition, Claimed(1, definition.name, "default", {}, 1, 3, 0.5), "w1")
+    first = run.timed_out()
+    run.error = ValueError("the abandoned body raised")
+    assert run.timed_out() is first and run.recorded is first
+    assert isinstance(run.error, JobTimeout)
+    assert first.retry_in is not None  # retried, after one back-off
