@@ -191,18 +191,11 @@ class AsyncpgDriver(PostgresAsyncOps):
         async with self.acquire() as conn, conn.transaction():
             return await _run(conn, migration_steps(self.migrations, apply=apply))
 
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        if self._owner != async_owner():
-            # Opened on another loop (a test fixture's, an app's earlier lifespan):
-            # its connections cannot be awaited from this one, so they are cut; when
-            # that loop is closed already they went with it.
-            with contextlib.suppress(RuntimeError):
-                pool.terminate()
-            return
-        await pool.close()
+    def _abandon(self, pool: asyncpg.Pool) -> None:
+        # Its connections are cut (asyncpg's pool holds no thread to leave behind);
+        # when the loop they belong to is closed already, they went with it.
+        with contextlib.suppress(RuntimeError):
+            pool.terminate()
 
 
 async def _reset_lent(conn: Any) -> None:

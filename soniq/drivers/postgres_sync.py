@@ -81,6 +81,24 @@ class PostgresSyncOps:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.dsn)!r}, schema={self.queries.schema!r})"
 
+    def close(self) -> None:
+        """Close the driver's pool. One opened on another event loop (a test
+        fixture's, an app's earlier lifespan) or before a fork is not this loop's or
+        process's to close: its connections cannot be awaited from here, and a child
+        closing them would end its parent's sessions. It is left to its owner
+        (:meth:`_abandon`)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self._owner != sync_owner():
+            self._abandon(pool)
+            return
+        pool.close()
+
+    def _abandon(self, pool: Any) -> None:
+        """A pool :meth:`close` leaves to its owner: nothing to do, unless the driver
+        must cut its connections."""
+
     def fetch(self, query: Query) -> Sequence[Sequence[Any]]:
         raise NotImplementedError
 

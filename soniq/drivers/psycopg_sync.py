@@ -153,18 +153,6 @@ class PsycopgSyncDriver(PostgresSyncOps):
         finally:
             pool.putconn(conn)
 
-    def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        if self._owner != sync_owner():
-            # Opened on another event loop (a test fixture's, an app's earlier
-            # lifespan), or before a fork: its connections and workers belong there
-            # and cannot be awaited from here (nor closed from a child, which would
-            # end the parent's sessions); they are left to go with their owner.
-            return
-        pool.close()
-
 
 #: DISCARD ALL but DEALLOCATE ALL (see :func:`_reset_lent`), in its order.
 _RESET_SESSION = (
