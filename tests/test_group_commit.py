@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -303,6 +303,25 @@ def _n(spec: JobSpec) -> int:
     return int(spec.args[0]["n"])
 
 
+def _line(
+    before: Callable[[Sequence[JobSpec]], Awaitable[None]],
+    before_group: Callable[[Sequence[JobSpec]], Awaitable[None]] | None = None,
+) -> insert_lines.AsyncInsertLine:
+    """A line with no database: each statement awaits ``before(its specs)``
+    (``before_group`` for a merged one, when given), then answers each call with its
+    ``n``."""
+
+    async def alone(spec: JobSpec) -> int:
+        await before([spec])
+        return _n(spec)
+
+    async def group(specs: list[JobSpec]) -> list[int]:
+        await (before_group or before)(specs)
+        return [_n(spec) for spec in specs]
+
+    return insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+
+
 async def test_a_caller_alone_sends_its_own_statement_at_once() -> None:
     """No statement in flight and nobody waiting: the call's own statement starts in
     its first step, with no round of the loop in between (a lone client's latency)."""
@@ -328,15 +347,7 @@ async def test_callers_answered_together_go_out_together_in_even_statements() ->
     statement beside short ones (which leaves the database idle while the long one's
     callers come back)."""
 
-    async def alone(spec: JobSpec) -> int:
-        await asyncio.sleep(0.002)
-        return _n(spec)
-
-    async def group(specs: list[JobSpec]) -> list[int]:
-        await asyncio.sleep(0.002)
-        return [_n(spec) for spec in specs]
-
-    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    line = _line(lambda specs: asyncio.sleep(0.002))
 
     async def caller(k: int) -> list[int]:
         return [await line.insert(JobSpec("a", "q", ({"n": k * 100 + i},))) for i in range(20)]
@@ -357,15 +368,7 @@ async def test_a_statement_cancelled_before_it_started_answers_and_frees_its_pla
     before its first step: its callers still hear so, and the line goes on (a place
     left taken would hold every later enqueue of the loop)."""
 
-    async def alone(spec: JobSpec) -> int:
-        await asyncio.sleep(0.05)
-        return _n(spec)
-
-    async def group(specs: list[JobSpec]) -> list[int]:
-        await asyncio.sleep(0.2)
-        return [_n(spec) for spec in specs]
-
-    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    line = _line(lambda specs: asyncio.sleep(0.05), lambda specs: asyncio.sleep(0.2))
     first = asyncio.ensure_future(line.insert(_spec(0)))  # alone
     await asyncio.sleep(0.01)
     sent = [asyncio.ensure_future(line.insert(_spec(i))) for i in range(1, 21)]
@@ -391,19 +394,12 @@ async def test_a_statement_held_up_holds_up_other_callers_briefly_only() -> None
     then that caller takes the free place."""
     released = asyncio.Event()
 
-    async def alone(spec: JobSpec) -> int:
-        if spec.dedupe_key == "k":
-            await released.wait()
-        await asyncio.sleep(0.001)
-        return _n(spec)
-
-    async def group(specs: list[JobSpec]) -> list[int]:
+    async def before(specs: Sequence[JobSpec]) -> None:
         if any(spec.dedupe_key == "k" for spec in specs):
             await released.wait()
         await asyncio.sleep(0.001)
-        return [_n(spec) for spec in specs]
 
-    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    line = _line(before)
     first = asyncio.ensure_future(line.insert(_spec(0)))
     await asyncio.sleep(0)
     held = [
@@ -421,17 +417,11 @@ async def test_statements_ending_together_send_their_callers_together() -> None:
     callers, back in the next round, go out together, not the first alone."""
     gate = asyncio.Event()
 
-    async def alone(spec: JobSpec) -> int:
+    async def before(specs: Sequence[JobSpec]) -> None:
         await gate.wait()
         await asyncio.sleep(0.001)
-        return _n(spec)
 
-    async def group(specs: list[JobSpec]) -> list[int]:
-        await gate.wait()
-        await asyncio.sleep(0.001)
-        return [_n(spec) for spec in specs]
-
-    line = insert_lines.AsyncInsertLine(alone, group, max_in_flight=10)
+    line = _line(before)
 
     async def caller(k: int, calls: int) -> None:
         for i in range(calls):
