@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -56,19 +61,32 @@ def browser() -> Iterator[WebDriver]:
 
 def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str) -> Any:
     """Wait (bounded) until ``condition(driver)`` is true; a page reloaded meanwhile
-    (auto-refresh) is read again."""
+    (auto-refresh, or the redirect after a form) is read again."""
 
     def check(d: WebDriver) -> Any:
         try:
             return condition(d)
         except StaleElementReferenceException:
             return False
+        except WebDriverException as error:
+            # Chromium reports a node of a page replaced mid-read this way, not as stale.
+            if "does not belong to the document" in str(error.msg):
+                return False
+            raise
 
     return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(check, f"waiting for {what}")
 
 
 def text_of(driver: WebDriver, element_id: str) -> str:
-    return str(driver.find_element(By.ID, element_id).text)
+    """The element's visible text, read in one step so that a page replaced between
+    finding the element and reading it cannot fail the read."""
+    text = driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText : null",
+        element_id,
+    )
+    if text is None:
+        raise NoSuchElementException(f"no element with id {element_id!r}")
+    return str(text).strip()
 
 
 def xss_ran(driver: WebDriver) -> Any:
