@@ -26,6 +26,7 @@ import pytest
 
 from soniq import JobStatus, QueueLimits, Rate, Soniq, SoniqError
 from soniq.cli import _parser, load_app, main
+from soniq.core.sql import sqlite as sq
 from soniq.core.sql.migrate import LATEST_VERSION
 from tests.conftest import Process, listening_sessions, soniq_command, wait_until
 
@@ -269,6 +270,15 @@ def test_migrate_reads_the_url_from_the_environment(
     assert main(["migrate", "--schema", schema]) == 0
     assert f"schema {schema!r} is at version" in capsys.readouterr().out
     assert pg.execute("SELECT to_regclass(%s)", (f'"{schema}".soniq_jobs',)).fetchone() != (None,)
+
+
+def test_migrate_says_the_version_of_the_backend_it_migrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each backend numbers its own schema versions (SQLite's job table was rebuilt once
+    more): the report is the version the file now has."""
+    assert main(["migrate", "--database-url", f"sqlite:///{tmp_path / 'jobs.db'}"]) == 0
+    assert capsys.readouterr().out.endswith(f"is at version {sq.LATEST_VERSION}\n")
 
 
 # -- the installed script ---------------------------------------------------------------

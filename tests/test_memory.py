@@ -18,7 +18,7 @@ import pytest
 from soniq import ConfigurationError, JobStatus, Soniq
 from soniq.core.jobs import JobSpec, WorkerIdentity
 from soniq.core.outcomes import Outcome
-from soniq.core.sql.migrate import LATEST_VERSION
+from soniq.core.sql import sqlite as sq
 from soniq.drivers.sqlite import SqliteBackend, SqliteMemory, SqliteSyncBackend
 from soniq.testing import use_clock
 
@@ -284,8 +284,8 @@ def test_no_pool_to_lend_and_nothing_to_migrate() -> None:
         with pytest.raises(ConfigurationError, match="the memory backend has no connection"):
             backend.acquire()
     # A new database in memory starts current: checking it finds nothing to apply.
-    assert SqliteSyncBackend(database).migrate(apply=False) == LATEST_VERSION
-    assert asyncio.run(SqliteBackend(database).migrate(apply=True)) == LATEST_VERSION
+    assert SqliteSyncBackend(database).migrate(apply=False) == sq.LATEST_VERSION
+    assert asyncio.run(SqliteBackend(database).migrate(apply=True)) == sq.LATEST_VERSION
 
 
 async def test_stored_jobs_are_copies_of_what_callers_and_jobs_hold() -> None:

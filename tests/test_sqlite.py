@@ -850,6 +850,8 @@ async def test_hot_statements_use_their_indexes(eq: Soniq) -> None:
         spec = JobSpec("some.job", "default", ({},), dedupe_key="k")
         plan = explain(conn, sq.insert_jobs(spec, now))
         assert "soniq_jobs_dedupe_idx" in plan, plan
+        plan = explain(conn, sq.retry_jobs([1], now), skip=1)  # is its dedupe key free?
+        assert "soniq_jobs_dedupe_idx" in plan, plan
     finally:
         conn.close()
 
@@ -1119,3 +1121,67 @@ def test_queue_stats_and_stats_read_the_indexes_of_their_rows(tmp_path: Path) ->
             assert any("INDEX" in line for line in plan), plan
     finally:
         conn.close()
+
+
+def test_a_file_of_schema_8_keeps_its_jobs_and_ids_through_the_predicates_migration(
+    tmp_path: Path,
+) -> None:
+    """Migration 9 rebuilds the job table (a CHECK cannot be changed in place): every
+    row comes through as it was, ids go on after the highest ever given (a deleted
+    last job's id is not reused), and the rules the CHECK and the unique dedupe index
+    keep still hold."""
+    path = tmp_path / "jobs.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute(sq._BOOTSTRAP)
+        for migration in sq.MIGRATIONS[:8]:
+            for statement in migration.statements:
+                raw.execute(statement)
+            raw.execute(
+                "INSERT INTO soniq_migrations VALUES (?, ?, 0)", (migration.version, migration.name)
+            )
+        for n, status in enumerate(["queued", "running", "done", "failed", "waiting", "queued"]):
+            raw.execute(
+                "INSERT INTO soniq_jobs (name, queue, args, status, run_at, created_at, "
+                "dedupe_key, finished_at, parents, headers) "
+                "VALUES (?, 'q', ?, ?, ?, 1.0, ?, ?, ?, ?)",
+                (
+                    "some.job",
+                    f'{{"n": {n}}}',
+                    status,
+                    100.0 + n,
+                    f"key-{n}" if n < 2 else None,
+                    5.0 if status in ("done", "failed") else None,
+                    "[1]" if status == "waiting" else None,
+                    '{"h": "v"}' if n == 3 else None,
+                ),
+            )
+        raw.execute("DELETE FROM soniq_jobs WHERE id = 6")  # the last id given
+        before = raw.execute("SELECT * FROM soniq_jobs ORDER BY id").fetchall()
+    finally:
+        raw.close()
+
+    eq = Soniq(f"sqlite:///{path}")
+    try:
+        eq.sync.ensure_initialized()
+        new_id = eq.sync.enqueue("some.job", dedupe_key="key-0")  # held by job 1
+        assert new_id == 1
+        assert eq.sync.enqueue("some.job") == 7
+    finally:
+        eq.sync.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert raw.execute("SELECT max(version) FROM soniq_migrations").fetchone() == (9,)
+        assert raw.execute("SELECT * FROM soniq_jobs WHERE id < 7 ORDER BY id").fetchall() == before
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            raw.execute("UPDATE soniq_jobs SET status = 'lost' WHERE id = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            raw.execute("UPDATE soniq_jobs SET dedupe_key = 'key-0' WHERE id = 2")
+        raw.execute("UPDATE soniq_jobs SET dedupe_key = 'key-0' WHERE id = 3")  # done: free
+        schema = " ".join(
+            row[0] for row in raw.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL")
+        )
+        assert "soniq_jobs_v" not in schema
+        assert " IN (" not in schema  # no IN list left to build per INSERT
+    finally:
+        raw.close()

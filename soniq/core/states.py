@@ -104,3 +104,13 @@ def sources(event: Event) -> frozenset[JobStatus]:
 def sql_status_list(statuses: frozenset[JobStatus]) -> str:
     """A SQL list literal of statuses, in a stable order, for builders."""
     return "(" + ", ".join(f"'{s.value}'" for s in JobStatus if s in statuses) + ")"
+
+
+def sql_status_any(statuses: frozenset[JobStatus], column: str = "status") -> str:
+    """``column`` is one of ``statuses``, as equalities joined by OR, in a stable order.
+
+    SQLite evaluates an ``IN`` list by building a table for it, once per statement:
+    in a CHECK or a partial index's predicate, that is once per ``INSERT``. A query
+    that should use a partial index written this way must write the same expression
+    (SQLite matches predicates by their form)."""
+    return "(" + " OR ".join(f"{column} = '{s.value}'" for s in JobStatus if s in statuses) + ")"

@@ -117,6 +117,11 @@ _ALL = states.sql_status_list(frozenset(JobStatus))
 _ACTIVE = states.sql_status_list(states.ACTIVE)
 _FINISHED = states.sql_status_list(states.FINISHED)
 _CANCELLABLE = states.sql_status_list(states.CANCELLABLE)
+# The predicates of the job table's CHECK and partial indexes from migration 9 on, and
+# of the queries that read those indexes (see states.sql_status_any).
+_ACTIVE_ANY = states.sql_status_any(states.ACTIVE)
+_FINISHED_ANY = states.sql_status_any(states.FINISHED)
+_COUNTED_ANY = states.sql_status_any(states.COUNTED_BY_QUEUE)
 
 JOBS = "soniq_jobs"
 WORKERS = "soniq_workers"
@@ -137,7 +142,8 @@ class Migration:
 
 
 def _job_indexes(active: str, finished: str) -> tuple[str, ...]:
-    """The job table's indexes, for the statuses of its schema version."""
+    """The job table's indexes, for the predicates of its schema version: the job is
+    ``active``, the job is ``finished``."""
     return (
         # The claim reads queued rows in claim order and stops after its LIMIT: one
         # index for workers of every queue, one for workers of one queue. Only queued
@@ -148,28 +154,33 @@ def _job_indexes(active: str, finished: str) -> tuple[str, ...]:
         "(queue, priority DESC, run_at, id) WHERE status = 'queued'",
         # dedupe_key is unique among jobs that are still active.
         f"CREATE UNIQUE INDEX soniq_jobs_dedupe_idx ON {JOBS} (dedupe_key) "
-        f"WHERE dedupe_key IS NOT NULL AND status IN {active}",
+        f"WHERE dedupe_key IS NOT NULL AND {active}",
         # Recovery of dead workers' jobs, reconciliation, cancellation requests.
         f"CREATE INDEX soniq_jobs_running_idx ON {JOBS} (worker_id) WHERE status = 'running'",
         # Pruning finished jobs by age.
-        f"CREATE INDEX soniq_jobs_finished_idx ON {JOBS} (finished_at) WHERE status IN {finished}",
+        f"CREATE INDEX soniq_jobs_finished_idx ON {JOBS} (finished_at) WHERE {finished}",
     )
 
 
 # Migrations keep the statuses of their time: a later one widens them.
-_JOB_INDEXES_V1 = _job_indexes("('queued', 'running')", "('done', 'failed', 'cancelled')")
+_JOB_INDEXES_V1 = _job_indexes(
+    "status IN ('queued', 'running')", "status IN ('done', 'failed', 'cancelled')"
+)
 
-#: The job table from migration 7 on (SQLite cannot widen a CHECK: the table is
-#: rebuilt). parents: a JSON list of the jobs it waited for (NULL: none); waiting_for:
-#: how many of them have not ended; has_children: some job waits for this one, so its
-#: end settles them; run_if_parent_fails: a failed or cancelled parent counts as ended
-#: instead of cancelling it.
-_JOBS_V7 = f"""CREATE TABLE {{table}} (
+
+def _jobs_table(table: str, status_check: str, more_columns: str = "") -> str:
+    """The job table from migration 7 on (SQLite cannot change a CHECK: the table is
+    rebuilt), its status one of ``status_check``. parents: a JSON list of the jobs it
+    waited for (NULL: none); waiting_for: how many of them have not ended;
+    has_children: some job waits for this one, so its end settles them;
+    run_if_parent_fails: a failed or cancelled parent counts as ended instead of
+    cancelling it."""
+    return f"""CREATE TABLE {table} (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     name                TEXT NOT NULL,
     queue               TEXT NOT NULL,
     args                TEXT NOT NULL,
-    status              TEXT NOT NULL DEFAULT 'queued' CHECK (status IN {_ALL}),
+    status              TEXT NOT NULL DEFAULT 'queued' CHECK {status_check},
     priority            INTEGER NOT NULL DEFAULT 0,
     run_at              REAL NOT NULL,
     attempts            INTEGER NOT NULL DEFAULT 0,
@@ -191,13 +202,37 @@ _JOBS_V7 = f"""CREATE TABLE {{table}} (
     has_children        INTEGER NOT NULL DEFAULT 0,
     run_if_parent_fails INTEGER NOT NULL DEFAULT 0,
     progress            REAL,
-    progress_message    TEXT
+    progress_message    TEXT{more_columns}
 )"""
+
+
 _COLUMNS_V6 = (
     "id, name, queue, args, status, priority, run_at, attempts, max_retries, timeout, "
     "dedupe_key, worker_id, cancel_requested, last_error, last_traceback, result, "
     "created_at, started_at, finished_at, claims, snoozes"
 )
+_COLUMNS_V8 = (
+    f"{_COLUMNS_V6}, parents, waiting_for, has_children, run_if_parent_fails, progress, "
+    "progress_message, headers"
+)
+#: The column migration 8 added (last, as ALTER TABLE does).
+_HEADERS_V8 = ",\n    headers             TEXT"
+
+
+def _rebuild_jobs(version: int, create: str, columns: str) -> tuple[str, ...]:
+    """Copy the job table into the new shape ``create`` makes (its table named after
+    ``version``), ``columns`` kept, its id counter too; then add the indexes."""
+    new = f"soniq_jobs_v{version}"
+    return (
+        create,
+        f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {JOBS}",
+        f"DELETE FROM sqlite_sequence WHERE name = '{new}'",
+        f"INSERT INTO sqlite_sequence (name, seq) "
+        f"SELECT '{new}', seq FROM sqlite_sequence WHERE name = '{JOBS}'",
+        f"DROP TABLE {JOBS}",
+        f"ALTER TABLE {new} RENAME TO {JOBS}",
+    )
+
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -290,14 +325,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         7,
         "workflows",
         (
-            _JOBS_V7.format(table="soniq_jobs_v7"),
-            f"INSERT INTO soniq_jobs_v7 ({_COLUMNS_V6}) SELECT {_COLUMNS_V6} FROM {JOBS}",
-            "DELETE FROM sqlite_sequence WHERE name = 'soniq_jobs_v7'",
-            "INSERT INTO sqlite_sequence (name, seq) "
-            f"SELECT 'soniq_jobs_v7', seq FROM sqlite_sequence WHERE name = '{JOBS}'",
-            f"DROP TABLE {JOBS}",
-            f"ALTER TABLE soniq_jobs_v7 RENAME TO {JOBS}",
-            *_job_indexes(_ACTIVE, _FINISHED),
+            *_rebuild_jobs(7, _jobs_table("soniq_jobs_v7", f"(status IN {_ALL})"), _COLUMNS_V6),
+            *_job_indexes(f"status IN {_ACTIVE}", f"status IN {_FINISHED}"),
             f"CREATE TABLE {DEPS} (parent_id INTEGER NOT NULL, child_id INTEGER NOT NULL, "
             "PRIMARY KEY (parent_id, child_id)) WITHOUT ROWID",
         ),
@@ -311,6 +340,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             f"CREATE INDEX soniq_jobs_queue_status_idx ON {JOBS} (queue, status) "
             "WHERE status IN ('waiting', 'failed', 'cancelled')",
             f"ALTER TABLE {JOBS} ADD COLUMN headers TEXT",
+        ),
+    ),
+    # The status CHECK and the partial indexes' predicates as equalities joined by OR
+    # (see states.sql_status_any): as IN lists they cost four tables built per INSERT.
+    Migration(
+        9,
+        "predicates",
+        (
+            *_rebuild_jobs(
+                9,
+                _jobs_table(
+                    "soniq_jobs_v9", states.sql_status_any(frozenset(JobStatus)), _HEADERS_V8
+                ),
+                _COLUMNS_V8,
+            ),
+            *_job_indexes(_ACTIVE_ANY, _FINISHED_ANY),
+            f"CREATE INDEX soniq_jobs_queue_status_idx ON {JOBS} (queue, status) "
+            f"WHERE {_COUNTED_ANY}",
         ),
     ),
 )
@@ -480,7 +527,7 @@ def insert_jobs(spec: JobSpec, now: float) -> Operation[Inserted]:
             # Under the write lock: nobody can insert the key between this and the insert
             # (and the partial unique index would refuse it anyway).
             held = yield Step(
-                f"SELECT id, status FROM {JOBS} WHERE dedupe_key = ? AND status IN {_ACTIVE}",
+                f"SELECT id, status FROM {JOBS} WHERE dedupe_key = ? AND {_ACTIVE_ANY}",
                 (spec.dedupe_key,),
             )
             if held.rows and spec.replace and held.rows[0][1] != _RUNNING:
@@ -1366,7 +1413,7 @@ def prune_finished(
     def steps() -> Steps[int]:
         deleted = yield Step(
             f"DELETE FROM {JOBS} WHERE id IN (SELECT id FROM {JOBS} "
-            f"WHERE status IN {_FINISHED} {only} AND finished_at < ? LIMIT ?)",
+            f"WHERE {_FINISHED_ANY} {only} AND finished_at < ? LIMIT ?)",
             (now - older_than, limit),
         )
         return deleted.rowcount
@@ -1429,7 +1476,7 @@ def page_jobs(selection: JobFilter) -> Operation[list[Job]]:
 #: runs. Not while another active job holds its dedupe_key.
 _FREE_KEY = (
     f"(j.dedupe_key IS NULL OR NOT EXISTS (SELECT 1 FROM {JOBS} AS o "
-    f"WHERE o.dedupe_key = j.dedupe_key AND o.status IN {_ACTIVE}))"
+    f"WHERE o.dedupe_key = j.dedupe_key AND {states.sql_status_any(states.ACTIVE, 'o.status')}))"
 )
 #: A job that waited for others is retried once they are all done.
 _PARENTS_DONE = (
@@ -1533,7 +1580,7 @@ SELECT '{_RUNNING}', queue, count(*), NULL, NULL, NULL
 FROM {JOBS} WHERE status = '{_RUNNING}' GROUP BY queue
 UNION ALL
 SELECT status, queue, count(*), NULL, NULL, NULL
-FROM {JOBS} WHERE status IN {states.sql_status_list(states.COUNTED_BY_QUEUE)}
+FROM {JOBS} WHERE {_COUNTED_ANY}
 GROUP BY queue, status
 UNION ALL
 SELECT 'settings', queue, paused, concurrency, rate_count, rate_period FROM {QUEUES}"""
@@ -1573,7 +1620,7 @@ def stats(now: float, minutes: int, queue: str | None) -> Operation[Stats]:
     minutes at ``now``, read by a range of the finished index."""
     sql = (
         f"SELECT CAST(finished_at / 60 AS INTEGER), status, count(*) FROM {JOBS} "
-        f"WHERE status IN {_FINISHED} AND finished_at >= ? AND (? IS NULL OR queue = ?) "
+        f"WHERE {_FINISHED_ANY} AND finished_at >= ? AND (? IS NULL OR queue = ?) "
         "GROUP BY 1, 2"
     )
 
