@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from soniq import JobStatus, Soniq
+from soniq.worker.heartbeat import ANALYZE_ROWS
 from tests.conftest import Process, async_wait_until, listening_sessions, wait_until
 
 Spawn = Callable[..., Process]
@@ -302,3 +303,30 @@ async def test_sync_jobs_close_stale_django_connections(
     await eq.close()
     assert len(seen) == 3
     assert all(wrapper.connection is None for wrapper in seen)  # closed after each job
+
+
+async def test_the_first_claim_of_a_table_loaded_in_bulk_is_planned_with_statistics(
+    eq: Soniq, pg: psycopg.Connection, schema: str
+) -> None:
+    """A fresh table loaded in bulk has no statistics until autovacuum's first pass, and
+    a claim planned without them scans and sorts every queued row: the worker's first
+    beat analyzes the table before its first claim (see heartbeat.ANALYZE_ROWS)."""
+
+    def reltuples() -> float:
+        row = pg.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (f'"{schema}".soniq_jobs',)
+        ).fetchone()
+        assert row is not None
+        return float(row[0])
+
+    seen: list[float] = []
+
+    @eq.job(name="stats.probe")
+    def probe() -> None:
+        if not seen:
+            seen.append(reltuples())
+
+    await eq.enqueue_many(probe, [{} for _ in range(ANALYZE_ROWS)])
+    assert reltuples() < 0  # never analyzed
+    await eq.run_worker(burst=True, concurrency=20)
+    assert seen and seen[0] >= ANALYZE_ROWS

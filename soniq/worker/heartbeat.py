@@ -31,6 +31,7 @@ PRUNE_BATCH = 5000
 #: A job table with no statistics and this many rows is analyzed by the first heartbeat
 #: that sees it: without statistics PostgreSQL plans the claim as a scan and sort of
 #: every queued row (a fresh table loaded in bulk, before autovacuum's first pass).
+#: The worker's first claim waits for its first heartbeat.
 ANALYZE_ROWS = 1000
 
 T = TypeVar("T")
@@ -61,7 +62,9 @@ class Heartbeat(threading.Thread):
         self._on_cancel = on_cancel
         self._stopped = threading.Event()
         self._next_prune = 0.0
-        self._statistics_checked = False  # the job table has statistics, or we tried
+        self._analyze_failed = False  # then statistics are left to autovacuum
+        #: Set once the first beat has ended, well or not: the worker claims after it.
+        self.first_beat = threading.Event()
         #: A call longer than this is aborted (WorkerConfig.command_timeout).
         self._command_timeout = command_timeout
         # The call in flight, for the watchdog: its session and its deadline. Set and
@@ -105,7 +108,9 @@ class Heartbeat(threading.Thread):
                         log.info("heartbeat connection restored")
                 self.beat(session)
                 failures = 0
+                self.first_beat.set()
             except Exception as exc:  # the thread must not die: that would look like death
+                self.first_beat.set()
                 failures += 1
                 if is_connection_error(exc):
                     log.warning("heartbeat failed (%s); retrying", exc)
@@ -161,8 +166,8 @@ class Heartbeat(threading.Thread):
         return time.monotonic() - self._confirmed
 
     def beat(self, session: MaintenanceSession) -> None:
-        """One pass: heartbeat, cancellation requests, rescue, statistics (until the
-        job table has some), prune."""
+        """One pass: heartbeat, cancellation requests, rescue, statistics (a catalog
+        lookup while the job table has some), prune."""
         call = self._bounded
         started = time.monotonic()
         if not call(session, session.heartbeat, self._worker_id):
@@ -181,16 +186,13 @@ class Heartbeat(threading.Thread):
                 len(rescued),
                 ", ".join(f"{job_id}->{status}" for job_id, status in rescued[:20]),
             )
-        if not self._statistics_checked:
-            # Tried once per worker, whatever happens (an ANALYZE that fails or outlasts
-            # command_timeout is left to autovacuum); asked again only while the table
-            # is too small to matter.
-            self._statistics_checked = True
-            analyzed = call(session, session.analyze_if_never, ANALYZE_ROWS)
-            if analyzed is None:
-                self._statistics_checked = False
-            if analyzed:
-                log.info("analyzed the job table, which had no statistics yet")
+        if not self._analyze_failed:
+            # An ANALYZE that fails or outlasts command_timeout is not tried again by
+            # this worker: autovacuum's pass will come.
+            self._analyze_failed = True
+            if call(session, session.analyze_if_never, ANALYZE_ROWS):
+                log.info("analyzed the job table, which had no statistics")
+            self._analyze_failed = False
         if self._retention and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + max(60.0, self._interval)
             for _ in range(20):  # bounded per beat; the next beat goes on

@@ -267,6 +267,9 @@ class Worker:
             )
         cancelled = False
         try:
+            # Its first beat gives a job table without statistics some before the first
+            # claim is planned (see heartbeat.ANALYZE_ROWS): a few milliseconds.
+            await asyncio.to_thread(heartbeat.first_beat.wait, bound)
             await self._fetch_forever()
         except asyncio.CancelledError:
             cancelled = True

@@ -265,13 +265,16 @@ WITH resumed AS (
 SELECT queue, pg_notify('{channel_literal}', queue) FROM resumed""")
         self._paused = f"SELECT queue FROM {queues} WHERE paused ORDER BY queue"
         # Without statistics (a table never analyzed, PostgreSQL's reltuples = -1) the
-        # planner takes the job table for tiny: the claim becomes a scan and sort of
-        # every queued row, the completion a scan of the table. See never_analyzed.
+        # planner takes queued rows for rare: the claim becomes a scan and sort of
+        # every queued row. See never_analyzed. The rows are counted only then, so
+        # that the question costs a catalog lookup the rest of the time.
         jobs_literal = jobs.replace("'", "''")
         self._never_analyzed = render(f"""
 SELECT c.reltuples < 0,
-       (SELECT count(*) FROM (SELECT 1 FROM {jobs} LIMIT $1::text::int) AS s)
-           >= $2::text::int
+       CASE WHEN c.reltuples < 0 THEN
+           (SELECT count(*) FROM (SELECT 1 FROM {jobs} LIMIT $1::text::int) AS s)
+               >= $2::text::int
+       ELSE false END
 FROM pg_class AS c WHERE c.oid = to_regclass('{jobs_literal}')""")
         # A burst worker's last question: how soon is a job it could claim due?
         self._next_due = render(f"""
@@ -1214,7 +1217,8 @@ RETURNING id""")
 
     def never_analyzed(self, rows: int) -> Query:
         """Select whether the job table has no statistics yet (never analyzed nor
-        vacuumed), and whether it holds at least ``rows`` rows (counted up to that)."""
+        vacuumed; truncated since, too), and if so whether it holds at least ``rows``
+        rows (counted up to that)."""
         return Query(self._never_analyzed, (str(rows), str(rows)))
 
     def analyze(self) -> str:

@@ -219,12 +219,14 @@ _COLUMNS_V8 = (
 _HEADERS_V8 = ",\n    headers             TEXT"
 
 
-def _rebuild_jobs(version: int, create: str, columns: str) -> tuple[str, ...]:
-    """Copy the job table into the new shape ``create`` makes (its table named after
-    ``version``), ``columns`` kept, its id counter too; then add the indexes."""
+def _rebuild_jobs(
+    version: int, status_check: str, columns: str, more_columns: str = ""
+) -> tuple[str, ...]:
+    """Copy the job table into a new one (see _jobs_table), ``columns`` kept, its id
+    counter too. Dropping the old table dropped its indexes: the caller adds them."""
     new = f"soniq_jobs_v{version}"
     return (
-        create,
+        _jobs_table(new, status_check, more_columns),
         f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {JOBS}",
         f"DELETE FROM sqlite_sequence WHERE name = '{new}'",
         f"INSERT INTO sqlite_sequence (name, seq) "
@@ -325,7 +327,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         7,
         "workflows",
         (
-            *_rebuild_jobs(7, _jobs_table("soniq_jobs_v7", f"(status IN {_ALL})"), _COLUMNS_V6),
+            *_rebuild_jobs(7, f"(status IN {_ALL})", _COLUMNS_V6),
             *_job_indexes(f"status IN {_ACTIVE}", f"status IN {_FINISHED}"),
             f"CREATE TABLE {DEPS} (parent_id INTEGER NOT NULL, child_id INTEGER NOT NULL, "
             "PRIMARY KEY (parent_id, child_id)) WITHOUT ROWID",
@@ -349,11 +351,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "predicates",
         (
             *_rebuild_jobs(
-                9,
-                _jobs_table(
-                    "soniq_jobs_v9", states.sql_status_any(frozenset(JobStatus)), _HEADERS_V8
-                ),
-                _COLUMNS_V8,
+                9, states.sql_status_any(frozenset(JobStatus)), _COLUMNS_V8, _HEADERS_V8
             ),
             *_job_indexes(_ACTIVE_ANY, _FINISHED_ANY),
             f"CREATE INDEX soniq_jobs_queue_status_idx ON {JOBS} (queue, status) "
