@@ -62,7 +62,7 @@ class Heartbeat(threading.Thread):
         self._on_cancel = on_cancel
         self._stopped = threading.Event()
         self._next_prune = 0.0
-        self._analyze_failed = False  # then statistics are left to autovacuum
+        self._statistics_checked = False  # the job table has statistics, or we tried
         #: Set once the first beat has ended, well or not: the worker claims after it.
         self.first_beat = threading.Event()
         #: A call longer than this is aborted (WorkerConfig.command_timeout).
@@ -166,8 +166,8 @@ class Heartbeat(threading.Thread):
         return time.monotonic() - self._confirmed
 
     def beat(self, session: MaintenanceSession) -> None:
-        """One pass: heartbeat, cancellation requests, rescue, statistics (a catalog
-        lookup while the job table has some), prune."""
+        """One pass: heartbeat, cancellation requests, rescue, statistics (until the
+        job table has some), prune."""
         call = self._bounded
         started = time.monotonic()
         if not call(session, session.heartbeat, self._worker_id):
@@ -186,13 +186,16 @@ class Heartbeat(threading.Thread):
                 len(rescued),
                 ", ".join(f"{job_id}->{status}" for job_id, status in rescued[:20]),
             )
-        if not self._analyze_failed:
-            # An ANALYZE that fails or outlasts command_timeout is not tried again by
-            # this worker: autovacuum's pass will come.
-            self._analyze_failed = True
-            if call(session, session.analyze_if_never, ANALYZE_ROWS):
-                log.info("analyzed the job table, which had no statistics")
-            self._analyze_failed = False
+        if not self._statistics_checked:
+            # Tried once per worker, whatever happens (an ANALYZE that fails or outlasts
+            # command_timeout is left to autovacuum); asked again only while the table
+            # is too small to matter.
+            self._statistics_checked = True
+            analyzed = call(session, session.analyze_if_never, ANALYZE_ROWS)
+            if analyzed is None:
+                self._statistics_checked = False
+            if analyzed:
+                log.info("analyzed the job table, which had no statistics yet")
         if self._retention and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + max(60.0, self._interval)
             for _ in range(20):  # bounded per beat; the next beat goes on

@@ -264,18 +264,20 @@ WITH resumed AS (
 )
 SELECT queue, pg_notify('{channel_literal}', queue) FROM resumed""")
         self._paused = f"SELECT queue FROM {queues} WHERE paused ORDER BY queue"
-        # Without statistics (a table never analyzed, PostgreSQL's reltuples = -1) the
-        # planner takes queued rows for rare: the claim becomes a scan and sort of
-        # every queued row. See never_analyzed. The rows are counted only then, so
-        # that the question costs a catalog lookup the rest of the time.
-        jobs_literal = jobs.replace("'", "''")
+        # Without statistics of its status column (a table never analyzed, or analyzed
+        # while empty; a TRUNCATE keeps them) the planner takes queued rows for rare:
+        # the claim becomes a scan and sort of every queued row. See never_analyzed.
+        # The rows are counted only then.
+        schema_literal = schema.replace("'", "''")
         self._never_analyzed = render(f"""
-SELECT c.reltuples < 0,
-       CASE WHEN c.reltuples < 0 THEN
-           (SELECT count(*) FROM (SELECT 1 FROM {jobs} LIMIT $1::text::int) AS s)
-               >= $2::text::int
-       ELSE false END
-FROM pg_class AS c WHERE c.oid = to_regclass('{jobs_literal}')""")
+WITH bare AS (
+    SELECT NOT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = '{schema_literal}'
+                       AND tablename = 'soniq_jobs' AND attname = 'status') AS none
+)
+SELECT none, CASE WHEN none THEN
+    (SELECT count(*) FROM (SELECT 1 FROM {jobs} LIMIT $1::text::int) AS s) >= $2::text::int
+    ELSE false END
+FROM bare""")
         # A burst worker's last question: how soon is a job it could claim due?
         self._next_due = render(f"""
 SELECT extract(epoch FROM min(run_at) - now())::float8 FROM {jobs}
@@ -1216,9 +1218,9 @@ RETURNING id""")
         return Query(self._queue_limits, ())
 
     def never_analyzed(self, rows: int) -> Query:
-        """Select whether the job table has no statistics yet (never analyzed nor
-        vacuumed; truncated since, too), and if so whether it holds at least ``rows``
-        rows (counted up to that)."""
+        """Select whether the job table has no statistics of its status yet (never
+        analyzed, or analyzed while empty), and if so whether it holds at least
+        ``rows`` rows (counted up to that)."""
         return Query(self._never_analyzed, (str(rows), str(rows)))
 
     def analyze(self) -> str:
