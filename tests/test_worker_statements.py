@@ -296,3 +296,29 @@ def test_limited_claims_walk_the_claim_index_in_custom_and_generic_plans(
             }
             scans = {n.get("Relation Name") for n in nodes if n["Node Type"] == "Seq Scan"}
             assert "soniq_jobs" not in scans, (mode, queues)
+
+
+async def test_a_queue_limited_while_claims_fill_every_slot_is_claimed_once_they_run_short(
+    eq: Soniq,
+) -> None:
+    """Claims that fill every slot do not ask whether queues have stored limits (one
+    row more each, see ClaimOrder.asks_queue_limits). Limits stored meanwhile keep the
+    plain claim off that queue at once; the first claim that runs short asks, and
+    claims that queue's jobs within its limits in the same call."""
+
+    @eq.job(name="some.job")
+    async def some_job() -> None: ...
+
+    await eq.enqueue_many(some_job, [{} for _ in range(20)], queue="a")
+    limits = eq.registry.claim_limits()
+    async with eq.backend.worker_session() as ops:
+
+        async def claim() -> list[str]:
+            return [c.queue for c in await ops.claim_jobs(10, "w", None, ["some.job"], limits)]
+
+        assert await claim() == ["a"] * 10  # a new session asks: no limits
+        await eq.set_queue_limits("b", concurrency=3)
+        await eq.enqueue_many(some_job, [{} for _ in range(5)], queue="b", priority=5)
+        assert await claim() == ["a"] * 10  # full, not asked: b is left alone all the same
+        assert await claim() == ["b"] * 3  # short: asked, and b's limit obeyed
+        assert await claim() == []

@@ -313,7 +313,7 @@ FROM picked, no_flush_wait WHERE j.id = picked.id
 RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         self._render = render
         # The claims, rendered when first used (see _plain_claim and _limited_claim).
-        self._claims: dict[tuple[int, bool, bool, bool], str] = {}
+        self._claims: dict[tuple[int, bool, bool, bool, bool], str] = {}
         self._limited_claims: dict[tuple[int, tuple[str, ...], bool, int], str] = {}
         self._worker_sql(jobs, render)
         self._periodic_sql(jobs, render, channel_literal)
@@ -321,7 +321,9 @@ RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         self._workflow_sql(jobs, render, channel_literal)
         self._admin_sql(jobs, render, channel_literal)
 
-    def _plain_claim(self, queue_mode: int, named: bool, told: bool, capped: bool) -> str:
+    def _plain_claim(
+        self, queue_mode: int, named: bool, told: bool, capped: bool, asks: bool
+    ) -> str:
         """The claim of ready jobs of the queues (``queue_mode`` 0: all, 1: one, 2:
         several) and, when ``named``, of the names asked for: the worker claims only
         the names it has registered (a job no running worker knows stays queued), so
@@ -330,8 +332,8 @@ RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         nothing; unknown jobs ahead of known ones in the same queue are stepped over.
 
         ``told`` (of limits: a worker's claim, see claim_jobs), it leaves the jobs of
-        limited queues to the limited claim, and says whether there are any: one more
-        row, of NULLs, after the claimed ones. ``capped`` (a turn given to it for
+        limited queues to the limited claim, and when it ``asks``, says whether there
+        are any: one more row, of NULLs, after the claimed ones. ``capped`` (a turn given to it for
         fairness, see ClaimOrder), it looks at the first ``scan`` ready jobs in line
         only, whatever their names: no walk past a backlog of limited jobs.
 
@@ -339,7 +341,7 @@ RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
         only puts its jobs back, which the crash does to running jobs anyway (and a
         later durable commit, such as the completion, flushes it). The setting is
         local to the statement's transaction, so it is safe behind PgBouncer too."""
-        key = (queue_mode, named, told, capped)
+        key = (queue_mode, named, told, capped, asks)
         sql = self._claims.get(key)
         if sql is not None:
             return sql
@@ -351,7 +353,7 @@ RETURNING {CLAIM_COLUMNS.replace("@jobs@", jobs)}"""
             ready_rows = f"id = ANY(ARRAY(SELECT id FROM head)) AND status = '{ready}'"
         head = _fill(self._claim_head, first_ready=first_ready, ready_rows=ready_rows)
         text = head + self._claim_update
-        if told:
+        if told and asks:
             text = f"""{head},
 claimed AS ({self._claim_update}
 )
@@ -359,7 +361,7 @@ SELECT * FROM claimed
 {self._limited_queues_row(queue_mode)}"""
         tokens = [*(["queues"] if queue_mode else []), *(["scan"] if capped else [])]
         tokens += [*(["names"] if named else []), "limit", "worker"]
-        tokens += ["again"] if told and queue_mode else []
+        tokens += ["again"] if told and asks and queue_mode else []
         sql = self._claims[key] = self._render(
             _number(
                 text,
@@ -1156,14 +1158,16 @@ RETURNING id""")
         limits: ClaimLimits | None = None,
         *,
         scan: int | None = None,
+        ask_queue_limits: bool = True,
     ) -> Query:
         """Claim up to ``limit`` ready jobs, by priority, then run_at, then id: of
         ``queues`` (None: every queue) and ``names`` (None: every name).
 
         Told of ``limits`` (a worker's claim), the claim leaves the limited jobs and
-        the jobs of queues with stored limits to :meth:`claim_limited`, and its last
-        row is all NULL when there are such queues (see :func:`claimed_rows`); with
-        ``scan`` too, it looks at the first ``scan`` ready jobs only."""
+        the jobs of queues with stored limits to :meth:`claim_limited`, and with
+        ``ask_queue_limits`` its last row is all NULL when there are such queues (see
+        :func:`claimed_rows`); with ``scan`` too, it looks at the first ``scan``
+        ready jobs only."""
         queue_mode = _queue_mode(queues)
         queue = _queue_params(queues)
         told = limits is not None
@@ -1174,8 +1178,10 @@ RETURNING id""")
         params += [*([serialize.dumps(list(names))] if names is not None else [])]
         # A claim told of limits names its queues twice: in the claim and in the
         # question about limited queues.
-        params += [str(limit), worker_id, *(queue if told else [])]
-        return Query(self._plain_claim(queue_mode, names is not None, told, capped), tuple(params))
+        asks = told and ask_queue_limits
+        params += [str(limit), worker_id, *(queue if asks else [])]
+        sql = self._plain_claim(queue_mode, names is not None, told, capped, asks)
+        return Query(sql, tuple(params))
 
     def claim_limited(
         self,
