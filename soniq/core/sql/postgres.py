@@ -898,7 +898,12 @@ u AS MATERIALIZED (
             "AND j.status = (SELECT running FROM me) AND j.worker_id = (SELECT worker_id FROM me)"
         )
         ok_fence = fence.replace("@alias@", "f")
-        u_fence = fence.replace("@alias@", "u")
+        # The other outcomes' ids are looked up as an array too: a set-returning
+        # function counts for 100 rows to the planner, and 100 probes of the primary
+        # key cost more than a scan of a table of less than ~30,000 rows, so it scanned
+        # the whole table at every flush, even one with no other outcome to write
+        # (0.65 ms of a 1.45 ms flush of 50 successes behind 8,000 rows).
+        u_fence = f"j.id = ANY(ARRAY(SELECT id FROM u)) AND {fence.replace('@alias@', 'u')}"
         update = f"""
 UPDATE {jobs} AS j SET
     status = u.status,
