@@ -146,9 +146,9 @@ def test_finish_never_reads_the_running_index_in_a_generic_plan(
     taken when no job was running once made that plan read the running index, which
     holds an entry for every job run since the last vacuum: each flush was slower
     than the last (a 20,000-job drain fell from ~16,000 to ~1,700 jobs/s). Nor may a
-    table of a few thousand rows be scanned for the outcomes other than successes,
-    which the planner counts as 100 rows whatever their number (0.65 ms of a 1.45 ms
-    flush of 50 successes behind 8,000 rows)."""
+    table of a few thousand rows be scanned because the planner counts the outcomes
+    as 100 rows whatever their number (0.65 ms of a 1.45 ms flush of 50 successes
+    behind 8,000 rows)."""
     _, q = db
     jobs = f'"{q.schema}".soniq_jobs'
     pg.execute(
@@ -167,17 +167,9 @@ def test_finish_never_reads_the_running_index_in_a_generic_plan(
     assert plan is not None
     text = json.dumps(plan[0])
     assert "soniq_jobs_running_idx" not in text, text
-    if rows > 10_000:  # read by primary key only (a small one may be scanned)
+    if rows:  # read by primary key only (an empty one may be scanned)
         assert '"Seq Scan"' not in text, text
         assert text.count('"Index Name": "soniq_jobs_pkey"') == (2 if keep else 3), text
-    if rows:  # the outcomes other than successes: by primary key, from a few rows on
-        others = [
-            node
-            for top in _plan_nodes(plan[0])
-            if top.get("Subplan Name") in ("CTE other", "CTE gone", "CTE kept")
-            for node in _plan_nodes(top)
-        ]
-        assert others and not [n for n in others if n["Node Type"] == "Seq Scan"], text
 
 
 def test_a_claim_commits_without_waiting_for_the_disk_and_leaves_the_session_alone(
