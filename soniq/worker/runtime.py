@@ -195,6 +195,7 @@ class Worker:
         self._sync_done: list[tuple[_Running, Outcome, float]] = []
         self._stopping = False
         self._reserved = 0  # slots of the claims in flight
+        self._backlog = False  # the last claim filled every slot it asked for
         self._reconcile_needed = False
         self._stopping_completer = False
         self._random = random.Random().random
@@ -377,8 +378,9 @@ class Worker:
             free = min(cap, self.config.concurrency - len(self._running) - self._reserved)
             # Idle, with another lane's claim in flight: a second claim would most
             # likely find nothing (a wake-up usually means one new job). Under load the
-            # lanes overlap, because running jobs keep freeing slots.
-            if free > 0 and self._reserved and not self._running:
+            # lanes overlap, because running jobs keep freeing slots, and behind a
+            # backlog (the last claim came back full) even jobs that end at once do.
+            if free > 0 and self._reserved and not self._running and not self._backlog:
                 free = 0
             if free <= 0:
                 self._slot_freed.clear()
@@ -434,6 +436,7 @@ class Worker:
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))
                 continue
             failures = 0
+            self._backlog = len(rows) == free
             for row in rows:
                 self._start(row)
             if len(rows) == free:
