@@ -19,7 +19,8 @@ from soniq.core.retry import DEFAULT_BACKOFF, Backoff
 from soniq.core.states import Event, JobStatus
 
 
-@attrs.frozen
+# Not frozen, for the same reason as soniq.core.jobs.Claimed: one is made per run.
+@attrs.define
 class Outcome:
     """The end of one run of one job, as the completer stores it.
 
