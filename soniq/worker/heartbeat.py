@@ -94,6 +94,7 @@ class Heartbeat(threading.Thread):
         try:
             self._beat_forever()
         finally:
+            self.first_beat.set()  # stopped before its first beat: nobody waits for it
             self._stopped.set()
             self._watch.set()
 
@@ -108,9 +109,7 @@ class Heartbeat(threading.Thread):
                         log.info("heartbeat connection restored")
                 self.beat(session)
                 failures = 0
-                self.first_beat.set()
             except Exception as exc:  # the thread must not die: that would look like death
-                self.first_beat.set()
                 failures += 1
                 if is_connection_error(exc):
                     log.warning("heartbeat failed (%s); retrying", exc)
@@ -120,6 +119,7 @@ class Heartbeat(threading.Thread):
                     with contextlib.suppress(Exception):
                         session.close()
                 session = None
+            self.first_beat.set()
             wait = self._interval if not failures else min(self._interval, 0.5 * failures)
             self._stopped.wait(wait)
         if session is not None:
