@@ -9,12 +9,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from types import TracebackType
 
 import pytest
 
-from soniq.drivers.lines import ThreadLine
+from soniq.drivers.lines import Answer, ThreadLine
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -237,3 +237,113 @@ def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
     first.join(10)
     assert _answered_in_time(lambda: line.run(lambda: 3, lambda: Call(3))) == 3
     assert sent == [] and line._in_flight == 0 and not line._line
+
+
+# Two places: one of the 8 finds the second place free and goes alone beside the
+# first call, the 7 others go out together; then all 8 go out in two even halves.
+@pytest.mark.parametrize(
+    ("max_in_flight", "min_split", "sizes"), [(1, 1, {8: 20}), (2, 4, {7: 1, 4: 38})]
+)
+def test_the_callers_of_a_group_come_back_and_go_out_together_again(
+    switching_often: None, max_in_flight: int, min_split: int, sizes: dict[int, int]
+) -> None:
+    """Threads enqueueing in a loop: once they have gone out together, the first of
+    them back waits for the others instead of going alone (which would leave the
+    rest to queue behind it in ever smaller groups). ``hold`` is long here, so the
+    groups do not depend on how fast threads are woken."""
+    release = threading.Event()
+
+    def alone(n: int) -> int:
+        assert release.wait(10)
+        return n
+
+    def send(calls: list[Call]) -> None:
+        for call in calls:
+            call.future.set_result(call.n)
+
+    line: ThreadLine[Call] = ThreadLine(
+        send, max_in_flight=max_in_flight, max_batch=50, hold=30, min_split=min_split
+    )
+    first = threading.Thread(target=lambda: line.run(lambda: alone(0), lambda: Call(0)))
+    first.start()  # alone: the 8 threads queue behind it
+    wait_until(lambda: line._in_flight == max_in_flight or line._in_flight == 1)
+    results: list[int] = []
+
+    def caller(k: int) -> None:
+        for i in range(20):
+            n = k * 100 + i
+            results.append(line.run(lambda n=n: alone(n), lambda n=n: Call(n)))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(line._line) + line._in_flight - 1 == 8)
+    release.set()
+    for thread in [first, *threads]:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
+    assert dict(line.batches) == sizes
+    assert line._in_flight == 0 and not line._line and line._gatherer is None
+
+
+def test_callers_that_do_not_come_back_hold_up_the_first_one_back_for_hold_only() -> None:
+    """Three calls go out together; only one of their threads calls again: it waits
+    ``hold`` for the two others, then goes out alone; the next call goes at once."""
+    release = threading.Event()
+    sent: list[list[int]] = []
+
+    def alone(n: int) -> int:
+        assert release.wait(10)
+        return n
+
+    def send(calls: list[Call]) -> None:
+        sent.append([call.n for call in calls])
+        for call in calls:
+            call.future.set_result(call.n)
+
+    line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=50, hold=0.05)
+    first = threading.Thread(target=lambda: line.run(lambda: alone(0), lambda: Call(0)))
+    first.start()
+    wait_until(lambda: line._in_flight == 1)
+    waiting = [
+        threading.Thread(target=lambda n=n: line.run(lambda: n, lambda: Call(n))) for n in (1, 2, 3)
+    ]
+    for thread in waiting:
+        thread.start()
+    wait_until(lambda: len(line._line) == 3)
+    release.set()
+    for thread in [first, *waiting]:
+        thread.join(10)
+    assert sent == [[1, 2, 3]]
+    started = time.monotonic()
+    assert _answered_in_time(lambda: line.run(lambda: 4, lambda: Call(4))) == 4
+    assert time.monotonic() - started >= 0.05  # it waited for the two others
+    assert sent == [[1, 2, 3], [4]]  # and went out alone, through the line
+    assert _answered_in_time(lambda: line.run(lambda: 5, lambda: Call(5))) == 5
+    assert sent == [[1, 2, 3], [4]]  # at once, on its own thread: nobody expected back
+    assert line._in_flight == 0 and not line._line and line._returning == 0
+
+
+def test_a_thread_alone_never_waits_in_line() -> None:
+    line: ThreadLine[Call] = ThreadLine(lambda calls: None, max_in_flight=1, max_batch=50)
+    assert [line.run(lambda n=n: n, lambda n=n: Call(n)) for n in range(50)] == list(range(50))
+    assert not line.batches and line._returning == 0
+
+
+def test_an_answer_is_set_once_and_tells_its_callbacks() -> None:
+    told: list[int] = []
+    answer: Answer[int] = Answer()
+    answer.add_done_callback(lambda a: told.append(a.result()))
+    assert not answer.done() and told == []
+    answer.set_result(7)
+    assert answer.done() and answer.result() == 7 and told == [7]
+    answer.add_done_callback(lambda a: told.append(a.result() + 1))  # already set: at once
+    assert told == [7, 8]
+    with pytest.raises(InvalidStateError):
+        answer.set_exception(ValueError("late"))
+    failed: Answer[int] = Answer()
+    failed.set_exception(ValueError("refused"))
+    assert isinstance(failed.exception(), ValueError) and not failed.cancelled()
+    with pytest.raises(ValueError, match="refused"):
+        failed.result()

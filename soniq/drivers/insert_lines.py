@@ -39,12 +39,11 @@ import collections
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future
 from typing import Any, Protocol
 
 from soniq.core.jobs import JobSpec
 from soniq.drivers._common import interrupted, is_connection_error, own_copy, rolled_back
-from soniq.drivers.lines import ThreadLine
+from soniq.drivers.lines import Answer, ThreadLine
 
 log = logging.getLogger("soniq")
 
@@ -241,13 +240,14 @@ class SyncInsertLine(ThreadLine[_Call]):
             max_in_flight=min(max_in_flight, MAX_IN_FLIGHT),
             max_batch=MAX_BATCH,
             late=_late,
+            min_split=MIN_SPLIT,
         )
         self._alone = alone
         self._group = group
 
     def insert(self, spec: JobSpec) -> int:
         """Insert one job (``spec`` holds one), alone or merged; its id once committed."""
-        return self.run(lambda: self._alone(spec), lambda: _Call(spec, Future()))
+        return self.run(lambda: self._alone(spec), lambda: _Call(spec, Answer()))
 
     def _answer(self, group: list[_Call]) -> None:
         futures = [call.future for call in group]

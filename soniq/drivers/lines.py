@@ -5,10 +5,17 @@ thread in it on its own thread. The SQLite backend's blocking writes
 PostgreSQL blocking enqueues (``eq.sync``: one merged statement per group) both wait
 in a :class:`ThreadLine`; only what a group's statement is differs.
 
-A thread that finds room (fewer statements in flight than allowed) and nobody waiting
-runs its own statement at once, with no hand-off and no future: a thread alone pays
-for no line. A waiting thread sleeps until it is woken once: to send the group it
-was handed, or with its own call answered. No thread is woken for nothing.
+A thread that finds room (fewer statements in flight than allowed), nobody waiting
+and nobody expected back runs its own statement at once, with no hand-off and no
+future: a thread alone pays for no line. A waiting thread sleeps until it is woken:
+to send the group it was handed, with its own call answered, or (the first in line,
+once at most) to wait for the callers of a statement that just ended.
+
+The callers a group's statement answers come back together (threads enqueueing in a
+loop, the requests of one burst), and they go out together: the first of them back
+finds a place free but waits, at most :data:`HOLD`, until the others have joined it.
+Otherwise the first one back would go alone, the next ones would queue behind it, and
+the groups would dwindle to a call or two, each paying a commit.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import InvalidStateError
 from typing import Any, Generic, Protocol, TypeVar
 
 from soniq.drivers._common import interrupted
@@ -27,29 +34,112 @@ log = logging.getLogger("soniq")
 R = TypeVar("R")
 
 
+class Future(Protocol):
+    """What a line needs of a call's future (a ``concurrent.futures.Future`` is one)."""
+
+    def done(self) -> bool: ...
+    def result(self) -> Any: ...
+    def set_result(self, value: Any) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None: ...
+
+
 class Answered(Protocol):
     """What waits in a line: a call, answered through its future."""
 
     @property
-    def future(self) -> Future[Any]: ...
+    def future(self) -> Future: ...
+
+
+#: Orders an Answer's callbacks with its setting (an uncontended lock: setting an
+#: answer takes it once).
+_ANSWER_LOCK = threading.Lock()
+
+
+class Answer(Generic[R]):
+    """The future of a call in a line whose thread reads it only once woken (the
+    wake-up orders the read after the write): a ``concurrent.futures.Future`` but for
+    the condition that one takes and notifies on every step (2.7 us a call)."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "_value")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Answer[R]], object]] | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def result(self) -> R:
+        if self._error is not None:
+            raise self._error
+        value: R = self._value
+        return value
+
+    def set_result(self, value: R) -> None:
+        self._value = value
+        self._set()
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._error = exception
+        self._set()
+
+    def _set(self) -> None:
+        with _ANSWER_LOCK:
+            if self._done:
+                raise InvalidStateError("this answer was already set")
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback(self)
+
+    def add_done_callback(self, fn: Callable[[Answer[R]], object]) -> None:
+        with _ANSWER_LOCK:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
 
 I = TypeVar("I", bound=Answered)  # noqa: E741  (the line's item)
 
+#: Longest the first in line waits for the callers of an ended statement to come back
+#: (seconds), with a place free: about two commits' time. Callers that do not come
+#: back by then are not waited for again.
+HOLD = 0.001
+
 
 class _Turn(Generic[I]):
-    __slots__ = ("group", "item", "woken")
+    __slots__ = ("group", "item", "signalled", "woken")
 
     def __init__(self, item: I) -> None:
         self.item = item
-        # A bare lock, taken now and released once to wake the thread: an Event's
+        # A bare lock, taken now and released to wake the thread: an Event's
         # condition wakes it only to queue again for the waker's lock. (16 threads
         # through a line whose statement sleeps 0.5 ms: 10-12k calls/s with Events,
         # 11-15k with locks, CPU per call 63 -> 40 us.)
         self.woken = threading.Lock()
         self.woken.acquire()
+        #: Under the line's lock: ``woken`` was released and the thread has not woken
+        #: yet (so it is not released twice).
+        self.signalled = False
         #: Set when this thread is to send the front of the line (itself first).
         self.group: list[_Turn[I]] | None = None
+
+    def wake(self) -> None:
+        """Under the line's lock, for a turn still in line."""
+        if not self.signalled:
+            self.signalled = True
+            self.woken.release()
 
 
 class ThreadLine(Generic[I]):
@@ -57,7 +147,9 @@ class ThreadLine(Generic[I]):
     runs one group's statement and answers each item's future; should it raise
     (the thread interrupted), every item not answered yet hears so, and the line
     goes on. ``late(value)`` is told of the value of a call whose thread was
-    interrupted after its group was sent."""
+    interrupted after its group was sent. The line goes out in even groups of at
+    least ``min_split`` calls when several places are free, ``hold`` is
+    :data:`HOLD`."""
 
     def __init__(
         self,
@@ -66,20 +158,31 @@ class ThreadLine(Generic[I]):
         max_in_flight: int,
         max_batch: int,
         late: Callable[[Any], None] | None = None,
+        hold: float = HOLD,
+        min_split: int = 1,
     ) -> None:
         self._send = send
         self._max = max_in_flight
         self._max_batch = max_batch
         self._late = late
+        self._hold = hold
+        self._min_split = min_split
         self._lock = threading.Lock()
         self._in_flight = 0
         self._line: collections.deque[_Turn[I]] = collections.deque()
+        #: Callers answered by groups that ended, not back yet: a hint (a caller may
+        #: not come back), forgotten when the gatherer stops waiting.
+        self._returning = 0
+        #: Statements of several calls in flight: their callers come back together.
+        self._groups = 0
+        #: The first in line while it waits, a place being free, for those callers.
+        self._gatherer: _Turn[I] | None = None
         #: How many groups were sent of each size (for tests and metrics).
         self.batches: collections.Counter[int] = collections.Counter()
 
     def run(self, alone: Callable[[], R], item: Callable[[], I]) -> R:
-        """``alone()`` at once when there is room and nobody waits; else wait in line
-        as ``item()`` and return its future's value."""
+        """``alone()`` at once when there is room and nobody waits or is expected
+        back; else wait in line as ``item()`` and return its future's value."""
         # Everything after the place is taken or the turn joins the line is inside the
         # try: an interruption (Ctrl-C) can land as soon as the lock is let go, and a
         # place kept or a turn left in line would hold up every later call for good.
@@ -89,20 +192,24 @@ class ThreadLine(Generic[I]):
         try:
             with self._lock:
                 # One decision under the lock: a thread that found no room joins the
-                # line before a statement ending now could miss it. (So the line is
-                # never waiting while there is room: whoever frees room hands it out.)
-                if self._in_flight < self._max and not self._line:
+                # line before a statement ending now could miss it. (So the line never
+                # waits while there is room, but behind a gatherer, which has a timer.)
+                if self._returning:
+                    self._returning -= 1
+                if self._in_flight < self._max and not self._waited_for():
                     self._in_flight += 1
                     taken = True
                 else:
                     turn = _Turn(item())
                     self._line.append(turn)
+                    self._line_changed()
             if turn is None:
                 return alone()
             turn.woken.acquire()
-            group = turn.group
-            if group is not None:
-                self._send([t.item for t in group])
+            if not turn.item.future.done():  # (answered: sent by another, nothing to do)
+                group = self._woken(turn)
+                if group is not None:
+                    self._send([t.item for t in group])
         except BaseException as exc:
             if turn is not None and group is None:
                 self._leave(turn)
@@ -112,13 +219,53 @@ class ThreadLine(Generic[I]):
                         other.item.future.set_exception(interrupted(exc))
             raise
         finally:
+            # The place is given back before the group's callers are woken, so that
+            # they find themselves expected back.
+            if taken or group is not None:
+                self._end(1 if group is None else len(group))
             if group is not None:
                 for other in group[1:]:
                     other.woken.release()
-            if taken or group is not None:
-                self._end()
         result: R = turn.item.future.result()
         return result
+
+    def _woken(self, turn: _Turn[I]) -> list[_Turn[I]] | None:
+        """The first in line, woken: the group it is to send (itself first), once it
+        has one. Woken as the gatherer, it waits for the callers coming back, then
+        (at most ``hold`` later) has the line handed out."""
+        timed_out = False
+        while True:
+            with self._lock:
+                turn.signalled = False
+                if turn.group is not None or turn.item.future.done():
+                    return turn.group
+                gathering = self._gatherer is turn
+                if gathering and timed_out:  # those not back by now are not coming
+                    self._returning = 0
+                    self._hand_out()  # the gatherer is first in line: its group
+                    continue
+            if gathering:
+                timed_out = not turn.woken.acquire(timeout=self._hold)
+            else:
+                turn.woken.acquire()
+
+    def _waited_for(self) -> bool:
+        """Under the lock: somebody to go with (a call that finds a place free goes
+        alone only if not): a line, callers expected back, or a statement of
+        several calls in flight, whose callers will come back together."""
+        return bool(self._line or self._returning or self._groups)
+
+    def _line_changed(self) -> None:
+        """Under the lock, the line not empty, a call having joined it or a place
+        freed: hand it out, unless callers are expected back to join it while a
+        place is free (the first in line then waits for them: it is woken to)."""
+        if self._in_flight >= self._max:
+            return
+        if not self._returning and not self._groups:  # (nobody else to wait for)
+            self._hand_out()
+        elif self._gatherer is None:
+            self._gatherer = self._line[0]
+            self._gatherer.wake()
 
     def _leave(self, turn: _Turn[I]) -> None:
         """A waiting thread interrupted (KeyboardInterrupt, a signal handler's
@@ -128,13 +275,25 @@ class ThreadLine(Generic[I]):
         with self._lock:
             if turn.group is not None:
                 self.batches[len(turn.group)] -= 1
+                if len(turn.group) > 1:
+                    self._groups -= 1
+                # Back at the front, behind a gatherer (first in line, which may
+                # have been woken: nobody else in line may be).
+                gatherer = self._line.popleft() if self._gatherer is not None else None
                 self._line.extendleft(reversed(turn.group[1:]))
+                if gatherer is not None:
+                    self._line.appendleft(gatherer)
                 turn.group = None
                 self._in_flight -= 1
-                self._hand_out()
+                if self._line:
+                    self._line_changed()
                 return
             if turn in self._line:
                 self._line.remove(turn)
+                if self._gatherer is turn:
+                    self._gatherer = None
+                    if self._line:
+                        self._line_changed()  # the next one gathers
                 return
         late = self._late
         if late is not None:
@@ -142,18 +301,30 @@ class ThreadLine(Generic[I]):
                 lambda f: None if f.cancelled() or f.exception() else late(f.result())
             )
 
-    def _end(self) -> None:
+    def _end(self, size: int) -> None:
+        """A statement of ``size`` calls ended, its callers answered: they are
+        expected back (when more than one), and the line may go out."""
         with self._lock:
             self._in_flight -= 1
-            self._hand_out()
+            if size > 1:
+                self._groups -= 1
+                self._returning += size
+            if self._line:
+                self._line_changed()
 
     def _hand_out(self) -> None:
-        """Under the lock: hand the front of the line to its first thread, while
-        statements may start."""
-        while self._in_flight < self._max and self._line:
-            size = min(self._max_batch, len(self._line))
+        """Under the lock: hand the line out to the first thread of each group, in
+        even groups of at least ``min_split`` calls while places are free."""
+        self._gatherer = None
+        waiting = len(self._line)
+        free = self._max - self._in_flight
+        statements = min(free, max(1, waiting // self._min_split, -(-waiting // self._max_batch)))
+        for i in range(statements):
+            size = min(self._max_batch, -(-len(self._line) // (statements - i)))
             group = [self._line.popleft() for _ in range(size)]
             self._in_flight += 1
+            if size > 1:
+                self._groups += 1
             self.batches[size] += 1
             group[0].group = group
-            group[0].woken.release()
+            group[0].wake()
