@@ -22,7 +22,11 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
   once (``time.sleep(0)``: the GIL let go as by any I/O), the most Soniq's line of 16
   blocking callers passes here, with no database and no statement time at all; and
   the wake ceiling, a practical bound under any line: the 16 threads each blocked once
-  per call on a lock until one other thread wakes them, and nothing else.
+  per call on a lock until one other thread wakes them, and nothing else; and the
+  commit ceiling, a bound under any design: 16 blocking callers that each wait for
+  their own job's commit never have more than 16 jobs in flight, so they cannot pass
+  more than 16-row statements sent back to back with no caller at all (bare
+  ``INSERT ... SELECT unnest``, one thread).
 
 Beside them, the peers doing the same with their own documented calls: pgqueuer on
 asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
@@ -52,7 +56,6 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +72,8 @@ from benchmarks._common import (
     target,
 )
 from soniq import Soniq
-from soniq.drivers.insert_lines import MAX_BATCH, MAX_IN_FLIGHT
-from soniq.drivers.lines import ThreadLine
+from soniq.drivers.insert_lines import MAX_BATCH, MAX_IN_FLIGHT, MIN_SPLIT
+from soniq.drivers.lines import Answer, ThreadLine
 
 DRIVERS = ("asyncpg", "psycopg", "psycopg-sync")
 CASES = ("single", "tx", "many", "concurrent")
@@ -352,15 +355,34 @@ class RawPsycopgSync:
             __slots__ = ("future",)
 
             def __init__(self) -> None:
-                self.future: Future[None] = Future()
+                self.future: Answer[None] = Answer()
 
         def statement(calls: list[Call]) -> None:
             time.sleep(seconds)
             for call in calls:
                 call.future.set_result(None)
 
-        line = ThreadLine(statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH)
+        line = ThreadLine(
+            statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH, min_split=MIN_SPLIT
+        )
         return _in_threads(n, lambda i: line.run(lambda: time.sleep(seconds), Call))
+
+    def commit_ceiling(self, n: int) -> float:
+        """The most :data:`THREADS` blocking callers can pass whatever the line: each
+        waits for its own job's commit, so at most :data:`THREADS` jobs are ever in
+        flight. Here they are, with no caller at all: one thread sends them back to
+        back as one bare ``INSERT ... SELECT unnest`` of :data:`THREADS` rows (the
+        cheapest statement writing them; two of half as many at once measured
+        lower here)."""
+        pool = self.pool
+        assert pool is not None
+        rows = [(JOB_NAME, QUEUE, _dumps({"n": i})) for i in range(n)]
+        with pool.connection() as conn:
+            start = time.perf_counter()
+            for k in range(0, n, THREADS):
+                names, queues, args = zip(*rows[k : k + THREADS], strict=True)
+                conn.execute(BATCH_SQL_F, (list(names), list(queues), list(args))).fetchall()
+            return time.perf_counter() - start
 
     def line_ceiling_idle(self, n: int) -> float:
         """:meth:`line_ceiling` with statements that take no time."""
@@ -786,6 +808,8 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
             plan["concurrent"].append(("line-idle", idle, raw, "line_ceiling_idle"))
             wake = f"wake ceiling: {callers} blocked and woken per call, nothing else"
             plan["concurrent"].append(("wake", wake, raw, "wake_ceiling"))
+            commit = f"commit ceiling: {THREADS} jobs in flight, INSERTs of {THREADS}, no callers"
+            plan["concurrent"].append(("commit", commit, raw, "commit_ceiling"))
         if peers:
             for case in plan:
                 plan[case].append((peer, peer_plan[case], db, case))
@@ -829,6 +853,7 @@ RATIOS = {
         ("line", "raw"),
         ("line-idle", "raw"),
         ("wake", "raw"),
+        ("commit", "raw"),
         ("pgqueuer", "raw"),
         ("procrastinate", "raw"),
         ("soniq", "line"),
