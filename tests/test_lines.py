@@ -4,6 +4,7 @@ no database (the SQLite and PostgreSQL blocking faces are tested through it too)
 from __future__ import annotations
 
 import inspect
+import random
 import signal
 import sys
 import threading
@@ -239,18 +240,17 @@ def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
     assert sent == [] and line._in_flight == 0 and not line._line
 
 
-# Two places: one of the 8 finds the second place free and goes alone beside the
-# first call, the 7 others go out together; then all 8 go out in two even halves.
 @pytest.mark.parametrize(
-    ("max_in_flight", "min_split", "sizes"), [(1, 1, {8: 20}), (2, 4, {7: 1, 4: 38})]
+    ("max_in_flight", "min_split", "sizes"), [(1, 1, {8: 20}), (2, 4, {8: 1, 4: 38})]
 )
 def test_the_callers_of_a_group_come_back_and_go_out_together_again(
     switching_often: None, max_in_flight: int, min_split: int, sizes: dict[int, int]
 ) -> None:
     """Threads enqueueing in a loop: once they have gone out together, the first of
     them back waits for the others instead of going alone (which would leave the
-    rest to queue behind it in ever smaller groups). ``hold`` is long here, so the
-    groups do not depend on how fast threads are woken."""
+    rest to queue behind it in ever smaller groups); with two places, in two even
+    halves. ``hold`` and ``gap`` are long here, so the groups do not depend on how
+    fast threads are woken."""
     release = threading.Event()
 
     def alone(n: int) -> int:
@@ -262,11 +262,16 @@ def test_the_callers_of_a_group_come_back_and_go_out_together_again(
             call.future.set_result(call.n)
 
     line: ThreadLine[Call] = ThreadLine(
-        send, max_in_flight=max_in_flight, max_batch=50, hold=30, min_split=min_split
+        send, max_in_flight=max_in_flight, max_batch=50, hold=30, gap=30, min_split=min_split
     )
-    first = threading.Thread(target=lambda: line.run(lambda: alone(0), lambda: Call(0)))
-    first.start()  # alone: the 8 threads queue behind it
-    wait_until(lambda: line._in_flight == max_in_flight or line._in_flight == 1)
+    # Every place taken by a call of its own: the 8 threads queue behind them.
+    blockers = [
+        threading.Thread(target=lambda: line.run(lambda: alone(-1), lambda: Call(-1)))
+        for _ in range(max_in_flight)
+    ]
+    for thread in blockers:
+        thread.start()
+    wait_until(lambda: line._in_flight == max_in_flight)
     results: list[int] = []
 
     def caller(k: int) -> None:
@@ -277,9 +282,9 @@ def test_the_callers_of_a_group_come_back_and_go_out_together_again(
     threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
     for thread in threads:
         thread.start()
-    wait_until(lambda: len(line._line) + line._in_flight - 1 == 8)
+    wait_until(lambda: len(line._line) == 8)
     release.set()
-    for thread in [first, *threads]:
+    for thread in [*blockers, *threads]:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
     assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
@@ -287,9 +292,10 @@ def test_the_callers_of_a_group_come_back_and_go_out_together_again(
     assert line._in_flight == 0 and not line._line and line._gatherer is None
 
 
-def test_callers_that_do_not_come_back_hold_up_the_first_one_back_for_hold_only() -> None:
+def test_callers_that_do_not_come_back_hold_up_the_first_one_back_briefly() -> None:
     """Three calls go out together; only one of their threads calls again: it waits
-    ``hold`` for the two others, then goes out alone; the next call goes at once."""
+    ``gap`` for the two others (callers with other work to do between calls), then
+    goes out alone; the next call goes at once."""
     release = threading.Event()
     sent: list[list[int]] = []
 
@@ -302,7 +308,7 @@ def test_callers_that_do_not_come_back_hold_up_the_first_one_back_for_hold_only(
         for call in calls:
             call.future.set_result(call.n)
 
-    line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=50, hold=0.05)
+    line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=50, hold=30, gap=0.05)
     first = threading.Thread(target=lambda: line.run(lambda: alone(0), lambda: Call(0)))
     first.start()
     wait_until(lambda: line._in_flight == 1)
@@ -323,6 +329,57 @@ def test_callers_that_do_not_come_back_hold_up_the_first_one_back_for_hold_only(
     assert _answered_in_time(lambda: line.run(lambda: 5, lambda: Call(5))) == 5
     assert sent == [[1, 2, 3], [4]]  # at once, on its own thread: nobody expected back
     assert line._in_flight == 0 and not line._line and line._returning == 0
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+def test_gatherers_timing_out_as_statements_end_answer_every_call_once(
+    switching_often: None, max_in_flight: int
+) -> None:
+    """Waits so short that they time out all the time, while statements end and wake
+    the gatherer: every call answered once, no thread's lock released twice (a
+    gatherer that timed out must not forget a wake-up given meanwhile)."""
+    sent: list[int] = []
+
+    def alone(n: int) -> int:
+        time.sleep(random.random() * 1e-4)
+        sent.append(n)
+        return n
+
+    def send(calls: list[Call]) -> None:
+        time.sleep(random.random() * 1e-4)
+        for call in calls:
+            sent.append(call.n)
+            call.future.set_result(call.n)
+
+    line: ThreadLine[Call] = ThreadLine(
+        send, max_in_flight=max_in_flight, max_batch=6, hold=2e-4, gap=2e-5, min_split=3
+    )
+    errors: list[BaseException] = []
+    results: list[int] = []
+
+    def caller(k: int) -> None:
+        try:
+            for i in range(600):
+                n = k * 1000 + i
+                results.append(line.run(lambda n=n: alone(n), lambda n=n: Call(n)))
+                if random.random() < 0.2:
+                    time.sleep(random.random() * 3e-4)  # other work, now and then
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a caller never got its answer"
+    assert errors == []
+    assert (
+        sorted(results)
+        == sorted(sent)
+        == sorted(k * 1000 + i for k in range(12) for i in range(600))
+    )
+    assert line._in_flight == 0 and not line._line and line._gatherer is None
 
 
 def test_a_thread_alone_never_waits_in_line() -> None:

@@ -8,12 +8,14 @@ in a :class:`ThreadLine`; only what a group's statement is differs.
 A thread that finds room (fewer statements in flight than allowed), nobody waiting
 and nobody expected back runs its own statement at once, with no hand-off and no
 future: a thread alone pays for no line. A waiting thread sleeps until it is woken:
-to send the group it was handed, with its own call answered, or (the first in line,
-once at most) to wait for the callers of a statement that just ended.
+to send the group it was handed, with its own call answered, or (the first in line)
+to wait for the callers of a statement, which is woken again when one ends.
 
 The callers a group's statement answers come back together (threads enqueueing in a
 loop, the requests of one burst), and they go out together: the first of them back
-finds a place free but waits, at most :data:`HOLD`, until the others have joined it.
+finds a place free but waits until the others have joined it, as long as they keep
+coming (:data:`GAP` at most between two) and :data:`HOLD` at most in all; so does a
+call that finds a statement of several calls in flight, for that statement's callers.
 Otherwise the first one back would go alone, the next ones would queue behind it, and
 the groups would dwindle to a call or two, each paying a commit.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any, Generic, Protocol, TypeVar
@@ -112,10 +115,14 @@ class Answer(Generic[R]):
 
 I = TypeVar("I", bound=Answered)  # noqa: E741  (the line's item)
 
-#: Longest the first in line waits for the callers of an ended statement to come back
-#: (seconds), with a place free: about two commits' time. Callers that do not come
-#: back by then are not waited for again.
+#: Longest the first in line waits, with a place free, for the callers of statements
+#: to come back (seconds): about two commits' time. Callers that are not back by then
+#: are not waited for again.
 HOLD = 0.001
+#: Longest the gatherer waits for the next caller coming back (seconds): callers in a
+#: loop come back within tens of microseconds of each other; callers with other work
+#: to do (a web request's) do not, and are not waited for long.
+GAP = 0.0002
 
 
 class _Turn(Generic[I]):
@@ -148,8 +155,8 @@ class ThreadLine(Generic[I]):
     (the thread interrupted), every item not answered yet hears so, and the line
     goes on. ``late(value)`` is told of the value of a call whose thread was
     interrupted after its group was sent. The line goes out in even groups of at
-    least ``min_split`` calls when several places are free, ``hold`` is
-    :data:`HOLD`."""
+    least ``min_split`` calls when several places are free. ``hold`` and ``gap``: see
+    :data:`HOLD` and :data:`GAP`."""
 
     def __init__(
         self,
@@ -159,6 +166,7 @@ class ThreadLine(Generic[I]):
         max_batch: int,
         late: Callable[[Any], None] | None = None,
         hold: float = HOLD,
+        gap: float = GAP,
         min_split: int = 1,
     ) -> None:
         self._send = send
@@ -166,6 +174,7 @@ class ThreadLine(Generic[I]):
         self._max_batch = max_batch
         self._late = late
         self._hold = hold
+        self._gap = gap
         self._min_split = min_split
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -175,8 +184,14 @@ class ThreadLine(Generic[I]):
         self._returning = 0
         #: Statements of several calls in flight: their callers come back together.
         self._groups = 0
+        #: Callers have been seen to come back at once (a line formed while every
+        #: place was taken): they are waited for. Off when a gatherer waited in vain,
+        #: so that callers with other work between calls go at once, as alone.
+        self._looping = False
         #: The first in line while it waits, a place being free, for those callers.
         self._gatherer: _Turn[I] | None = None
+        #: When a caller last joined the line or a statement ended (monotonic).
+        self._last_come = 0.0
         #: How many groups were sent of each size (for tests and metrics).
         self.batches: collections.Counter[int] = collections.Counter()
 
@@ -202,6 +217,7 @@ class ThreadLine(Generic[I]):
                 else:
                     turn = _Turn(item())
                     self._line.append(turn)
+                    self._last_come = time.monotonic()
                     self._line_changed()
             if turn is None:
                 return alone()
@@ -231,38 +247,49 @@ class ThreadLine(Generic[I]):
 
     def _woken(self, turn: _Turn[I]) -> list[_Turn[I]] | None:
         """The first in line, woken: the group it is to send (itself first), once it
-        has one. Woken as the gatherer, it waits for the callers coming back, then
-        (at most ``hold`` later) has the line handed out."""
-        timed_out = False
+        has one. Woken as the gatherer, it waits for the callers coming back while
+        they come (a ``gap`` at most between two, counted from the gathering's start
+        or the last statement's end) and while statements of several calls are in
+        flight, ``hold`` at most in all; then it has the line handed out."""
+        started = None
+        woken = True  # (run() took the turn's lock: it was released once)
         while True:
             with self._lock:
-                turn.signalled = False
+                if woken:  # a wait that timed out may have missed a release since
+                    turn.signalled = False
                 if turn.group is not None or turn.item.future.done():
                     return turn.group
                 gathering = self._gatherer is turn
-                if gathering and timed_out:  # those not back by now are not coming
-                    self._returning = 0
-                    self._hand_out()  # the gatherer is first in line: its group
-                    continue
-            if gathering:
-                timed_out = not turn.woken.acquire(timeout=self._hold)
-            else:
-                turn.woken.acquire()
+                if gathering:
+                    now = time.monotonic()
+                    if started is None:
+                        started = now
+                    until = started + self._hold
+                    if not self._groups:
+                        until = min(until, max(started, self._last_come) + self._gap)
+                    wait = until - now
+                    if wait <= 0:  # those not back by now are not coming soon
+                        self._returning = 0
+                        self._looping = False
+                        self._hand_out()  # the gatherer is first in line: its group
+                        continue
+            woken = turn.woken.acquire(timeout=wait if gathering else -1)
 
     def _waited_for(self) -> bool:
         """Under the lock: somebody to go with (a call that finds a place free goes
         alone only if not): a line, callers expected back, or a statement of
         several calls in flight, whose callers will come back together."""
-        return bool(self._line or self._returning or self._groups)
+        return bool(self._line or (self._looping and (self._returning or self._groups)))
 
     def _line_changed(self) -> None:
         """Under the lock, the line not empty, a call having joined it or a place
         freed: hand it out, unless callers are expected back to join it while a
         place is free (the first in line then waits for them: it is woken to)."""
         if self._in_flight >= self._max:
+            self._looping = True  # callers come faster than statements end
             return
-        if not self._returning and not self._groups:  # (nobody else to wait for)
-            self._hand_out()
+        if not self._looping or not (self._returning or self._groups):
+            self._hand_out()  # (nobody else to wait for)
         elif self._gatherer is None:
             self._gatherer = self._line[0]
             self._gatherer.wake()
@@ -309,6 +336,9 @@ class ThreadLine(Generic[I]):
             if size > 1:
                 self._groups -= 1
                 self._returning += size
+                self._last_come = time.monotonic()
+                if self._gatherer is not None:  # it waits by another rule now
+                    self._gatherer.wake()
             if self._line:
                 self._line_changed()
 
