@@ -27,6 +27,19 @@ class Call:
         self.future: Future[int] = Future()
 
 
+def answering(sent: list[list[int]] | None = None) -> Callable[[list[Call]], None]:
+    """A group's statement that answers each call with its own number (and notes
+    the groups it sent in ``sent``)."""
+
+    def send(calls: list[Call]) -> None:
+        if sent is not None:
+            sent.append([call.n for call in calls])
+        for call in calls:
+            call.future.set_result(call.n)
+
+    return send
+
+
 @pytest.fixture
 def switching_often() -> Iterator[None]:
     """Threads switch as often as possible, so that a decision taken outside the
@@ -190,9 +203,7 @@ def test_an_interruption_just_after_taking_a_place_gives_it_back(max_in_flight: 
     statement: the place is freed (else, with one place, every later call would wait
     for a statement that never ends)."""
 
-    def send(calls: list[Call]) -> None:
-        for call in calls:
-            call.future.set_result(call.n)
+    send = answering()
 
     line: ThreadLine[Call] = ThreadLine(send, max_in_flight=max_in_flight, max_batch=5)
     lock = InterruptedOnLeaving()
@@ -219,10 +230,7 @@ def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
         assert release.wait(10)
         return n
 
-    def send(calls: list[Call]) -> None:
-        sent.append([call.n for call in calls])
-        for call in calls:
-            call.future.set_result(call.n)
+    send = answering(sent)
 
     line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=5)
     lock = InterruptedOnLeaving()
@@ -257,9 +265,7 @@ def test_the_callers_of_a_group_come_back_and_go_out_together_again(
         assert release.wait(10)
         return n
 
-    def send(calls: list[Call]) -> None:
-        for call in calls:
-            call.future.set_result(call.n)
+    send = answering()
 
     line: ThreadLine[Call] = ThreadLine(
         send, max_in_flight=max_in_flight, max_batch=50, hold=30, gap=30, min_split=min_split
@@ -303,10 +309,7 @@ def test_callers_that_do_not_come_back_hold_up_the_first_one_back_briefly() -> N
         assert release.wait(10)
         return n
 
-    def send(calls: list[Call]) -> None:
-        sent.append([call.n for call in calls])
-        for call in calls:
-            call.future.set_result(call.n)
+    send = answering(sent)
 
     line: ThreadLine[Call] = ThreadLine(send, max_in_flight=1, max_batch=50, hold=30, gap=0.05)
     first = threading.Thread(target=lambda: line.run(lambda: alone(0), lambda: Call(0)))
