@@ -402,6 +402,9 @@ def test_an_answer_is_set_once_and_tells_its_callbacks() -> None:
     assert told == [7, 8]
     with pytest.raises(InvalidStateError):
         answer.set_exception(ValueError("late"))
+    with pytest.raises(InvalidStateError):
+        answer.set_result(8)
+    assert answer.result() == 7 and told == [7, 8]  # the first answer stays
     failed: Answer[int] = Answer()
     failed.set_exception(ValueError("refused"))
     assert isinstance(failed.exception(), ValueError) and not failed.cancelled()

@@ -83,22 +83,20 @@ class Answer(Generic[R]):
     def result(self) -> R:
         if self._error is not None:
             raise self._error
-        value: R = self._value
+        value: R = self._value  # (set with no error: an R)
         return value
 
     def set_result(self, value: R) -> None:
-        self._value = value
-        self._set()
+        self._set(value, None)
 
     def set_exception(self, exception: BaseException) -> None:
-        self._error = exception
-        self._set()
+        self._set(None, exception)
 
-    def _set(self) -> None:
+    def _set(self, value: Any, error: BaseException | None) -> None:
         with _ANSWER_LOCK:
-            if self._done:
+            if self._done:  # (and the answer given first stays)
                 raise InvalidStateError("this answer was already set")
-            self._done = True
+            self._value, self._error, self._done = value, error, True
             callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():
             callback(self)
