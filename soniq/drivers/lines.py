@@ -280,9 +280,11 @@ class ThreadLine(Generic[I]):
         return bool(self._line or (self._looping and (self._returning or self._groups)))
 
     def _line_changed(self) -> None:
-        """Under the lock, the line not empty, a call having joined it or a place
-        freed: hand it out, unless callers are expected back to join it while a
-        place is free (the first in line then waits for them: it is woken to)."""
+        """Under the lock, a call having joined the line or a place freed: hand the
+        line out, unless callers are expected back to join it while a place is free
+        (the first in line then waits for them: it is woken to)."""
+        if not self._line:
+            return
         if self._in_flight >= self._max:
             self._looping = True  # callers come faster than statements end
             return
@@ -310,15 +312,13 @@ class ThreadLine(Generic[I]):
                     self._line.appendleft(gatherer)
                 turn.group = None
                 self._in_flight -= 1
-                if self._line:
-                    self._line_changed()
+                self._line_changed()
                 return
             if turn in self._line:
                 self._line.remove(turn)
                 if self._gatherer is turn:
                     self._gatherer = None
-                    if self._line:
-                        self._line_changed()  # the next one gathers
+                    self._line_changed()  # the next one gathers
                 return
         late = self._late
         if late is not None:
@@ -337,8 +337,7 @@ class ThreadLine(Generic[I]):
                 self._last_come = time.monotonic()
                 if self._gatherer is not None:  # it waits by another rule now
                     self._gatherer.wake()
-            if self._line:
-                self._line_changed()
+            self._line_changed()
 
     def _hand_out(self) -> None:
         """Under the lock: hand the line out to the first thread of each group, in
