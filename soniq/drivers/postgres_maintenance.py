@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 import psycopg
+from psycopg.pq import ExecStatus
 
 from soniq.core.jobs import WorkerIdentity
 from soniq.core.sql.postgres import PostgresQueries, Query
@@ -29,6 +30,14 @@ KEEPALIVES: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
 }
+
+
+def returned_rows(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
+    """Whether the statement just run on ``cur`` returned rows (a statement without
+    RETURNING returns none). Read from the result's status: ``cur.description``
+    builds a Column per field, ~4 us a statement."""
+    result = cur.pgresult
+    return result is not None and result.status == ExecStatus.TUPLES_OK
 
 
 class PostgresMaintenance:
@@ -55,7 +64,7 @@ class PostgresMaintenance:
 
     def _fetch(self, query: Query) -> list[Any]:
         cur = self._conn.execute(query.sql, query.params)
-        return cur.fetchall() if cur.description else []
+        return cur.fetchall() if returned_rows(cur) else []
 
     def heartbeat(self, worker_id: str) -> bool:
         """Refresh the worker's heartbeat; False if it was declared dead meanwhile."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import psycopg.sql
-from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -33,7 +33,7 @@ from soniq.drivers._common import (
     schema_missing,
 )
 from soniq.drivers.postgres_async import PostgresAsyncOps
-from soniq.drivers.postgres_maintenance import shutdown_socket
+from soniq.drivers.postgres_maintenance import returned_rows, shutdown_socket
 
 register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -173,12 +173,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             except psycopg.errors.UndefinedTable as exc:
                 raise schema_missing(self.queries.schema, exc) from exc
             # Statements without RETURNING (register, unregister) produce no rows.
-            # (The result's status, not ``cur.description``: that builds a Column
-            # per field, ~4 us a statement.)
-            result = cur.pgresult
-            if result is None or result.status != ExecStatus.TUPLES_OK:
-                return []
-            return await cur.fetchall()
+            return await cur.fetchall() if returned_rows(cur) else []
 
     @async_only
     async def listen(

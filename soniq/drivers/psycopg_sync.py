@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import psycopg.sql
-from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -25,6 +25,7 @@ from soniq.drivers._common import (
     schema_missing,
     sync_owner,
 )
+from soniq.drivers.postgres_maintenance import returned_rows
 from soniq.drivers.postgres_sync import PostgresSyncOps
 
 register_connection_errors(psycopg.OperationalError, psycopg.InterfaceError)
@@ -142,12 +143,7 @@ class PsycopgSyncDriver(PostgresSyncOps):
             except psycopg.errors.UndefinedTable as exc:
                 raise schema_missing(self.queries.schema, exc) from exc
             # Statements without RETURNING (register, unregister) produce no rows.
-            # (The result's status, not ``cur.description``: that builds a Column
-            # per field, ~4 us a statement.)
-            result = cur.pgresult
-            if result is None or result.status != ExecStatus.TUPLES_OK:
-                return []
-            return cur.fetchall()
+            return cur.fetchall() if returned_rows(cur) else []
 
     def migrate(self, *, apply: bool) -> int:
         pool = self._get_pool()
