@@ -376,12 +376,13 @@ class RawPsycopgSync:
         lower here)."""
         pool = self.pool
         assert pool is not None
-        rows = [(JOB_NAME, QUEUE, _dumps({"n": i})) for i in range(n)]
+        args = [_dumps(a) for a in _batch_args(n)]
         with pool.connection() as conn:
             start = time.perf_counter()
             for k in range(0, n, THREADS):
-                names, queues, args = zip(*rows[k : k + THREADS], strict=True)
-                conn.execute(BATCH_SQL_F, (list(names), list(queues), list(args))).fetchall()
+                chunk = args[k : k + THREADS]
+                rows = ([JOB_NAME] * len(chunk), [QUEUE] * len(chunk), chunk)
+                conn.execute(BATCH_SQL_F, rows).fetchall()
             return time.perf_counter() - start
 
     def line_ceiling_idle(self, n: int) -> float:
