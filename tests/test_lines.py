@@ -40,6 +40,15 @@ def answering(sent: list[list[int]] | None = None) -> Callable[[list[Call]], Non
     return send
 
 
+def run_to_the_end(threads: list[threading.Thread], timeout: float) -> None:
+    """Start ``threads`` and wait for them: each must be back within ``timeout``."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a caller never got its answer"
+
+
 @pytest.fixture
 def switching_often() -> Iterator[None]:
     """Threads switch as often as possible, so that a decision taken outside the
@@ -75,11 +84,7 @@ def test_every_call_of_many_threads_is_answered_once_alone_or_in_a_group(
             results[n] = line.run(lambda n=n: alone(n), lambda n=n: Call(n))
 
     threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads), "a caller never got its answer"
+    run_to_the_end(threads, 30)
     assert results == {n: n * 10 for n in results} and len(results) == 8 * 300
     assert sorted(sent) == sorted(results)  # each call sent exactly once
     assert line._in_flight == 0 and not line._line
@@ -371,11 +376,7 @@ def test_gatherers_timing_out_as_statements_end_answer_every_call_once(
             errors.append(exc)
 
     threads = [threading.Thread(target=caller, args=(k,)) for k in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not any(thread.is_alive() for thread in threads), "a caller never got its answer"
+    run_to_the_end(threads, 60)
     assert errors == []
     assert (
         sorted(results)
