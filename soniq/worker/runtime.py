@@ -50,6 +50,7 @@ from soniq.worker.periodic import run_schedules
 from soniq.worker.progress import ProgressWriter
 from soniq.worker.threads import DaemonThreadPool
 
+_DONE = JobStatus.DONE
 log = logging.getLogger("soniq.worker")
 
 #: How long a claim on a one-writer database (:attr:`AsyncBackend.one_writer`) waits,
@@ -573,7 +574,8 @@ class Worker:
         self._running[job_id] = running
         if claimed.limited:
             self._limited_runs[job_id] = claimed.claims
-        log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s %s: start (attempt %d)", job_id, name, attempts)
         if definition.is_async:
             running.task = self._loop.create_task(self._run_async(running))
         else:
@@ -679,9 +681,13 @@ class Worker:
             return
         running.settled = True
         ctx = running.run.context
-        self._progress.ended(ctx)
-        status = outcome.status.value
-        if outcome.snoozed:
+        if ctx.progress is not None:  # (a job that reported none has none to write)
+            self._progress.ended(ctx)
+        if outcome.status is _DONE and outcome.error is None:  # every job's path
+            self._counts["done"] += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("job %s %s: done in %.3fs", ctx.id, ctx.name, elapsed or 0.0)
+        elif outcome.snoozed:
             self._counts["snoozed"] += 1
             log.info("job %s %s: snoozed for %gs", ctx.id, ctx.name, outcome.retry_in)
         elif outcome.release:
@@ -697,7 +703,7 @@ class Worker:
                 outcome.retry_in,
             )
         elif outcome.status is JobStatus.FAILED:
-            self._counts[status] += 1
+            self._counts["failed"] += 1
             log.error(
                 "job %s %s: failed after %d attempt(s): %s",
                 ctx.id,
@@ -706,6 +712,7 @@ class Worker:
                 outcome.error,
             )
         else:
+            status = outcome.status.value
             self._counts[status] = self._counts.get(status, 0) + 1
             if outcome.error is not None and status == "done":
                 log.warning("job %s %s: done; %s", ctx.id, ctx.name, outcome.error)
