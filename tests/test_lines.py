@@ -254,10 +254,16 @@ def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("max_in_flight", "min_split", "sizes"), [(1, 1, {8: 20}), (2, 4, {8: 1, 4: 38})]
+    ("max_in_flight", "min_split", "sizes"),
+    [
+        (1, 1, [{8: 20}]),
+        # The 8 go out whole while the second blocker's thread has not yet given its
+        # place back: once as its statement ends, sometimes twice.
+        (2, 4, [{8: 1, 4: 38}, {8: 2, 4: 36}]),
+    ],
 )
 def test_the_callers_of_a_group_come_back_and_go_out_together_again(
-    switching_often: None, max_in_flight: int, min_split: int, sizes: dict[int, int]
+    switching_often: None, max_in_flight: int, min_split: int, sizes: list[dict[int, int]]
 ) -> None:
     """Threads enqueueing in a loop: once they have gone out together, the first of
     them back waits for the others instead of going alone (which would leave the
@@ -299,7 +305,7 @@ def test_the_callers_of_a_group_come_back_and_go_out_together_again(
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
     assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
-    assert dict(line.batches) == sizes
+    assert dict(line.batches) in sizes
     assert line._in_flight == 0 and not line._line and line._gatherer is None
 
 
