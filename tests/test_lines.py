@@ -15,7 +15,7 @@ from types import TracebackType
 
 import pytest
 
-from soniq.drivers.lines import Answer, ThreadLine
+from soniq.drivers.lines import Answer, ThreadLine, _HeldInterrupt
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,11 +92,11 @@ def test_every_call_of_many_threads_is_answered_once_alone_or_in_a_group(
 
 
 def _blocked_in_line(thread_id: int) -> bool:
-    """The thread sleeps on its turn's lock in ThreadLine.run (not about to)."""
+    """The thread sleeps on its turn's lock in ThreadLine._run (not about to)."""
     frame = sys._current_frames().get(thread_id)
-    if frame is None or frame.f_code is not ThreadLine.run.__code__:
+    if frame is None or frame.f_code is not ThreadLine._run.__code__:
         return False
-    lines, first = inspect.getsourcelines(ThreadLine.run)
+    lines, first = inspect.getsourcelines(ThreadLine._run)
     (wait,) = [first + i for i, text in enumerate(lines) if "turn.woken.acquire()" in text]
     return frame.f_lineno == wait
 
@@ -110,13 +110,22 @@ def sigint_raises() -> Iterator[None]:
     signal.signal(signal.SIGINT, previous)
 
 
+def _held_ctrl_c() -> int:
+    """How many Ctrl-C the line holds off for the main thread now (0: none held)."""
+    held = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    return len(held._caught) if isinstance(held, _HeldInterrupt) else 0
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("presses", [1, 2])
 def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
-    sigint_raises: None,
+    sigint_raises: None, presses: int
 ) -> None:
-    """Ctrl-C in a thread waiting for a group that another thread is sending: that
-    thread raises KeyboardInterrupt, its call is committed all the same, and ``late``
-    hears of its value (nothing is lost, nothing is sent twice)."""
+    """Ctrl-C in the main thread while it waits for a group that another thread is
+    sending: once, it is held off until the call has ended (its job committed, its
+    value told to ``late``), then raised; twice, the second is raised at once, and
+    ``late`` hears of the value when the group is committed. Nothing is lost, nothing
+    is sent twice."""
     first_sent, release_first, release_group = (threading.Event() for _ in range(3))
     groups: list[list[int]] = []
     late: list[int] = []
@@ -146,13 +155,22 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
     wait_until(lambda: len(line._line) == 1)
     main = threading.main_thread().ident
     assert main is not None and threading.get_ident() == main  # signals reach this thread
+    still_waiting: list[bool] = []
 
     def interrupt_once_grouped() -> None:
         wait_until(lambda: len(line._line) == 2)  # this thread is in line behind 2
         release_first.set()  # statement 1 ends: the line [2, 3] goes to thread 2
         wait_until(lambda: groups == [[2, 3]])  # sent by thread 2
         wait_until(lambda: _blocked_in_line(main))  # the signal finds this thread asleep
-        signal.pthread_kill(main, signal.SIGINT)
+        for press in range(1, presses + 1):
+            signal.pthread_kill(main, signal.SIGINT)
+            if press < presses:
+                wait_until(lambda press=press: _held_ctrl_c() == press)
+        if presses == 1:
+            wait_until(lambda: _held_ctrl_c() == 1)
+            time.sleep(0.05)  # (a signal not held off would have woken it by now)
+            still_waiting.append(_blocked_in_line(main))
+            release_group.set()
 
     interrupter = threading.Thread(target=interrupt_once_grouped)
     started = time.monotonic()
@@ -163,12 +181,17 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
         call(3)
     interrupter.join(10)
     assert time.monotonic() - started < 10
-    assert late == []  # its group has not been committed yet
-    release_group.set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    if presses == 1:
+        assert still_waiting == [True]
+        assert late == [30]  # committed with its group, and reported before the raise
+    else:
+        assert late == []  # raised at once: its group has not been committed yet
+        release_group.set()
     for thread in (first, sender):
         thread.join(10)
     assert answers == {1: 10, 2: 20}
-    assert late == [30]  # committed with its group, and reported
+    wait_until(lambda: late == [30])  # committed with its group, and reported
     assert groups == [[2, 3]] and line._in_flight == 0 and not line._line
 
 

@@ -24,7 +24,9 @@ statement in one transaction (one commit, one NOTIFY), each caller getting its o
   not inserted. Once its statement has been sent, the job is committed as it would
   have been, and its id is logged; should that merged statement be refused, a
   cancelled caller's call is not sent again (``eq``), and an interrupted thread's is,
-  its id logged (``eq.sync``: the thread that sends a group answers every call).
+  its id logged (``eq.sync``: the thread that sends a group answers every call). On
+  the main thread a first Ctrl-C is held off until the call has ended (see
+  :class:`~soniq.drivers.lines.ThreadLine`).
 
 :class:`AsyncInsertLine` serves ``eq`` (one event loop; a task per merged statement),
 :class:`SyncInsertLine` serves ``eq.sync`` (threads: a :class:`~soniq.drivers.lines.ThreadLine`,

@@ -18,21 +18,32 @@ coming (:data:`GAP` at most between two) and :data:`HOLD` at most in all; so doe
 call that finds a statement of several calls in flight, for that statement's callers.
 Otherwise the first one back would go alone, the next ones would queue behind it, and
 the groups would dwindle to a call or two, each paying a commit.
+
+Ctrl-C on the main thread is held off until its call has ended, then raised (a second
+one at once): see :class:`_HeldInterrupt`.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
+from types import FrameType
 from typing import Any, Generic, Protocol, TypeVar
 
 from soniq.drivers._common import interrupted
 
 log = logging.getLogger("soniq")
+
+try:  # The C module under ``signal``: its functions without the enum conversions
+    _signals: Any = importlib.import_module("_signal")  # (0.3 us a call, not 2-3)
+except ImportError:  # (a Python without it)
+    _signals = signal
 
 R = TypeVar("R")
 
@@ -147,6 +158,55 @@ class _Turn(Generic[I]):
             self.woken.release()
 
 
+class _HeldInterrupt:
+    """Ctrl-C held off while the main thread is in a line (Python runs signal handlers
+    on the main thread only, between two steps of its code): the call runs to its end,
+    then raises KeyboardInterrupt. An interruption landing in the line's bookkeeping
+    could keep a place or leave a turn in line, and with SQLite's single place every
+    later write would wait for good. A second Ctrl-C interrupts at once."""
+
+    __slots__ = ("_caught", "_previous")
+
+    def __init__(self, previous: Callable[[int, FrameType | None], Any]) -> None:
+        self._previous = previous
+        #: The frame of the first Ctrl-C caught, if one was.
+        self._caught: list[FrameType | None] = []
+
+    @classmethod
+    def here(cls) -> _HeldInterrupt | None:
+        """On the main thread, with a Python handler for SIGINT: hold it off (else
+        None: no handler of this thread can raise)."""
+        if threading.get_ident() != threading.main_thread().ident:
+            return None
+        previous = _signals.getsignal(signal.SIGINT)
+        if not callable(previous):  # ignored, the default action, or set from C
+            return None
+        held = cls(previous)
+        _signals.signal(signal.SIGINT, held._catch)
+        return held
+
+    def _catch(self, signum: int, frame: FrameType | None) -> None:
+        if not self._caught:
+            self._caught.append(frame)
+            return
+        # Asked again: now, as if the line held nothing off (and only this one).
+        self._caught.clear()
+        _signals.signal(signal.SIGINT, self._previous)
+        self._previous(signum, frame)
+
+    def let_go(self) -> bool:
+        """Give SIGINT its handler back; True if a Ctrl-C was held off (then
+        :meth:`deliver` it)."""
+        _signals.signal(signal.SIGINT, self._previous)
+        return bool(self._caught)
+
+    def deliver(self) -> None:
+        """Run the handler for the Ctrl-C held off (the default one raises
+        KeyboardInterrupt)."""
+        frame, self._caught = self._caught[0], []
+        self._previous(signal.SIGINT, frame)
+
+
 class ThreadLine(Generic[I]):
     """Threads sharing statements (see the module's docstring). ``send(items)``
     runs one group's statement and answers each item's future; should it raise
@@ -195,7 +255,27 @@ class ThreadLine(Generic[I]):
 
     def run(self, alone: Callable[[], R], item: Callable[[], I]) -> R:
         """``alone()`` at once when there is room and nobody waits or is expected
-        back; else wait in line as ``item()`` and return its future's value."""
+        back; else wait in line as ``item()`` and return its future's value.
+
+        On the main thread a Ctrl-C is held off until the call has ended (its job
+        committed, and its value told to ``late``), then raised; a second one is
+        raised at once (see :class:`_HeldInterrupt`)."""
+        held = _HeldInterrupt.here()
+        if held is None:
+            return self._run(alone, item)
+        try:
+            value = self._run(alone, item)
+        except BaseException:
+            if held.let_go():
+                held.deliver()  # (raised over the call's own error)
+            raise
+        if held.let_go():
+            if self._late is not None:
+                self._late(value)
+            held.deliver()
+        return value
+
+    def _run(self, alone: Callable[[], R], item: Callable[[], I]) -> R:
         # Everything after the place is taken or the turn joins the line is inside the
         # try: an interruption (Ctrl-C) can land as soon as the lock is let go, and a
         # place kept or a turn left in line would hold up every later call for good.
