@@ -360,3 +360,12 @@ def worker_app(database_url: str, schema: str, monkeypatch: pytest.MonkeyPatch) 
     yield module
     module.eq.sync.close()
     sys.modules.pop("tests.worker_app", None)
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here even when the suite was started with it
+    ignored (a background job of a shell script inherits that)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -10,21 +10,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import InvalidStateError
 from types import TracebackType
 
 import pytest
 
 from soniq.drivers.lines import Answer, ThreadLine, _HeldInterrupt
 from tests.conftest import wait_until
+from tests.line_calls import Call, answered_in_time
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Call:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.future: Future[int] = Future()
 
 
 def answering(sent: list[list[int]] | None = None) -> Callable[[list[Call]], None]:
@@ -99,15 +94,6 @@ def _blocked_in_line(thread_id: int) -> bool:
     lines, first = inspect.getsourcelines(ThreadLine._run)
     (wait,) = [first + i for i, text in enumerate(lines) if "turn.woken.acquire()" in text]
     return frame.f_lineno == wait
-
-
-@pytest.fixture
-def sigint_raises() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt here even when the suite was started with it
-    ignored (a background job of a shell script inherits that)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def _held_ctrl_c() -> int:
@@ -216,15 +202,6 @@ class InterruptedOnLeaving:
             raise KeyboardInterrupt
 
 
-def _answered_in_time(call: Callable[[], int]) -> int | None:
-    """call() in another thread; its value, or None if it is not back within 10 s."""
-    answers: list[int] = []
-    thread = threading.Thread(target=lambda: answers.append(call()), daemon=True)
-    thread.start()
-    thread.join(10)
-    return answers[0] if answers else None
-
-
 @pytest.mark.parametrize("max_in_flight", [1, 2])
 def test_an_interruption_just_after_taking_a_place_gives_it_back(max_in_flight: int) -> None:
     """Ctrl-C landing as a thread that found room lets go of the lock, before its
@@ -242,7 +219,7 @@ def test_an_interruption_just_after_taking_a_place_gives_it_back(max_in_flight: 
         line.run(lambda: sent.append(1) or 1, lambda: Call(1))
     assert sent == [] and line._in_flight == 0
     for n in range(2, 2 + max_in_flight + 1):  # more calls than places
-        assert _answered_in_time(lambda n=n: line.run(lambda: n, lambda: Call(n))) == n
+        assert answered_in_time(lambda n=n: line.run(lambda: n, lambda: Call(n))) == n
     assert line._in_flight == 0 and not line._line
 
 
@@ -272,7 +249,7 @@ def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
     assert not line._line
     release.set()
     first.join(10)
-    assert _answered_in_time(lambda: line.run(lambda: 3, lambda: Call(3))) == 3
+    assert answered_in_time(lambda: line.run(lambda: 3, lambda: Call(3))) == 3
     assert sent == [] and line._in_flight == 0 and not line._line
 
 
@@ -360,10 +337,10 @@ def test_callers_that_do_not_come_back_hold_up_the_first_one_back_briefly() -> N
         thread.join(10)
     assert sent == [[1, 2, 3]]
     started = time.monotonic()
-    assert _answered_in_time(lambda: line.run(lambda: 4, lambda: Call(4))) == 4
+    assert answered_in_time(lambda: line.run(lambda: 4, lambda: Call(4))) == 4
     assert time.monotonic() - started >= 0.05  # it waited for the two others
     assert sent == [[1, 2, 3], [4]]  # and went out alone, through the line
-    assert _answered_in_time(lambda: line.run(lambda: 5, lambda: Call(5))) == 5
+    assert answered_in_time(lambda: line.run(lambda: 5, lambda: Call(5))) == 5
     assert sent == [[1, 2, 3], [4]]  # at once, on its own thread: nobody expected back
     assert line._in_flight == 0 and not line._line and line._returning == 0
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -21,28 +20,15 @@ import pytest
 import soniq.drivers.lines as lines_module
 from soniq.drivers.lines import ThreadLine
 from tests.conftest import wait_until
+from tests.line_calls import Call, answered_in_time
 
 pytestmark = [
     pytest.mark.timeout(240),
+    pytest.mark.usefixtures("sigint_raises"),
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
 ]
 
 LINES_FILE = lines_module.__file__
-
-
-class Call:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.future: Future[int] = Future()
-
-
-@pytest.fixture(autouse=True)
-def sigint_raises() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt here even when the suite was started with it
-    ignored (a background job of a shell script inherits that)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 class SigintAt:
@@ -84,15 +70,6 @@ def interrupted_at(at: int, call: Callable[[], int]) -> tuple[int | None, Sigint
     finally:
         sys.settrace(None)
     return value, tracer
-
-
-def answered_in_time(call: Callable[[], int]) -> int | None:
-    """call() in another thread; its value, or None if it is not back within 10 s."""
-    answers: list[int] = []
-    thread = threading.Thread(target=lambda: answers.append(call()), daemon=True)
-    thread.start()
-    thread.join(10)
-    return answers[0] if answers else None
 
 
 def assert_clean(line: ThreadLine[Call]) -> None:
