@@ -194,17 +194,15 @@ class _HeldInterrupt:
         _signals.signal(signal.SIGINT, self._previous)
         self._previous(signum, frame)
 
-    def let_go(self) -> bool:
-        """Give SIGINT its handler back; True if a Ctrl-C was held off (then
-        :meth:`deliver` it)."""
+    def let_go(self, first: Callable[[], object] | None = None) -> None:
+        """Give SIGINT its handler back; if a Ctrl-C was held off, call ``first``,
+        then that handler (the default one raises KeyboardInterrupt)."""
         _signals.signal(signal.SIGINT, self._previous)
-        return bool(self._caught)
-
-    def deliver(self) -> None:
-        """Run the handler for the Ctrl-C held off (the default one raises
-        KeyboardInterrupt)."""
-        frame, self._caught = self._caught[0], []
-        self._previous(signal.SIGINT, frame)
+        if self._caught:
+            frame, self._caught = self._caught[0], []
+            if first is not None:
+                first()
+            self._previous(signal.SIGINT, frame)
 
 
 class ThreadLine(Generic[I]):
@@ -266,13 +264,10 @@ class ThreadLine(Generic[I]):
         try:
             value = self._run(alone, item)
         except BaseException:
-            if held.let_go():
-                held.deliver()  # (raised over the call's own error)
+            held.let_go()  # (a Ctrl-C held off is raised over the call's own error)
             raise
-        if held.let_go():
-            if self._late is not None:
-                self._late(value)
-            held.deliver()
+        late = self._late
+        held.let_go(None if late is None else lambda: late(value))
         return value
 
     def _run(self, alone: Callable[[], R], item: Callable[[], I]) -> R:
