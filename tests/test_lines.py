@@ -9,30 +9,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import InvalidStateError
 from types import TracebackType
 
 import pytest
 
-from soniq.drivers.lines import Answer, ThreadLine, _HeldInterrupt
+from soniq.drivers.lines import Answer, ThreadLine
 from tests.conftest import wait_until
-from tests.line_calls import Call, answered_in_time
+from tests.line_calls import Call, answered_in_time, answering, presses_held
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def answering(sent: list[list[int]] | None = None) -> Callable[[list[Call]], None]:
-    """A group's statement that answers each call with its own number (and notes
-    the groups it sent in ``sent``)."""
-
-    def send(calls: list[Call]) -> None:
-        if sent is not None:
-            sent.append([call.n for call in calls])
-        for call in calls:
-            call.future.set_result(call.n)
-
-    return send
 
 
 def run_to_the_end(threads: list[threading.Thread], timeout: float) -> None:
@@ -96,12 +83,6 @@ def _blocked_in_line(thread_id: int) -> bool:
     return frame.f_lineno == wait
 
 
-def _held_ctrl_c() -> int:
-    """How many Ctrl-C the line holds off for the main thread now (0: none held)."""
-    held = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
-    return len(held._caught) if isinstance(held, _HeldInterrupt) else 0
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("presses", [1, 2])
 def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
@@ -151,9 +132,9 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
         for press in range(1, presses + 1):
             signal.pthread_kill(main, signal.SIGINT)
             if press < presses:
-                wait_until(lambda press=press: _held_ctrl_c() == press)
+                wait_until(lambda press=press: presses_held() == press)
         if presses == 1:
-            wait_until(lambda: _held_ctrl_c() == 1)
+            wait_until(lambda: presses_held() == 1)
             time.sleep(0.05)  # (a signal not held off would have woken it by now)
             still_waiting.append(_blocked_in_line(main))
             release_group.set()

@@ -25,7 +25,7 @@ import pytest
 import soniq.drivers.lines as lines_module
 from soniq.drivers.lines import ThreadLine
 from tests.conftest import wait_until
-from tests.line_calls import Call, answered_in_time
+from tests.line_calls import Call, answered_in_time, answering, holding_interrupt
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -53,8 +53,7 @@ class SigintAt:
             return None  # (nor the frames this one calls)
         if event == "line":
             self.seen += 1
-            handler = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
-            holding = isinstance(handler, lines_module._HeldInterrupt)
+            holding = holding_interrupt() is not None
             self._holding_seen = self._holding_seen or holding
             if self.seen == self.at:
                 self.held, self.after = holding, self._holding_seen and not holding
@@ -101,12 +100,8 @@ def each_boundary(run_once: Callable[[int], int]) -> None:
 def test_a_call_alone_interrupted_anywhere_gives_its_place_back(max_in_flight: int) -> None:
     sent: list[int] = []
 
-    def send(calls: list[Call]) -> None:
-        for call in calls:
-            call.future.set_result(call.n)
-
     def run_once(at: int) -> int:
-        line: ThreadLine[Call] = ThreadLine(send, max_in_flight=max_in_flight, max_batch=5)
+        line: ThreadLine[Call] = ThreadLine(answering(), max_in_flight=max_in_flight, max_batch=5)
         value, trace = interrupted_at(
             at, lambda: line.run(lambda: sent.append(1) or 1, lambda: Call(1))
         )
