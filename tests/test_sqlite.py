@@ -396,7 +396,12 @@ def sync_leader_held_by_a_lock(
     try:
         locker.execute("BEGIN IMMEDIATE")
         first = pool.submit(eq.sync.enqueue, "some.job", n=0)
-        wait_until(lambda: turns._in_flight and not turns._line, 10, "enqueue 0 to lead")
+        writer = eq.sync.backend._writer  # type: ignore[attr-defined]
+        # Its turn taken and its write begun (the connection in use), not only the turn:
+        # close() in between would find the connection idle and close it.
+        wait_until(
+            lambda: turns._in_flight and not turns._line and writer._busy, 10, "enqueue 0 to lead"
+        )
         yield eq, turns, pool, first, locker
     finally:
         locker.close()
