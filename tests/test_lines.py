@@ -92,7 +92,8 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
     sending: once, it is held off until the call has ended (its job committed, its
     value told to ``late``), then raised; twice, the second is raised at once, and
     ``late`` hears of the value when the group is committed. Nothing is lost, nothing
-    is sent twice."""
+    is sent twice, and the caller behind it in the group, which it would have woken,
+    is woken all the same."""
     first_sent, release_first, release_group = (threading.Event() for _ in range(3))
     groups: list[list[int]] = []
     late: list[int] = []
@@ -120,14 +121,17 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
     sender = threading.Thread(target=lambda: answers.update({2: call(2)}))
     sender.start()  # first in line: it will send the group
     wait_until(lambda: len(line._line) == 1)
+    behind = threading.Thread(target=lambda: answers.update({4: call(4)}))
     main = threading.main_thread().ident
     assert main is not None and threading.get_ident() == main  # signals reach this thread
     still_waiting: list[bool] = []
 
     def interrupt_once_grouped() -> None:
         wait_until(lambda: len(line._line) == 2)  # this thread is in line behind 2
-        release_first.set()  # statement 1 ends: the line [2, 3] goes to thread 2
-        wait_until(lambda: groups == [[2, 3]])  # sent by thread 2
+        behind.start()
+        wait_until(lambda: len(line._line) == 3)
+        release_first.set()  # statement 1 ends: the line [2, 3, 4] goes to thread 2
+        wait_until(lambda: groups == [[2, 3, 4]])  # sent by thread 2
         wait_until(lambda: _blocked_in_line(main))  # the signal finds this thread asleep
         for press in range(1, presses + 1):
             signal.pthread_kill(main, signal.SIGINT)
@@ -155,11 +159,11 @@ def test_a_caller_interrupted_after_its_group_was_sent_leaves_its_value_to_late(
     else:
         assert late == []  # raised at once: its group has not been committed yet
         release_group.set()
-    for thread in (first, sender):
+    for thread in (first, sender, behind):
         thread.join(10)
-    assert answers == {1: 10, 2: 20}
+    assert answers == {1: 10, 2: 20, 4: 40}
     wait_until(lambda: late == [30])  # committed with its group, and reported
-    assert groups == [[2, 3]] and line._in_flight == 0 and not line._line
+    assert groups == [[2, 3, 4]] and line._in_flight == 0 and not line._line
 
 
 class InterruptedOnLeaving:
@@ -234,33 +238,109 @@ def test_an_interruption_just_after_joining_the_line_leaves_it() -> None:
     assert sent == [] and line._in_flight == 0 and not line._line
 
 
-@pytest.mark.parametrize(
-    ("max_in_flight", "min_split", "sizes"),
-    [
-        (1, 1, [{8: 20}]),
-        # The 8 go out whole while the second blocker's thread has not yet given its
-        # place back: once as its statement ends, sometimes twice.
-        (2, 4, [{8: 1, 4: 38}, {8: 2, 4: 36}]),
-    ],
-)
 def test_the_callers_of_a_group_come_back_and_go_out_together_again(
-    switching_often: None, max_in_flight: int, min_split: int, sizes: list[dict[int, int]]
+    switching_often: None,
 ) -> None:
     """Threads enqueueing in a loop: once they have gone out together, the first of
     them back waits for the others instead of going alone (which would leave the
-    rest to queue behind it in ever smaller groups); with two places, in two even
-    halves. ``hold`` and ``gap`` are long here, so the groups do not depend on how
-    fast threads are woken."""
-    release = threading.Event()
+    rest to queue behind it in ever smaller groups). ``hold`` and ``gap`` are long
+    here, so the groups do not depend on how fast threads are woken."""
+    line, results, alone_calls = _callers_in_a_loop(max_in_flight=1, min_split=1, hold=30)
+    assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
+    assert dict(line.batches) == {8: 20} and alone_calls == []
+
+
+def test_with_two_places_the_callers_go_out_in_halves_one_after_the_other(
+    switching_often: None,
+) -> None:
+    """With two places, the 8 callers go out in statements of 4, each as soon as
+    half of them are back, not all 8 when all are back (the database then writes
+    one statement while the callers of the other run). The halves are whichever 4
+    come back first, so a thread may call more often than another, and the last
+    calls, those of the threads with calls left, wait ``hold`` for callers that are
+    done (1 s here) and go out short or alone."""
+    line, results, alone_calls = _callers_in_a_loop(max_in_flight=2, min_split=4, hold=1)
+    assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
+    sizes = dict(line.batches)
+    assert sizes.pop(8) == 1  # the 8 that queued behind the two blockers
+    assert sizes.pop(4) >= 34, line.batches  # (38 if every thread made its calls in step)
+    assert all(size < 4 for size in sizes) and sum(sizes.values()) <= 2, line.batches
+    assert all(n % 100 >= 15 for n in alone_calls), alone_calls  # only at the end
+
+
+def test_half_the_callers_back_go_out_without_waiting_for_the_others(
+    switching_often: None,
+) -> None:
+    """With two places, as soon as half the callers expected back have come back, they
+    go out: the others, busy elsewhere, do not hold them up (``hold`` and ``gap`` are
+    30 s here: a line that waited for every caller expected back would wait that
+    long)."""
+    line: ThreadLine[Call] = ThreadLine(
+        answering(), max_in_flight=2, max_batch=50, hold=30, gap=30, min_split=4
+    )
+    release, later = threading.Event(), threading.Event()
 
     def alone(n: int) -> int:
         assert release.wait(10)
         return n
 
+    def call(n: int) -> int:
+        return line.run(lambda: alone(n), lambda: Call(n))
+
+    # Every place taken by a call of its own: 8 threads queue behind them, and go out
+    # together once both have ended.
+    blockers = [threading.Thread(target=call, args=(-1,)) for _ in range(2)]
+    for thread in blockers:
+        thread.start()
+    wait_until(lambda: line._in_flight == 2)
+    answers: dict[int, int] = {}
+
+    def caller(k: int) -> None:
+        answers[k] = call(k)
+        if k >= 4:  # busy elsewhere for a while
+            assert later.wait(30)
+        answers[10 + k] = call(10 + k)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(line._line) == 8)
+    release.set()
+    started = time.monotonic()
+    wait_until(lambda: all(10 + k in answers for k in range(4)))
+    assert time.monotonic() - started < 10
+    assert line.batches[8] == 1 and line.batches[4] == 1  # the 4 back, as one
+    later.set()
+    for thread in [*blockers, *threads]:
+        thread.join(30)
+    assert answers == {n: n for k in range(8) for n in (k, 10 + k)}
+    assert line._in_flight == 0 and not line._line
+
+
+def _callers_in_a_loop(
+    *, max_in_flight: int, min_split: int, hold: float
+) -> tuple[ThreadLine[Call], list[int], list[int]]:
+    """8 threads that each make 20 calls in a loop, queued first behind
+    ``max_in_flight`` calls of their own; the line, the values, and the callers'
+    calls that went alone."""
+    release = threading.Event()
+    alone_calls: list[int] = []
+
+    def alone(n: int) -> int:
+        assert release.wait(10)
+        if n >= 0:
+            alone_calls.append(n)
+        return n
+
     send = answering()
 
     line: ThreadLine[Call] = ThreadLine(
-        send, max_in_flight=max_in_flight, max_batch=50, hold=30, gap=30, min_split=min_split
+        send,
+        max_in_flight=max_in_flight,
+        max_batch=50,
+        hold=hold,
+        gap=hold,
+        min_split=min_split,
     )
     # Every place taken by a call of its own: the 8 threads queue behind them.
     blockers = [
@@ -285,9 +365,8 @@ def test_the_callers_of_a_group_come_back_and_go_out_together_again(
     for thread in [*blockers, *threads]:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
-    assert sorted(results) == sorted(k * 100 + i for k in range(8) for i in range(20))
-    assert dict(line.batches) in sizes
     assert line._in_flight == 0 and not line._line and line._gatherer is None
+    return line, results, alone_calls
 
 
 def test_callers_that_do_not_come_back_hold_up_the_first_one_back_briefly() -> None:

@@ -17,7 +17,16 @@ finds a place free but waits until the others have joined it, as long as they ke
 coming (:data:`GAP` at most between two) and :data:`HOLD` at most in all; so does a
 call that finds a statement of several calls in flight, for that statement's callers.
 Otherwise the first one back would go alone, the next ones would queue behind it, and
-the groups would dwindle to a call or two, each paying a commit.
+the groups would dwindle to a call or two, each paying a commit. The line goes out as
+soon as it holds its share of the callers about (waiting, expected back, in flight:
+one per place), not when all are back: statements then go out one after the other,
+and the database writes one while the callers of the other run, instead of writing
+both at once while every caller waits, then none while they all run.
+
+The callers of a group are woken one after the other: the sender wakes the first, and
+each wakes the next as it wakes. Woken all at once, they would all queue for the GIL
+(a second sleep and wake-up each) behind the first, and ahead of the sender of the
+other statement, whose answer then waits.
 
 Ctrl-C on the main thread is held off until its call has ended, then raised (a second
 one at once): see :class:`_HeldInterrupt`.
@@ -135,7 +144,7 @@ GAP = 0.0002
 
 
 class _Turn(Generic[I]):
-    __slots__ = ("group", "item", "signalled", "woken")
+    __slots__ = ("after", "gone", "group", "item", "signalled", "woken")
 
     def __init__(self, item: I) -> None:
         self.item = item
@@ -150,12 +159,31 @@ class _Turn(Generic[I]):
         self.signalled = False
         #: Set when this thread is to send the front of the line (itself first).
         self.group: list[_Turn[I]] | None = None
+        #: Set under the line's lock when this call's group ended: the next caller of
+        #: the group, which this thread wakes once woken (see the module docstring).
+        self.after: _Turn[I] | None = None
+        #: Set under the line's lock when this thread stopped waiting (interrupted)
+        #: after its call was sent: the group's end does not count on it to wake the
+        #: next caller.
+        self.gone = False
 
     def wake(self) -> None:
         """Under the line's lock, for a turn still in line."""
         if not self.signalled:
             self.signalled = True
             self.woken.release()
+
+    def wake_next(self) -> None:
+        """Wake the next caller of this call's group, if there is one (at most once:
+        an interruption between the two steps may bring a second call, which finds
+        that caller's lock released and does nothing)."""
+        after = self.after
+        if after is not None:
+            try:  # noqa: SIM105  (once per call: suppress() would build a context)
+                after.woken.release()
+            except RuntimeError:  # released already
+                pass
+            self.after = None
 
 
 class _HeldInterrupt:
@@ -234,6 +262,8 @@ class ThreadLine(Generic[I]):
         self._min_split = min_split
         self._lock = threading.Lock()
         self._in_flight = 0
+        #: The calls of the statements of several calls in flight.
+        self._grouped = 0
         self._line: collections.deque[_Turn[I]] = collections.deque()
         #: Callers answered by groups that ended, not back yet: a hint (a caller may
         #: not come back), forgotten when the gatherer stops waiting.
@@ -277,6 +307,7 @@ class ThreadLine(Generic[I]):
         taken = False  # a place for this thread's own statement
         turn: _Turn[I] | None = None
         group: list[_Turn[I]] | None = None
+        gathering = False  # (made the gatherer on joining: not to be woken for it)
         try:
             with self._lock:
                 # One decision under the lock: a thread that found no room joins the
@@ -291,12 +322,15 @@ class ThreadLine(Generic[I]):
                     turn = _Turn(item())
                     self._line.append(turn)
                     self._last_come = time.monotonic()
-                    self._line_changed()
+                    self._line_changed(turn)
+                    gathering = self._gatherer is turn
             if turn is None:
                 return alone()
-            turn.woken.acquire()
+            if not gathering:
+                turn.woken.acquire()
+                turn.wake_next()
             if not turn.item.future.done():  # (answered: sent by another, nothing to do)
-                group = self._woken(turn)
+                group = self._woken(turn, woken=not gathering)
                 if group is not None:
                     self._send([t.item for t in group])
         except BaseException as exc:
@@ -310,22 +344,23 @@ class ThreadLine(Generic[I]):
         finally:
             # The place is given back before the group's callers are woken, so that
             # they find themselves expected back.
-            if taken or group is not None:
-                self._end(1 if group is None else len(group))
-            if group is not None:
-                for other in group[1:]:
-                    other.woken.release()
+            if taken:
+                self._end([])
+            elif group is not None:
+                first = self._end(group)
+                if first is not None:
+                    first.woken.release()
         result: R = turn.item.future.result()
         return result
 
-    def _woken(self, turn: _Turn[I]) -> list[_Turn[I]] | None:
-        """The first in line, woken: the group it is to send (itself first), once it
-        has one. Woken as the gatherer, it waits for the callers coming back while
-        they come (a ``gap`` at most between two, counted from the gathering's start
-        or the last statement's end) and while statements of several calls are in
-        flight, ``hold`` at most in all; then it has the line handed out."""
+    def _woken(self, turn: _Turn[I], *, woken: bool) -> list[_Turn[I]] | None:
+        """The first in line, woken (``woken``: run() took the turn's lock, released
+        once) or made the gatherer as it joined: the group it is to send (itself
+        first), once it has one. As the gatherer, it waits for the callers coming back
+        while they come (a ``gap`` at most between two, counted from the gathering's
+        start or the last statement's end) and while statements of several calls are
+        in flight, ``hold`` at most in all; then it has the line handed out."""
         started = None
-        woken = True  # (run() took the turn's lock: it was released once)
         while True:
             with self._lock:
                 if woken:  # a wait that timed out may have missed a release since
@@ -354,20 +389,25 @@ class ThreadLine(Generic[I]):
         several calls in flight, whose callers will come back together."""
         return bool(self._line or (self._looping and (self._returning or self._groups)))
 
-    def _line_changed(self) -> None:
-        """Under the lock, a call having joined the line or a place freed: hand the
-        line out, unless callers are expected back to join it while a place is free
-        (the first in line then waits for them: it is woken to)."""
+    def _line_changed(self, joining: _Turn[I] | None = None) -> None:
+        """Under the lock, a call having joined the line (``joining``) or a place
+        freed: hand the line out, unless callers are expected back to join it while a
+        place is free and it is shorter than its share of the callers about (the
+        first in line then waits for them: it is woken to, unless it is the one
+        joining, which gathers at once)."""
         if not self._line:
             return
         if self._in_flight >= self._max:
             self._looping = True  # callers come faster than statements end
             return
-        if not self._looping or not (self._returning or self._groups):
-            self._hand_out()  # (nobody else to wait for)
+        waiting = len(self._line)
+        share = -(-(waiting + self._returning + self._grouped) // self._max)
+        if not self._looping or not (self._returning or self._groups) or waiting >= share:
+            self._hand_out()  # (nobody else to wait for, or enough to go)
         elif self._gatherer is None:
             self._gatherer = self._line[0]
-            self._gatherer.wake()
+            if self._gatherer is not joining:
+                self._gatherer.wake()
 
     def _leave(self, turn: _Turn[I]) -> None:
         """A waiting thread interrupted (KeyboardInterrupt, a signal handler's
@@ -379,6 +419,7 @@ class ThreadLine(Generic[I]):
                 self.batches[len(turn.group)] -= 1
                 if len(turn.group) > 1:
                     self._groups -= 1
+                    self._grouped -= len(turn.group)
                 # Back at the front, behind a gatherer (first in line, which may
                 # have been woken: nobody else in line may be).
                 gatherer = self._line.popleft() if self._gatherer is not None else None
@@ -395,24 +436,35 @@ class ThreadLine(Generic[I]):
                     self._gatherer = None
                     self._line_changed()  # the next one gathers
                 return
+            turn.gone = True
+            turn.wake_next()  # (its group ended: the next caller counts on this thread)
         late = self._late
         if late is not None:
             turn.item.future.add_done_callback(
                 lambda f: None if f.cancelled() or f.exception() else late(f.result())
             )
 
-    def _end(self, size: int) -> None:
-        """A statement of ``size`` calls ended, its callers answered: they are
-        expected back (when more than one), and the line may go out."""
+    def _end(self, group: list[_Turn[I]]) -> _Turn[I] | None:
+        """A statement ended, its callers answered: those of ``group`` (empty for a
+        call alone) are expected back (when more than one), and the line may go out.
+        Returns the first of the group's other callers to wake; each wakes the next
+        (:attr:`_Turn.after`), but those that stopped waiting."""
         with self._lock:
+            size = len(group)
             self._in_flight -= 1
             if size > 1:
                 self._groups -= 1
+                self._grouped -= size
                 self._returning += size
                 self._last_come = time.monotonic()
                 if self._gatherer is not None:  # it waits by another rule now
                     self._gatherer.wake()
             self._line_changed()
+            first = None
+            for other in reversed(group[1:]):
+                if not other.gone:
+                    other.after, first = first, other
+            return first
 
     def _hand_out(self) -> None:
         """Under the lock: hand the line out to the first thread of each group, in
@@ -427,6 +479,7 @@ class ThreadLine(Generic[I]):
             self._in_flight += 1
             if size > 1:
                 self._groups += 1
+                self._grouped += size
             self.batches[size] += 1
             group[0].group = group
             group[0].wake()
