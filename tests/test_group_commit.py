@@ -15,7 +15,7 @@ import inspect
 import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
@@ -224,6 +224,118 @@ def test_threads_of_eq_sync_go_out_together(sync_eq: Soniq, database_url: str, s
         job = sync_eq.sync.get_job(ids[2])
         assert job is not None and job.args == {"k": k, "i": 2}
     assert max(line.batches) >= 8 - MAX_IN_FLIGHT  # the line went out as one
+
+
+def sync_line_waiting(eq: Soniq, waiting: int) -> None:
+    line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+    wait_until(
+        lambda: line._in_flight == MAX_IN_FLIGHT and len(line._line) == waiting,
+        10,
+        f"{MAX_IN_FLIGHT} statements in flight and {waiting} calls in line",
+    )
+
+
+def sync_stuck_in_flight(
+    eq: Soniq, pool: ThreadPoolExecutor, start: Callable[[int], int]
+) -> list[Future[int]]:
+    """:func:`stuck_in_flight` for ``eq.sync``'s threads (``pool``)."""
+    line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+    stuck = []
+    for i in range(MAX_IN_FLIGHT):
+        stuck.append(pool.submit(start, i))
+        wait_until(lambda i=i: line._in_flight == i + 1, 10, "a call in flight")
+    return stuck
+
+
+def test_a_merged_statement_of_threads_that_fails_retries_its_calls_alone(
+    sync_eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    """:func:`test_a_merged_statement_that_fails_retries_its_calls_alone` for
+    ``eq.sync``: the row refused fails its own thread's call only."""
+    pg.execute(
+        sql.SQL("ALTER TABLE {} ADD CONSTRAINT no_bad CHECK (args->>'bad' IS NULL)").format(
+            sql.Identifier(schema, "soniq_jobs")
+        )
+    )
+    enqueue = sync_eq.sync.enqueue
+    with ThreadPoolExecutor(12) as pool:
+        with table_locked(database_url, schema):
+            calls = sync_stuck_in_flight(sync_eq, pool, lambda i: enqueue("app.job", i=i))
+            calls += [pool.submit(enqueue, "app.job", i=i) for i in range(2, 6)]
+            bad = pool.submit(enqueue, "app.job", i=6, bad=True)
+            more = [pool.submit(enqueue, "app.job", i=i) for i in range(7, 9)]
+            sync_line_waiting(sync_eq, 9 - MAX_IN_FLIGHT)
+        ids = [call.result(30) for call in (*calls, *more)]
+        with pytest.raises(Exception, match="no_bad"):
+            bad.result(30)
+    assert len(set(ids)) == 8
+    assert count_jobs(pg, schema) == 8
+    line = sync_eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+    assert max(line.batches) > 1  # the bad row was in a merged statement
+
+
+def test_threads_with_one_dedupe_key_in_one_statement_share_one_job(
+    sync_eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    enqueue = sync_eq.sync.enqueue
+    with ThreadPoolExecutor(8) as pool:
+        with table_locked(database_url, schema):
+            first = sync_stuck_in_flight(sync_eq, pool, lambda i: enqueue("app.job", i=i))
+            keyed = []
+            for i in range(6):  # one at a time: in line in this order
+                keyed.append(pool.submit(enqueue, "app.job", i=i, dedupe_key=f"k{i % 2}"))
+                sync_line_waiting(sync_eq, i + 1)
+        for call in first:
+            call.result(30)
+        ids = [call.result(30) for call in keyed]
+    assert ids[0] == ids[2] == ids[4] and ids[1] == ids[3] == ids[5] and ids[0] != ids[1]
+    job = sync_eq.sync.get_job(ids[0])
+    assert job is not None and job.args == {"i": 0}  # the first call's arguments
+    assert count_jobs(pg, schema, "dedupe_key IS NOT NULL") == 2
+
+
+def test_a_connection_killed_under_a_merged_statement_of_threads_answers_every_caller(
+    sync_eq: Soniq, database_url: str, schema: str, pg: psycopg.Connection[Any]
+) -> None:
+    """:func:`test_a_connection_killed_under_a_merged_statement_answers_every_caller`
+    for ``eq.sync``: every thread gets an answer, nothing is committed twice."""
+    enqueue = sync_eq.sync.enqueue
+    line = sync_eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(8) as pool:
+        with table_locked(database_url, schema):
+            stuck = sync_stuck_in_flight(sync_eq, pool, lambda i: enqueue("app.job", i=i))
+            merged = [pool.submit(enqueue, "app.job", i=i) for i in range(10, 15)]
+            sync_line_waiting(sync_eq, 5)
+            wait_until(  # (in flight for the line, but perhaps not at the server yet)
+                lambda: _waiting_on_lock(pg, "soniq_jobs") == MAX_IN_FLIGHT,
+                10,
+                "the stuck statements waiting for the lock",
+            )
+            pg.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE '%soniq_jobs%'"
+            )
+            for call in stuck:
+                with pytest.raises(psycopg.OperationalError):  # the connection lost
+                    call.result(30)
+            wait_until(  # (in one statement or two, as places became free)
+                lambda: (
+                    not line._line
+                    and _waiting_on_lock(pg, "jsonb_to_recordset") == line._in_flight > 0
+                ),
+                10,
+                "the merged statements sent",
+            )
+            pg.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE '%jsonb_to_recordset%'"
+            )
+        for call in merged:
+            with pytest.raises(psycopg.OperationalError):
+                call.result(30)
+    assert count_jobs(pg, schema) == 0  # killed before commit, and never retried
+    assert enqueue("app.job", i=99) > 0  # the line goes on
+    assert line._in_flight == 0 and not line._line
 
 
 async def test_enqueues_on_a_callers_connection_never_join_the_line(
