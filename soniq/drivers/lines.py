@@ -18,8 +18,9 @@ coming (:data:`GAP` at most between two) and :data:`HOLD` at most in all; so doe
 call that finds a statement of several calls in flight, for that statement's callers.
 Otherwise the first one back would go alone, the next ones would queue behind it, and
 the groups would dwindle to a call or two, each paying a commit. The line goes out as
-soon as it holds its share of the callers about (waiting, expected back, in flight:
-one per place), not when all are back: statements then go out one after the other,
+soon as it holds its share of the callers about (those waiting, those expected back,
+those of statements of several calls in flight: one share per place), not when all
+are back: statements then go out one after the other,
 and the database writes one while the callers of the other run, instead of writing
 both at once while every caller waits, then none while they all run.
 
@@ -448,7 +449,7 @@ class ThreadLine(Generic[I]):
         """A statement ended, its callers answered: those of ``group`` (empty for a
         call alone) are expected back (when more than one), and the line may go out.
         Returns the first of the group's other callers to wake; each wakes the next
-        (:attr:`_Turn.after`), but those that stopped waiting."""
+        (``_Turn.after``), those that stopped waiting left out."""
         with self._lock:
             size = len(group)
             self._in_flight -= 1
