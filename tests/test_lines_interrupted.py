@@ -79,7 +79,7 @@ def interrupted_at(at: int, call: Callable[[], int]) -> tuple[int | None, Sigint
 def assert_clean(line: ThreadLine[Call]) -> None:
     """Nothing kept: no place, no statement of several calls, nobody in line."""
     assert line._in_flight == 0
-    assert line._groups == 0
+    assert line._grouped == 0
     assert not line._line
     assert line._gatherer is None
 

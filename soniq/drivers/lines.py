@@ -20,9 +20,9 @@ Otherwise the first one back would go alone, the next ones would queue behind it
 the groups would dwindle to a call or two, each paying a commit. The line goes out as
 soon as it holds its share of the callers about (those waiting, those expected back,
 those of statements of several calls in flight: one share per place), not when all
-are back: statements then go out one after the other,
-and the database writes one while the callers of the other run, instead of writing
-both at once while every caller waits, then none while they all run.
+are back: statements then go out one after the other, and the database writes one
+while the callers of the other run, instead of writing both at once while every
+caller waits, then none while they all run.
 
 The callers of a group are woken one after the other: the sender wakes the first, and
 each wakes the next as it wakes. Woken all at once, they would all queue for the GIL
@@ -263,14 +263,13 @@ class ThreadLine(Generic[I]):
         self._min_split = min_split
         self._lock = threading.Lock()
         self._in_flight = 0
-        #: The calls of the statements of several calls in flight.
+        #: The calls of the statements of several calls in flight (none: no such
+        #: statement; their callers will come back together).
         self._grouped = 0
         self._line: collections.deque[_Turn[I]] = collections.deque()
         #: Callers answered by groups that ended, not back yet: a hint (a caller may
         #: not come back), forgotten when the gatherer stops waiting.
         self._returning = 0
-        #: Statements of several calls in flight: their callers come back together.
-        self._groups = 0
         #: Callers have been seen to come back at once (a line formed while every
         #: place was taken): they are waited for. Off when a gatherer waited in vain,
         #: so that callers with other work between calls go at once, as alone.
@@ -374,7 +373,7 @@ class ThreadLine(Generic[I]):
                     if started is None:
                         started = now
                     until = started + self._hold
-                    if not self._groups:
+                    if not self._grouped:
                         until = min(until, max(started, self._last_come) + self._gap)
                     wait = until - now
                     if wait <= 0:  # those not back by now are not coming soon
@@ -388,7 +387,7 @@ class ThreadLine(Generic[I]):
         """Under the lock: somebody to go with (a call that finds a place free goes
         alone only if not): a line, callers expected back, or a statement of
         several calls in flight, whose callers will come back together."""
-        return bool(self._line or (self._looping and (self._returning or self._groups)))
+        return bool(self._line or (self._looping and (self._returning or self._grouped)))
 
     def _line_changed(self, joining: _Turn[I] | None = None) -> None:
         """Under the lock, a call having joined the line (``joining``) or a place
@@ -403,7 +402,7 @@ class ThreadLine(Generic[I]):
             return
         waiting = len(self._line)
         share = -(-(waiting + self._returning + self._grouped) // self._max)
-        if not self._looping or not (self._returning or self._groups) or waiting >= share:
+        if not self._looping or not (self._returning or self._grouped) or waiting >= share:
             self._hand_out()  # (nobody else to wait for, or enough to go)
         elif self._gatherer is None:
             self._gatherer = self._line[0]
@@ -419,7 +418,6 @@ class ThreadLine(Generic[I]):
             if turn.group is not None:
                 self.batches[len(turn.group)] -= 1
                 if len(turn.group) > 1:
-                    self._groups -= 1
                     self._grouped -= len(turn.group)
                 # Back at the front, behind a gatherer (first in line, which may
                 # have been woken: nobody else in line may be).
@@ -454,7 +452,6 @@ class ThreadLine(Generic[I]):
             size = len(group)
             self._in_flight -= 1
             if size > 1:
-                self._groups -= 1
                 self._grouped -= size
                 self._returning += size
                 self._last_come = time.monotonic()
@@ -479,7 +476,6 @@ class ThreadLine(Generic[I]):
             group = [self._line.popleft() for _ in range(size)]
             self._in_flight += 1
             if size > 1:
-                self._groups += 1
                 self._grouped += size
             self.batches[size] += 1
             group[0].group = group
