@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import InvalidStateError
 from types import TracebackType
 
@@ -287,12 +287,6 @@ def test_half_the_callers_back_go_out_without_waiting_for_the_others(
     def call(n: int) -> int:
         return line.run(lambda: alone(n), lambda: Call(n))
 
-    # Every place taken by a call of its own: 8 threads queue behind them, and go out
-    # together once both have ended.
-    blockers = [threading.Thread(target=call, args=(-1,)) for _ in range(2)]
-    for thread in blockers:
-        thread.start()
-    wait_until(lambda: line._in_flight == 2)
     answers: dict[int, int] = {}
 
     def caller(k: int) -> None:
@@ -301,17 +295,15 @@ def test_half_the_callers_back_go_out_without_waiting_for_the_others(
             assert later.wait(30)
         answers[10 + k] = call(10 + k)
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(line._line) == 8)
+    # The 8 go out together once both places are free, then come back.
+    threads = _eight_queued_behind_its_places(line, alone, caller)
     release.set()
     started = time.monotonic()
     wait_until(lambda: all(10 + k in answers for k in range(4)))
     assert time.monotonic() - started < 10
     assert line.batches[8] == 1 and line.batches[4] == 1  # the 4 back, as one
     later.set()
-    for thread in [*blockers, *threads]:
+    for thread in threads:
         thread.join(30)
     assert answers == {n: n for k in range(8) for n in (k, 10 + k)}
     assert line._in_flight == 0 and not line._line
@@ -342,14 +334,6 @@ def _callers_in_a_loop(
         gap=hold,
         min_split=min_split,
     )
-    # Every place taken by a call of its own: the 8 threads queue behind them.
-    blockers = [
-        threading.Thread(target=lambda: line.run(lambda: alone(-1), lambda: Call(-1)))
-        for _ in range(max_in_flight)
-    ]
-    for thread in blockers:
-        thread.start()
-    wait_until(lambda: line._in_flight == max_in_flight)
     results: list[int] = []
 
     def caller(k: int) -> None:
@@ -357,16 +341,33 @@ def _callers_in_a_loop(
             n = k * 100 + i
             results.append(line.run(lambda n=n: alone(n), lambda n=n: Call(n)))
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(line._line) == 8)
+    threads = _eight_queued_behind_its_places(line, alone, caller)
     release.set()
-    for thread in [*blockers, *threads]:
+    for thread in threads:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
     assert line._in_flight == 0 and not line._line and line._gatherer is None
     return line, results, alone_calls
+
+
+def _eight_queued_behind_its_places(
+    line: ThreadLine[Call], alone: Callable[[int], int], caller: Callable[[int], None]
+) -> list[threading.Thread]:
+    """Every place of ``line`` taken by a call of its own (``alone(-1)``, which the
+    test holds until it lets it go), then 8 threads running ``caller(k)``, whose first
+    calls queue behind those: all these threads, started."""
+    blockers = [
+        threading.Thread(target=lambda: line.run(lambda: alone(-1), lambda: Call(-1)))
+        for _ in range(line._max)
+    ]
+    for thread in blockers:
+        thread.start()
+    wait_until(lambda: line._in_flight == line._max)
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(line._line) == 8)
+    return [*blockers, *threads]
 
 
 def test_callers_that_do_not_come_back_hold_up_the_first_one_back_briefly() -> None:
