@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from soniq import Soniq
+from soniq import SchemaNotReadyError, Soniq
 from soniq.core.jobs import JobSpec
 from soniq.core.sql.postgres import PostgresQueries, group_ids
 from soniq.drivers import insert_lines
@@ -336,6 +336,103 @@ def test_a_connection_killed_under_a_merged_statement_of_threads_answers_every_c
     assert count_jobs(pg, schema) == 0  # killed before commit, and never retried
     assert enqueue("app.job", i=99) > 0  # the line goes on
     assert line._in_flight == 0 and not line._line
+
+
+def _prepared_names(conn: Any) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT name FROM pg_prepared_statements").fetchall()]
+
+
+async def _async_prepared_names(conn: Any) -> list[str]:
+    rows = await (await conn.execute("SELECT name FROM pg_prepared_statements")).fetchall()
+    return [row[0] for row in rows]
+
+
+async def _merged_on_one_connection(eq: Soniq, database_url: str, schema: str) -> list[int]:
+    """Four calls on a pool of one connection, the last three merged."""
+    line = eq.backend.insert_line()  # type: ignore[attr-defined]
+    with table_locked(database_url, schema):
+        first = asyncio.ensure_future(eq.enqueue("app.job", i=0))
+        await async_wait_until(lambda: len(line._in_flight) == 1, 10, "a call in flight")
+        merged = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(1, 4)]
+        await async_wait_until(lambda: len(line._line) == 3, 10, "three calls in line")
+    ids = await asyncio.wait_for(asyncio.gather(first, *merged), 30)
+    assert line.batches[3] >= 1
+    return ids
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_the_merged_statement_is_prepared_once_per_connection_and_again_when_dropped(
+    database_url: str, schema: str, pg: psycopg.Connection[Any], prepared: bool
+) -> None:
+    """psycopg sends the merged statement on its libpq connection: prepared under
+    its own name, prepared again after a borrower of the connection ran
+    ``DEALLOCATE ALL``; with ``prepared_statements=False`` (PgBouncer) never."""
+    eq = Soniq(
+        database_url, schema=schema, driver="psycopg", pool_size=1, prepared_statements=prepared
+    )
+    await eq.ensure_initialized()
+    try:
+        ids = await _merged_on_one_connection(eq, database_url, schema)
+        async with eq.backend.acquire() as conn:
+            names = await _async_prepared_names(conn)
+            assert ("soniq_insert_group" in names) is prepared
+            await conn.execute("DEALLOCATE ALL")
+        ids += await _merged_on_one_connection(eq, database_url, schema)
+        async with eq.backend.acquire() as conn:
+            names = await _async_prepared_names(conn)
+            assert ("soniq_insert_group" in names) is prepared
+    finally:
+        await eq.close()
+    assert len(set(ids)) == 8 == count_jobs(pg, schema)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_merged_statement_of_threads_is_prepared_once_per_connection_and_again_when_dropped(
+    database_url: str, schema: str, pg: psycopg.Connection[Any], prepared: bool
+) -> None:
+    """:func:`test_the_merged_statement_is_prepared_once_per_connection_and_again_when_dropped`
+    for ``eq.sync``."""
+    eq = Soniq(database_url, schema=schema, pool_size=1, prepared_statements=prepared)
+    eq.sync.ensure_initialized()
+    line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+    enqueue = eq.sync.enqueue
+
+    def merged_on_one_connection() -> list[int]:
+        with ThreadPoolExecutor(4) as pool:
+            with table_locked(database_url, schema):
+                first = pool.submit(enqueue, "app.job", i=0)
+                wait_until(lambda: line._in_flight == 1, 10, "a call in flight")
+                merged = [pool.submit(enqueue, "app.job", i=i) for i in range(1, 4)]
+                wait_until(lambda: len(line._line) == 3, 10, "three calls in line")
+            return [call.result(30) for call in (first, *merged)]
+
+    try:
+        ids = merged_on_one_connection()
+        assert line.batches[3] == 1
+        with eq.sync.backend.acquire() as conn:
+            assert ("soniq_insert_group" in _prepared_names(conn)) is prepared
+            conn.execute("DEALLOCATE ALL")
+        ids += merged_on_one_connection()
+        assert line.batches[3] == 2
+        with eq.sync.backend.acquire() as conn:
+            assert ("soniq_insert_group" in _prepared_names(conn)) is prepared
+    finally:
+        eq.sync.close()
+    assert len(set(ids)) == 8 == count_jobs(pg, schema)
+
+
+def test_a_merged_statement_into_a_schema_not_installed_names_the_fix(
+    database_url: str, schema: str
+) -> None:
+    """The merged statement (libpq, not a cursor) turns a missing table into the same
+    error as every other statement: it names the schema and ``ensure_initialized``."""
+    eq = Soniq(database_url, schema=schema)
+    specs = [_spec(1), _spec(2)]
+    try:
+        with pytest.raises(SchemaNotReadyError, match="ensure_initialized"):
+            eq.sync.backend._insert_group(specs)  # type: ignore[attr-defined]
+    finally:
+        eq.sync.close()
 
 
 async def test_enqueues_on_a_callers_connection_never_join_the_line(

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +22,7 @@ import pytest
 
 from soniq import JobStatus, Soniq
 from tests.conftest import Process, listening_sessions, wait_until
+from tests.test_group_commit import sync_line_waiting, sync_stuck_in_flight, table_locked
 from tests.throwaway_pg import free_port
 
 PGBOUNCER = shutil.which("pgbouncer") or (
@@ -138,6 +140,31 @@ def test_transaction_pooling_enqueues_on_soniqs_pool(
     assert all(eq.sync.get_job(i) is not None for i in ids[-30:])
     assert len(eq.sync.list_jobs(limit=1000)) == len(set(ids)) == 280
     eq.sync.close()
+
+
+def test_transaction_pooling_merges_the_enqueues_of_threads(
+    transaction_bouncer: Bouncer, database_url: str, schema: str
+) -> None:
+    """``eq.sync``'s merged statement goes through libpq, not a cursor: with
+    ``prepared_statements=False`` it is an unnamed statement, which PgBouncer may send
+    to any server connection, again and again."""
+    _direct(database_url, schema).sync.ensure_initialized()
+    eq = Soniq(transaction_bouncer.url, schema=schema, prepared_statements=False)
+    enqueue = eq.sync.enqueue
+    ids = []
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            for _ in range(3):
+                with table_locked(database_url, schema):
+                    calls = sync_stuck_in_flight(eq, pool, lambda n: enqueue("pgb.add", n=n))
+                    calls += [pool.submit(enqueue, "pgb.add", n=n) for n in range(2, 12)]
+                    sync_line_waiting(eq, 10)
+                ids += [call.result(30) for call in calls]
+        line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
+        assert sum(count for size, count in line.batches.items() if size > 1) >= 3
+        assert len(eq.sync.list_jobs(limit=100)) == len(set(ids)) == 36
+    finally:
+        eq.sync.close()
 
 
 def test_transaction_pooling_enqueues_in_a_callers_transaction(
