@@ -54,7 +54,8 @@ class PsycopgSyncDriver(PostgresSyncOps):
     def __init__(self, dsn: str, **options: Any) -> None:
         super().__init__(dsn, **options)
         #: The merged enqueue statement with libpq's ``$1`` (see :meth:`_insert_group`).
-        self._group_sql = PostgresQueries(self.queries.schema, "numeric").insert_group([]).sql
+        group = PostgresQueries(self.queries.schema, "numeric").insert_group([])
+        self._group_sql = group.sql.encode()
         #: The pool's connections :data:`GROUP_STATEMENT` was prepared on.
         self._prepared: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -166,8 +167,9 @@ class PsycopgSyncDriver(PostgresSyncOps):
         sent on psycopg's libpq connection (``pgconn``), not through a cursor. Its one
         parameter is text and its rows an id and a key: psycopg's adaptation, row
         loading and prepared-statement counts buy nothing here, and were a third of
-        the Python time of a merged enqueue (16 threads of ``eq.sync``: 56 us of CPU
-        per statement of 8 calls against 82). What a cursor would do stays:
+        the Python time of a merged enqueue (50-58 us of CPU per statement of 8 calls
+        against 64-77, one thread, three alternating runs). What a cursor would do
+        stays:
 
         - the wait is psycopg's (``Connection.wait``): a Ctrl-C, or a task's
           cancellation, cancels the statement on the server;
@@ -183,14 +185,14 @@ class PsycopgSyncDriver(PostgresSyncOps):
         try:
             with conn.lock:
                 result = self._run_group(conn, params)
+            encoding = conn.info.encoding
         finally:
             pool.putconn(conn)
         if result.status != ExecStatus.TUPLES_OK:
-            exc = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+            exc = psycopg.errors.error_from_result(result, encoding=encoding)
             if isinstance(exc, psycopg.errors.UndefinedTable):
                 raise schema_missing(self.queries.schema, exc) from exc
             raise exc
-        encoding = conn.info.encoding
         rows = []
         for row in range(result.ntuples):
             key = result.get_value(row, 1)
@@ -204,11 +206,11 @@ class PsycopgSyncDriver(PostgresSyncOps):
         on a connection that does not have it."""
         pgconn = conn.pgconn
         if not self.prepared_statements:  # (PgBouncer: an unnamed statement)
-            pgconn.send_query_params(self._group_sql.encode(), params)
+            pgconn.send_query_params(self._group_sql, params)
             return (conn.wait(generators.execute(pgconn)))[-1]
         for _ in range(2):
             if conn not in self._prepared:
-                pgconn.send_prepare(GROUP_STATEMENT, self._group_sql.encode())
+                pgconn.send_prepare(GROUP_STATEMENT, self._group_sql)
                 prepared = (conn.wait(generators.execute(pgconn)))[-1]
                 if prepared.status != ExecStatus.COMMAND_OK:
                     return prepared
