@@ -338,13 +338,23 @@ def test_a_connection_killed_under_a_merged_statement_of_threads_answers_every_c
     assert line._in_flight == 0 and not line._line
 
 
-def _prepared_names(conn: Any) -> list[str]:
-    return [row[0] for row in conn.execute("SELECT name FROM pg_prepared_statements").fetchall()]
+#: The merged statement's prepared name on a connection (soniq.drivers.psycopg_async).
+GROUP_STATEMENT = "soniq_insert_group"
+PREPARED = "SELECT name, prepare_time FROM pg_prepared_statements"
 
 
-async def _async_prepared_names(conn: Any) -> list[str]:
-    rows = await (await conn.execute("SELECT name FROM pg_prepared_statements")).fetchall()
-    return [row[0] for row in rows]
+def alone_calls(backend: Any) -> list[JobSpec]:
+    """The calls ``backend``'s line (made after this) sends alone, by itself or after
+    a merged statement failed: a merged statement that succeeded adds none."""
+    calls: list[JobSpec] = []
+    alone = backend._insert_alone
+
+    def spy(spec: JobSpec) -> Any:
+        calls.append(spec)
+        return alone(spec)
+
+    backend._insert_alone = spy
+    return calls
 
 
 async def _merged_on_one_connection(eq: Soniq, database_url: str, schema: str) -> list[int]:
@@ -355,9 +365,7 @@ async def _merged_on_one_connection(eq: Soniq, database_url: str, schema: str) -
         await async_wait_until(lambda: len(line._in_flight) == 1, 10, "a call in flight")
         merged = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(1, 4)]
         await async_wait_until(lambda: len(line._line) == 3, 10, "three calls in line")
-    ids = await asyncio.wait_for(asyncio.gather(first, *merged), 30)
-    assert line.batches[3] >= 1
-    return ids
+    return list(await asyncio.wait_for(asyncio.gather(first, *merged), 30))
 
 
 @pytest.mark.parametrize("prepared", [True, False])
@@ -365,25 +373,36 @@ async def test_the_merged_statement_is_prepared_once_per_connection_and_again_wh
     database_url: str, schema: str, pg: psycopg.Connection[Any], prepared: bool
 ) -> None:
     """psycopg sends the merged statement on its libpq connection: prepared under
-    its own name, prepared again after a borrower of the connection ran
-    ``DEALLOCATE ALL``; with ``prepared_statements=False`` (PgBouncer) never."""
+    its own name once, prepared again after a borrower of the connection ran
+    ``DEALLOCATE ALL``; with ``prepared_statements=False`` (PgBouncer) never. Every
+    merged statement succeeds: no call is sent again alone."""
     eq = Soniq(
         database_url, schema=schema, driver="psycopg", pool_size=1, prepared_statements=prepared
     )
     await eq.ensure_initialized()
+    alone = alone_calls(eq.backend)
+
+    async def statements() -> dict[str, Any]:
+        async with eq.backend.acquire() as conn:
+            return dict(await (await conn.execute(PREPARED)).fetchall())
+
     try:
         ids = await _merged_on_one_connection(eq, database_url, schema)
+        after_one = await statements()
+        ids += await _merged_on_one_connection(eq, database_url, schema)
+        assert await statements() == after_one  # (prepared once, or never)
         async with eq.backend.acquire() as conn:
-            names = await _async_prepared_names(conn)
-            assert ("soniq_insert_group" in names) is prepared
             await conn.execute("DEALLOCATE ALL")
         ids += await _merged_on_one_connection(eq, database_url, schema)
-        async with eq.backend.acquire() as conn:
-            names = await _async_prepared_names(conn)
-            assert ("soniq_insert_group" in names) is prepared
+        after_drop = await statements()
     finally:
         await eq.close()
-    assert len(set(ids)) == 8 == count_jobs(pg, schema)
+    assert (GROUP_STATEMENT in after_one) is (GROUP_STATEMENT in after_drop) is prepared
+    if prepared:
+        assert after_drop[GROUP_STATEMENT] > after_one[GROUP_STATEMENT]
+    assert eq.backend.insert_line().batches[3] == 3  # type: ignore[attr-defined]
+    assert len(alone) == 3  # the first call of each round, nothing else
+    assert len(set(ids)) == 12 == count_jobs(pg, schema)
 
 
 @pytest.mark.parametrize("prepared", [True, False])
@@ -394,6 +413,7 @@ def test_the_merged_statement_of_threads_is_prepared_once_per_connection_and_aga
     for ``eq.sync``."""
     eq = Soniq(database_url, schema=schema, pool_size=1, prepared_statements=prepared)
     eq.sync.ensure_initialized()
+    alone = alone_calls(eq.sync.backend)
     line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
     enqueue = eq.sync.enqueue
 
@@ -406,19 +426,62 @@ def test_the_merged_statement_of_threads_is_prepared_once_per_connection_and_aga
                 wait_until(lambda: len(line._line) == 3, 10, "three calls in line")
             return [call.result(30) for call in (first, *merged)]
 
+    def statements() -> dict[str, Any]:
+        with eq.sync.backend.acquire() as conn:
+            return dict(conn.execute(PREPARED).fetchall())
+
     try:
         ids = merged_on_one_connection()
-        assert line.batches[3] == 1
+        after_one = statements()
+        ids += merged_on_one_connection()
+        assert statements() == after_one  # (prepared once, or never)
         with eq.sync.backend.acquire() as conn:
-            assert ("soniq_insert_group" in _prepared_names(conn)) is prepared
             conn.execute("DEALLOCATE ALL")
         ids += merged_on_one_connection()
-        assert line.batches[3] == 2
-        with eq.sync.backend.acquire() as conn:
-            assert ("soniq_insert_group" in _prepared_names(conn)) is prepared
+        after_drop = statements()
     finally:
         eq.sync.close()
-    assert len(set(ids)) == 8 == count_jobs(pg, schema)
+    assert (GROUP_STATEMENT in after_one) is (GROUP_STATEMENT in after_drop) is prepared
+    if prepared:
+        assert after_drop[GROUP_STATEMENT] > after_one[GROUP_STATEMENT]
+    assert line.batches[3] == 3
+    assert len(alone) == 3  # the first call of each round, nothing else
+    assert len(set(ids)) == 12 == count_jobs(pg, schema)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, asyncio.CancelledError])
+def test_a_merged_statement_interrupted_once_prepared_is_not_prepared_twice(
+    database_url: str,
+    schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+    interruption: type[BaseException],
+) -> None:
+    """An interruption that lands as the server has just prepared the statement
+    (the wait returned, the driver has not gone on yet): the next merged statement
+    on that connection runs it, rather than failing to prepare it again ("already
+    exists") and sending its calls alone, as every later one would."""
+    eq = Soniq(database_url, schema=schema, pool_size=1)  # (both statements on one connection)
+    eq.sync.ensure_initialized()
+    backend = eq.sync.backend
+    wait = psycopg.Connection.wait
+    waits = 0
+
+    def interrupted_after_prepare(conn: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal waits
+        result = wait(conn, gen, *args, **kwargs)
+        waits += 1
+        if waits == 1:  # the prepare's
+            raise interruption()
+        return result
+
+    monkeypatch.setattr(psycopg.Connection, "wait", interrupted_after_prepare)
+    try:
+        with pytest.raises(interruption):
+            backend._insert_group([_spec(1), _spec(2)])  # type: ignore[attr-defined]
+        ids = backend._insert_group([_spec(3), _spec(4)])  # type: ignore[attr-defined]
+    finally:
+        eq.sync.close()
+    assert len(set(ids)) == 2
 
 
 def test_a_merged_statement_into_a_schema_not_installed_names_the_fix(

@@ -22,7 +22,12 @@ import pytest
 
 from soniq import JobStatus, Soniq
 from tests.conftest import Process, listening_sessions, wait_until
-from tests.test_group_commit import sync_line_waiting, sync_stuck_in_flight, table_locked
+from tests.test_group_commit import (
+    alone_calls,
+    sync_line_waiting,
+    sync_stuck_in_flight,
+    table_locked,
+)
 from tests.throwaway_pg import free_port
 
 PGBOUNCER = shutil.which("pgbouncer") or (
@@ -150,6 +155,7 @@ def test_transaction_pooling_merges_the_enqueues_of_threads(
     to any server connection, again and again."""
     _direct(database_url, schema).sync.ensure_initialized()
     eq = Soniq(transaction_bouncer.url, schema=schema, prepared_statements=False)
+    alone = alone_calls(eq.sync.backend)
     enqueue = eq.sync.enqueue
     ids = []
     try:
@@ -162,6 +168,7 @@ def test_transaction_pooling_merges_the_enqueues_of_threads(
                 ids += [call.result(30) for call in calls]
         line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
         assert sum(count for size, count in line.batches.items() if size > 1) >= 3
+        assert len(alone) == 6  # the two stuck calls of each round: no merged one failed
         assert len(eq.sync.list_jobs(limit=100)) == len(set(ids)) == 36
     finally:
         eq.sync.close()

@@ -61,8 +61,7 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
     def __init__(self, dsn: str, **options: Any) -> None:
         super().__init__(dsn, **options)
         #: The merged enqueue statement with libpq's ``$1`` (see :meth:`_insert_group`).
-        group = PostgresQueries(self.queries.schema, "numeric").insert_group([])
-        self._group_sql = group.sql.encode()
+        self._group_sql = PostgresQueries(self.queries.schema, "numeric").insert_group([]).sql
         #: The pool's connections :data:`GROUP_STATEMENT` was prepared on.
         self._prepared: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -213,9 +212,9 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
         pool = await self._get_pool()
         conn = await self._checkout(pool)
         try:
+            encoding = conn.info.encoding  # (the connection's client encoding, as a cursor's)
             async with conn.lock:
-                result = await self._run_group(conn, params)
-            encoding = conn.info.encoding
+                result = await self._run_group(conn, self._group_sql.encode(encoding), params)
         finally:
             await pool.putconn(conn)
         if result.status != ExecStatus.TUPLES_OK:
@@ -231,20 +230,25 @@ class PsycopgAsyncDriver(PostgresAsyncOps):
             )
         return group_ids(specs, rows)
 
-    async def _run_group(self, conn: Any, params: list[bytes]) -> Any:
+    async def _run_group(self, conn: Any, sql: bytes, params: list[bytes]) -> Any:
         """The merged statement's result on ``conn`` (its lock held), preparing it first
         on a connection that does not have it."""
         pgconn = conn.pgconn
         if not self.prepared_statements:  # (PgBouncer: an unnamed statement)
-            pgconn.send_query_params(self._group_sql, params)
+            pgconn.send_query_params(sql, params)
             return (await conn.wait(generators.execute(pgconn)))[-1]
         for _ in range(2):
             if conn not in self._prepared:
-                pgconn.send_prepare(GROUP_STATEMENT, self._group_sql)
+                # Counted as prepared before it is: interrupted once the server has
+                # prepared it, preparing it again would fail ("already exists") on
+                # every later statement; not prepared after all, running it says so
+                # (26000, below) and it is prepared then.
+                self._prepared.add(conn)
+                pgconn.send_prepare(GROUP_STATEMENT, sql)
                 prepared = (await conn.wait(generators.execute(pgconn)))[-1]
                 if prepared.status != ExecStatus.COMMAND_OK:
+                    self._prepared.discard(conn)
                     return prepared
-                self._prepared.add(conn)
             pgconn.send_query_prepared(GROUP_STATEMENT, params)
             result = (await conn.wait(generators.execute(pgconn)))[-1]
             if result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) != _NO_SUCH_STATEMENT:
