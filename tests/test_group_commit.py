@@ -26,7 +26,7 @@ from psycopg import sql
 from soniq import SchemaNotReadyError, Soniq
 from soniq.core.jobs import JobSpec
 from soniq.core.sql.postgres import PostgresQueries, group_ids
-from soniq.drivers import insert_lines
+from soniq.drivers import insert_lines, psycopg_async
 from soniq.drivers.insert_lines import MAX_IN_FLIGHT
 from tests.conftest import async_wait_until, wait_until
 
@@ -338,8 +338,7 @@ def test_a_connection_killed_under_a_merged_statement_of_threads_answers_every_c
     assert line._in_flight == 0 and not line._line
 
 
-#: The merged statement's prepared name on a connection (soniq.drivers.psycopg_async).
-GROUP_STATEMENT = "soniq_insert_group"
+GROUP_STATEMENT = psycopg_async.GROUP_STATEMENT.decode()  # its prepared name
 PREPARED = "SELECT name, prepare_time FROM pg_prepared_statements"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import psycopg.sql
 from psycopg import generators
-from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq import DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -182,9 +182,9 @@ class PsycopgSyncDriver(PostgresSyncOps):
         pool = self._get_pool()
         conn = self._checkout(pool)
         try:
-            encoding = conn.info.encoding  # (the connection's client encoding, as a cursor's)
+            encoding = conn.info.encoding  # (for the SQL, and the keys and errors read back)
             with conn.lock:
-                result = self._run_group(conn, self._group_sql.encode(encoding), params)
+                result = self._run_group(conn, encoding, params)
         finally:
             pool.putconn(conn)
         if result.status != ExecStatus.TUPLES_OK:
@@ -200,12 +200,13 @@ class PsycopgSyncDriver(PostgresSyncOps):
             )
         return group_ids(specs, rows)
 
-    def _run_group(self, conn: Any, sql: bytes, params: list[bytes]) -> Any:
+    def _run_group(self, conn: Any, encoding: str, params: list[bytes]) -> Any:
         """The merged statement's result on ``conn`` (its lock held), preparing it first
-        on a connection that does not have it."""
+        on a connection that does not have it (its SQL is sent in the connection's
+        client ``encoding``, as a cursor sends it, and only when it is sent)."""
         pgconn = conn.pgconn
         if not self.prepared_statements:  # (PgBouncer: an unnamed statement)
-            pgconn.send_query_params(sql, params)
+            pgconn.send_query_params(self._group_sql.encode(encoding), params)
             return (conn.wait(generators.execute(pgconn)))[-1]
         for _ in range(2):
             if conn not in self._prepared:
@@ -214,14 +215,14 @@ class PsycopgSyncDriver(PostgresSyncOps):
                 # every later statement; not prepared after all, running it says so
                 # (26000, below) and it is prepared then.
                 self._prepared.add(conn)
-                pgconn.send_prepare(GROUP_STATEMENT, sql)
+                pgconn.send_prepare(GROUP_STATEMENT, self._group_sql.encode(encoding))
                 prepared = (conn.wait(generators.execute(pgconn)))[-1]
                 if prepared.status != ExecStatus.COMMAND_OK:
                     self._prepared.discard(conn)
                     return prepared
             pgconn.send_query_prepared(GROUP_STATEMENT, params)
             result = (conn.wait(generators.execute(pgconn)))[-1]
-            if result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) != _NO_SUCH_STATEMENT:
+            if result.error_field(DiagnosticField.SQLSTATE) != _NO_SUCH_STATEMENT:
                 return result
             self._prepared.discard(conn)  # deallocated by a borrower: prepared again
         return result
