@@ -26,10 +26,12 @@ For each driver (asyncpg, psycopg async, psycopg sync), in one run:
   commit ceiling, a bound under any design: 16 blocking callers that each wait for
   their own job's commit never have more than 16 jobs in flight, so they cannot pass
   more than 16-row statements sent back to back with no caller at all (bare
-  ``INSERT ... SELECT unnest``, one thread); and the coalescer ceiling, the barest
-  group commit of the same 16 threads we could write (libpq directly, no checks, no
-  NOTIFY, no failure isolation): what blocking callers in one Python process reach
-  here with next to no work per call, printed as a bound beside the targets.
+  ``INSERT ... SELECT unnest``, one thread); and two bounds of what Soniq's line of
+  the same 16 threads reaches with a real statement and next to no work per call
+  (through libpq, prepared, no pool, no validation): carrying the barest ``INSERT ...
+  SELECT`` of its rows (no NOTIFY, no dedupe), and carrying Soniq's own merged
+  statement with its parameter built once per group size. Both are printed as
+  ``bound:`` lines beside the targets.
 
 Beside them, the peers doing the same with their own documented calls: pgqueuer on
 asyncpg (``Queries.enqueue`` on a pool; on the transaction's connection; with lists),
@@ -75,6 +77,8 @@ from benchmarks._common import (
     target,
 )
 from soniq import Soniq
+from soniq.core.jobs import JobSpec
+from soniq.core.sql.postgres import PostgresQueries
 from soniq.drivers.insert_lines import MAX_BATCH, MAX_IN_FLIGHT, MIN_SPLIT
 from soniq.drivers.lines import Answer, ThreadLine
 
@@ -388,26 +392,91 @@ class RawPsycopgSync:
                 conn.execute(BATCH_SQL_F, rows).fetchall()
             return time.perf_counter() - start
 
-    def coalescer_ceiling(self, n: int) -> float:
-        """:data:`THREADS` threads through the barest group commit we could write: a
-        thread that finds a place free sends its call, the others wait in line, and
-        whoever's statement ends hands the whole line to its first caller, which sends
-        it as one ``INSERT ... SELECT`` through libpq (prepared, no cursor, no
-        validation, no NOTIFY, no failure isolation). The analogue for threads of the
-        hand-written coalescer of 64 coroutines that issue 18 measured at 7.5x the
-        per-call INSERT: what a line of blocking callers that each wait for their own
-        commit reaches in one Python process here with next to no work per call."""
+    def bare_line_ceiling(self, n: int) -> float:
+        """:data:`THREADS` threads through Soniq's line of blocking calls, each group
+        sent as the barest ``INSERT ... SELECT`` of its rows through libpq (prepared,
+        no cursor, no validation, no NOTIFY, no dedupe, no failure isolation): what
+        Soniq's line passes here with next to no work per call and the cheapest
+        statement. The analogue for threads of the hand-written coalescer of 64
+        coroutines that issue 18 measured at 7.5x the per-call INSERT."""
+        return self._line_through_libpq(
+            n, BARE_GROUP_SQL, lambda args: _dumps(args).encode(), lambda i: {"n": i}
+        )
+
+    def statement_ceiling(self, n: int) -> float:
+        """:data:`THREADS` threads through Soniq's line, each group sent through libpq
+        as Soniq's own merged statement (the one its psycopg driver sends: per-row
+        options, dedupe, one NOTIFY), its parameter built once per group size and
+        reused: what Soniq's statement allows its line with no work per call at all
+        (no validation, no JSON, no pool, no driver)."""
+        queries = PostgresQueries("public", "numeric")
+        spec = JobSpec(JOB_NAME, QUEUE, ({"n": 1},))
+        params: dict[int, bytes] = {}
+
+        def param(specs: list[JobSpec]) -> bytes:
+            text = params.get(len(specs))
+            if text is None:
+                text = params[len(specs)] = queries.insert_group(specs).params[0].encode()
+            return text
+
+        sql = queries.insert_group([]).sql.encode()
+        return self._line_through_libpq(n, sql, param, lambda i: spec)
+
+    def _line_through_libpq(
+        self,
+        n: int,
+        sql: bytes,
+        param: Callable[[list[Any]], bytes],
+        item: Callable[[int], Any],
+    ) -> float:
+        """:data:`THREADS` threads through a ``ThreadLine`` whose calls carry
+        ``item(i)``; each group (or call alone) runs ``sql`` prepared, its one
+        parameter ``param(items)``, on one of :data:`MAX_IN_FLIGHT` connections
+        (the line never has more statements in flight), and hands each call the id
+        of its row."""
         pool = self.pool
         assert pool is not None
         conns = [pool.getconn() for _ in range(MAX_IN_FLIGHT)]
+        free = [conn.pgconn for conn in conns]
+        guard = threading.Lock()
+
+        def insert(items: list[Any]) -> list[int]:
+            with guard:
+                pgconn = free.pop()
+            try:
+                result = pgconn.exec_prepared(LINE_STATEMENT, [param(items)])
+                if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                    raise RuntimeError(result.get_error_message())
+                return [int(result.get_value(k, 0)) for k in range(len(items))]
+            finally:
+                with guard:
+                    free.append(pgconn)
+
+        class Call:
+            __slots__ = ("future", "item")
+
+            def __init__(self, item: Any) -> None:
+                self.item = item
+                self.future: Answer[int] = Answer()
+
+        def statement(calls: list[Call]) -> None:
+            for call, job_id in zip(calls, insert([c.item for c in calls]), strict=True):
+                call.future.set_result(job_id)
+
+        def one(i: int) -> int:
+            it = item(i)
+            return line.run(lambda: insert([it])[0], lambda: Call(it))
+
+        line = ThreadLine(
+            statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH, min_split=MIN_SPLIT
+        )
         try:
-            for conn in conns:
-                conn.pgconn.prepare(COALESCE_NAME, COALESCE_SQL)
-            coalescer = _BareCoalescer([conn.pgconn for conn in conns])
-            return _in_threads(n, lambda i: coalescer.enqueue({"n": i}))
+            for pgconn in free:
+                pgconn.prepare(LINE_STATEMENT, sql)
+            return _in_threads(n, one)
         finally:
             for conn in conns:
-                conn.pgconn.exec_(b"DEALLOCATE " + COALESCE_NAME)
+                conn.pgconn.exec_(b"DEALLOCATE " + LINE_STATEMENT)
                 pool.putconn(conn)
 
     def line_ceiling_idle(self, n: int) -> float:
@@ -485,69 +554,11 @@ class RawPsycopgSync:
         return elapsed
 
 
-COALESCE_NAME = b"soniq_bench_coalesce"
-COALESCE_SQL = (
+LINE_STATEMENT = b"soniq_bench_line"  # the statement of the libpq bounds
+BARE_GROUP_SQL = (
     f"INSERT INTO public.soniq_jobs (name, queue, args) "
     f"SELECT '{JOB_NAME}', '{QUEUE}', a FROM jsonb_array_elements($1::jsonb) AS a RETURNING id"
 ).encode()
-
-
-class _Waiter:
-    __slots__ = ("args", "error", "id", "line", "woken")
-
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = args
-        self.id = 0
-        self.error: BaseException | None = None
-        self.line: tuple[Any, list[_Waiter]] | None = None  # handed to it: a place, a line
-        self.woken = threading.Lock()
-        self.woken.acquire()
-
-
-class _BareCoalescer:
-    """See :meth:`RawPsycopgSync.coalescer_ceiling`."""
-
-    def __init__(self, places: list[Any]) -> None:
-        self.free = places  # libpq connections (psycopg.pq.PGconn)
-        self.guard = threading.Lock()
-        self.waiting: list[_Waiter] = []
-
-    def enqueue(self, args: dict[str, Any]) -> int:
-        me = _Waiter(args)
-        with self.guard:
-            place = self.free.pop() if self.free and not self.waiting else None
-            if place is None:
-                self.waiting.append(me)
-        if place is None:
-            me.woken.acquire()
-            if me.line is None:  # answered by another's statement
-                if me.error is not None:
-                    raise me.error
-                return me.id
-            place, line = me.line
-        else:
-            line = [me]
-        try:
-            result = place.exec_prepared(COALESCE_NAME, [_dumps([w.args for w in line]).encode()])
-            if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
-                raise RuntimeError(result.get_error_message())
-            for k, waiter in enumerate(line):
-                waiter.id = int(result.get_value(k, 0))
-        except BaseException as exc:
-            for waiter in line:
-                waiter.error = exc
-        with self.guard:
-            following, self.waiting = self.waiting, []
-            if not following:
-                self.free.append(place)
-        if following:
-            following[0].line = (place, following)
-            following[0].woken.release()
-        for waiter in line[1:]:
-            waiter.woken.release()
-        if me.error is not None:
-            raise me.error
-        return me.id
 
 
 class SoniqAsync:
@@ -899,8 +910,10 @@ def measures(drivers: list[str], cases: list[str], peers: bool = True) -> list[M
             plan["concurrent"].append(("line-idle", idle, raw, "line_ceiling_idle"))
             wake = f"wake ceiling: {callers} blocked and woken per call, nothing else"
             plan["concurrent"].append(("wake", wake, raw, "wake_ceiling"))
-            bare = f"coalescer ceiling: {callers}, bare INSERTs of the line through libpq"
-            plan["concurrent"].append(("coalescer", bare, raw, "coalescer_ceiling"))
+            bare = f"line + bare INSERT: {callers}, no checks, no NOTIFY, libpq"
+            plan["concurrent"].append(("bare-line", bare, raw, "bare_line_ceiling"))
+            own = f"line + Soniq's statement: {callers}, no per-call work, libpq"
+            plan["concurrent"].append(("statement", own, raw, "statement_ceiling"))
             commit = f"commit ceiling: {THREADS} jobs in flight, INSERTs of {THREADS}, no callers"
             plan["concurrent"].append(("commit", commit, raw, "commit_ceiling"))
         if peers:
@@ -947,14 +960,16 @@ RATIOS = {
         ("line-idle", "raw"),
         ("wake", "raw"),
         ("commit", "raw"),
-        ("coalescer", "raw"),
+        ("bare-line", "raw"),
+        ("statement", "raw"),
         ("pgqueuer", "raw"),
         ("procrastinate", "raw"),
         ("soniq", "line"),
-        ("soniq", "coalescer"),
+        ("soniq", "statement"),
         ("soniq", "pgqueuer"),
         ("soniq", "procrastinate"),
-        ("coalescer", "procrastinate"),
+        ("bare-line", "procrastinate"),
+        ("statement", "procrastinate"),
     ],
 }
 
@@ -1241,10 +1256,13 @@ def render(result: dict[str, Any]) -> str:
             value = f"{t['value']:,}" if isinstance(t["value"], int) else f"{t['value']:.2f}"
         verdict = "met" if t["met"] else "MISSED"
         lines.append(f"target: {t['what']} = {value} (want {t['target']}): {verdict}")
-    for peer in ("raw", "procrastinate"):  # what the same threads reach with no work per call
-        bound = _ratio(
-            result, "psycopg-sync/concurrent/coalescer", f"psycopg-sync/concurrent/{peer}"
-        )
-        if bound:
-            lines.append(f"bound: psycopg-sync bare coalescer / {peer} = {bound}")
+    # What Soniq's line of the same threads reaches with no work per call: with the
+    # barest INSERT, and with Soniq's own merged statement.
+    for key, what in (("bare-line", "line + bare INSERT"), ("statement", "line + statement")):
+        for peer in ("raw", "procrastinate"):
+            bound = _ratio(
+                result, f"psycopg-sync/concurrent/{key}", f"psycopg-sync/concurrent/{peer}"
+            )
+            if bound:
+                lines.append(f"bound: psycopg-sync {what} / {peer} = {bound}")
     return "\n".join(lines)
