@@ -67,19 +67,20 @@ def _waiting_on_lock(pg: psycopg.Connection[Any], text: str) -> int:
 async def line_waiting(eq: Soniq, waiting: int) -> None:
     line = eq.backend.insert_line()  # type: ignore[attr-defined]
     await async_wait_until(
-        lambda: len(line._in_flight) == MAX_IN_FLIGHT and len(line._line) == waiting,
+        lambda: len(line._in_flight) == line._max and len(line._line) == waiting,
         10,
-        f"{MAX_IN_FLIGHT} statements in flight and {waiting} calls in line",
+        f"{line._max} statements in flight and {waiting} calls in line",
     )
 
 
 async def stuck_in_flight(eq: Soniq, start: Any) -> list[asyncio.Future[Any]]:
-    """Fill the line's places with one stuck statement each (the table locked): the
-    calls ``start(i)`` are made one at a time, each once the one before is in flight
-    (calls made together would go out together), so later calls wait in line."""
+    """Fill the line's places (:data:`MAX_IN_FLIGHT`, fewer on a smaller pool) with one
+    stuck statement each (the table locked): the calls ``start(i)`` are made one at a
+    time, each once the one before is in flight (calls made together would go out
+    together), so later calls wait in line."""
     line = eq.backend.insert_line()  # type: ignore[attr-defined]
     stuck = []
-    for i in range(MAX_IN_FLIGHT):
+    for i in range(line._max):
         stuck.append(asyncio.ensure_future(start(i)))
         await async_wait_until(lambda i=i: len(line._in_flight) == i + 1, 10, "a call in flight")
     return stuck
@@ -229,9 +230,9 @@ def test_threads_of_eq_sync_go_out_together(sync_eq: Soniq, database_url: str, s
 def sync_line_waiting(eq: Soniq, waiting: int) -> None:
     line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
     wait_until(
-        lambda: line._in_flight == MAX_IN_FLIGHT and len(line._line) == waiting,
+        lambda: line._in_flight == line._max and len(line._line) == waiting,
         10,
-        f"{MAX_IN_FLIGHT} statements in flight and {waiting} calls in line",
+        f"{line._max} statements in flight and {waiting} calls in line",
     )
 
 
@@ -241,7 +242,7 @@ def sync_stuck_in_flight(
     """:func:`stuck_in_flight` for ``eq.sync``'s threads (``pool``)."""
     line = eq.sync.backend.insert_line()  # type: ignore[attr-defined]
     stuck = []
-    for i in range(MAX_IN_FLIGHT):
+    for i in range(line._max):
         stuck.append(pool.submit(start, i))
         wait_until(lambda i=i: line._in_flight == i + 1, 10, "a call in flight")
     return stuck
@@ -358,13 +359,11 @@ def alone_calls(backend: Any) -> list[JobSpec]:
 
 async def _merged_on_one_connection(eq: Soniq, database_url: str, schema: str) -> list[int]:
     """Four calls on a pool of one connection, the last three merged."""
-    line = eq.backend.insert_line()  # type: ignore[attr-defined]
     with table_locked(database_url, schema):
-        first = asyncio.ensure_future(eq.enqueue("app.job", i=0))
-        await async_wait_until(lambda: len(line._in_flight) == 1, 10, "a call in flight")
-        merged = [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(1, 4)]
-        await async_wait_until(lambda: len(line._line) == 3, 10, "three calls in line")
-    return list(await asyncio.wait_for(asyncio.gather(first, *merged), 30))
+        calls = await stuck_in_flight(eq, lambda i: eq.enqueue("app.job", i=i))
+        calls += [asyncio.ensure_future(eq.enqueue("app.job", i=i)) for i in range(1, 4)]
+        await line_waiting(eq, 3)
+    return list(await asyncio.wait_for(asyncio.gather(*calls), 30))
 
 
 @pytest.mark.parametrize("prepared", [True, False])
@@ -419,11 +418,10 @@ def test_the_merged_statement_of_threads_is_prepared_once_per_connection_and_aga
     def merged_on_one_connection() -> list[int]:
         with ThreadPoolExecutor(4) as pool:
             with table_locked(database_url, schema):
-                first = pool.submit(enqueue, "app.job", i=0)
-                wait_until(lambda: line._in_flight == 1, 10, "a call in flight")
-                merged = [pool.submit(enqueue, "app.job", i=i) for i in range(1, 4)]
-                wait_until(lambda: len(line._line) == 3, 10, "three calls in line")
-            return [call.result(30) for call in (first, *merged)]
+                calls = sync_stuck_in_flight(eq, pool, lambda i: enqueue("app.job", i=i))
+                calls += [pool.submit(enqueue, "app.job", i=i) for i in range(1, 4)]
+                sync_line_waiting(eq, 3)
+            return [call.result(30) for call in calls]
 
     def statements() -> dict[str, Any]:
         with eq.sync.backend.acquire() as conn:
