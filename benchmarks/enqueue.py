@@ -358,13 +358,7 @@ class RawPsycopgSync:
         """:data:`THREADS` threads through Soniq's line of blocking calls, its
         statement a sleep of ``seconds`` writing nothing."""
 
-        class Call:
-            __slots__ = ("future",)
-
-            def __init__(self) -> None:
-                self.future: Answer[None] = Answer()
-
-        def statement(calls: list[Call]) -> None:
+        def statement(calls: list[_LineCall]) -> None:
             time.sleep(seconds)
             for call in calls:
                 call.future.set_result(None)
@@ -372,7 +366,7 @@ class RawPsycopgSync:
         line = ThreadLine(
             statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH, min_split=MIN_SPLIT
         )
-        return _in_threads(n, lambda i: line.run(lambda: time.sleep(seconds), Call))
+        return _in_threads(n, lambda i: line.run(lambda: time.sleep(seconds), _LineCall))
 
     def commit_ceiling(self, n: int) -> float:
         """The most :data:`THREADS` blocking callers can pass whatever the line: each
@@ -452,20 +446,13 @@ class RawPsycopgSync:
                 with guard:
                     free.append(pgconn)
 
-        class Call:
-            __slots__ = ("future", "item")
-
-            def __init__(self, item: Any) -> None:
-                self.item = item
-                self.future: Answer[int] = Answer()
-
-        def statement(calls: list[Call]) -> None:
+        def statement(calls: list[_LineCall]) -> None:
             for call, job_id in zip(calls, insert([c.item for c in calls]), strict=True):
                 call.future.set_result(job_id)
 
         def one(i: int) -> int:
             it = item(i)
-            return line.run(lambda: insert([it])[0], lambda: Call(it))
+            return line.run(lambda: insert([it])[0], lambda: _LineCall(it))
 
         line = ThreadLine(
             statement, max_in_flight=MAX_IN_FLIGHT, max_batch=MAX_BATCH, min_split=MIN_SPLIT
@@ -552,6 +539,17 @@ class RawPsycopgSync:
         elapsed = time.perf_counter() - start
         assert len(ids) == n
         return elapsed
+
+
+class _LineCall:
+    """A call in the line of the ceilings of blocking callers: what it carries, and
+    its answer."""
+
+    __slots__ = ("future", "item")
+
+    def __init__(self, item: Any = None) -> None:
+        self.item = item
+        self.future: Answer[Any] = Answer()
 
 
 LINE_STATEMENT = b"soniq_bench_line"  # the statement of the libpq bounds

@@ -263,8 +263,8 @@ class ThreadLine(Generic[I]):
         self._min_split = min_split
         self._lock = threading.Lock()
         self._in_flight = 0
-        #: The calls of the statements of several calls in flight (none: no such
-        #: statement; their callers will come back together).
+        #: The calls of the statements of several calls in flight, whose callers will
+        #: come back together (0: no such statement in flight).
         self._grouped = 0
         self._line: collections.deque[_Turn[I]] = collections.deque()
         #: Callers answered by groups that ended, not back yet: a hint (a caller may
