@@ -397,10 +397,15 @@ def sync_leader_held_by_a_lock(
         locker.execute("BEGIN IMMEDIATE")
         first = pool.submit(eq.sync.enqueue, "some.job", n=0)
         writer = eq.sync.backend._writer  # type: ignore[attr-defined]
-        # Its turn taken and its write begun (the connection in use), not only the turn:
-        # close() in between would find the connection idle and close it.
+        # Its turn taken and its write begun (the connection open and in use), not only
+        # the turn: close() in between would find the connection idle and close it. (The
+        # writer counts as busy just before it opens its connection.)
         wait_until(
-            lambda: turns._in_flight and not turns._line and writer._busy, 10, "enqueue 0 to lead"
+            lambda: (
+                turns._in_flight and not turns._line and writer._busy and writer.conn is not None
+            ),
+            10,
+            "enqueue 0 to lead",
         )
         yield eq, turns, pool, first, locker
     finally:
